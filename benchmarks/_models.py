@@ -1,0 +1,28 @@
+"""Models of a requested size for the benchmarks: the NT3 example at the paper's input length."""
+
+from __future__ import annotations
+
+import torch
+
+from examples.nt3.model import NT3, dense_units_for_megabytes
+
+NT3_INPUT_LENGTH = 60483
+NT3_CHANNELS = 128
+
+
+def nt3_of_size(megabytes: float) -> torch.nn.Module:
+    """An NT3 whose state_dict is about `megabytes` MB (600 MB is the paper's NT3)."""
+    torch.manual_seed(0)
+    units = dense_units_for_megabytes(megabytes, NT3_INPUT_LENGTH, NT3_CHANNELS)
+    return NT3(input_length=NT3_INPUT_LENGTH, conv_channels=NT3_CHANNELS, dense_units=units)
+
+
+def state_nbytes(model: torch.nn.Module) -> int:
+    return sum(tensor.nbytes for tensor in model.state_dict().values())
+
+
+def nudge(model: torch.nn.Module, seed: int) -> None:
+    """A cheap stand-in for a training step: change one small tensor so each version differs."""
+    with torch.no_grad():
+        last = list(model.parameters())[-1]
+        last.add_(float(seed))

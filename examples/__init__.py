@@ -1,0 +1,1 @@
+"""Runnable example workloads for viper_lightning (models and data modules)."""

@@ -1,0 +1,1 @@
+"""TorchServe handlers that serve Viper-published weights (see the TorchServe integration issue)."""

@@ -1,0 +1,96 @@
+"""Shared fixtures: real sockets on loopback, real files under tmp_path."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+import zmq
+
+from viper_lightning import Refusal, UpdateRecord
+
+LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
+WAIT_S = 20.0
+
+
+class TinyNet(torch.nn.Module):
+    """A small model with several dtypes, a buffer and tied weights."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, width)
+        self.hidden = torch.nn.Linear(width, width)
+        self.norm = torch.nn.BatchNorm1d(width)
+        self.out = torch.nn.Linear(width, 32, bias=False)
+        self.out.weight = self.embed.weight  # tied, as in language models
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.norm(self.hidden(self.embed(tokens)))))
+
+
+class Events:
+    """Collects a subscriber's callbacks so tests wait on events, never on sleeps."""
+
+    def __init__(self) -> None:
+        self.updates: list[UpdateRecord] = []
+        self.refusals: list[Refusal] = []
+        self._changed = threading.Condition()
+
+    def on_update(self, record: UpdateRecord) -> None:
+        with self._changed:
+            self.updates.append(record)
+            self._changed.notify_all()
+
+    def on_refusal(self, refusal: Refusal) -> None:
+        with self._changed:
+            self.refusals.append(refusal)
+            self._changed.notify_all()
+
+    def wait_for_refusals(self, count: int, timeout: float = WAIT_S) -> list[Refusal]:
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.refusals) >= count, timeout):
+                raise AssertionError(f"expected {count} refusals within {timeout} s, got {self.refusals}")
+            return list(self.refusals)
+
+    def wait_for_updates(self, count: int, timeout: float = WAIT_S) -> list[UpdateRecord]:
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.updates) >= count, timeout):
+                raise AssertionError(f"expected {count} updates within {timeout} s, got {self.updates}")
+            return list(self.updates)
+
+
+def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Change every floating-point parameter deterministically (a 'training step')."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def assert_same_weights(expected: torch.nn.Module | dict, actual: torch.nn.Module | dict) -> None:
+    expected_sd = expected.state_dict() if isinstance(expected, torch.nn.Module) else expected
+    actual_sd = actual.state_dict() if isinstance(actual, torch.nn.Module) else actual
+    assert expected_sd.keys() == actual_sd.keys()
+    for name, tensor in expected_sd.items():
+        assert tensor.dtype == actual_sd[name].dtype, name
+        assert torch.equal(tensor, actual_sd[name]), f"tensor {name} differs"
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+def pfs_root(tmp_path) -> str:
+    return str(tmp_path / "pfs")
+
+
+@pytest.fixture
+def zmq_context() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.term()

@@ -1,0 +1,119 @@
+"""ViperCallback inside real Lightning Trainers, with a consumer in another process."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import lightning as L
+import pytest
+import safetensors.torch
+
+from viper_lightning import ConfigurationError, FileSystemTier, ViperCallback
+from viper_lightning.schedules import EveryEpoch, EveryNSteps
+
+from ._consumer_process import follow
+from .conftest import LOOPBACK_ANY_PORT, assert_same_weights
+from .lightning_models import Regressor
+
+WAIT_S = 120
+
+
+def make_trainer(tmp_path, callback: ViperCallback, **kwargs) -> L.Trainer:
+    options = dict(max_steps=300, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=str(tmp_path))
+    options.update(kwargs)
+    return L.Trainer(callbacks=[callback], **options)
+
+
+def test_trainer_publishes_and_a_consumer_process_ends_bit_exact(tmp_path, pfs_root) -> None:
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, pfs_root, schedule=EveryNSteps(25),
+                             heartbeat_interval=0.2)
+    module = Regressor()
+    trainer = make_trainer(tmp_path, callback, enable_checkpointing=False)
+    context = multiprocessing.get_context("spawn")
+    inbox, outbox = context.Queue(), context.Queue()
+    out_path = str(tmp_path / "served.safetensors")
+
+    class StartConsumerOnFitStart(L.Callback):
+        """The endpoint is bound in on_fit_start; start the consumer right after."""
+
+        def on_fit_start(self, trainer, pl_module):
+            self.process = context.Process(target=follow, args=(
+                Regressor, "regressor", callback.publisher.endpoint, pfs_root, out_path, inbox, outbox))
+            self.process.start()
+            assert outbox.get(timeout=WAIT_S) == "ready"
+
+    starter = StartConsumerOnFitStart()
+    trainer.callbacks.append(starter)
+    try:
+        trainer.fit(module)
+        inbox.put(callback.last_version)
+        report = outbox.get(timeout=WAIT_S)
+    finally:
+        starter.process.join(WAIT_S)
+        if starter.process.is_alive():
+            starter.process.kill()
+    assert callback.last_version == 12  # steps 25..300 every 25
+    assert report["reached"] and report["version"] == 12 and report["refused"] == 0
+    assert report["applied"] >= 2  # it followed the run, not only the last version
+    assert_same_weights(module.state_dict(), safetensors.torch.load_file(out_path))
+    assert FileSystemTier(pfs_root).latest("regressor") == 12
+
+
+def test_every_epoch_publishes_once_per_epoch_and_at_the_end(tmp_path, pfs_root) -> None:
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, pfs_root, schedule=EveryEpoch())
+    trainer = make_trainer(tmp_path, callback, max_steps=-1, max_epochs=3, enable_checkpointing=False)
+    trainer.fit(Regressor())
+    tier = FileSystemTier(pfs_root)
+    assert tier.versions("regressor") == [1, 2, 3]  # the end of training adds nothing new
+    steps = [tier.read_manifest("regressor", v, None).step for v in (1, 2, 3)]
+    assert steps == [80, 160, 240]
+
+
+def test_resumed_run_continues_version_numbers(tmp_path) -> None:
+    first_root, second_root = str(tmp_path / "pfs1"), str(tmp_path / "pfs2")
+    first = ViperCallback("regressor", LOOPBACK_ANY_PORT, first_root, schedule=EveryNSteps(50))
+    trainer = make_trainer(tmp_path, first, max_steps=100)
+    trainer.fit(Regressor())
+    checkpoint = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+    assert first.last_version == 2
+    # A fresh storage root, so only the checkpoint can tell the new run where versions stand.
+    second = ViperCallback("regressor", LOOPBACK_ANY_PORT, second_root, schedule=EveryNSteps(50))
+    resumed = make_trainer(tmp_path, second, max_steps=200)
+    resumed.fit(Regressor(), ckpt_path=checkpoint)
+    assert FileSystemTier(second_root).versions("regressor") == [3, 4]
+    assert second.last_version == 4
+
+
+def test_publisher_failure_surfaces_in_training(tmp_path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the model directory should go")
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, str(blocker), schedule=EveryNSteps(10))
+    trainer = make_trainer(tmp_path, callback, max_steps=60, enable_checkpointing=False)
+    with pytest.raises(Exception, match="while writing version 1 of 'regressor'"):
+        trainer.fit(Regressor())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(model_name="bad name!", pfs_root="/tmp/x"), "model_name 'bad name!' is not valid"),
+    (dict(model_name="m"), "needs pfs_root"),
+    (dict(model_name="m", pfs_root="/tmp/x", hmac_key="short"), "at least 16"),
+    (dict(model_name="m", pfs_root="/tmp/x", hmac_key="k" * 16, hmac_key_file="/k"), "not both"),
+    (dict(model_name="m", pfs_root="/tmp/x", hmac_key_file="/nonexistent/key"), "cannot be read"),
+    (dict(model_name="m", pfs_root="/tmp/x", schedule="often"), "PublishSchedule"),
+])
+def test_configuration_errors_raise_at_construction(kwargs, match) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        ViperCallback(**kwargs)
+
+
+def test_schedule_arguments_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="n must be a positive integer"):
+        EveryNSteps(0)
+
+
+def test_endpoint_in_use_is_a_configuration_error(tmp_path, pfs_root) -> None:
+    from viper_lightning import ModelPublisher
+    with ModelPublisher("a", LOOPBACK_ANY_PORT, pfs_root) as first:
+        with pytest.raises(ConfigurationError, match="cannot bind notice endpoint"):
+            ModelPublisher("b", first.endpoint, pfs_root)

@@ -1,0 +1,139 @@
+"""The file-system tier: atomic versions, LATEST, restarts, and damaged files refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from viper_lightning import FileSystemTier, IntegrityError, ModelPublisher, StorageError, take_snapshot
+from viper_lightning._buffers import allocate_buffer
+from viper_lightning._digest import digest_buffer
+from viper_lightning.transport._protocol import Notice
+
+from .conftest import LOOPBACK_ANY_PORT, TinyNet, assert_same_weights, perturbed
+
+
+def write_version(tier: FileSystemTier, model: torch.nn.Module, version: int) -> Notice:
+    snapshot = take_snapshot(model.state_dict())
+    notice = Notice(model="tiny", version=version, nbytes=snapshot.layout.nbytes,
+                    digest=digest_buffer(snapshot.data), layout=snapshot.layout, producer="test")
+    tier.write(notice, snapshot.data, notice.encode(with_locations=False))
+    return notice
+
+
+def read_back(tier: FileSystemTier, version: int) -> dict[str, torch.Tensor]:
+    notice = tier.read_manifest("tiny", version, None)
+    buffer = allocate_buffer(notice.nbytes)
+    tier.read_into(notice, buffer)
+    return notice.layout.views(buffer)
+
+
+def test_write_then_read_is_bit_exact(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    model = TinyNet()
+    write_version(tier, model, 1)
+    assert tier.latest("tiny") == 1
+    assert sorted(os.listdir(os.path.join(pfs_root, "tiny", "v1"))) == ["manifest.json", "model.safetensors"]
+    assert_same_weights(model.state_dict(), read_back(tier, 1))
+
+
+def test_no_temporary_directory_is_left_or_listed(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    for version in (1, 2, 3):
+        write_version(tier, perturbed(TinyNet(), version), version)
+    assert sorted(os.listdir(os.path.join(pfs_root, "tiny"))) == ["LATEST", "v1", "v2", "v3"]
+    assert tier.versions("tiny") == [1, 2, 3]
+    assert tier.prune("tiny", keep=2) == [1]
+    assert tier.versions("tiny") == [2, 3]
+
+
+def test_latest_never_moves_backwards(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    write_version(tier, TinyNet(), 5)
+    write_version(tier, TinyNet(), 4)
+    assert tier.latest("tiny") == 5
+
+
+def test_existing_version_is_never_overwritten(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    write_version(tier, TinyNet(), 1)
+    with pytest.raises(StorageError, match="already exists"):
+        write_version(tier, TinyNet(), 1)
+
+
+def test_versions_continue_after_a_producer_restart(pfs_root) -> None:
+    model = TinyNet()
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root) as first:
+        assert [first.publish(model), first.publish(model)] == [1, 2]
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root) as second:
+        assert second.publish(model) == 3
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root, resume_after=10) as third:
+        assert third.publish(model) == 11
+        third.flush()
+        assert third.version == 11
+
+
+def test_truncated_file_is_refused(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    write_version(tier, TinyNet(), 1)
+    path = os.path.join(pfs_root, "tiny", "v1", "model.safetensors")
+    os.truncate(path, os.path.getsize(path) - 100)
+    with pytest.raises(StorageError, match="truncated"):
+        read_back(tier, 1)
+
+
+def test_flipped_byte_fails_the_digest(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    write_version(tier, TinyNet(), 1)
+    path = os.path.join(pfs_root, "tiny", "v1", "model.safetensors")
+    with open(path, "r+b") as handle:
+        handle.seek(-10, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-10, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(IntegrityError, match="digest mismatch"):
+        read_back(tier, 1)
+
+
+def test_missing_files_are_named(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    write_version(tier, TinyNet(), 1)
+    notice = tier.read_manifest("tiny", 1, None)
+    os.remove(os.path.join(pfs_root, "tiny", "v1", "model.safetensors"))
+    with pytest.raises(StorageError, match="the file is missing"):
+        tier.read_into(notice, allocate_buffer(notice.nbytes))
+    with pytest.raises(StorageError, match="manifest of version 2 of 'tiny' is missing"):
+        tier.read_manifest("tiny", 2, None)
+
+
+def test_header_that_disagrees_with_the_manifest_is_refused(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    write_version(tier, TinyNet(), 1)
+    other = FileSystemTier(str(os.path.join(pfs_root, "other")))
+    write_version(other, TinyNet(width=32), 1)
+    os.replace(os.path.join(pfs_root, "other", "tiny", "v1", "model.safetensors"),
+               os.path.join(pfs_root, "tiny", "v1", "model.safetensors"))
+    with pytest.raises(IntegrityError, match="do not match its manifest"):
+        read_back(tier, 1)
+
+
+def test_full_disk_is_a_storage_error_and_leaves_no_partial_version(tmp_path) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    os.makedirs(tmp_path / "tiny")
+    # Any write to /dev/full fails with ENOSPC, like a full disk.
+    from viper_lightning.storage._files import LocalFiles
+
+    class FullDisk(LocalFiles):
+        def write_file(self, path, chunks):
+            with open("/dev/full", "wb") as full:
+                for chunk in chunks:
+                    full.write(chunk)
+                full.flush()
+
+    tier = FileSystemTier(str(tmp_path), files=FullDisk())
+    with pytest.raises(StorageError, match="disk full"):
+        write_version(tier, TinyNet(), 1)
+    assert os.listdir(tmp_path / "tiny") == []

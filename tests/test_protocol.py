@@ -1,0 +1,72 @@
+"""Notices: JSON round trip, MAC, and refusal of malformed input with a named reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from viper_lightning import ConfigurationError, Location, Notice, ProtocolError, take_snapshot
+from viper_lightning._digest import digest_buffer
+
+from .conftest import TinyNet
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def make_notice(version: int = 3) -> Notice:
+    snapshot = take_snapshot(TinyNet().state_dict())
+    return Notice(model="tiny", version=version, nbytes=snapshot.layout.nbytes,
+                  digest=digest_buffer(snapshot.data), layout=snapshot.layout, producer="host:1:ab",
+                  step=30, epoch=0, locations=(Location("pfs", "host", "/pfs/tiny/v3"),))
+
+
+def test_round_trip_unsigned_and_signed() -> None:
+    notice = make_notice()
+    assert Notice.decode(notice.encode()) == notice
+    assert Notice.decode(notice.encode(KEY), KEY) == notice
+    assert json.loads(notice.encode())["proto"] == 1
+
+
+def test_missing_or_wrong_mac_is_refused_when_a_key_is_set() -> None:
+    notice = make_notice()
+    with pytest.raises(ProtocolError, match="carries no MAC"):
+        Notice.decode(notice.encode(), KEY)
+    with pytest.raises(ProtocolError, match="wrong MAC"):
+        Notice.decode(notice.encode(b"another key, also 32 bytes long!"), KEY)
+
+
+def test_tampered_field_breaks_the_mac() -> None:
+    payload = json.loads(make_notice().encode(KEY))
+    payload["version"] = 99
+    with pytest.raises(ProtocolError, match="wrong MAC"):
+        Notice.decode(json.dumps(payload).encode(), KEY)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda p: p.update(proto=2), "protocol 2 is not supported"),
+    (lambda p: p.update(version=0), "'version' must be at least 1"),
+    (lambda p: p.update(version="7"), "'version' must be a non-negative integer"),
+    (lambda p: p.update(model="../etc"), "not a valid model name"),
+    (lambda p: p.update(created_at=None), "'created_at' must be a finite number"),
+    (lambda p: p.update(locations=[{"tier": "tape", "host": "h", "address": "a"}]), "tier 'tape' is unknown"),
+    (lambda p: p.update(nbytes=p["nbytes"] + 4), "layout tensors cover"),
+    (lambda p: p["layout"][0].update(shape=[-1]), "non-negative integers"),
+])
+def test_malformed_fields_are_named(mutate, message) -> None:
+    payload = json.loads(make_notice().encode())
+    mutate(payload)
+    with pytest.raises(ProtocolError, match=message):
+        Notice.decode(json.dumps(payload).encode())
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xff\xfe", b"[1, 2]", b"{not json"])
+def test_unparsable_bytes_are_refused(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        Notice.decode(raw)
+
+
+def test_short_keys_are_a_configuration_error() -> None:
+    from viper_lightning.transport._protocol import normalize_key
+    with pytest.raises(ConfigurationError, match="at least 16"):
+        normalize_key("short")

@@ -1,0 +1,69 @@
+"""Double buffering: requests read the active copy while the next version loads into the
+standby copy; a swap is a pointer flip between requests, so no request ever sees mixed weights."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Lease", "ModelSlots"]
+
+
+@dataclass
+class _Slot:
+    model: torch.nn.Module
+    version: int | None
+    users: int = 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What one request holds: the model it must use and the version it answers with."""
+
+    model: torch.nn.Module
+    version: int | None
+
+
+class ModelSlots:
+    """The active and standby copies of a model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._active = _Slot(model, None)
+        self._standby = _Slot(copy.deepcopy(model), None)
+        self._changed = threading.Condition()
+
+    @property
+    def version(self) -> int | None:
+        return self._active.version
+
+    @contextmanager
+    def lease(self) -> Iterator[Lease]:
+        """Pin the active copy for one request; a swap meanwhile does not touch it."""
+        with self._changed:
+            slot = self._active
+            slot.users += 1
+        try:
+            yield Lease(slot.model, slot.version)
+        finally:
+            with self._changed:
+                slot.users -= 1
+                self._changed.notify_all()
+
+    def idle_standby(self, timeout: float) -> torch.nn.Module | None:
+        """The standby copy once no request still uses it (it was active before the last swap)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._standby.users == 0, timeout):
+                return None
+            return self._standby.model
+
+    def swap(self, version: int) -> None:
+        """Make the standby copy (just loaded with `version`) the one new requests get."""
+        with self._changed:
+            self._standby.version = version
+            self._active, self._standby = self._standby, self._active
+            self._changed.notify_all()

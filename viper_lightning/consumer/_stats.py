@@ -1,0 +1,76 @@
+"""What a subscriber did: one record per applied update, one per refusal."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = ["UpdateRecord", "Refusal", "SubscriberStats"]
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """Timings of one applied update, in seconds.
+
+    discovery: notice created (publish call) to notice received; transfer: bytes into the
+    staging buffer; verify: digest and layout checks; swap: copy into the standby model and
+    flip; latency: publish call to the new version answering requests."""
+
+    version: int
+    step: int | None
+    tier: str
+    nbytes: int
+    discovery_s: float
+    transfer_s: float
+    verify_s: float
+    swap_s: float
+    latency_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An update that was refused, and why (the message names what was wrong)."""
+
+    version: int | None
+    reason: str
+
+
+@dataclass
+class SubscriberStats:
+    """A snapshot of the subscriber's history (bounded to the most recent entries)."""
+
+    updates: list[UpdateRecord] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    applied: int = 0
+    refused: int = 0
+
+    @property
+    def last(self) -> UpdateRecord | None:
+        return self.updates[-1] if self.updates else None
+
+
+class StatsRecorder:
+    """Thread-safe accumulation; `snapshot()` hands out copies."""
+
+    def __init__(self, history: int) -> None:
+        self._updates: deque[UpdateRecord] = deque(maxlen=history)
+        self._refusals: deque[Refusal] = deque(maxlen=history)
+        self._applied = 0
+        self._refused = 0
+        self._lock = threading.Lock()
+
+    def applied(self, record: UpdateRecord) -> None:
+        with self._lock:
+            self._updates.append(record)
+            self._applied += 1
+
+    def refused(self, refusal: Refusal) -> None:
+        with self._lock:
+            self._refusals.append(refusal)
+            self._refused += 1
+
+    def snapshot(self) -> SubscriberStats:
+        with self._lock:
+            return SubscriberStats(list(self._updates), list(self._refusals), self._applied, self._refused)

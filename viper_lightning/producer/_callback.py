@@ -1,0 +1,162 @@
+"""ViperCallback: publishes a LightningModule's weights on a schedule while it trains."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from .._errors import ConfigurationError, ViperError
+from ..schedules import EveryNSteps, PublishSchedule
+from ..transport._protocol import check_model_name, normalize_key
+from ._publisher import DEFAULT_ENDPOINT, ModelPublisher
+
+__all__ = ["ViperCallback"]
+
+log = logging.getLogger("viper_lightning.callback")
+
+
+class ViperCallback(Callback):
+    """Publish the model to Viper consumers on `schedule` (and once more when training ends).
+
+    Only global rank 0 publishes. The callback's state (last version and step, the schedule's
+    state) is saved in Lightning checkpoints, so a resumed run continues the version numbers.
+
+    Args:
+        model_name: name consumers subscribe to (also the directory under `pfs_root`).
+        endpoint: ZeroMQ endpoint the notices are published on (loopback by default).
+        pfs_root: file-system tier: a directory or fsspec URL for durable versions.
+        schedule: when to publish; defaults to `EveryNSteps(100)`.
+        hmac_key: shared key signing notices and manifests (16+ bytes).
+        hmac_key_file: file holding the key instead, to keep it out of configs and logs.
+        keep_versions: versions kept on the file system; None keeps all.
+        heartbeat_interval: seconds between repeats of the latest notice.
+        publish_on_train_end: publish the final weights when training ends.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        endpoint: str = DEFAULT_ENDPOINT,
+        pfs_root: str | None = None,
+        schedule: PublishSchedule | None = None,
+        hmac_key: str | None = None,
+        hmac_key_file: str | None = None,
+        keep_versions: int | None = None,
+        heartbeat_interval: float = 1.0,
+        publish_on_train_end: bool = True,
+    ) -> None:
+        self.model_name = check_model_name(model_name)
+        if pfs_root is None:
+            raise ConfigurationError(
+                "ViperCallback needs pfs_root (a directory or fsspec URL) so published versions "
+                "have a tier to live in, e.g. pfs_root: /scratch/viper")
+        self.endpoint = endpoint
+        self.pfs_root = pfs_root
+        self.schedule = schedule if schedule is not None else EveryNSteps(100)
+        if not isinstance(self.schedule, PublishSchedule):
+            raise ConfigurationError(f"schedule must be a viper_lightning.schedules.PublishSchedule, "
+                                     f"got {type(self.schedule).__name__}")
+        self._key = normalize_key(_read_key(hmac_key, hmac_key_file))
+        self.keep_versions = keep_versions
+        self.heartbeat_interval = heartbeat_interval
+        self.publish_on_train_end = publish_on_train_end
+        self.last_version = 0
+        self.last_step = -1
+        self.last_stall_s: float | None = None
+        self._publisher: ModelPublisher | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(model_name=self.model_name)
+
+    @property
+    def publisher(self) -> ModelPublisher | None:
+        """The live publisher on global rank 0 during fit, else None."""
+        return self._publisher
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After checkpoint restore (setup runs before it), so resumed versions are known here.
+        if trainer.is_global_zero and self._publisher is None:
+            self._publisher = ModelPublisher(
+                self.model_name, self.endpoint, self.pfs_root, self._key,
+                keep_versions=self.keep_versions, heartbeat_interval=self.heartbeat_interval,
+                resume_after=self.last_version)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._publisher is None or step == self.last_step:
+            return  # gradient accumulation: several batches share one optimizer step
+        loss = _loss_of(outputs) if self.schedule.needs_loss else None
+        if self.schedule.should_publish(step, loss):
+            self._publish(trainer, pl_module, loss)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._publisher is None or trainer.global_step == self.last_step:
+            return
+        if self.schedule.should_publish_at_epoch_end(trainer.current_epoch, trainer.global_step):
+            self._publish(trainer, pl_module, None)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._publisher is None:
+            return
+        if self.publish_on_train_end and trainer.global_step != self.last_step:
+            self._publish(trainer, pl_module, None)
+        self._publisher.flush()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()  # raises a background failure here rather than losing it
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            try:
+                publisher.close()
+            except ViperError:
+                log.exception("the Viper publisher also failed while training was failing")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_version": self.last_version, "last_step": self.last_step,
+                "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_version = int(state_dict.get("last_version", 0))
+        self.last_step = int(state_dict.get("last_step", -1))
+        self.schedule.load_state_dict(state_dict.get("schedule", {}))
+
+    # -- internals ---------------------------------------------------------------------------
+    def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: float | None) -> None:
+        step = trainer.global_step
+        self.last_version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch)
+        self.last_step = step
+        self.last_stall_s = self._publisher.last_stall_s
+        self.schedule.published(step, loss, self.last_stall_s or 0.0)
+        log.debug("queued %s v%d at step %d (stall %.2f ms)", self.model_name, self.last_version,
+                  step, (self.last_stall_s or 0.0) * 1e3)
+
+
+def _read_key(hmac_key: str | None, hmac_key_file: str | None) -> str | bytes | None:
+    if hmac_key is not None and hmac_key_file is not None:
+        raise ConfigurationError("give hmac_key or hmac_key_file, not both")
+    if hmac_key_file is None:
+        return hmac_key
+    try:
+        return Path(hmac_key_file).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigurationError(f"hmac_key_file {hmac_key_file!r} cannot be read: {exc.strerror}") from None
+
+
+def _loss_of(outputs: Any) -> float | None:
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return float(loss.detach())
+    return None

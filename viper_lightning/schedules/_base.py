@@ -1,0 +1,39 @@
+"""The publish-schedule interface the callback consults after every training step."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+__all__ = ["PublishSchedule"]
+
+
+class PublishSchedule(ABC):
+    """Decides when a new version is worth publishing.
+
+    The callback calls `should_publish` after each optimizer step and
+    `should_publish_at_epoch_end` at each epoch end, and reports every publish back through
+    `published` (with the measured training stall), so adaptive schedules can learn the
+    trade-off between stall and staleness. Schedules that set `needs_loss = True` receive the
+    training loss (reading it forces a device sync, so the others do not pay for it).
+    """
+
+    needs_loss: bool = False
+
+    @abstractmethod
+    def should_publish(self, step: int, loss: float | None = None) -> bool:
+        """Whether to publish now, after optimizer step `step` (1-based) with this loss."""
+
+    def should_publish_at_epoch_end(self, epoch: int, step: int) -> bool:
+        """Whether to publish as epoch `epoch` (0-based) ends."""
+        return False
+
+    def published(self, step: int, loss: float | None, stall_s: float) -> None:
+        """Feedback after each publish: the step, its loss, and how long training waited."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a checkpoint so a resumed run keeps its schedule."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""

@@ -1,0 +1,223 @@
+"""The file-system tier: `<root>/<model>/v<version>/{model.safetensors,manifest.json}` and
+`<root>/<model>/LATEST`.
+
+A version is written into a hidden temporary directory, fsynced and renamed into place, and
+LATEST moves last, so a reader never sees a half-written version. The safetensors data section
+is the snapshot buffer itself (see _layout), so a version is one sequential write and one read.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import struct
+import uuid
+
+import torch
+
+from .._digest import Digester
+from .._errors import IntegrityError, StorageError
+from .._layout import Layout
+from ..transport._protocol import Notice
+from ._files import Files, files_for
+
+__all__ = ["FileSystemTier", "safetensors_header"]
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+READ_CHUNK = 64 * 1024 * 1024
+_VERSION_DIR = re.compile(r"^v([0-9]+)$")
+
+
+def safetensors_header(layout: Layout, metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file whose data section is the buffer."""
+    header: dict[str, object] = {
+        spec.name: {"dtype": spec.dtype, "shape": list(spec.shape),
+                    "data_offsets": [spec.offset, spec.offset + spec.nbytes]}
+        for spec in layout.unique_tensors()
+    }
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class FileSystemTier:
+    """Durable versions on a local path, a parallel file system mount, or any fsspec URL."""
+
+    def __init__(self, root: str, *, files: Files | None = None) -> None:
+        if files is None:
+            files, root = files_for(root)
+        self._files = files
+        self.root = root
+
+    # -- paths -------------------------------------------------------------------------------
+    def _model_dir(self, model: str) -> str:
+        return self._files.join(self.root, model)
+
+    def version_dir(self, model: str, version: int) -> str:
+        return self._files.join(self.root, model, f"v{version}")
+
+    def address(self, model: str, version: int) -> str:
+        return self._files.uri(self.version_dir(model, version))
+
+    # -- discovery ---------------------------------------------------------------------------
+    def versions(self, model: str) -> list[int]:
+        """Every complete version on storage, oldest first."""
+        found = (_VERSION_DIR.match(name) for name in self._files.listdir(self._model_dir(model)))
+        return sorted(int(match.group(1)) for match in found if match)
+
+    def latest(self, model: str) -> int | None:
+        """The version LATEST points at, or None when nothing was published yet."""
+        path = self._files.join(self._model_dir(model), LATEST)
+        if not self._files.exists(path):
+            return None
+        with self._files.open_read(path) as handle:
+            text = handle.read(64).decode(errors="replace").strip()
+        if not text.isdigit():
+            raise StorageError(f"{path} holds {text!r}, not a version number; delete it or rewrite it")
+        return int(text)
+
+    def highest(self, model: str) -> int:
+        """The highest version ever written (0 if none): a restarted producer continues after it."""
+        return max([0, *self.versions(model), self.latest(model) or 0])
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, notice: Notice, data: torch.Tensor, manifest: bytes) -> str:
+        """Write one version durably and move LATEST to it; returns the version's address."""
+        model, version = notice.model, notice.version
+        final = self.version_dir(model, version)
+        if self._files.exists(final):
+            raise StorageError(f"version {version} of {model!r} already exists at {final}; "
+                               "another producer is publishing under the same model name")
+        temp = self._files.join(self._model_dir(model), f".v{version}.tmp-{uuid.uuid4().hex}")
+        try:
+            self._write_version(temp, notice, data, manifest)
+            self._files.rename(temp, final)
+            self._advance_latest(model, version)
+        except OSError as exc:
+            self._files.remove_tree(temp)
+            raise _storage_error(exc, f"writing version {version} of {model!r} under {self.root}") from exc
+        return self._files.uri(final)
+
+    def _write_version(self, directory: str, notice: Notice, data: torch.Tensor, manifest: bytes) -> None:
+        self._files.makedirs(directory)
+        metadata = {"format": "pt", "viper.model": notice.model, "viper.version": str(notice.version),
+                    "viper.digest": notice.digest, "viper.aliases": json.dumps(notice.layout.aliases())}
+        header = safetensors_header(notice.layout, metadata)
+        payload = memoryview(data[:notice.nbytes].numpy())
+        self._files.write_file(self._files.join(directory, WEIGHTS), [header, payload])
+        self._files.write_file(self._files.join(directory, MANIFEST), [manifest])
+
+    def _advance_latest(self, model: str, version: int) -> None:
+        current = self.latest(model)
+        if current is not None and current >= version:
+            return
+        directory = self._model_dir(model)
+        temp = self._files.join(directory, f".LATEST.tmp-{uuid.uuid4().hex}")
+        self._files.write_file(temp, [f"{version}\n".encode()])
+        self._files.rename(temp, self._files.join(directory, LATEST))
+
+    def prune(self, model: str, keep: int) -> list[int]:
+        """Remove all but the newest `keep` versions; returns the removed ones."""
+        doomed = self.versions(model)[:-keep] if keep > 0 else []
+        for version in doomed:
+            self._files.remove_tree(self.version_dir(model, version))
+        return doomed
+
+    # -- reading -----------------------------------------------------------------------------
+    def read_manifest(self, model: str, version: int, key: bytes | None) -> Notice:
+        """The version's manifest, parsed, validated and (with a key) authenticated."""
+        path = self._files.join(self.version_dir(model, version), MANIFEST)
+        raw = self._read_small(path, MAX_MANIFEST_BYTES, f"manifest of version {version} of {model!r}")
+        notice = Notice.decode(raw, key, what=f"manifest {path}")
+        if notice.model != model or notice.version != version:
+            raise IntegrityError(f"manifest {path} describes {notice.model!r} v{notice.version}, "
+                                 f"not {model!r} v{version}")
+        return notice
+
+    def read_into(self, notice: Notice, buffer: torch.Tensor, directory: str | None = None) -> None:
+        """Read a version's bytes into `buffer`, verifying header, size and digest as they stream."""
+        directory = directory or self.version_dir(notice.model, notice.version)
+        path = self._files.join(directory, WEIGHTS)
+        what = f"version {notice.version} of {notice.model!r} at {path}"
+        try:
+            with self._files.open_read(path) as handle:
+                header_bytes = self._check_header(handle, notice, what)
+                self._check_size(path, header_bytes + notice.nbytes, what)
+                self._stream_into(handle, buffer, notice, what)
+        except FileNotFoundError:
+            raise StorageError(f"{what}: the file is missing (evicted, or never written)") from None
+        except OSError as exc:
+            raise _storage_error(exc, f"reading {what}") from exc
+
+    def _check_header(self, handle, notice: Notice, what: str) -> int:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise StorageError(f"{what}: truncated before its safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise IntegrityError(f"{what}: safetensors header claims {length} bytes, over the limit")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise IntegrityError(f"{what}: the safetensors header is not valid JSON (truncated or damaged)") from None
+        header.pop("__metadata__", None)
+        expected = json.loads(safetensors_header(notice.layout, {})[8:])
+        expected.pop("__metadata__")
+        if header != expected:
+            raise IntegrityError(f"{what}: the file's tensors do not match its manifest "
+                                 f"({_first_difference(expected, header)})")
+        return 8 + length
+
+    def _check_size(self, path: str, expected: int, what: str) -> None:
+        actual = self._files.size(path)
+        if actual != expected:
+            state = "truncated" if actual < expected else "longer than announced"
+            raise StorageError(f"{what}: file is {state} ({actual} bytes, expected {expected})")
+
+    def _stream_into(self, handle, buffer: torch.Tensor, notice: Notice, what: str) -> None:
+        target = memoryview(buffer[:notice.nbytes].numpy()).cast("B")
+        digester = Digester()
+        position = 0
+        while position < notice.nbytes:
+            end = min(position + READ_CHUNK, notice.nbytes)
+            got = handle.readinto(target[position:end])
+            if not got:
+                raise StorageError(f"{what}: truncated at byte {position} of {notice.nbytes}")
+            digester.update(target[position:position + got])
+            position += got
+        actual = digester.hexdigest()
+        if actual != notice.digest:
+            raise IntegrityError(f"{what}: digest mismatch (announced {notice.digest}, read {actual}); "
+                                 "the file was damaged or replaced")
+
+    def _read_small(self, path: str, limit: int, what: str) -> bytes:
+        try:
+            with self._files.open_read(path) as handle:
+                raw = handle.read(limit + 1)
+        except FileNotFoundError:
+            raise StorageError(f"{what} is missing at {path}") from None
+        except OSError as exc:
+            raise _storage_error(exc, f"reading {what}") from exc
+        if len(raw) > limit:
+            raise StorageError(f"{what} at {path} is over {limit} bytes; refusing to parse it")
+        return raw
+
+
+def _first_difference(expected: dict[str, object], actual: dict[str, object]) -> str:
+    for name in sorted(expected.keys() | actual.keys()):
+        if expected.get(name) != actual.get(name):
+            return f"tensor {name!r}: manifest {expected.get(name)}, file {actual.get(name)}"
+    return "no difference"
+
+
+def _storage_error(exc: OSError, doing: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"disk full while {doing}: free space or lower keep_versions")
+    return StorageError(f"{type(exc).__name__} while {doing}: {exc}")
+

@@ -1,0 +1,201 @@
+"""Wire protocol v1: the Notice, its JSON encoding and its optional HMAC-SHA256.
+
+Everything here parses untrusted bytes, so each field is checked for type and range and a
+refusal names the field. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+
+from .._errors import ConfigurationError, ProtocolError
+from .._layout import Layout, canonical_json
+
+__all__ = ["PROTO", "TIERS", "Location", "Notice", "check_model_name", "normalize_key", "sign", "verify_mac"]
+
+PROTO = 1
+TIERS = ("gpu", "dram", "pfs")
+MAX_NOTICE_BYTES = 64 * 1024 * 1024
+MIN_KEY_BYTES = 16
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(name: object) -> str:
+    """Model names become ZeroMQ topics and directory names, so they are kept plain."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise ConfigurationError(
+            f"model_name {name!r} is not valid: use 1-128 characters from letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit (for example 'nt3')")
+    return name
+
+
+def normalize_key(key: str | bytes | None) -> bytes | None:
+    """A shared MAC key as bytes; short keys are refused because they are guessable."""
+    if key is None:
+        return None
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    if len(raw) < MIN_KEY_BYTES:
+        raise ConfigurationError(
+            f"hmac_key has {len(raw)} bytes; use at least {MIN_KEY_BYTES} "
+            "(for example the output of `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+    return raw
+
+
+def sign(payload: dict[str, object], key: bytes) -> str:
+    """HMAC-SHA256 over the canonical JSON of everything but the MAC itself."""
+    return hmac.new(key, canonical_json(payload), hashlib.sha256).hexdigest()
+
+
+def verify_mac(payload: dict[str, object], key: bytes | None, what: str) -> None:
+    """With a key configured, a missing or wrong MAC is a forgery and is refused."""
+    if key is None:
+        return
+    mac = payload.get("mac")
+    if not isinstance(mac, str):
+        raise ProtocolError(f"{what} carries no MAC but a shared key is configured; refusing it")
+    unsigned = {k: v for k, v in payload.items() if k != "mac"}
+    if not hmac.compare_digest(mac, sign(unsigned, key)):
+        raise ProtocolError(f"{what} has a wrong MAC: it was forged, altered, or signed with another key")
+
+
+@dataclass(frozen=True)
+class Location:
+    """One tier holding a version: which tier, on which host, and how to reach it."""
+
+    tier: str
+    host: str
+    address: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"tier": self.tier, "host": self.host, "address": self.address}
+
+    @classmethod
+    def from_json(cls, entry: object) -> Location:
+        if not isinstance(entry, dict):
+            raise ProtocolError("each entry of 'locations' must be an object")
+        tier, host, address = (entry.get(k) for k in ("tier", "host", "address"))
+        if tier not in TIERS:
+            raise ProtocolError(f"location tier {tier!r} is unknown (known: {', '.join(TIERS)})")
+        if not isinstance(host, str) or not isinstance(address, str) or not address:
+            raise ProtocolError(f"{tier} location needs string 'host' and non-empty 'address'")
+        return cls(tier, host, address)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Announces that a version of a model exists and where its bytes can be fetched."""
+
+    model: str
+    version: int
+    nbytes: int
+    digest: str
+    layout: Layout
+    producer: str
+    step: int | None = None
+    epoch: int | None = None
+    created_at: float = field(default_factory=time.time)
+    locations: tuple[Location, ...] = ()
+
+    def to_json(self, *, with_locations: bool = True) -> dict[str, object]:
+        payload: dict[str, object] = {
+            "proto": PROTO, "model": self.model, "version": self.version, "step": self.step,
+            "epoch": self.epoch, "created_at": self.created_at, "nbytes": self.nbytes,
+            "digest": self.digest, "layout": self.layout.to_json(), "producer": self.producer,
+        }
+        if with_locations:
+            payload["locations"] = [loc.to_json() for loc in self.locations]
+        return payload
+
+    def encode(self, key: bytes | None = None, *, with_locations: bool = True) -> bytes:
+        """The canonical JSON bytes, signed when a key is given."""
+        payload = self.to_json(with_locations=with_locations)
+        if key is not None:
+            payload["mac"] = sign(payload, key)
+        return canonical_json(payload)
+
+    @classmethod
+    def decode(cls, data: bytes, key: bytes | None = None, *, what: str = "notice") -> Notice:
+        """Parse, authenticate and validate a notice (or a manifest, which lacks locations)."""
+        payload = _load_json_object(data, what)
+        if payload.get("proto") != PROTO:
+            raise ProtocolError(f"{what}: protocol {payload.get('proto')!r} is not supported (this side speaks {PROTO})")
+        verify_mac(payload, key, what)
+        return cls(
+            model=check_field_model(payload, what),
+            version=_positive_int(payload, "version", what),
+            nbytes=_count(payload, "nbytes", what),
+            digest=_string(payload, "digest", what),
+            layout=Layout.from_json(payload.get("layout"), payload.get("nbytes")),
+            producer=_string(payload, "producer", what),
+            step=_optional_count(payload, "step", what),
+            epoch=_optional_count(payload, "epoch", what),
+            created_at=_timestamp(payload, what),
+            locations=_locations(payload, what),
+        )
+
+    def with_locations(self, locations: tuple[Location, ...]) -> Notice:
+        return replace(self, locations=locations)
+
+
+def _load_json_object(data: bytes, what: str) -> dict[str, object]:
+    if len(data) > MAX_NOTICE_BYTES:
+        raise ProtocolError(f"{what} is {len(data)} bytes, over the {MAX_NOTICE_BYTES}-byte limit")
+    try:
+        payload = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def check_field_model(payload: dict[str, object], what: str) -> str:
+    try:
+        return check_model_name(payload.get("model"))
+    except ConfigurationError:
+        raise ProtocolError(f"{what}: 'model' {payload.get('model')!r} is not a valid model name") from None
+
+
+def _string(payload: dict[str, object], key: str, what: str) -> str:
+    value = payload.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{what}: '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _count(payload: dict[str, object], key: str, what: str) -> int:
+    value = payload.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"{what}: '{key}' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _positive_int(payload: dict[str, object], key: str, what: str) -> int:
+    value = _count(payload, key, what)
+    if value < 1:
+        raise ProtocolError(f"{what}: '{key}' must be at least 1, got {value}")
+    return value
+
+
+def _optional_count(payload: dict[str, object], key: str, what: str) -> int | None:
+    return None if payload.get(key) is None else _count(payload, key, what)
+
+
+def _timestamp(payload: dict[str, object], what: str) -> float:
+    value = payload.get("created_at")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ProtocolError(f"{what}: 'created_at' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _locations(payload: dict[str, object], what: str) -> tuple[Location, ...]:
+    entries = payload.get("locations", [])
+    if not isinstance(entries, list):
+        raise ProtocolError(f"{what}: 'locations' must be a list")
+    return tuple(Location.from_json(entry) for entry in entries)

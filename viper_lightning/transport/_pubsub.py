@@ -1,0 +1,94 @@
+"""ZeroMQ sockets for notices. Each socket is owned by exactly one thread (ZeroMQ sockets are
+not thread-safe), closed with linger=0 so shutdown never blocks on unsent notices."""
+
+from __future__ import annotations
+
+import zmq
+
+from .._errors import ConfigurationError
+
+__all__ = ["NoticeBroadcaster", "NoticeListener"]
+
+# Notices are small; a deep queue keeps a burst of publishes from being dropped silently.
+NOTICE_HWM = 10_000
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class NoticeBroadcaster:
+    """The producer's XPUB socket. XPUB (not PUB) reports every subscription, so a late joiner
+    can be sent the latest notice the moment it subscribes instead of waiting for the next one."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self._socket = context.socket(zmq.XPUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, NOTICE_HWM)
+        self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # report repeated subscriptions too
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close(0)
+            raise ConfigurationError(
+                f"cannot bind notice endpoint {endpoint!r}: {exc.strerror}; pick a free port, "
+                "or 'tcp://127.0.0.1:*' to let the system choose one") from None
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def send(self, topic: str, payload: bytes) -> None:
+        self._socket.send_multipart([topic.encode(), payload], copy=False)
+
+    def new_subscriptions(self) -> int:
+        """Drain subscription messages without blocking; returns how many subscribed."""
+        joined = 0
+        while self._socket.poll(0, zmq.POLLIN):
+            message = self._socket.recv()
+            joined += message[:1] == b"\x01"
+        return joined
+
+    def close(self) -> None:
+        self._socket.close(0)
+
+    def __enter__(self) -> NoticeBroadcaster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class NoticeListener:
+    """A consumer's SUB socket, filtered to one model's topic."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, topic: str) -> None:
+        self._topic = topic.encode()
+        self._socket = context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, NOTICE_HWM)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a hostile peer cannot exhaust memory
+        self._socket.setsockopt(zmq.SUBSCRIBE, self._topic)
+        try:
+            self._socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close(0)
+            raise ConfigurationError(f"cannot connect to notice endpoint {endpoint!r}: {exc.strerror}") from None
+
+    def receive(self, timeout_s: float) -> list[bytes]:
+        """Every payload waiting for this topic, after waiting up to `timeout_s` for the first.
+
+        Topic filtering in ZeroMQ is by prefix ('nt3' also matches 'nt3-large'), so the topic
+        frame is compared exactly here. Messages of the wrong shape are returned as they are,
+        for the caller to refuse with a logged reason."""
+        payloads: list[bytes] = []
+        timeout_ms = max(0, int(timeout_s * 1000))
+        while self._socket.poll(timeout_ms if not payloads else 0, zmq.POLLIN):
+            frames = self._socket.recv_multipart()
+            if frames[0] != self._topic:
+                continue
+            payloads.append(frames[1] if len(frames) == 2 else b"")
+        return payloads
+
+    def close(self) -> None:
+        self._socket.close(0)
+
+    def __enter__(self) -> NoticeListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
