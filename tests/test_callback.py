@@ -117,3 +117,26 @@ def test_endpoint_in_use_is_a_configuration_error(tmp_path, pfs_root) -> None:
     with ModelPublisher("a", LOOPBACK_ANY_PORT, pfs_root) as first:
         with pytest.raises(ConfigurationError, match="cannot bind notice endpoint"):
             ModelPublisher("b", first.endpoint, pfs_root)
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:5555", "tcp://127.0.0.1", "http://x:1", "tcp://host:port"])
+def test_malformed_endpoints_are_refused_by_every_entry_point(endpoint, pfs_root) -> None:
+    from viper_lightning import ModelPublisher, ModelSubscriber
+    from .lightning_models import Regressor as Model
+    for build in (lambda: ViperCallback("m", endpoint, pfs_root),
+                  lambda: ModelPublisher("m", endpoint, pfs_root),
+                  lambda: ModelSubscriber(Model(), "m", endpoint)):
+        with pytest.raises(ConfigurationError, match="is not a ZeroMQ endpoint"):
+            build()
+
+
+def test_only_global_rank_zero_publishes(tmp_path, pfs_root) -> None:
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, pfs_root, schedule=EveryNSteps(10))
+    trainer = make_trainer(tmp_path, callback, max_steps=30, strategy="ddp_spawn", devices=2,
+                           enable_checkpointing=False)
+    trainer.fit(Regressor())
+    tier = FileSystemTier(pfs_root)
+    # Two publishing ranks would have written every version twice (and collided on v1).
+    assert tier.versions("regressor") == [1, 2, 3]
+    producers = {tier.read_manifest("regressor", v, None).producer for v in (1, 2, 3)}
+    assert len(producers) == 1

@@ -13,9 +13,10 @@ __all__ = ["UpdateRecord", "Refusal", "SubscriberStats"]
 class UpdateRecord:
     """Timings of one applied update, in seconds.
 
-    discovery: notice created (publish call) to notice received; transfer: bytes into the
-    staging buffer; verify: digest and layout checks; swap: copy into the standby model and
-    flip; latency: publish call to the new version answering requests."""
+    discovery: publish call to notice received (the producer's snapshot and storage writes
+    included); transfer: bytes into the staging buffer; verify: the digest check over them;
+    swap: copy into the idle standby model and flip; latency: publish call to the new
+    version answering requests."""
 
     version: int
     step: int | None

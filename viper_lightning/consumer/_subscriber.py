@@ -21,7 +21,7 @@ from .._errors import ConfigurationError, TransferError, ViperError
 from .._layout import Layout, check_compatible
 from ..producer._publisher import DEFAULT_ENDPOINT
 from ..storage._pfs import FileSystemTier
-from ..transport._protocol import TIERS, Location, Notice, check_model_name, normalize_key
+from ..transport._protocol import TIERS, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._slots import Lease, ModelSlots
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
@@ -68,7 +68,7 @@ class ModelSubscriber:
         if not poll_interval > 0:
             raise ConfigurationError(f"poll_interval={poll_interval}: use a positive number of seconds")
         self.model_name = check_model_name(model_name)
-        self.endpoint = endpoint
+        self.endpoint = check_endpoint(endpoint)
         self._key = normalize_key(hmac_key)
         self._pfs = FileSystemTier(pfs_root) if pfs_root is not None else None
         self._load_latest = load_latest
@@ -229,26 +229,25 @@ class ModelSubscriber:
         started = time.perf_counter()
         check_compatible(self._expected, notice.layout)
         self._staging = ensure_capacity(self._staging, notice.nbytes)
-        tier = self._fetch(notice, self._staging)
+        tier, digest_s = self._fetch(notice, self._staging)
         fetched = time.perf_counter()
-        standby = self._wait_for_idle_standby()
-        verified = time.perf_counter()
-        _load_into(standby, notice.layout.views(self._staging))
+        _load_into(self._wait_for_idle_standby(), notice.layout.views(self._staging))
         self._slots.swap(notice.version)
         swapped = time.perf_counter()
         return UpdateRecord(
             version=notice.version, step=notice.step, tier=tier, nbytes=notice.nbytes,
-            discovery_s=max(0.0, received_at - notice.created_at), transfer_s=fetched - started,
-            verify_s=verified - fetched, swap_s=swapped - verified,
+            discovery_s=max(0.0, received_at - notice.created_at),
+            transfer_s=fetched - started - digest_s, verify_s=digest_s, swap_s=swapped - fetched,
             latency_s=max(0.0, time.time() - notice.created_at), reason=reason)
 
-    def _fetch(self, notice: Notice, buffer: torch.Tensor) -> str:
-        """Try each location the notice lists, fastest tier first; the first success wins."""
+    def _fetch(self, notice: Notice, buffer: torch.Tensor) -> tuple[str, float]:
+        """Try each location the notice lists, fastest tier first; the first success wins.
+
+        Returns the tier that delivered and the seconds its digest check took."""
         failures: list[ViperError] = []
         for location in sorted(notice.locations, key=lambda loc: TIERS.index(loc.tier)):
             try:
-                self._fetch_from(location, notice, buffer)
-                return location.tier
+                return location.tier, self._fetch_from(location, notice, buffer)
             except ViperError as exc:
                 failures.append(exc)
                 log.warning("fetching %s v%d from %s failed: %s", notice.model, notice.version,
@@ -258,14 +257,13 @@ class ModelSubscriber:
         reasons = "; ".join(str(exc) for exc in failures) or "the notice lists no location"
         raise TransferError(f"no tier could deliver it: {reasons}")
 
-    def _fetch_from(self, location: Location, notice: Notice, buffer: torch.Tensor) -> None:
+    def _fetch_from(self, location: Location, notice: Notice, buffer: torch.Tensor) -> float:
         if location.tier != "pfs":
             raise TransferError(f"the {location.tier} tier is not available to this consumer")
         if self._pfs is not None:
-            self._pfs.read_into(notice, buffer)
-        else:
-            announced = FileSystemTier(location.address)
-            announced.read_into(notice, buffer, directory=announced.root)
+            return self._pfs.read_into(notice, buffer)
+        announced = FileSystemTier(location.address)
+        return announced.read_into(notice, buffer, directory=announced.root)
 
     def _wait_for_idle_standby(self) -> torch.nn.Module:
         while not self._stop.is_set():

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from .._errors import ConfigurationError, ViperError
 from ..schedules import EveryNSteps, PublishSchedule
-from ..transport._protocol import check_model_name, normalize_key
+from ..transport._protocol import check_endpoint, check_model_name, normalize_key
 from ._publisher import DEFAULT_ENDPOINT, ModelPublisher
 
 __all__ = ["ViperCallback"]
@@ -55,7 +55,7 @@ class ViperCallback(Callback):
             raise ConfigurationError(
                 "ViperCallback needs pfs_root (a directory or fsspec URL) so published versions "
                 "have a tier to live in, e.g. pfs_root: /scratch/viper")
-        self.endpoint = endpoint
+        self.endpoint = check_endpoint(endpoint)
         self.pfs_root = pfs_root
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):

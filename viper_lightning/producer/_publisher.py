@@ -19,7 +19,7 @@ import zmq
 from .._digest import digest_buffer
 from .._errors import ConfigurationError, ViperError
 from ..storage._pfs import FileSystemTier
-from ..transport._protocol import Location, Notice, check_model_name, normalize_key
+from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeBroadcaster
 from ._snapshot import Snapshot, SnapshotPool
 
@@ -109,7 +109,7 @@ class ModelPublisher:
         self.last_commit: CommitRecord | None = None
         self._context = zmq.Context()
         self._ready = threading.Event()
-        self.endpoint = endpoint
+        self.endpoint = check_endpoint(endpoint)
         self._writer = threading.Thread(target=self._run, name=f"viper-publisher-{model_name}", daemon=True)
         self._writer.start()
         self._ready.wait()

@@ -12,6 +12,7 @@ import errno
 import json
 import re
 import struct
+import time
 import uuid
 
 import torch
@@ -140,8 +141,10 @@ class FileSystemTier:
                                  f"not {model!r} v{version}")
         return notice
 
-    def read_into(self, notice: Notice, buffer: torch.Tensor, directory: str | None = None) -> None:
-        """Read a version's bytes into `buffer`, verifying header, size and digest as they stream."""
+    def read_into(self, notice: Notice, buffer: torch.Tensor, directory: str | None = None) -> float:
+        """Read a version's bytes into `buffer`, verifying header, size and digest as they stream.
+
+        Returns the seconds spent on the digest (part of the read, reported separately)."""
         directory = directory or self.version_dir(notice.model, notice.version)
         path = self._files.join(directory, WEIGHTS)
         what = f"version {notice.version} of {notice.model!r} at {path}"
@@ -149,7 +152,7 @@ class FileSystemTier:
             with self._files.open_read(path) as handle:
                 header_bytes = self._check_header(handle, notice, what)
                 self._check_size(path, header_bytes + notice.nbytes, what)
-                self._stream_into(handle, buffer, notice, what)
+                return self._stream_into(handle, buffer, notice, what)
         except FileNotFoundError:
             raise StorageError(f"{what}: the file is missing (evicted, or never written)") from None
         except OSError as exc:
@@ -180,21 +183,25 @@ class FileSystemTier:
             state = "truncated" if actual < expected else "longer than announced"
             raise StorageError(f"{what}: file is {state} ({actual} bytes, expected {expected})")
 
-    def _stream_into(self, handle, buffer: torch.Tensor, notice: Notice, what: str) -> None:
+    def _stream_into(self, handle, buffer: torch.Tensor, notice: Notice, what: str) -> float:
         target = memoryview(buffer[:notice.nbytes].numpy()).cast("B")
         digester = Digester()
+        digest_s = 0.0
         position = 0
         while position < notice.nbytes:
             end = min(position + READ_CHUNK, notice.nbytes)
             got = handle.readinto(target[position:end])
             if not got:
                 raise StorageError(f"{what}: truncated at byte {position} of {notice.nbytes}")
+            started = time.perf_counter()
             digester.update(target[position:position + got])
+            digest_s += time.perf_counter() - started
             position += got
         actual = digester.hexdigest()
         if actual != notice.digest:
             raise IntegrityError(f"{what}: digest mismatch (announced {notice.digest}, read {actual}); "
                                  "the file was damaged or replaced")
+        return digest_s
 
     def _read_small(self, path: str, limit: int, what: str) -> bytes:
         try:

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field, replace
 from .._errors import ConfigurationError, ProtocolError
 from .._layout import Layout, canonical_json
 
-__all__ = ["PROTO", "TIERS", "Location", "Notice", "check_model_name", "normalize_key", "sign", "verify_mac"]
+__all__ = ["PROTO", "TIERS", "Location", "Notice", "check_model_name", "check_endpoint", "normalize_key", "sign", "verify_mac"]
 
 PROTO = 1
 TIERS = ("gpu", "dram", "pfs")
 MAX_NOTICE_BYTES = 64 * 1024 * 1024
 MIN_KEY_BYTES = 16
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ENDPOINT = re.compile(r"^(tcp://([^\s:\[\]]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5}|\*)|ipc://\S+|inproc://\S+)$")
 
 
 def check_model_name(name: object) -> str:
@@ -33,6 +34,15 @@ def check_model_name(name: object) -> str:
             f"model_name {name!r} is not valid: use 1-128 characters from letters, digits, "
             "'.', '_' and '-', starting with a letter or digit (for example 'nt3')")
     return name
+
+
+def check_endpoint(endpoint: object) -> str:
+    """A ZeroMQ endpoint such as tcp://127.0.0.1:5555 (checked early, not at first use)."""
+    if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+        raise ConfigurationError(
+            f"endpoint {endpoint!r} is not a ZeroMQ endpoint; use 'tcp://HOST:PORT' "
+            "(for example 'tcp://127.0.0.1:5555', or 'tcp://127.0.0.1:*' for any free port) or 'ipc://PATH'")
+    return endpoint
 
 
 def normalize_key(key: str | bytes | None) -> bytes | None:
