@@ -34,16 +34,16 @@ def test_trainer_publishes_and_a_consumer_process_ends_bit_exact(tmp_path, pfs_r
     inbox, outbox = context.Queue(), context.Queue()
     out_path = str(tmp_path / "served.safetensors")
 
-    class StartConsumerOnFitStart(L.Callback):
-        """The endpoint is bound in on_fit_start; start the consumer right after."""
+    class StartConsumerOnTrainStart(L.Callback):
+        """The endpoint is bound in on_train_start; start the consumer right after."""
 
-        def on_fit_start(self, trainer, pl_module):
+        def on_train_start(self, trainer, pl_module):
             self.process = context.Process(target=follow, args=(
                 Regressor, "regressor", callback.publisher.endpoint, pfs_root, out_path, inbox, outbox))
             self.process.start()
             assert outbox.get(timeout=WAIT_S) == "ready"
 
-    starter = StartConsumerOnFitStart()
+    starter = StartConsumerOnTrainStart()
     trainer.callbacks.append(starter)
     try:
         trainer.fit(module)
@@ -96,7 +96,10 @@ def test_publisher_failure_surfaces_in_training(tmp_path) -> None:
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(model_name="bad name!", pfs_root="/tmp/x"), "model_name 'bad name!' is not valid"),
-    (dict(model_name="m"), "needs pfs_root"),
+    (dict(model_name="m", dram_versions=0), "no tier would hold the published bytes"),
+    (dict(model_name="m", keep_versions=0), "keep at least 1 version"),
+    (dict(model_name="m", heartbeat_interval=-1.0), "positive number of seconds"),
+    (dict(model_name="m", fetch_endpoint="localhost"), "is not a ZeroMQ endpoint"),
     (dict(model_name="m", pfs_root="/tmp/x", hmac_key="short"), "at least 16"),
     (dict(model_name="m", pfs_root="/tmp/x", hmac_key="k" * 16, hmac_key_file="/k"), "not both"),
     (dict(model_name="m", pfs_root="/tmp/x", hmac_key_file="/nonexistent/key"), "cannot be read"),

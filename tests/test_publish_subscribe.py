@@ -25,7 +25,7 @@ def test_subscriber_hot_swaps_to_each_published_version(pfs_root, events) -> Non
         with subscriber.serving() as served:
             assert_same_weights(producer, served)
         record = events.wait_for_updates(1)[0]
-        assert (record.version, record.step, record.tier) == (version, 10, "pfs")
+        assert (record.version, record.step, record.route) == (version, 10, "dram-shm")
         assert record.latency_s >= record.discovery_s >= 0
         assert subscriber.stats.applied == 1
 
@@ -66,7 +66,7 @@ def test_subscriber_started_after_training_loads_latest_from_storage(pfs_root) -
         assert subscriber.wait_for_version(1, WAIT_S)
         with subscriber.serving() as served:
             assert_same_weights(producer, served)
-        assert subscriber.stats.last.reason == "LATEST on start"
+        assert subscriber.stats.last.trigger == "LATEST on start"
 
 
 def test_request_in_flight_finishes_on_the_old_weights(pfs_root) -> None:

@@ -7,7 +7,6 @@ import safetensors.torch
 import torch
 
 from viper_lightning import IntegrityError, Layout, ProtocolError, take_snapshot
-from viper_lightning.producer._snapshot import SnapshotPool
 from viper_lightning.storage._pfs import safetensors_header
 
 from .conftest import TinyNet, assert_same_weights
@@ -75,16 +74,6 @@ def test_buffer_is_reused_across_snapshots() -> None:
     second = take_snapshot(model.state_dict(), first.buffer)
     assert second.buffer.data_ptr() == first.buffer.data_ptr()
     assert_same_weights(model.state_dict(), second.state_dict())
-
-
-def test_pool_reuses_its_buffers() -> None:
-    pool = SnapshotPool(slots=1)
-    model = TinyNet()
-    first = pool.capture(model.state_dict())
-    pointer = first.buffer.data_ptr()
-    pool.release(first)
-    second = pool.capture(model.state_dict())
-    assert second.buffer.data_ptr() == pointer
 
 
 def test_layout_survives_json_and_rejects_overlaps() -> None:

@@ -2,25 +2,33 @@
 
 The producer side (`ViperCallback`, `ModelPublisher`) snapshots weights into storage tiers and
 announces each version over ZeroMQ; the consumer side (`ModelSubscriber`) fetches the newest
-version, verifies it and hot-swaps it between requests.
+version over the cheapest route, verifies it and hot-swaps it between requests.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError, IntegrityError, ProtocolError, StorageError, TransferError, ViperError
 from ._layout import Layout, TensorSpec
+from .consumer._planner import Route, TransferPlanner
 from .consumer._slots import Lease
 from .consumer._stats import Refusal, SubscriberStats, UpdateRecord
 from .consumer._subscriber import ModelSubscriber
-from .producer._callback import ViperCallback
-from .producer._publisher import DEFAULT_ENDPOINT, ModelPublisher
+from .producer._publisher import DEFAULT_ENDPOINT, CommitRecord, ModelPublisher
 from .producer._snapshot import Snapshot, take_snapshot
 from .storage._pfs import FileSystemTier
 from .transport._protocol import Location, Notice
+
+if TYPE_CHECKING:
+    from .producer._callback import ViperCallback
 
 __all__ = [
     "ViperCallback",
     "ModelPublisher",
     "ModelSubscriber",
+    "TransferPlanner",
+    "Route",
     "DEFAULT_ENDPOINT",
+    "CommitRecord",
     "Snapshot",
     "take_snapshot",
     "Layout",
@@ -41,3 +49,13 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning is imported only by code that trains: serving workers that just subscribe
+    # never pay for it.
+    if name == "ViperCallback":
+        from .producer._callback import ViperCallback
+
+        return ViperCallback
+    raise AttributeError(f"module 'viper_lightning' has no attribute {name!r}")

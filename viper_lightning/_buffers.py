@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import torch
 
-__all__ = ["allocate_buffer", "ensure_capacity", "copy_tensor"]
+__all__ = ["allocate_buffer", "ensure_capacity", "copy_tensor", "copy_from_bytes"]
 
 
 def allocate_buffer(nbytes: int) -> torch.Tensor:
@@ -40,3 +40,12 @@ def _is_plain_host(tensor: torch.Tensor) -> bool:
 
 def _bytes_of(tensor: torch.Tensor) -> numpy.ndarray:
     return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def copy_from_bytes(target: torch.Tensor, source: numpy.ndarray) -> None:
+    """Copy raw bytes (a uint8 array, e.g. a mapped segment) into a tensor of the same size."""
+    if _is_plain_host(target):
+        numpy.copyto(_bytes_of(target), source)
+    else:
+        staged = torch.from_numpy(numpy.array(source))  # writable copy: mapped memory is read-only
+        target.copy_(staged.view(target.dtype).view(target.shape))

@@ -131,10 +131,11 @@ class Layout:
     def validate(self) -> None:
         """Names unique, offsets aligned, regions either identical (aliases) or disjoint and
         tiling the buffer exactly: anything else could read outside the buffer or mix tensors."""
-        names = [spec.name for spec in self.tensors]
-        if len(set(names)) != len(names):
-            duplicate = next(n for n in names if names.count(n) > 1)
-            raise ProtocolError(f"layout names tensor {duplicate!r} more than once")
+        seen: set[str] = set()
+        for spec in self.tensors:
+            if spec.name in seen:
+                raise ProtocolError(f"layout names tensor {spec.name!r} more than once")
+            seen.add(spec.name)
         end = 0
         for spec in self.unique_tensors():
             if spec.offset % spec.torch_dtype.itemsize:

@@ -15,19 +15,21 @@ class UpdateRecord:
 
     discovery: publish call to notice received (the producer's snapshot and storage writes
     included); transfer: bytes into the staging buffer; verify: the digest check over them;
-    swap: copy into the idle standby model and flip; latency: publish call to the new
-    version answering requests."""
+    swap: flip the standby copy in (the copy into it is part of transfer); latency: publish
+    call to the new version answering requests. `route` is how the bytes came ("dram-shm",
+    "dram-zmq", "pfs"), `trigger` what started the update, `why` the planner's reasoning."""
 
     version: int
     step: int | None
-    tier: str
+    route: str
     nbytes: int
     discovery_s: float
     transfer_s: float
     verify_s: float
     swap_s: float
     latency_s: float
-    reason: str
+    trigger: str
+    why: str
 
 
 @dataclass(frozen=True)

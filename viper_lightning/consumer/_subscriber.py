@@ -1,28 +1,32 @@
-"""ModelSubscriber: listens for notices, fetches the newest version into a standby copy,
-verifies it, and swaps it in between requests. Bad input is refused and logged; the model
-keeps serving the last good version and the subscriber keeps listening."""
+"""ModelSubscriber: listens for notices, loads the newest version into a standby copy over the
+cheapest reachable route, and swaps it in between requests. Bad input is refused and logged;
+the model keeps serving the last good version and the subscriber keeps listening."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 
 import torch
 import zmq
 
-from .._buffers import copy_tensor, ensure_capacity
-from .._errors import ConfigurationError, TransferError, ViperError
+from .._buffers import ensure_capacity
+from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from .._layout import Layout, check_compatible
 from ..producer._publisher import DEFAULT_ENDPOINT
 from ..storage._pfs import FileSystemTier
-from ..transport._protocol import TIERS, Location, Notice, check_endpoint, check_model_name, normalize_key
+from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
+from ._planner import Route, TransferPlanner, explain
+from ._routes import load_from_files, load_from_peer, load_from_segment
 from ._slots import Lease, ModelSlots
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
 
@@ -30,7 +34,9 @@ __all__ = ["ModelSubscriber"]
 
 log = logging.getLogger("viper_lightning.subscriber")
 
-_IDLE_WAIT_S = 1.0  # how long one wait for in-flight requests on the standby copy lasts
+_IDLE_WAIT_S = 1.0  # one wait for in-flight requests on the standby copy
+_REMEMBERED_REFUSALS = 1024  # refused payloads recognised when heartbeats repeat them
+_PERMANENT = (ProtocolError, IntegrityError)  # refused for good; storage/transfer errors are retried
 
 
 class ModelSubscriber:
@@ -40,9 +46,13 @@ class ModelSubscriber:
         model: the serving model; a second copy is made for double buffering.
         model_name: the producer's model name (the notice topic).
         endpoint: the producer's notice endpoint (connected to here).
-        pfs_root: the file-system tier as this host sees it; when None, the path in the
-            notice is used.
-        hmac_key: the producer's shared key; notices and manifests without a valid MAC are refused.
+        pfs_root: the file-system tier as this host sees it; when None, a notice's file
+            location is followed only if it is a local absolute path.
+        hmac_key: the producer's shared key; notices, manifests and fetches are authenticated.
+        routes: allowed transfer routes ("dram-shm", "dram-zmq", "pfs"); None allows all.
+        host_id: this host's name, compared with the notice's to use shared memory (default:
+            the host name; it must match the producer's `host_id`).
+        fetch_timeout: seconds without progress before a remote fetch is abandoned.
         load_latest: on start, load the newest version found under `pfs_root` (late joiner).
         poll_interval: how long the listener waits per poll (bounds shutdown latency).
         on_update / on_refusal: called on the subscriber thread after each applied or refused update.
@@ -57,6 +67,9 @@ class ModelSubscriber:
         pfs_root: str | None = None,
         hmac_key: str | bytes | None = None,
         *,
+        routes: Sequence[str] | None = None,
+        host_id: str | None = None,
+        fetch_timeout: float = 10.0,
         load_latest: bool = True,
         poll_interval: float = 0.05,
         on_update: Callable[[UpdateRecord], None] | None = None,
@@ -65,21 +78,22 @@ class ModelSubscriber:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not poll_interval > 0:
-            raise ConfigurationError(f"poll_interval={poll_interval}: use a positive number of seconds")
+        if not poll_interval > 0 or not fetch_timeout > 0:
+            raise ConfigurationError("poll_interval and fetch_timeout must be positive numbers of seconds")
         self.model_name = check_model_name(model_name)
         self.endpoint = check_endpoint(endpoint)
         self._key = normalize_key(hmac_key)
         self._pfs = FileSystemTier(pfs_root) if pfs_root is not None else None
+        self._planner = TransferPlanner(host_id or socket.gethostname(), routes)
+        self._fetch_timeout = fetch_timeout
         self._load_latest = load_latest
         self._poll_interval = poll_interval
-        self._on_update = on_update
-        self._on_refusal = on_refusal
+        self._on_update, self._on_refusal = on_update, on_refusal
         self._expected = Layout.for_state_dict(model.state_dict())
         self._slots = ModelSlots(model)
         self._recorder = StatsRecorder(history)
         self._staging: torch.Tensor | None = None
-        self._seen_bad: set[str] = set()
+        self._refused: OrderedDict[str, None] = OrderedDict()
         self._version_changed = threading.Condition()
         self._stop = threading.Event()
         self._listening = threading.Event()
@@ -96,12 +110,15 @@ class ModelSubscriber:
                                             daemon=True)
             self._thread.start()
             self._listening.wait()
-            self._raise_if_failed()
+            if self._error is not None:
+                self.close()
         return self
 
     def close(self) -> None:
         """Stop listening; raises the subscriber thread's error if it died of one."""
         self._stop.set()
+        with self._version_changed:
+            self._version_changed.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -138,12 +155,13 @@ class ModelSubscriber:
         return self._slots.lease()
 
     def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
-        """Wait until `version` or a newer one is serving; False on timeout."""
+        """Wait until `version` or a newer one is serving; False on timeout or after close."""
         with self._version_changed:
             reached = self._version_changed.wait_for(
-                lambda: (self.version or 0) >= version or self._error is not None, timeout)
+                lambda: (self.version or 0) >= version or self._error is not None or self._stop.is_set(),
+                timeout)
         self._raise_if_failed()
-        return reached
+        return reached and (self.version or 0) >= version
 
     # -- the subscriber thread -------------------------------------------------------------
     def _run(self) -> None:
@@ -153,11 +171,9 @@ class ModelSubscriber:
                 if self._load_latest and self._pfs is not None:
                     self._load_latest_version()
                 while not self._stop.is_set():
-                    payloads = listener.receive(self._poll_interval)
-                    received_at = time.time()
-                    newest = self._newest_acceptable(payloads)
+                    newest = self._newest_acceptable(listener.receive(self._poll_interval))
                     if newest is not None:
-                        self._update(newest, received_at, "notice")
+                        self._update(*newest, "notice")
         except BaseException as exc:  # a bug, not bad input: kept and raised by close()
             self._error = exc
             log.exception("subscriber of %r stopped", self.model_name)
@@ -175,121 +191,132 @@ class ModelSubscriber:
         except ViperError as exc:
             self._refuse(None, f"cannot load LATEST from {self._pfs.root}: {exc}")
             return
-        location = Location("pfs", socket.gethostname(), self._pfs.address(self.model_name, latest))
+        location = Location("pfs", self._planner.host, self._pfs.address(self.model_name, latest))
         self._update(notice.with_locations((location,)), time.time(), "LATEST on start")
 
-    def _newest_acceptable(self, payloads: list[bytes]) -> Notice | None:
-        """Parse a burst of notices, refuse the bad ones, and keep only the newest (coalescing)."""
-        newest: Notice | None = None
+    def _newest_acceptable(self, payloads: Iterator[bytes]) -> tuple[Notice, float] | None:
+        """Parse a burst of notices as they arrive, refuse the bad ones, keep only the newest."""
+        newest: tuple[Notice, float] | None = None
         for payload in payloads:
+            received_at = time.time()
             notice = self._parse(payload)
-            if notice is not None and (newest is None or notice.version > newest.version):
-                newest = notice
+            if notice is not None and (newest is None or notice.version > newest[0].version):
+                newest = (notice, received_at)
         return newest
 
     def _parse(self, payload: bytes) -> Notice | None:
         fingerprint = hashlib.blake2b(payload, digest_size=16).hexdigest()
-        if fingerprint in self._seen_bad:
+        if fingerprint in self._refused:
             return None  # a heartbeat repeating something already refused
         try:
             notice = Notice.decode(payload, self._key)
-            if notice.model != self.model_name:
-                raise ViperError(f"notice is for model {notice.model!r}, not {self.model_name!r}")
-        except ViperError as exc:
-            self._seen_bad.add(fingerprint)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is bad input, never fatal
+            self._remember_refused(fingerprint)
             self._refuse(None, f"refused a notice: {exc}")
             return None
         current = self.version or 0
         if notice.version < current:
-            self._seen_bad.add(fingerprint)
+            self._remember_refused(fingerprint)
             self._refuse(notice.version, f"refused version {notice.version}: older than the "
                                          f"version {current} now serving")
             return None
         return notice if notice.version > current else None
 
-    def _update(self, notice: Notice, received_at: float, reason: str) -> None:
-        fingerprint = f"{notice.version}:{notice.digest}"
-        if fingerprint in self._seen_bad:
+    def _update(self, notice: Notice, received_at: float, trigger: str) -> None:
+        fingerprint = f"{notice.version}:{notice.digest}:{notice.layout.nbytes}"
+        if fingerprint in self._refused:
             return
         try:
-            record = self._apply(notice, received_at, reason)
-        except ViperError as exc:
-            self._seen_bad.add(fingerprint)
+            record = self._apply(notice, received_at, trigger)
+        except Exception as exc:  # noqa: BLE001 - a bad update must never stop the subscriber
+            if not isinstance(exc, ViperError) or isinstance(exc, _PERMANENT):
+                self._remember_refused(fingerprint)  # a retry on the next heartbeat could not help
+            if not isinstance(exc, ViperError):
+                log.exception("unexpected error while applying %s v%d", self.model_name, notice.version)
             self._refuse(notice.version, f"refused version {notice.version}: {exc}")
             return
         self._recorder.applied(record)
-        log.info("serving %s v%d from %s (%.1f ms after publish)", self.model_name, record.version,
-                 record.tier, record.latency_s * 1e3)
+        log.info("serving %s v%d via %s (%.1f ms after publish)", self.model_name, record.version,
+                 record.route, record.latency_s * 1e3)
         with self._version_changed:
             self._version_changed.notify_all()
-        if self._on_update is not None:
-            self._on_update(record)
+        self._call(self._on_update, record)
 
-    def _apply(self, notice: Notice, received_at: float, reason: str) -> UpdateRecord:
-        started = time.perf_counter()
+    def _apply(self, notice: Notice, received_at: float, trigger: str) -> UpdateRecord:
         check_compatible(self._expected, notice.layout)
-        self._staging = ensure_capacity(self._staging, notice.nbytes)
-        tier, digest_s = self._fetch(notice, self._staging)
-        fetched = time.perf_counter()
-        _load_into(self._wait_for_idle_standby(), notice.layout.views(self._staging))
+        routes = self._planner.routes(notice)
+        if not routes:
+            raise TransferError(f"none of its locations is reachable over the allowed routes "
+                                f"{list(self._planner.allowed)}: {[loc.to_json() for loc in notice.locations]}")
+        standby = self._wait_for_idle_standby()
+        route, why, transfer_s, verify_s = self._load(notice, routes, standby)
+        swap_started = time.perf_counter()
         self._slots.swap(notice.version)
-        swapped = time.perf_counter()
         return UpdateRecord(
-            version=notice.version, step=notice.step, tier=tier, nbytes=notice.nbytes,
-            discovery_s=max(0.0, received_at - notice.created_at),
-            transfer_s=fetched - started - digest_s, verify_s=digest_s, swap_s=swapped - fetched,
-            latency_s=max(0.0, time.time() - notice.created_at), reason=reason)
+            version=notice.version, step=notice.step, route=route.kind, nbytes=notice.nbytes,
+            discovery_s=max(0.0, received_at - notice.created_at), transfer_s=transfer_s,
+            verify_s=verify_s, swap_s=time.perf_counter() - swap_started,
+            latency_s=max(0.0, time.time() - notice.created_at), trigger=trigger, why=why)
 
-    def _fetch(self, notice: Notice, buffer: torch.Tensor) -> tuple[str, float]:
-        """Try each location the notice lists, fastest tier first; the first success wins.
-
-        Returns the tier that delivered and the seconds its digest check took."""
+    def _load(self, notice: Notice, routes: list[Route], standby: torch.nn.Module
+              ) -> tuple[Route, str, float, float]:
+        """Try the routes cheapest first; the first that delivers wins."""
         failures: list[ViperError] = []
-        for location in sorted(notice.locations, key=lambda loc: TIERS.index(loc.tier)):
+        for route in routes:
             try:
-                return location.tier, self._fetch_from(location, notice, buffer)
+                transfer_s, verify_s = self._loader(route.kind)(notice, route.location, standby)
             except ViperError as exc:
                 failures.append(exc)
-                log.warning("fetching %s v%d from %s failed: %s", notice.model, notice.version,
-                            location.tier, exc)
+                log.warning("%s v%d via %s failed, trying the next route: %s", notice.model,
+                            notice.version, route.kind, exc)
+                continue
+            self._planner.observe(route.kind, notice.nbytes, transfer_s + verify_s)
+            return route, explain(route, routes, [str(f) for f in failures]), transfer_s, verify_s
         if len(failures) == 1:
             raise failures[0]  # keep its kind: integrity and storage errors say more than "transfer"
-        reasons = "; ".join(str(exc) for exc in failures) or "the notice lists no location"
-        raise TransferError(f"no tier could deliver it: {reasons}")
+        raise TransferError("every route failed: " + "; ".join(str(f) for f in failures))
 
-    def _fetch_from(self, location: Location, notice: Notice, buffer: torch.Tensor) -> float:
-        if location.tier != "pfs":
-            raise TransferError(f"the {location.tier} tier is not available to this consumer")
-        if self._pfs is not None:
-            return self._pfs.read_into(notice, buffer)
-        announced = FileSystemTier(location.address)
-        return announced.read_into(notice, buffer, directory=announced.root)
+    def _loader(self, kind: str):
+        if kind == "dram-shm":
+            return load_from_segment
+        staging = self._staging_for()
+        if kind == "dram-zmq":
+            return functools.partial(load_from_peer, self._context, self._key, self._fetch_timeout, staging)
+        return functools.partial(load_from_files, self._pfs, staging)
+
+    def _staging_for(self) -> torch.Tensor:
+        self._staging = ensure_capacity(self._staging, self._expected.nbytes)
+        return self._staging
 
     def _wait_for_idle_standby(self) -> torch.nn.Module:
         while not self._stop.is_set():
             standby = self._slots.idle_standby(_IDLE_WAIT_S)
             if standby is not None:
                 return standby
-            log.warning("a request has held the previous version for over %.0f s; update waits", _IDLE_WAIT_S)
+            log.warning("a request has held the previous version for over %.0f s; the update waits",
+                        _IDLE_WAIT_S)
         raise TransferError("subscriber closed while waiting for in-flight requests")
+
+    def _remember_refused(self, fingerprint: str) -> None:
+        self._refused[fingerprint] = None
+        while len(self._refused) > _REMEMBERED_REFUSALS:
+            self._refused.popitem(last=False)
 
     def _refuse(self, version: int | None, reason: str) -> None:
         log.error("%s: %s (still serving version %s)", self.model_name, reason, self.version)
         refusal = Refusal(version, reason)
         self._recorder.refused(refusal)
-        if self._on_refusal is not None:
-            self._on_refusal(refusal)
+        self._call(self._on_refusal, refusal)
+
+    def _call(self, hook: Callable | None, argument: object) -> None:
+        """User hooks must not be able to stop the subscriber."""
+        if hook is None:
+            return
+        try:
+            hook(argument)
+        except Exception:
+            log.exception("%s hook %r raised; ignored", self.model_name, hook)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
-
-
-def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    loaded: set[int] = set()
-    with torch.no_grad():
-        for name, target in model.state_dict(keep_vars=True).items():
-            if id(target) not in loaded:  # tied weights appear under several names
-                copy_tensor(target, tensors[name])
-                loaded.add(id(target))
-

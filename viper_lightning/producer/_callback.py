@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from .._errors import ConfigurationError, ViperError
 from ..schedules import EveryNSteps, PublishSchedule
 from ..transport._protocol import check_endpoint, check_model_name, normalize_key
-from ._publisher import DEFAULT_ENDPOINT, ModelPublisher
+from ._publisher import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, ModelPublisher
+from ._publisher import check_settings as check_publisher_settings
 
 __all__ = ["ViperCallback"]
 
@@ -29,8 +30,11 @@ class ViperCallback(Callback):
     Args:
         model_name: name consumers subscribe to (also the directory under `pfs_root`).
         endpoint: ZeroMQ endpoint the notices are published on (loopback by default).
-        pfs_root: file-system tier: a directory or fsspec URL for durable versions.
+        pfs_root: file-system tier: a directory or fsspec URL for durable versions (None:
+            memory only, nothing survives the run).
         schedule: when to publish; defaults to `EveryNSteps(100)`.
+        dram_versions: versions kept in shared memory for consumers (0 turns the tier off).
+        fetch_endpoint: where remote consumers fetch versions from memory (None: nowhere).
         hmac_key: shared key signing notices and manifests (16+ bytes).
         hmac_key_file: file holding the key instead, to keep it out of configs and logs.
         keep_versions: versions kept on the file system; None keeps all.
@@ -44,6 +48,8 @@ class ViperCallback(Callback):
         endpoint: str = DEFAULT_ENDPOINT,
         pfs_root: str | None = None,
         schedule: PublishSchedule | None = None,
+        dram_versions: int = 1,
+        fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT,
         hmac_key: str | None = None,
         hmac_key_file: str | None = None,
         keep_versions: int | None = None,
@@ -51,11 +57,10 @@ class ViperCallback(Callback):
         publish_on_train_end: bool = True,
     ) -> None:
         self.model_name = check_model_name(model_name)
-        if pfs_root is None:
-            raise ConfigurationError(
-                "ViperCallback needs pfs_root (a directory or fsspec URL) so published versions "
-                "have a tier to live in, e.g. pfs_root: /scratch/viper")
+        check_publisher_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, 0)
         self.endpoint = check_endpoint(endpoint)
+        self.fetch_endpoint = check_endpoint(fetch_endpoint) if fetch_endpoint is not None else None
+        self.dram_versions = dram_versions
         self.pfs_root = pfs_root
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):
@@ -80,11 +85,13 @@ class ViperCallback(Callback):
         return self._publisher
 
     # -- Lightning hooks ---------------------------------------------------------------------
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After checkpoint restore (setup runs before it), so resumed versions are known here.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every strategy has restored the checkpoint by now (some only after on_fit_start),
+        # so a resumed run continues its version numbers.
         if trainer.is_global_zero and self._publisher is None:
             self._publisher = ModelPublisher(
                 self.model_name, self.endpoint, self.pfs_root, self._key,
+                dram_versions=self.dram_versions, fetch_endpoint=self.fetch_endpoint,
                 keep_versions=self.keep_versions, heartbeat_interval=self.heartbeat_interval,
                 resume_after=self.last_version)
 

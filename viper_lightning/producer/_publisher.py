@@ -1,10 +1,10 @@
-"""ModelPublisher: snapshot, store in the tiers, then announce. Framework-agnostic."""
+"""ModelPublisher: snapshot into the tiered store, announce, flush in the background.
+Framework-agnostic; ViperCallback is a thin Lightning layer over it."""
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -16,62 +16,67 @@ from types import TracebackType
 import torch
 import zmq
 
-from .._digest import digest_buffer
 from .._errors import ConfigurationError, ViperError
+from .._layout import Layout
 from ..storage._pfs import FileSystemTier
+from ..transport._fetch import FetchServer, Readable
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
-from ..transport._pubsub import NoticeBroadcaster
-from ._snapshot import Snapshot, SnapshotPool
+from ._announcer import Announcer
+from ._flusher import Flusher
+from ._store import Held, TieredStore
 
-__all__ = ["ModelPublisher", "CommitRecord", "DEFAULT_ENDPOINT"]
+__all__ = ["ModelPublisher", "CommitRecord", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT"]
 
 log = logging.getLogger("viper_lightning.publisher")
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-_POLL_S = 0.02  # how often the writer looks for new subscribers while idle
-_STOP = object()
-
-
-@dataclass
-class _Job:
-    version: int
-    step: int | None
-    epoch: int | None
-    created_at: float
-    snapshot: Snapshot
-    stall_s: float
+DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
+_HISTORY = 64  # versions whose metadata is kept for re-announcing
 
 
 @dataclass(frozen=True)
 class CommitRecord:
     """Where one publish spent its time, in seconds: the training thread waited only `stall_s`;
-    the writer thread spent the rest."""
+    the flusher spent `digest_s` and `store_s` on the file-system tier (0 without one)."""
 
     version: int
     stall_s: float
     digest_s: float
     store_s: float
-    notify_s: float
+
+
+@dataclass
+class _Info:
+    layout: Layout
+    step: int | None
+    epoch: int | None
+    created_at: float
+    stall_s: float
+    held: Held
+    pfs_address: str | None = None
 
 
 class ModelPublisher:
-    """Publishes versions of one model: the caller waits only for a copy into a reused buffer;
-    a background writer digests it, commits it to the storage tiers and only then sends the
-    notice. A failure of the writer is kept and raised by the next `publish`, `flush` or `close`.
+    """Publishes versions of one model to consumers.
+
+    The caller waits only for one copy of the weights into a reused slot (a shared-memory
+    segment when the DRAM tier is on). The version is announced as soon as it is in memory;
+    a background flusher writes it to the file-system tier and announces it again with that
+    location. Failures of background threads are kept and raised by the next `publish`,
+    `flush` or `close`.
 
     Args:
         model_name: the model's name: the ZeroMQ topic and the directory under `pfs_root`.
         endpoint: where notices are published (bound here). Loopback by default; use
             `tcp://127.0.0.1:*` for a free port and read `endpoint` afterwards.
-        pfs_root: the file-system tier (a path or any fsspec URL). Required until the memory
-            tiers exist, since a notice must point at a tier that holds the bytes.
-        hmac_key: shared key (16+ bytes) signing every notice and manifest.
+        pfs_root: the file-system tier (a path or any fsspec URL), or None for memory only.
+        hmac_key: shared key (16+ bytes) signing notices, manifests and fetch requests.
+        dram_versions: versions kept in shared memory (0 turns the DRAM tier off).
+        fetch_endpoint: where remote consumers fetch from memory (None: no remote fetch).
         keep_versions: versions kept on the file system (None keeps all).
-        heartbeat_interval: seconds between repeats of the latest notice, so consumers that
-            lost a notice (ZeroMQ drops silently) still converge.
+        heartbeat_interval: seconds between repeats of the latest notice.
         resume_after: versions start above this (and above any version already stored).
         host_id: this host's name in notices (default: the host name).
-        buffers: snapshot buffers; with 2 the trainer fills one while the writer drains the other.
     """
 
     def __init__(
@@ -81,85 +86,99 @@ class ModelPublisher:
         pfs_root: str | None = None,
         hmac_key: str | bytes | None = None,
         *,
+        dram_versions: int = 1,
+        fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT,
         keep_versions: int | None = None,
         heartbeat_interval: float = 1.0,
         resume_after: int = 0,
         host_id: str | None = None,
-        buffers: int = 2,
     ) -> None:
         self.model_name = check_model_name(model_name)
-        _check_settings(pfs_root, keep_versions, heartbeat_interval, resume_after, buffers)
+        check_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, resume_after)
+        check_endpoint(endpoint)
+        if fetch_endpoint is not None:
+            check_endpoint(fetch_endpoint)
         self._key = normalize_key(hmac_key)
-        self._keep = keep_versions
-        self._heartbeat = heartbeat_interval
         self._host = host_id or socket.gethostname()
         self.producer_id = f"{self._host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pfs = FileSystemTier(pfs_root) if pfs_root is not None else None
-        stored = self._pfs.highest(self.model_name) if self._pfs else 0
-        self._next_version = max(resume_after, stored) + 1
-        self._pool = SnapshotPool(buffers)
-        self._jobs: queue.Queue[object] = queue.Queue()
+        self._next_version = max(resume_after, self._pfs.highest(self.model_name) if self._pfs else 0) + 1
+        self._store = TieredStore(self.model_name, self._host, dram_versions=dram_versions)
+        self._infos: dict[int, _Info] = {}
         self._state = threading.Condition()
         self._pending = 0
-        self._subscriptions = 0
-        self._error: BaseException | None = None
         self._committed: int | None = None
         self._closed = False
         self.last_stall_s: float | None = None
         self.last_commit: CommitRecord | None = None
         self._context = zmq.Context()
-        self._ready = threading.Event()
-        self.endpoint = check_endpoint(endpoint)
-        self._writer = threading.Thread(target=self._run, name=f"viper-publisher-{model_name}", daemon=True)
-        self._writer.start()
-        self._ready.wait()
-        if self._error is not None:
-            self._shutdown_context()
-            raise self._error
+        self._fetch: FetchServer | None = None
+        try:
+            self._fetch = self._start_fetch_server(fetch_endpoint) if dram_versions else None
+            self._announcer = Announcer(self._context, endpoint, self.model_name, heartbeat_interval,
+                                        self._encoded_notice, self._announced)
+        except BaseException:
+            if self._fetch is not None:
+                self._fetch.close()
+            self._store.close()
+            self._context.term()
+            raise
+        self.fetch_endpoint = self._fetch.endpoint if self._fetch else None
+        self.endpoint = self._announcer.endpoint
+        self._flusher = (Flusher(self._pfs, self.model_name, self._key, keep_versions, self._manifest,
+                                 self._flushed) if self._pfs else None)
 
     # -- public API ------------------------------------------------------------------------
     @property
     def version(self) -> int | None:
-        """The newest version committed and announced, or None."""
+        """The newest version whose tiers are settled and announced, or None."""
         return self._committed
 
     def publish(self, module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
                 step: int | None = None, epoch: int | None = None) -> int:
-        """Snapshot the weights and queue them for the tiers; returns the new version number."""
+        """Snapshot the weights and hand them to the tiers; returns the new version number."""
         self._raise_if_failed()
         if self._closed:
-            raise ViperError(f"publisher of {self.model_name!r} is closed")
+            raise ViperError(f"publisher of {self.model_name!r} is closed; create a new ModelPublisher")
         state_dict = _state_dict_of(module_or_state_dict)
         created_at = time.time()  # latencies are measured from the publish call
         started = time.perf_counter()
-        snapshot = self._pool.capture(state_dict)
-        self.last_stall_s = time.perf_counter() - started
+        layout, slot = self._store.capture(state_dict)
         with self._state:
             version = self._next_version
             self._next_version += 1
             self._pending += 1
-        self._jobs.put(_Job(version, step, epoch, created_at, snapshot, self.last_stall_s))
+        held = self._store.commit(version, layout, slot, pin=self._flusher is not None)
+        self.last_stall_s = time.perf_counter() - started
+        self._remember(version, _Info(layout, step, epoch, created_at, self.last_stall_s, held))
+        if self._store.uses_dram:
+            self._announcer.announce(version, final=self._flusher is None)
+        if self._flusher is not None:
+            self._flusher.submit(held)
         return version
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued version is committed and announced; False on timeout."""
+        """Wait until every published version is on all its tiers and announced; False on timeout."""
         with self._state:
-            done = self._state.wait_for(lambda: self._pending == 0 or self._error, timeout)
+            done = self._state.wait_for(lambda: self._pending == 0 or self._failure(), timeout)
         self._raise_if_failed()
         return done
 
     def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> bool:
         """Wait until `count` subscriptions have arrived (useful before a first publish)."""
-        with self._state:
-            return self._state.wait_for(lambda: self._subscriptions >= count, timeout)
+        return self._announcer.wait_for_subscribers(count, timeout)
 
     def close(self) -> None:
-        """Commit what is queued, stop the writer, and raise its first error if it had one."""
+        """Flush what is queued, stop every thread, remove the segments, raise a kept error."""
         if not self._closed:
             self._closed = True
-            self._jobs.put(_STOP)
-            self._writer.join()
-            self._shutdown_context()
+            if self._flusher is not None:
+                self._flusher.close()
+            self._announcer.close()
+            if self._fetch is not None:
+                self._fetch.close()
+            self._store.close()
+            self._context.term()
         self._raise_if_failed()
 
     def __enter__(self) -> ModelPublisher:
@@ -175,98 +194,87 @@ class ModelPublisher:
         except ViperError:
             log.exception("publisher failed while the caller was already failing")
 
-    # -- the writer thread -----------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            with NoticeBroadcaster(self._context, self.endpoint) as broadcaster:
-                self.endpoint = broadcaster.endpoint
-                self._ready.set()
-                self._serve(broadcaster)
-        except BaseException as exc:  # kept and re-raised on the caller's thread
-            self._fail(exc)
-        finally:
-            self._ready.set()
-
-    def _serve(self, broadcaster: NoticeBroadcaster) -> None:
-        latest: bytes | None = None
-        last_sent = time.monotonic()
-        while True:
-            try:
-                job = self._jobs.get(timeout=_POLL_S)
-            except queue.Empty:
-                job = None
-            if job is _STOP:
-                return
-            if isinstance(job, _Job):
-                latest = self._commit(job, broadcaster) or latest
-                last_sent = time.monotonic()
-            joined = broadcaster.new_subscriptions()
-            if joined:
-                with self._state:
-                    self._subscriptions += joined
-                    self._state.notify_all()
-            due = time.monotonic() - last_sent >= self._heartbeat
-            if latest is not None and (joined or due):
-                broadcaster.send(self.model_name, latest)
-                last_sent = time.monotonic()
-
-    def _commit(self, job: _Job, broadcaster: NoticeBroadcaster) -> bytes | None:
-        """Digest, store, announce. Returns the notice sent, or None when the job failed."""
-        try:
-            if self._error is not None:
-                return None
-            started = time.perf_counter()
-            notice = self._describe(job)
-            digested = time.perf_counter()
-            notice = notice.with_locations(self._store(notice, job.snapshot))
-            stored = time.perf_counter()
-            payload = notice.encode(self._key)
-            broadcaster.send(self.model_name, payload)
-            self._committed = job.version
-            self.last_commit = CommitRecord(job.version, job.stall_s, digested - started,
-                                            stored - digested, time.perf_counter() - stored)
-            return payload
-        except BaseException as exc:
-            self._fail(exc)
+    # -- notices ---------------------------------------------------------------------------
+    def _notice(self, version: int, digest: str | None, *, with_memory: bool = True) -> Notice | None:
+        info = self._infos.get(version)
+        if info is None:
             return None
-        finally:
-            self._pool.release(job.snapshot)
-            with self._state:
-                self._pending -= 1
-                self._state.notify_all()
+        locations = self._store.memory_locations(version, self.fetch_endpoint) if with_memory else ()
+        if info.pfs_address is not None:
+            locations += (Location("pfs", self._host, info.pfs_address),)
+        return Notice(model=self.model_name, version=version, nbytes=info.layout.nbytes, digest=digest,
+                      layout=info.layout, producer=self.producer_id, step=info.step, epoch=info.epoch,
+                      created_at=info.created_at, locations=locations)
 
-    def _describe(self, job: _Job) -> Notice:
-        snapshot = job.snapshot
-        return Notice(model=self.model_name, version=job.version, nbytes=snapshot.layout.nbytes,
-                      digest=digest_buffer(snapshot.data), layout=snapshot.layout,
-                      producer=self.producer_id, step=job.step, epoch=job.epoch,
-                      created_at=job.created_at)
+    def _encoded_notice(self, version: int) -> bytes | None:
+        """The notice as of now (its tiers change as versions flush and evict); None if none holds it."""
+        info = self._infos.get(version)
+        digest = info.held.known_digest if info else None  # never delay a notice for a digest
+        notice = self._notice(version, digest)
+        return notice.encode(self._key) if notice is not None and notice.locations else None
 
-    def _store(self, notice: Notice, snapshot: Snapshot) -> tuple[Location, ...]:
-        """Commit the bytes to each tier; returns the locations that now hold them."""
-        locations: list[Location] = []
-        if self._pfs is not None:
-            manifest = notice.encode(self._key, with_locations=False)
-            address = self._pfs.write(notice, snapshot.data, manifest)
-            locations.append(Location("pfs", self._host, address))
-            if self._keep is not None:
-                self._pfs.prune(self.model_name, self._keep)
-        return tuple(locations)
+    def _manifest(self, held: Held) -> Notice:
+        return self._notice(held.version, held.digest(), with_memory=False)
 
-    # -- errors ----------------------------------------------------------------------------
-    def _fail(self, exc: BaseException) -> None:
+    def _flushed(self, held: Held, address: str | None, digest_s: float, store_s: float) -> None:
+        info = self._infos.get(held.version)
+        if info is not None and address is not None:
+            info.pfs_address = address
+            self.last_commit = CommitRecord(held.version, info.stall_s, digest_s, store_s)
+        self._store.unpin(held, flushed=address is not None)
+        self._announcer.announce(held.version, final=True)
+
+    def _announced(self, version: int, final: bool) -> None:
+        if not final:
+            return
         with self._state:
-            if self._error is None:
-                self._error = exc
-                log.error("publisher of %r failed: %s", self.model_name, exc)
+            self._pending -= 1
+            self._committed = max(self._committed or 0, version)
+            if self.last_commit is None or self.last_commit.version != version:
+                info = self._infos.get(version)
+                if info is not None and self._flusher is None:
+                    self.last_commit = CommitRecord(version, info.stall_s, 0.0, 0.0)
             self._state.notify_all()
 
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
+    def _remember(self, version: int, info: _Info) -> None:
+        self._infos[version] = info
+        for old in [v for v in self._infos if v <= version - _HISTORY]:
+            del self._infos[old]
 
-    def _shutdown_context(self) -> None:
-        self._context.term()
+    # -- remote fetch ----------------------------------------------------------------------
+    def _start_fetch_server(self, endpoint: str | None) -> FetchServer | None:
+        if endpoint is None:
+            return None
+        server = FetchServer(self._context, endpoint, self.model_name, self._key, self._readable,
+                             self._tiers_of, self._latest_notice)
+        server.start()
+        return server
+
+    def _readable(self, version: int) -> Readable | None:
+        held = self._store.pin(version)
+        if held is None:
+            return None
+        return Readable(held.data, held.digest, lambda: self._store.unpin(held))
+
+    def _tiers_of(self, version: int) -> list[str]:
+        info = self._infos.get(version)
+        return ["pfs"] if info is not None and info.pfs_address else []
+
+    def _latest_notice(self) -> bytes | None:
+        latest = self._store.latest()
+        return self._encoded_notice(latest) if latest is not None else None
+
+    # -- errors ----------------------------------------------------------------------------
+    def _failure(self) -> BaseException | None:
+        for part in (self._flusher, self._announcer, self._fetch):
+            if part is not None and part.error is not None:
+                return part.error
+        return None
+
+    def _raise_if_failed(self) -> None:
+        error = self._failure()
+        if error is not None:
+            raise error
 
 
 def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
@@ -278,17 +286,17 @@ def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapp
         f"publish() takes an nn.Module or a state_dict mapping, got {type(source).__name__}")
 
 
-def _check_settings(pfs_root: str | None, keep_versions: int | None, heartbeat_interval: float,
-                    resume_after: int, buffers: int) -> None:
-    if pfs_root is None:
+def check_settings(pfs_root: str | None, dram_versions: int, keep_versions: int | None,
+                    heartbeat_interval: float, resume_after: int) -> None:
+    if pfs_root is None and dram_versions == 0:
         raise ConfigurationError(
-            "pfs_root is None, so no tier would hold the published bytes; pass a directory or "
-            "fsspec URL, e.g. pfs_root='/scratch/viper'")
+            "with dram_versions=0 and pfs_root=None no tier would hold the published bytes; "
+            "keep the DRAM tier (dram_versions>=1) or pass pfs_root='/scratch/viper'")
+    if dram_versions < 0:
+        raise ConfigurationError(f"dram_versions={dram_versions}: use 0 (no DRAM tier) or more")
     if keep_versions is not None and keep_versions < 1:
         raise ConfigurationError(f"keep_versions={keep_versions}: keep at least 1 version, or None for all")
     if not heartbeat_interval > 0:
         raise ConfigurationError(f"heartbeat_interval={heartbeat_interval}: use a positive number of seconds")
     if resume_after < 0:
         raise ConfigurationError(f"resume_after={resume_after}: versions are non-negative")
-    if buffers < 1:
-        raise ConfigurationError(f"buffers={buffers}: at least one snapshot buffer is needed")

@@ -79,7 +79,7 @@ class FileSystemTier:
             return None
         with self._files.open_read(path) as handle:
             text = handle.read(64).decode(errors="replace").strip()
-        if not text.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", text):
             raise StorageError(f"{path} holds {text!r}, not a version number; delete it or rewrite it")
         return int(text)
 
@@ -167,8 +167,10 @@ class FileSystemTier:
             raise IntegrityError(f"{what}: safetensors header claims {length} bytes, over the limit")
         try:
             header = json.loads(handle.read(length))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise IntegrityError(f"{what}: the safetensors header is not valid JSON (truncated or damaged)") from None
+        if not isinstance(header, dict):
+            raise IntegrityError(f"{what}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
         expected = json.loads(safetensors_header(notice.layout, {})[8:])
         expected.pop("__metadata__")

@@ -76,14 +76,16 @@ def verify_mac(payload: dict[str, object], key: bytes | None, what: str) -> None
 
 @dataclass(frozen=True)
 class Location:
-    """One tier holding a version: which tier, on which host, and how to reach it."""
+    """One tier holding a version: which tier, on which host, how to reach it (a path or URI,
+    `shm://SEGMENT`, or a fetch endpoint), and the transfers in flight there when announced."""
 
     tier: str
     host: str
     address: str
+    load: int = 0
 
-    def to_json(self) -> dict[str, str]:
-        return {"tier": self.tier, "host": self.host, "address": self.address}
+    def to_json(self) -> dict[str, object]:
+        return {"tier": self.tier, "host": self.host, "address": self.address, "load": self.load}
 
     @classmethod
     def from_json(cls, entry: object) -> Location:
@@ -94,7 +96,10 @@ class Location:
             raise ProtocolError(f"location tier {tier!r} is unknown (known: {', '.join(TIERS)})")
         if not isinstance(host, str) or not isinstance(address, str) or not address:
             raise ProtocolError(f"{tier} location needs string 'host' and non-empty 'address'")
-        return cls(tier, host, address)
+        load = entry.get("load", 0)
+        if not isinstance(load, int) or isinstance(load, bool) or load < 0:
+            raise ProtocolError(f"{tier} location 'load' must be a non-negative integer, got {load!r}")
+        return cls(tier, host, address, load)
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,7 @@ class Notice:
     model: str
     version: int
     nbytes: int
-    digest: str
+    digest: str | None  # None until computed: a memory-only notice never waits for it
     layout: Layout
     producer: str
     step: int | None = None
@@ -124,6 +129,8 @@ class Notice:
 
     def encode(self, key: bytes | None = None, *, with_locations: bool = True) -> bytes:
         """The canonical JSON bytes, signed when a key is given."""
+        if self.digest is None and (not with_locations or any(loc.tier == "pfs" for loc in self.locations)):
+            raise ProtocolError(f"version {self.version}: a manifest or a file-system location needs the digest")
         payload = self.to_json(with_locations=with_locations)
         if key is not None:
             payload["mac"] = sign(payload, key)
@@ -140,7 +147,7 @@ class Notice:
             model=check_field_model(payload, what),
             version=_positive_int(payload, "version", what),
             nbytes=_count(payload, "nbytes", what),
-            digest=_string(payload, "digest", what),
+            digest=_digest_field(payload, what),
             layout=Layout.from_json(payload.get("layout"), payload.get("nbytes")),
             producer=_string(payload, "producer", what),
             step=_optional_count(payload, "step", what),
@@ -157,12 +164,16 @@ def _load_json_object(data: bytes, what: str) -> dict[str, object]:
     if len(data) > MAX_NOTICE_BYTES:
         raise ProtocolError(f"{what} is {len(data)} bytes, over the {MAX_NOTICE_BYTES}-byte limit")
     try:
-        payload = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+        payload = json.loads(data, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(payload).__name__}")
     return payload
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not allowed (canonical JSON has no NaN or Infinity)")
 
 
 def check_field_model(payload: dict[str, object], what: str) -> str:
@@ -177,6 +188,16 @@ def _string(payload: dict[str, object], key: str, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ProtocolError(f"{what}: '{key}' must be a non-empty string, got {value!r}")
     return value
+
+
+def _digest_field(payload: dict[str, object], what: str) -> str | None:
+    """Optional on memory-only notices; required wherever bytes cross storage (see DESIGN §6)."""
+    locations = payload.get("locations")
+    stored = not isinstance(locations, list) or any(isinstance(e, dict) and e.get("tier") == "pfs"
+                                                    for e in locations)
+    if payload.get("digest") is None and not stored:
+        return None
+    return _string(payload, "digest", what)
 
 
 def _count(payload: dict[str, object], key: str, what: str) -> int:

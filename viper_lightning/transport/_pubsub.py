@@ -3,6 +3,8 @@ not thread-safe), closed with linger=0 so shutdown never blocks on unsent notice
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import zmq
 
 from .._errors import ConfigurationError
@@ -10,8 +12,8 @@ from .._errors import ConfigurationError
 __all__ = ["NoticeBroadcaster", "NoticeListener"]
 
 # Notices are small; a deep queue keeps a burst of publishes from being dropped silently.
-NOTICE_HWM = 10_000
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+NOTICE_HWM = 1_000
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a notice for 100k tensors is ~10 MB; larger is hostile
 
 
 class NoticeBroadcaster:
@@ -69,20 +71,19 @@ class NoticeListener:
             self._socket.close(0)
             raise ConfigurationError(f"cannot connect to notice endpoint {endpoint!r}: {exc.strerror}") from None
 
-    def receive(self, timeout_s: float) -> list[bytes]:
-        """Every payload waiting for this topic, after waiting up to `timeout_s` for the first.
+    def receive(self, timeout_s: float) -> Iterator[bytes]:
+        """Yield every payload waiting for this topic, after waiting up to `timeout_s` for the
+        first; one at a time, so a burst is never held in memory at once.
 
         Topic filtering in ZeroMQ is by prefix ('nt3' also matches 'nt3-large'), so the topic
-        frame is compared exactly here. Messages of the wrong shape are returned as they are,
+        frame is compared exactly here. A message of the wrong shape is yielded as empty bytes,
         for the caller to refuse with a logged reason."""
-        payloads: list[bytes] = []
         timeout_ms = max(0, int(timeout_s * 1000))
-        while self._socket.poll(timeout_ms if not payloads else 0, zmq.POLLIN):
+        while self._socket.poll(timeout_ms, zmq.POLLIN):
+            timeout_ms = 0
             frames = self._socket.recv_multipart()
-            if frames[0] != self._topic:
-                continue
-            payloads.append(frames[1] if len(frames) == 2 else b"")
-        return payloads
+            if frames[0] == self._topic:
+                yield frames[1] if len(frames) == 2 else b""
 
     def close(self) -> None:
         self._socket.close(0)

@@ -1,0 +1,94 @@
+"""The ways a consumer loads a version into its idle standby model, one function per route.
+
+Each returns (transfer seconds, verify seconds) and raises a ViperError naming what failed, so
+the subscriber can fall back to the next route."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import numpy
+import torch
+import zmq
+
+from .._buffers import copy_from_bytes, copy_tensor
+from .._errors import IntegrityError, ProtocolError, TransferError
+from ..storage._pfs import FileSystemTier
+from ..storage._shm import SegmentView
+from ..transport._fetch import FetchClient
+from ..transport._protocol import Location, Notice
+
+__all__ = ["load_from_segment", "load_from_peer", "load_from_files", "load_tensors"]
+
+Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
+
+
+def load_tensors(model: torch.nn.Module, sources: dict[str, torch.Tensor | numpy.ndarray]) -> None:
+    """Copy each source into the model's tensor of that name (tied weights copied once)."""
+    loaded: set[int] = set()
+    with torch.no_grad():
+        for name, target in model.state_dict(keep_vars=True).items():
+            if id(target) in loaded:
+                continue
+            source = sources[name]
+            if isinstance(source, numpy.ndarray):
+                copy_from_bytes(target, source)
+            else:
+                copy_tensor(target, source)
+            loaded.add(id(target))
+
+
+def load_from_segment(notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+    """Same host: map the producer's segment and copy straight into the standby model.
+
+    The segment is the producer's own 0600 memory announced by a (MAC'd) notice, so only the
+    layout is checked (done before any route); the seqlock check catches a reused segment."""
+    started = time.perf_counter()
+    view = SegmentView(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
+    try:
+        data = view.data
+        load_tensors(standby, {spec.name: data[spec.offset:spec.offset + spec.nbytes]
+                               for spec in notice.layout.tensors})
+        view.confirm()
+    finally:
+        view.close()
+    return time.perf_counter() - started, 0.0
+
+
+def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, staging: torch.Tensor,
+                   notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+    """Other host (or forced): stream from the producer's fetch endpoint, digest as it lands."""
+    started = time.perf_counter()
+    client = FetchClient(context, location.address, notice.model, key, timeout)
+    digest, digest_s = client.fetch_into(notice.version, staging, notice.nbytes)
+    if notice.digest is not None and digest != notice.digest:
+        raise IntegrityError(f"the producer served digest {digest} for version {notice.version}, "
+                             f"but its notice announced {notice.digest}")
+    load_tensors(standby, notice.layout.views(staging))
+    return time.perf_counter() - started - digest_s, digest_s
+
+
+def load_from_files(pfs: FileSystemTier | None, staging: torch.Tensor, notice: Notice, location: Location,
+                    standby: torch.nn.Module) -> tuple[float, float]:
+    """The file-system tier, read into staging with the digest checked as it streams."""
+    started = time.perf_counter()
+    if pfs is not None:
+        digest_s = pfs.read_into(notice, staging)
+    else:
+        digest_s = _announced_tier(location).read_into(notice, staging, directory=location.address)
+    load_tensors(standby, notice.layout.views(staging))
+    return time.perf_counter() - started - digest_s, digest_s
+
+
+def _announced_tier(location: Location) -> FileSystemTier:
+    """Without a configured pfs_root, follow the notice, but only to a local absolute path:
+    an unauthenticated notice must not make this process open arbitrary URLs."""
+    if not os.path.isabs(location.address) or "://" in location.address:
+        raise TransferError(f"the notice points at {location.address!r}; set pfs_root to read a "
+                            "non-local file-system tier")
+    try:
+        return FileSystemTier(location.address)
+    except ValueError as exc:
+        raise ProtocolError(f"file-system location {location.address!r} is not usable: {exc}") from None

@@ -1,0 +1,102 @@
+"""The announcer: the one thread that owns the notice socket (ZeroMQ sockets are not
+thread-safe). It sends each version's notice, re-sends the newest to every new subscriber and
+as a heartbeat, and never sends a version older than one already announced (consumers would
+rightly refuse it)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from ..transport._pubsub import NoticeBroadcaster
+
+__all__ = ["Announcer"]
+
+log = logging.getLogger("viper_lightning.publisher")
+
+_POLL_S = 0.02  # how often the idle announcer looks for new subscribers
+_STOP = object()
+
+
+class Announcer:
+    """Sends notices built by `build(version)` (None: nothing to announce for it)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, model: str, heartbeat_s: float,
+                 build: Callable[[int], bytes | None], on_sent: Callable[[int, bool], None]) -> None:
+        self._model, self._heartbeat_s = model, heartbeat_s
+        self._build, self._on_sent = build, on_sent
+        self._inbox: queue.Queue[object] = queue.Queue()
+        self._changed = threading.Condition()
+        self._subscriptions = 0
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self.endpoint = endpoint
+        self._thread = threading.Thread(target=self._run, args=(context,), name=f"viper-announcer-{model}",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def announce(self, version: int, final: bool) -> None:
+        """Queue a notice; `final` marks the last notice a version gets (its tiers are settled)."""
+        self._inbox.put((version, final))
+
+    def wait_for_subscribers(self, count: int, timeout: float | None) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._subscriptions >= count, timeout)
+
+    def close(self) -> None:
+        self._inbox.put(_STOP)
+        self._thread.join()
+
+    def _run(self, context: zmq.Context) -> None:
+        try:
+            with NoticeBroadcaster(context, self.endpoint) as broadcaster:
+                self.endpoint = broadcaster.endpoint
+                self._ready.set()
+                self._serve(broadcaster)
+        except BaseException as exc:  # kept and raised by the publisher on its caller's thread
+            self.error = exc
+            log.error("announcer of %r failed: %s", self._model, exc)
+        finally:
+            self._ready.set()
+
+    def _serve(self, broadcaster: NoticeBroadcaster) -> None:
+        newest = 0
+        last_sent = time.monotonic()
+        while True:
+            try:
+                item = self._inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return
+            if item is not None:
+                version, final = item
+                if version >= newest and self._send(broadcaster, version):
+                    newest, last_sent = version, time.monotonic()
+                self._on_sent(version, final)
+            joined = self._count_subscriptions(broadcaster)
+            if newest and (joined or time.monotonic() - last_sent >= self._heartbeat_s):
+                self._send(broadcaster, newest)
+                last_sent = time.monotonic()
+
+    def _send(self, broadcaster: NoticeBroadcaster, version: int) -> bool:
+        payload = self._build(version)
+        if payload is not None:
+            broadcaster.send(self._model, payload)
+        return payload is not None
+
+    def _count_subscriptions(self, broadcaster: NoticeBroadcaster) -> int:
+        joined = broadcaster.new_subscriptions()
+        if joined:
+            with self._changed:
+                self._subscriptions += joined
+                self._changed.notify_all()
+        return joined

@@ -1,0 +1,63 @@
+"""The burst buffer's drain: writes held versions to the file-system tier in the background,
+in publish order, from the memory they already occupy (no extra copy)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from ..storage._pfs import FileSystemTier
+from ..transport._protocol import Notice
+from ._store import Held
+
+__all__ = ["Flusher"]
+
+log = logging.getLogger("viper_lightning.publisher")
+
+_STOP = object()
+
+
+class Flusher:
+    """`describe(held)` gives the version's manifest notice (digest included);
+    `done(held, address, digest_s, store_s)` is called after each version, address None on failure."""
+
+    def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None,
+                 describe: Callable[[Held], Notice],
+                 done: Callable[[Held, str | None, float, float], None]) -> None:
+        self._pfs, self._model, self._key, self._keep = pfs, model, key, keep_versions
+        self._describe, self._done = describe, done
+        self._inbox: queue.Queue[object] = queue.Queue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"viper-flusher-{model}", daemon=True)
+        self._thread.start()
+
+    def submit(self, held: Held) -> None:
+        self._inbox.put(held)
+
+    def close(self) -> None:
+        self._inbox.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (held := self._inbox.get()) is not _STOP:
+            address, digest_s, store_s = None, 0.0, 0.0
+            try:
+                if self.error is None:  # after a failure, later versions are released, not written
+                    address, digest_s, store_s = self._flush(held)
+            except BaseException as exc:
+                self.error = self.error or exc
+                log.error("flushing %s v%d to %s failed: %s", self._model, held.version, self._pfs.root, exc)
+            finally:
+                self._done(held, address, digest_s, store_s)
+
+    def _flush(self, held: Held) -> tuple[str, float, float]:
+        started = time.perf_counter()
+        notice = self._describe(held)  # computes the digest if nobody has yet
+        digested = time.perf_counter()
+        address = self._pfs.write(notice, held.data, notice.encode(self._key, with_locations=False))
+        if self._keep is not None:
+            self._pfs.prune(self._model, self._keep)
+        return address, digested - started, time.perf_counter() - digested

@@ -1,0 +1,213 @@
+"""TieredStore: the producer's cache-aware model handler.
+
+Each version lives in a slot: a /dev/shm segment when the DRAM tier is on (so consumers on
+this host can map it), else a plain reusable buffer. The newest `dram_versions` stay held in
+DRAM; older ones are evicted once nothing pins them (a flush or a remote transfer in
+progress). The file-system tier is written from the slot by a background flusher, so a
+publish never waits for the disk, only for a free slot when every slot is pinned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .._buffers import allocate_buffer
+from .._digest import digest_buffer
+from .._errors import TransferError
+from .._layout import Layout
+from ..storage._shm import Segment, reclaim_stale_segments, segment_prefix
+from ..transport._protocol import Location
+from ._snapshot import fill_buffer
+
+__all__ = ["TieredStore", "Held"]
+
+SLACK_SLOTS = 2  # one being written, one still being flushed while newer versions are held
+
+
+@dataclass(eq=False)
+class _Slot:
+    buffer: torch.Tensor
+    segment: Segment | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.segment.capacity if self.segment else self.buffer.numel()
+
+
+@dataclass(eq=False)
+class Held:
+    """A version in memory: its slot, layout, and who still needs the bytes."""
+
+    version: int
+    layout: Layout
+    slot: _Slot
+    pins: int = 0
+    flushed: bool = False
+    evicted: bool = False
+    _digest: str | None = None
+    _digest_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.slot.buffer[: self.layout.nbytes]
+
+    @property
+    def known_digest(self) -> str | None:
+        """The digest if some thread already computed it (never computes it)."""
+        return self._digest
+
+    def digest(self) -> str:
+        """Computed once, by whichever thread needs it first (flusher or fetch server)."""
+        with self._digest_lock:
+            if self._digest is None:
+                self._digest = digest_buffer(self.data)
+            return self._digest
+
+
+class TieredStore:
+    """Slots, held versions, pins and eviction; thread-safe."""
+
+    def __init__(self, model: str, host: str, *, dram_versions: int) -> None:
+        self.model = model
+        self.host = host
+        self.dram_versions = dram_versions
+        self._max_slots = dram_versions + SLACK_SLOTS if dram_versions else 2
+        self._free: list[_Slot] = []
+        self._slots = 0
+        self._held: deque[Held] = deque()
+        self._changed = threading.Condition()
+        self._serial = 0
+        if dram_versions:
+            reclaim_stale_segments(model)
+
+    @property
+    def uses_dram(self) -> bool:
+        return self.dram_versions > 0
+
+    # -- the training thread ---------------------------------------------------------------
+    def capture(self, state_dict: Mapping[str, torch.Tensor], timeout: float | None = None) -> tuple[Layout, _Slot]:
+        """Copy a state_dict into a free slot (the only work the training loop waits for)."""
+        layout = Layout.for_state_dict(state_dict)
+        slot = self._acquire(layout.nbytes, timeout)
+        try:
+            if slot.segment is not None:
+                slot.segment.begin_write()
+            fill_buffer(layout, state_dict, slot.buffer)
+        except BaseException:
+            self._release(slot)
+            raise
+        return layout, slot
+
+    def commit(self, version: int, layout: Layout, slot: _Slot, *, pin: bool) -> Held:
+        """The slot now holds `version`: name its segment, then evict beyond the budget."""
+        if slot.segment is not None:
+            slot.segment.publish(version, layout.nbytes, f"{segment_prefix(self.model)}v{version}")
+        held = Held(version, layout, slot, pins=1 if pin else 0)
+        with self._changed:
+            self._held.append(held)
+            self._evict_surplus()
+        return held
+
+    # -- readers: flusher and fetch server -------------------------------------------------
+    def pin(self, version: int) -> Held | None:
+        """Keep a held version's bytes in place while they are read; None if evicted."""
+        with self._changed:
+            for held in self._held:
+                if held.version == version and not held.evicted:
+                    held.pins += 1
+                    return held
+        return None
+
+    def unpin(self, held: Held, *, flushed: bool = False) -> None:
+        with self._changed:
+            held.pins -= 1
+            held.flushed = held.flushed or flushed
+            self._evict_surplus()
+            self._changed.notify_all()
+
+    def latest(self) -> int | None:
+        with self._changed:
+            return self._held[-1].version if self._held else None
+
+    def memory_locations(self, version: int, fetch_endpoint: str | None) -> tuple[Location, ...]:
+        """Where `version` can be read from memory now: the segment and the fetch endpoint."""
+        with self._changed:
+            held = next((h for h in self._held if h.version == version and not h.evicted), None)
+            if held is None or held.slot.segment is None:
+                return ()
+            locations = [Location("dram", self.host, f"shm://{held.slot.segment.name}")]
+        if fetch_endpoint:
+            locations.append(Location("dram", self.host, fetch_endpoint))
+        return tuple(locations)
+
+    def close(self) -> None:
+        """Remove every segment: nothing of ours may outlive the producer in /dev/shm."""
+        with self._changed:
+            slots = [h.slot for h in self._held] + self._free
+            self._held.clear()
+            self._free.clear()
+        for slot in slots:
+            if slot.segment is not None:
+                slot.segment.unlink()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _acquire(self, nbytes: int, timeout: float | None) -> _Slot:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._has_room(nbytes), timeout):
+                raise TransferError(f"no free snapshot slot within {timeout} s: every slot is pinned by a "
+                                    "flush or a transfer; the storage tier is slower than the publish rate")
+            fitting = next((s for s in self._free if s.capacity >= nbytes), None)
+            if fitting is not None:
+                self._free.remove(fitting)
+                return fitting
+            if self._free:  # too small for the model now: drop it and make a bigger one
+                self._drop(self._free.pop(0))
+            self._slots += 1
+        return self._new_slot(nbytes)
+
+    def _has_room(self, nbytes: int) -> bool:
+        self._evict_surplus(need_slot=not self._free and self._slots >= self._max_slots)
+        return bool(self._free) or self._slots < self._max_slots
+
+    def _evict_surplus(self, need_slot: bool = False) -> None:
+        """Free held versions beyond the DRAM budget (or the oldest, when a slot is needed)."""
+        budget = self.dram_versions if self.uses_dram else 0
+        for held in list(self._held):
+            surplus = len(self._held) > budget or need_slot
+            if not surplus or held.pins > 0:
+                continue
+            self._held.remove(held)
+            held.evicted = True
+            self._release_locked(held.slot)
+            need_slot = False
+
+    def _new_slot(self, nbytes: int) -> _Slot:
+        if not self.uses_dram:
+            return _Slot(allocate_buffer(nbytes))
+        with self._changed:
+            self._serial += 1
+            name = f"{segment_prefix(self.model)}free.{os.getpid()}.{self._serial}"
+        segment = Segment(name, nbytes)
+        return _Slot(segment.buffer, segment)
+
+    def _release(self, slot: _Slot) -> None:
+        with self._changed:
+            self._release_locked(slot)
+
+    def _release_locked(self, slot: _Slot) -> None:
+        if slot.segment is not None:
+            self._serial += 1
+            slot.segment.retire(f"{segment_prefix(self.model)}free.{os.getpid()}.{self._serial}")
+        self._free.append(slot)
+        self._changed.notify_all()
+
+    def _drop(self, slot: _Slot) -> None:
+        self._slots -= 1
+        if slot.segment is not None:
+            slot.segment.unlink()

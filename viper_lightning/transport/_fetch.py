@@ -1,0 +1,268 @@
+"""Remote fetch over ZeroMQ: a consumer's DEALER asks the producer's ROUTER for a version.
+
+Requests (JSON, signed when a key is configured):
+  {"op": "open", "model", "version"}  -> {"status": "ok", "nbytes", "digest", "chunk_bytes"}
+  {"op": "read", "model", "version", "offset", "length"} -> header frame + one data frame
+  {"op": "latest", "model"}           -> {"status": "ok", "notice": <the latest notice>}
+An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives.
+The client keeps a small window of chunk reads in flight, receives each data frame straight
+into its buffer (no intermediate copy) and digests it as it lands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from .._digest import Digester
+from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
+from .._layout import canonical_json
+from ._protocol import PROTO, sign, verify_mac
+
+__all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES"]
+
+log = logging.getLogger("viper_lightning.fetch")
+
+CHUNK_BYTES = 8 * 1024 * 1024
+WINDOW = 4  # chunk reads in flight: enough to keep loopback TCP busy, little memory in zmq
+_POLL_MS = 50
+
+
+@dataclass
+class Readable:
+    """What the server needs from the store for one pinned version."""
+
+    data: torch.Tensor
+    digest: Callable[[], str]
+    release: Callable[[], None]
+
+
+class FetchServer:
+    """The producer's ROUTER, served by its own thread so big transfers never delay notices.
+
+    `lookup(version)` pins a version and returns a Readable, or None when it is no longer in
+    memory; `tiers_of(version)` names where an evicted version still lives; `latest_notice()`
+    returns the newest signed notice for late joiners."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None,
+                 lookup: Callable[[int], Readable | None], tiers_of: Callable[[int], list[str]],
+                 latest_notice: Callable[[], bytes | None]) -> None:
+        self._socket = context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close(0)
+            raise ConfigurationError(f"cannot bind fetch endpoint {endpoint!r}: {exc.strerror}; pick a free "
+                                     "port, or 'tcp://127.0.0.1:*' to let the system choose one") from None
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._model, self._key = model, key
+        self._lookup, self._tiers_of, self._latest_notice = lookup, tiers_of, latest_notice
+        self._in_flight: list[tuple[zmq.MessageTracker, Readable]] = []
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"viper-fetch-{model}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._socket.close(0)
+        for _, readable in self._in_flight:
+            readable.release()
+        self._in_flight.clear()
+
+    @property
+    def load(self) -> int:
+        """Transfers in flight, reported to consumers so they can pick a less busy path."""
+        return len(self._in_flight)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._socket.poll(_POLL_MS, zmq.POLLIN):
+                    frames = self._socket.recv_multipart()
+                    self._answer(frames[0], frames[-1])
+                self._release_sent()
+        except BaseException as exc:  # kept for the publisher to raise
+            self.error = exc
+            log.exception("fetch server of %r stopped", self._model)
+
+    def _answer(self, peer: bytes, raw: bytes) -> None:
+        try:
+            request = _parse_request(raw, self._key, self._model)
+            handler = {"open": self._open, "read": self._read, "latest": self._latest}.get(request.get("op"))
+            if handler is None:
+                raise ProtocolError(f"unknown fetch op {request.get('op')!r}")
+            handler(peer, request)
+        except (ProtocolError, ValueError) as exc:
+            self._reply(peer, {"status": "error", "reason": str(exc)})
+        except zmq.ZMQError as exc:
+            log.warning("fetch peer went away before its answer was sent: %s", exc)
+
+    def _open(self, peer: bytes, request: dict) -> None:
+        readable = self._pinned(peer, request)
+        if readable is not None:
+            try:
+                self._reply(peer, {"status": "ok", "nbytes": readable.data.numel(),
+                                   "digest": readable.digest(), "chunk_bytes": CHUNK_BYTES})
+            finally:
+                readable.release()
+
+    def _read(self, peer: bytes, request: dict) -> None:
+        readable = self._pinned(peer, request)
+        if readable is None:
+            return
+        offset, length = _count(request, "offset"), _count(request, "length")
+        if offset + length > readable.data.numel() or length > CHUNK_BYTES:
+            readable.release()
+            raise ProtocolError(f"read of {length} bytes at {offset} is outside the version")
+        chunk = memoryview(readable.data.numpy())[offset:offset + length]
+        header = json.dumps({"status": "ok", "offset": offset}).encode()
+        try:
+            tracker = self._socket.send_multipart([peer, header, chunk], copy=False, track=True)
+        except BaseException:
+            readable.release()
+            raise
+        self._in_flight.append((tracker, readable))  # the bytes stay pinned until zmq is done
+
+    def _latest(self, peer: bytes, request: dict) -> None:
+        notice = self._latest_notice()
+        self._reply(peer, {"status": "ok", "notice": notice.decode() if notice else None})
+
+    def _pinned(self, peer: bytes, request: dict) -> Readable | None:
+        version = _count(request, "version")
+        readable = self._lookup(version)
+        if readable is None:
+            self._reply(peer, {"status": "gone", "version": version, "tiers": self._tiers_of(version)})
+        return readable
+
+    def _reply(self, peer: bytes, answer: dict) -> None:
+        self._socket.send_multipart([peer, json.dumps(answer).encode()])
+
+    def _release_sent(self) -> None:
+        still = []
+        for tracker, readable in self._in_flight:
+            if tracker.done:
+                readable.release()
+            else:
+                still.append((tracker, readable))
+        self._in_flight = still
+
+
+class FetchClient:
+    """One fetch from one producer endpoint (a DEALER created and closed per fetch)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None,
+                 timeout: float) -> None:
+        self._context, self._endpoint, self._model, self._key = context, endpoint, model, key
+        self._timeout_ms = int(timeout * 1000)
+
+    def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
+        """Stream `version` into `buffer`, verifying its digest; returns (digest, digest seconds)."""
+        with self._context.socket(zmq.DEALER) as socket:
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self._endpoint)
+            opened = self._ask(socket, {"op": "open", "version": version})
+            if opened["nbytes"] != nbytes:
+                raise IntegrityError(f"producer serves {opened['nbytes']} bytes for version {version}, "
+                                     f"the notice announced {nbytes}")
+            digest_s = self._stream(socket, version, buffer, nbytes, opened["digest"])
+            return opened["digest"], digest_s
+
+    def latest_notice(self) -> bytes | None:
+        with self._context.socket(zmq.DEALER) as socket:
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self._endpoint)
+            notice = self._ask(socket, {"op": "latest"}).get("notice")
+            return notice.encode() if isinstance(notice, str) else None
+
+    def _stream(self, socket: zmq.Socket, version: int, buffer: torch.Tensor, nbytes: int, digest: str) -> float:
+        target = memoryview(buffer[:nbytes].numpy()).cast("B")
+        offsets = list(range(0, nbytes, CHUNK_BYTES))
+        digester, digest_s, sent = Digester(), 0.0, 0
+        for received, offset in enumerate(offsets):
+            while sent < len(offsets) and sent < received + WINDOW:
+                self._send(socket, {"op": "read", "version": version, "offset": offsets[sent],
+                                    "length": min(CHUNK_BYTES, nbytes - offsets[sent])})
+                sent += 1
+            length = min(CHUNK_BYTES, nbytes - offset)
+            self._receive_chunk(socket, target[offset:offset + length], offset, version)
+            started = time.perf_counter()
+            digester.update(target[offset:offset + length])
+            digest_s += time.perf_counter() - started
+        if digester.hexdigest() != digest:
+            raise IntegrityError(f"version {version} from {self._endpoint}: digest mismatch "
+                                 f"(announced {digest}, received {digester.hexdigest()})")
+        return digest_s
+
+    def _receive_chunk(self, socket: zmq.Socket, target: memoryview, offset: int, version: int) -> None:
+        header = _load_answer(self._recv(socket, f"chunk at byte {offset}"), version)
+        if header.get("offset") != offset or not socket.getsockopt(zmq.RCVMORE):
+            raise ProtocolError(f"producer answered out of order at byte {offset}")
+        got = socket.recv_into(target)
+        if got != len(target):
+            raise TransferError(f"chunk at byte {offset} of version {version} has {got} bytes, expected {len(target)}")
+
+    def _ask(self, socket: zmq.Socket, request: dict) -> dict:
+        self._send(socket, request)
+        return _load_answer(self._recv(socket, request["op"]), request.get("version"))
+
+    def _send(self, socket: zmq.Socket, request: dict) -> None:
+        payload = {"proto": PROTO, "model": self._model, **request}
+        if self._key is not None:
+            payload["mac"] = sign(payload, self._key)
+        socket.send(canonical_json(payload))
+
+    def _recv(self, socket: zmq.Socket, what: str) -> bytes:
+        if not socket.poll(self._timeout_ms, zmq.POLLIN):
+            raise TransferError(f"{self._endpoint} did not answer {what} within {self._timeout_ms / 1000:g} s "
+                                "(producer gone or overloaded)")
+        return socket.recv()
+
+
+def _load_answer(raw: bytes, version: int | None) -> dict:
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise ProtocolError("fetch answer is not JSON") from None
+    if not isinstance(answer, dict):
+        raise ProtocolError("fetch answer is not a JSON object")
+    if answer.get("status") == "gone":
+        raise TransferError(f"version {version} is no longer in the producer's memory; "
+                            f"it still lives in: {', '.join(answer.get('tiers') or []) or 'no tier'}")
+    if answer.get("status") != "ok":
+        raise TransferError(f"producer refused the fetch: {answer.get('reason', answer)}")
+    return answer
+
+
+def _parse_request(raw: bytes, key: bytes | None, model: str) -> dict:
+    try:
+        request = json.loads(raw)
+    except ValueError:
+        raise ProtocolError("fetch request is not JSON") from None
+    if not isinstance(request, dict) or request.get("proto") != PROTO:
+        raise ProtocolError("fetch request is not a protocol-1 JSON object")
+    verify_mac(request, key, "fetch request")
+    if request.get("model") != model:
+        raise ProtocolError(f"this endpoint serves {model!r}, not {request.get('model')!r}")
+    return request
+
+
+def _count(request: dict, key: str) -> int:
+    value = request.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"fetch request field {key!r} must be a non-negative integer")
+    return value
