@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ KEY = b"the producer's key, 32 bytes ok!"
 class ForgedProducer:
     """A raw XPUB socket on loopback that sends whatever a test gives it."""
 
-    def __init__(self, context: zmq.Context) -> None:
+    def __init__(self, context: zmq.Context, topic: bytes = b"tiny") -> None:
+        self.topic = topic
         self.socket = context.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(LOOPBACK_ANY_PORT)
@@ -30,10 +32,10 @@ class ForgedProducer:
     def wait_for_subscriber(self) -> None:
         if not self.socket.poll(int(WAIT_S * 1000), zmq.POLLIN):
             raise AssertionError("no subscriber connected")
-        assert self.socket.recv() == b"\x01tiny"
+        assert self.socket.recv() == b"\x01" + self.topic
 
-    def send(self, payload: bytes, topic: bytes = b"tiny") -> None:
-        self.socket.send_multipart([topic, payload])
+    def send(self, payload: bytes, topic: bytes | None = None) -> None:
+        self.socket.send_multipart([topic or self.topic, payload])
 
     def close(self) -> None:
         self.socket.close(0)
@@ -115,6 +117,8 @@ def tamper(payload: bytes, **changes: object) -> bytes:
     (lambda root: signed_notice(root, 2, key=b"someone else's key, 32 bytes..."), "wrong MAC"),
     (lambda root: tamper(signed_notice(root, 2), step=12345), "wrong MAC"),
     (lambda root: tamper(signed_notice(root, 2), proto=9), "protocol 9 is not supported"),
+    (lambda root: b'{"proto":1,"created_at":NaN,"mac":"0"}', "NaN is not allowed"),
+    (lambda root: b"[" * 200_000, "not valid JSON"),
 ])
 def test_bad_notices_are_refused(stored_versions, pfs_root, forged, events, caplog, make_payload, match) -> None:
     with serving_v1(forged, pfs_root, events) as subscriber:
@@ -149,12 +153,38 @@ def test_damaged_files_are_refused(stored_versions, pfs_root, forged, events, ca
 def test_a_refused_version_repeated_by_heartbeats_is_refused_once(stored_versions, pfs_root, forged, events) -> None:
     with serving_v1(forged, pfs_root, events) as subscriber:
         corrupt(pfs_root, 2, "bitflip")
-        for _ in range(3):
+        forged.send(signed_notice(pfs_root, 2))
+        events.wait_for_refusals(1)
+        for _ in range(3):  # heartbeats repeating the refused version
             forged.send(signed_notice(pfs_root, 2))
         forged.send(signed_notice(pfs_root, 3))
         assert subscriber.wait_for_version(3, WAIT_S)
-        # Coalescing may skip v2 entirely; what matters is that it is never refused twice.
-        assert len(events.refusals) <= 1
+        assert len(events.refusals) == 1
+
+
+def test_a_transient_storage_failure_is_retried_on_the_next_notice(stored_versions, pfs_root, forged,
+                                                                   events) -> None:
+    path = os.path.join(pfs_root, "tiny", "v2", "model.safetensors")
+    with serving_v1(forged, pfs_root, events) as subscriber:
+        os.rename(path, path + ".away")  # e.g. not yet visible on a network file system
+        forged.send(signed_notice(pfs_root, 2))
+        assert "the file is missing" in events.wait_for_refusals(1)[0].reason
+        os.rename(path + ".away", path)
+        forged.send(signed_notice(pfs_root, 2))  # the heartbeat repeats it
+        assert subscriber.wait_for_version(2, WAIT_S)
+        with subscriber.serving() as served:
+            assert_same_weights(stored_versions[2], served)
+
+
+def test_a_safetensors_header_that_is_not_an_object_is_refused(stored_versions, pfs_root, forged, events,
+                                                               caplog) -> None:
+    path = os.path.join(pfs_root, "tiny", "v2", "model.safetensors")
+    with open(path, "r+b") as handle:
+        handle.write(struct.pack("<Q", 2) + b"[]")
+    with serving_v1(forged, pfs_root, events) as subscriber:
+        forged.send(signed_notice(pfs_root, 2))
+        assert_refused_and_still_serving_v1(subscriber, events, stored_versions, "is not a JSON object", caplog,
+                                            forged, pfs_root)
 
 
 class Wider(TinyNet):

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 import torch
+import zmq
 
-from viper_lightning import ModelPublisher, ModelSubscriber
+from viper_lightning import ModelPublisher, ModelSubscriber, Notice
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed
 
@@ -121,3 +122,28 @@ def test_publish_accepts_a_state_dict_and_rejects_other_things(pfs_root) -> None
         assert publisher.publish({"w": torch.ones(3)}) == 1
         with pytest.raises(ValueError, match="nn.Module or a state_dict"):
             publisher.publish([torch.ones(3)])
+
+
+def test_heartbeat_repeats_the_latest_notice(pfs_root, zmq_context) -> None:
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root, heartbeat_interval=0.05) as publisher:
+        version = publisher.publish(TinyNet())
+        publisher.flush(WAIT_S)
+        with zmq_context.socket(zmq.SUB) as listener:
+            listener.setsockopt(zmq.LINGER, 0)
+            listener.setsockopt(zmq.SUBSCRIBE, b"tiny")
+            listener.connect(publisher.endpoint)
+            seen = []
+            while len(seen) < 3 and listener.poll(int(WAIT_S * 1000)):
+                seen.append(Notice.decode(listener.recv_multipart()[1]).version)
+    # One resend for the new subscription, then heartbeats: no publish happened meanwhile.
+    assert seen == [version] * 3
+
+
+def test_close_releases_a_thread_waiting_for_a_version(pfs_root) -> None:
+    subscriber = ModelSubscriber(TinyNet(), "tiny", "tcp://127.0.0.1:1").start()
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(subscriber.wait_for_version(5)))
+    waiter.start()
+    subscriber.close()
+    waiter.join(WAIT_S)
+    assert result == [False]

@@ -69,7 +69,8 @@ class ModelPublisher:
         model_name: the model's name: the ZeroMQ topic and the directory under `pfs_root`.
         endpoint: where notices are published (bound here). Loopback by default; use
             `tcp://127.0.0.1:*` for a free port and read `endpoint` afterwards.
-        pfs_root: the file-system tier (a path or any fsspec URL), or None for memory only.
+        pfs_root: the file-system tier (a path, any fsspec URL, or a FileSystemTier), or None
+            for memory only.
         hmac_key: shared key (16+ bytes) signing notices, manifests and fetch requests.
         dram_versions: versions kept in shared memory (0 turns the DRAM tier off).
         fetch_endpoint: where remote consumers fetch from memory (None: no remote fetch).
@@ -83,7 +84,7 @@ class ModelPublisher:
         self,
         model_name: str,
         endpoint: str = DEFAULT_ENDPOINT,
-        pfs_root: str | None = None,
+        pfs_root: str | FileSystemTier | None = None,
         hmac_key: str | bytes | None = None,
         *,
         dram_versions: int = 1,
@@ -101,7 +102,7 @@ class ModelPublisher:
         self._key = normalize_key(hmac_key)
         self._host = host_id or socket.gethostname()
         self.producer_id = f"{self._host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pfs = FileSystemTier(pfs_root) if pfs_root is not None else None
+        self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
         self._next_version = max(resume_after, self._pfs.highest(self.model_name) if self._pfs else 0) + 1
         self._store = TieredStore(self.model_name, self._host, dram_versions=dram_versions)
         self._infos: dict[int, _Info] = {}
@@ -286,7 +287,7 @@ def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapp
         f"publish() takes an nn.Module or a state_dict mapping, got {type(source).__name__}")
 
 
-def check_settings(pfs_root: str | None, dram_versions: int, keep_versions: int | None,
+def check_settings(pfs_root: object, dram_versions: int, keep_versions: int | None,
                     heartbeat_interval: float, resume_after: int) -> None:
     if pfs_root is None and dram_versions == 0:
         raise ConfigurationError(

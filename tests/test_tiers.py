@@ -1,0 +1,216 @@
+"""The memory-first transfer engine: shared-memory and ZeroMQ routes, eviction, the planner,
+and every fault falling back to the next tier while the consumer keeps serving."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import pytest
+import torch
+import zmq
+
+from viper_lightning import (FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice, StorageError,
+                             TransferError, TransferPlanner, take_snapshot)
+from viper_lightning.storage._files import LocalFiles
+from viper_lightning.storage._shm import HEADER, HEADER_BYTES, MAGIC, SHM_DIR, READY
+from viper_lightning.transport._fetch import FetchClient
+
+from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed
+from .test_bad_input import ForgedProducer
+
+KEY = b"a key for the tier tests, 32 b.."
+
+
+def segments(model: str) -> list[str]:
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"viper.{model}."))
+
+
+@pytest.fixture
+def model_name(request) -> str:
+    """A model name unique to the test, so /dev/shm checks see only this test's segments."""
+    return f"tiers-{request.node.name[:40].replace('[', '-').replace(']', '')}-{os.getpid()}"
+
+
+@pytest.mark.parametrize("route", ["dram-shm", "dram-zmq", "pfs"])
+def test_each_route_delivers_bit_exact_weights(route, model_name, pfs_root, events) -> None:
+    producer = perturbed(TinyNet(), 1)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, KEY) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, pfs_root, KEY, routes=[route],
+                         load_latest=False, on_update=events.on_update) as subscriber:
+        version = publisher.publish(producer)
+        assert subscriber.wait_for_version(version, WAIT_S)
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+        record = events.wait_for_updates(1)[0]
+        assert record.route == route and "cheapest reachable route" in record.why
+
+
+def test_same_host_consumer_prefers_shared_memory(model_name, pfs_root, events) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, pfs_root, load_latest=False,
+                         on_update=events.on_update) as subscriber:
+        version = publisher.publish(perturbed(TinyNet(), 2))
+        assert subscriber.wait_for_version(version, WAIT_S)
+        assert events.wait_for_updates(1)[0].route == "dram-shm"
+
+
+def test_segments_are_private_evicted_and_removed_at_exit(model_name, pfs_root) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1) as publisher:
+        publisher.publish(perturbed(TinyNet(), 1))
+        publisher.publish(perturbed(TinyNet(), 2))
+        publisher.flush(WAIT_S)
+        named = [s for s in segments(model_name) if ".v" in s]
+        assert named == [f"viper.{model_name}.v2"]  # v1 left memory; it lives on in the pfs tier
+        mode = stat.S_IMODE(os.stat(os.path.join(SHM_DIR, named[0])).st_mode)
+        assert mode == 0o600
+        client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, None, WAIT_S)
+        with pytest.raises(TransferError, match="still lives in: pfs"):
+            client.fetch_into(1, torch.empty(1 << 20, dtype=torch.uint8), 1)
+    assert segments(model_name) == []
+
+
+def test_latest_op_answers_a_late_joiner(model_name) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY) as publisher:
+        version = publisher.publish(TinyNet())
+        publisher.flush(WAIT_S)
+        client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, KEY, WAIT_S)
+        notice = Notice.decode(client.latest_notice(), KEY)
+        assert notice.version == version
+        assert [loc.tier for loc in notice.locations] == ["dram", "dram"]
+
+
+def test_fetch_requests_without_the_key_are_refused(model_name) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY) as publisher:
+        version = publisher.publish(TinyNet())
+        publisher.flush(WAIT_S)
+        client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, None, WAIT_S)
+        with pytest.raises(TransferError, match="carries no MAC"):
+            client.fetch_into(version, torch.empty(1 << 20, dtype=torch.uint8), 1)
+
+
+def test_memory_only_publisher_needs_no_file_system(model_name, events) -> None:
+    producer = perturbed(TinyNet(), 5)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, routes=["dram-zmq"]) as subscriber:
+        version = publisher.publish(producer)
+        assert subscriber.wait_for_version(version, WAIT_S)
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+
+
+def test_vanished_segment_falls_back_to_the_next_route(model_name, pfs_root, events) -> None:
+    producer = perturbed(TinyNet(), 3)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root) as publisher:
+        version = publisher.publish(producer)
+        publisher.flush(WAIT_S)
+        os.unlink(os.path.join(SHM_DIR, f"viper.{model_name}.v{version}"))
+        with ModelSubscriber(TinyNet(), model_name, publisher.endpoint, pfs_root, load_latest=False,
+                             on_update=events.on_update) as subscriber:
+            assert subscriber.wait_for_version(version, WAIT_S)
+            record = events.wait_for_updates(1)[0]
+            assert record.route == "dram-zmq" and "is gone" in record.why
+            with subscriber.serving() as served:
+                assert_same_weights(producer, served)
+
+
+class SilentProducer:
+    """A fetch endpoint that answers 'open' and then dies: a producer lost mid-transfer."""
+
+    def __init__(self, context: zmq.Context, nbytes: int, digest: str) -> None:
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(LOOPBACK_ANY_PORT)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.nbytes, self.digest = nbytes, digest
+
+    def answer_open_then_die(self) -> None:
+        if not self.socket.poll(int(WAIT_S * 1000)):
+            raise AssertionError("the consumer never asked")
+        peer, _ = self.socket.recv_multipart()
+        answer = f'{{"status":"ok","nbytes":{self.nbytes},"digest":"{self.digest}","chunk_bytes":8388608}}'
+        self.socket.send_multipart([peer, answer.encode()])
+        self.socket.close(0)
+
+
+def test_producer_lost_mid_transfer_falls_back_to_files(model_name, pfs_root, zmq_context, events) -> None:
+    producer = perturbed(TinyNet(), 4)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, KEY, dram_versions=0) as publisher:
+        version = publisher.publish(producer)
+    tier = FileSystemTier(pfs_root)
+    stored = tier.read_manifest(model_name, version, KEY)
+    silent = SilentProducer(zmq_context, stored.nbytes, stored.digest)
+    forged = ForgedProducer(zmq_context, topic=model_name.encode())
+    notice = stored.with_locations((Location("dram", "other-host", silent.endpoint),
+                                    Location("pfs", "host", tier.address(model_name, version))))
+    try:
+        with ModelSubscriber(TinyNet(), model_name, forged.endpoint, pfs_root, KEY, load_latest=False,
+                             fetch_timeout=0.5, on_update=events.on_update) as subscriber:
+            forged.wait_for_subscriber()
+            forged.send(notice.encode(KEY))
+            silent.answer_open_then_die()
+            assert subscriber.wait_for_version(version, WAIT_S)
+            record = events.wait_for_updates(1)[0]
+            assert record.route == "pfs" and "did not answer" in record.why
+            with subscriber.serving() as served:
+                assert_same_weights(producer, served)
+    finally:
+        forged.close()
+
+
+class FullDisk(LocalFiles):
+    """Every file write fails as on a full disk (writes go to /dev/full)."""
+
+    def write_file(self, path, chunks):
+        with open("/dev/full", "wb") as full:
+            for chunk in chunks:
+                full.write(chunk)
+            full.flush()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_during_flush_surfaces_while_memory_keeps_serving(model_name, tmp_path, events) -> None:
+    tier = FileSystemTier(str(tmp_path), files=FullDisk())
+    producer = perturbed(TinyNet(), 6)
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, tier)
+    with ModelSubscriber(TinyNet(), model_name, publisher.endpoint, load_latest=False) as subscriber:
+        version = publisher.publish(producer)
+        assert subscriber.wait_for_version(version, WAIT_S)  # served from memory regardless
+        with pytest.raises(StorageError, match="disk full"):
+            publisher.flush(WAIT_S)
+        with pytest.raises(StorageError, match="disk full"):
+            publisher.publish(producer)
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+    with pytest.raises(StorageError, match="disk full"):
+        publisher.close()
+    assert segments(model_name) == []
+
+
+def test_stale_segments_of_a_dead_producer_are_reclaimed(model_name) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = os.path.join(SHM_DIR, f"viper.{model_name}.v7")
+    with open(path, "wb") as handle:
+        handle.write(HEADER.pack(MAGIC, 7, READY, 0, 1, dead.pid).ljust(HEADER_BYTES, b"\0"))
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT):
+        assert not os.path.exists(path)
+
+
+def test_planner_ranks_by_cost_and_learns_bandwidth() -> None:
+    snapshot = take_snapshot({"w": torch.zeros(64 << 20, dtype=torch.uint8)})
+    notice = Notice(model="m", version=1, nbytes=snapshot.layout.nbytes, digest="xxh3_128:0",
+                    layout=snapshot.layout, producer="p",
+                    locations=(Location("pfs", "here", "/pfs/m/v1"), Location("dram", "here", "tcp://h:1"),
+                               Location("dram", "here", "shm://viper.m.v1")))
+    planner = TransferPlanner("here")
+    assert [r.kind for r in planner.routes(notice)] == ["dram-shm", "dram-zmq", "pfs"]
+    assert [r.kind for r in TransferPlanner("elsewhere").routes(notice)] == ["dram-zmq", "pfs"]
+    assert [r.kind for r in TransferPlanner("here", ["pfs"]).routes(notice)] == ["pfs"]
+    for _ in range(10):  # the network turns out far slower than the file system here
+        planner.observe("dram-zmq", 64 << 20, 2.0)
+    assert [r.kind for r in planner.routes(notice)] == ["dram-shm", "pfs", "dram-zmq"]
+    busy = notice.with_locations((Location("dram", "here", "shm://viper.m.v1", load=100),
+                                  Location("pfs", "here", "/pfs/m/v1")))
+    assert [r.kind for r in planner.routes(busy)][0] == "pfs"
