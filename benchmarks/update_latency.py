@@ -2,25 +2,33 @@
 
     python -m benchmarks.update_latency --sizes-mb 64 256 --repeat 3 --json OUT.json --plot OUT.png
 
-A version is published in this process and applied by a consumer in another process (as a
-TorchServe worker would be). e2e is the publish call to the consumer serving the new weights.
-`memcpy` is one in-process copy of the same bytes into a reused buffer: the physical limit.
+A version is published in this process and applied by consumers in other processes (as
+TorchServe workers would be). e2e is the publish call to the last consumer serving the new
+weights. Strategies: `pfs` (file-system tier, push-notified), `dram-shm` (same-host shared
+memory), `dram-zmq` (the remote path, forced), and the baselines `memcpy` (one in-process copy
+of the same bytes into a reused buffer: the physical limit) and `lightning-modelcheckpoint`
+(the training stall of Lightning's ModelCheckpoint saving the model with its Adam state).
+`--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from viper_lightning import ModelPublisher, ModelSubscriber
@@ -45,90 +53,182 @@ def measure_memcpy(model: torch.nn.Module, repeat: int) -> dict[str, Any]:
     return {"e2e_s": e2e, "stages": {"copy": e2e}, "training_stall_s": e2e}
 
 
-def measure_pfs(model: torch.nn.Module, repeat: int, megabytes: float) -> dict[str, Any]:
-    """File-system tier, push-notified: snapshot, digest, write+fsync, notice, read, verify, swap."""
-    context = multiprocessing.get_context("spawn")
+@dataclass(frozen=True)
+class ViperCase:
+    """One Viper strategy: which tiers the producer keeps and which route consumers may take."""
+
+    dram_versions: int
+    route: str
+
+
+VIPER_CASES = {
+    "pfs": ViperCase(dram_versions=0, route="pfs"),
+    "dram-shm": ViperCase(dram_versions=1, route="dram-shm"),
+    "dram-zmq": ViperCase(dram_versions=1, route="dram-zmq"),
+}
+
+
+def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes: float,
+                  consumers: int = 1) -> dict[str, Any]:
+    """Publish `repeat` versions (after two cold ones) to `consumers` processes; e2e is the
+    publish call to the last consumer serving the version. The file-system tier is always on:
+    for the memory strategies it is the burst buffer draining in the background."""
+    case = VIPER_CASES[strategy]
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="viper-bench-") as root, \
-         ModelPublisher("bench", "tcp://127.0.0.1:*", root) as publisher:
-        runs = _run_consumer(context, publisher, model, repeat, megabytes, root)
+         ModelPublisher("bench", "tcp://127.0.0.1:*", root, dram_versions=case.dram_versions) as publisher:
+        reports, done = spawn.Queue(), spawn.Event()
+        processes = [spawn.Process(target=_follow, args=(megabytes, publisher.endpoint, root, case.route,
+                                                         reports, done)) for _ in range(consumers)]
+        for process in processes:
+            process.start()
+        try:
+            if not publisher.wait_for_subscribers(consumers, WAIT_S):
+                raise RuntimeError("the consumer processes never subscribed")
+            # The first two publishes fill the two snapshot slots' fresh pages: not steady state.
+            runs = [_one_update(publisher, model, reports, consumers, seed) for seed in range(repeat + 2)][2:]
+        finally:
+            done.set()
+            for process in processes:
+                process.join(WAIT_S)
     return _summarise(runs)
 
 
-def _run_consumer(context, publisher: ModelPublisher, model: torch.nn.Module, repeat: int,
-                  megabytes: float, root: str) -> list[dict[str, float]]:
-    reports, done = context.Queue(), context.Event()
-    process = context.Process(target=_follow, args=(megabytes, publisher.endpoint, root, reports, done))
-    process.start()
-    try:
-        if not publisher.wait_for_subscribers(1, WAIT_S):
-            raise RuntimeError("the consumer process never subscribed")
-        return [_one_update(publisher, model, reports, seed) for seed in range(repeat + 1)][1:]
-    finally:
-        done.set()
-        process.join(WAIT_S)
-
-
-def _follow(megabytes: float, endpoint: str, pfs_root: str, reports, done) -> None:
+def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, reports, done) -> None:
     model = nt3_of_size(megabytes)
-    with ModelSubscriber(model, "bench", endpoint, pfs_root, load_latest=False,
+    with ModelSubscriber(model, "bench", endpoint, pfs_root, routes=[route], load_latest=False,
                          on_update=lambda record: reports.put(asdict(record)),
                          on_refusal=lambda refusal: reports.put({"refused": refusal.reason})):
         done.wait(WAIT_S * 10)
 
 
-def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, seed: int) -> dict[str, float]:
-    """Publish once and wait for the consumer to serve it (the first, cold one is discarded)."""
+def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, consumers: int,
+                seed: int) -> dict[str, float]:
+    """Publish once and wait until every consumer serves it; then let the flush finish."""
     nudge(model, seed)
     version = publisher.publish(model)
+    stall = publisher.last_stall_s
+    records = [reports.get(timeout=WAIT_S) for _ in range(consumers)]
     publisher.flush(WAIT_S)
-    report = reports.get(timeout=WAIT_S)
-    if "refused" in report or report["version"] != version:
-        raise RuntimeError(f"consumer did not apply version {version}: {report}")
+    for record in records:
+        if "refused" in record or record["version"] != version:
+            raise RuntimeError(f"a consumer did not apply version {version}: {record}")
+    slowest = max(records, key=lambda record: record["latency_s"])
+    stages = {"snapshot": stall}
     commit = publisher.last_commit
-    notify = report["discovery_s"] - commit.stall_s - commit.digest_s - commit.store_s
-    return {"e2e_s": report["latency_s"], "snapshot": commit.stall_s, "digest": commit.digest_s,
-            "store": commit.store_s, "notify": max(0.0, notify), "transfer": report["transfer_s"],
-            "verify": report["verify_s"], "swap": report["swap_s"], "training_stall_s": commit.stall_s}
+    if publisher.fetch_endpoint is None:  # the file-system path: the notice waits for the write
+        stages.update(digest=commit.digest_s, store=commit.store_s)
+    stages["notify"] = max(0.0, slowest["discovery_s"] - sum(stages.values()))
+    stages.update(transfer=slowest["transfer_s"], verify=slowest["verify_s"], swap=slowest["swap_s"])
+    return {"e2e_s": slowest["latency_s"], **stages, "training_stall_s": stall}
+
+
+def measure_modelcheckpoint(model: torch.nn.Module, repeat: int, workdir: str) -> dict[str, Any]:
+    """The training stall of Lightning's ModelCheckpoint: `trainer.save_checkpoint` (what it
+    calls) of the same model with its Adam state, after one real optimizer step."""
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=workdir)
+    trainer.fit(model, DataLoader(_one_sample(model), batch_size=1))
+    times = []
+    for index in range(repeat):
+        path = os.path.join(workdir, f"checkpoint-{index}.ckpt")
+        started = time.perf_counter()
+        trainer.save_checkpoint(path)
+        times.append(time.perf_counter() - started)
+        os.remove(path)
+    stall = statistics.median(times)
+    return {"e2e_s": stall, "stages": {"save_checkpoint": stall}, "training_stall_s": stall}
+
+
+def _one_sample(model: torch.nn.Module) -> TensorDataset:
+    length = model.hparams["input_length"]
+    return TensorDataset(torch.randn(1, length), torch.zeros(1, dtype=torch.int64))
 
 
 def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
-    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    """The run with the median e2e, whole, so its stages add up to its e2e."""
+    median = sorted(runs, key=lambda run: run["e2e_s"])[len(runs) // 2]
     stages = {key: value for key, value in median.items() if key not in ("e2e_s", "training_stall_s")}
     return {"e2e_s": median["e2e_s"], "stages": stages, "training_stall_s": median["training_stall_s"]}
 
 
-STRATEGIES: dict[str, Callable[..., dict[str, Any]]] = {
+STRATEGIES: dict[str, Callable[[torch.nn.Module, int, float], dict[str, Any]]] = {
     "memcpy": lambda model, repeat, megabytes: measure_memcpy(model, repeat),
-    "pfs": measure_pfs,
+    **{name: functools.partial(measure_viper, name) for name in VIPER_CASES},
+    "lightning-modelcheckpoint": lambda model, repeat, megabytes: _in_temp_dir(measure_modelcheckpoint,
+                                                                               model, repeat),
 }
 
 
-def run(sizes_mb: list[float], repeat: int, strategies: list[str]) -> list[dict[str, Any]]:
+def _in_temp_dir(measure, model, repeat):
+    with tempfile.TemporaryDirectory(prefix="viper-bench-ckpt-", dir=".") as workdir:
+        return measure(model, repeat, workdir)
+
+
+def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: int = 1) -> list[dict[str, Any]]:
+    """Every strategy at every size, side by side; with consumers > 1 also `dram-shm` fanned out."""
+    cases = [(name, STRATEGIES[name]) for name in strategies]
+    if consumers > 1:
+        cases.append((f"dram-shm-x{consumers}", functools.partial(measure_viper, "dram-shm", consumers=consumers)))
     results = []
-    with tqdm(total=len(sizes_mb) * len(strategies), desc="update latency", unit="case") as bar:
+    with tqdm(total=len(sizes_mb) * len(cases), desc="update latency", unit="case") as bar:
         for megabytes in sizes_mb:
             model = nt3_of_size(megabytes)
-            for strategy in strategies:
-                bar.set_postfix_str(f"{strategy} @ {megabytes:g} MB")
-                measured = STRATEGIES[strategy](model, repeat, megabytes)
-                results.append({"strategy": strategy, "size_bytes": state_nbytes(model), "repeat": repeat,
-                                **measured})
+            for name, measure in cases:
+                bar.set_postfix_str(f"{name} @ {megabytes:g} MB")
+                results.append({"strategy": name, "size_bytes": state_nbytes(model), "repeat": repeat,
+                                **measure(model, repeat, megabytes)})
                 bar.update()
     return results
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'strategy':<12}{'size MB':>9}{'e2e ms':>10}{'stall ms':>10}{'x memcpy':>10}{'pfs / this':>12}")
+    """Each strategy against the memcpy limit and the file-system path at the same size."""
+    print(f"\n{'strategy':<26}{'MB':>6}{'e2e ms':>10}{'stall ms':>10}{'e2e/memcpy':>12}{'pfs/e2e':>9}")
     for result in results:
-        peers = {r["strategy"]: r for r in results if r["size_bytes"] == result["size_bytes"]}
+        peers = _peers(results, result["size_bytes"])
         memcpy, pfs = peers.get("memcpy"), peers.get("pfs")
-        stall = result["training_stall_s"]
-        print(f"{result['strategy']:<12}{result['size_bytes'] / 1e6:>9.0f}{result['e2e_s'] * 1e3:>10.1f}"
-              f"{(stall or 0) * 1e3:>10.1f}"
-              f"{result['e2e_s'] / memcpy['e2e_s'] if memcpy else float('nan'):>10.1f}"
-              f"{pfs['e2e_s'] / result['e2e_s'] if pfs else float('nan'):>12.2f}")
-        stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["stages"].items())
-        print(f"{'':<12}stages ms: {stages}")
+        print(f"{result['strategy']:<26}{result['size_bytes'] / 1e6:>6.0f}{result['e2e_s'] * 1e3:>10.1f}"
+              f"{(result['training_stall_s'] or 0) * 1e3:>10.1f}"
+              f"{_ratio(result, memcpy, 'e2e_s'):>12.2f}{_ratio(pfs, result, 'e2e_s'):>9.2f}")
+        print(f"{'':<26}stages ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["stages"].items()))
+
+
+def print_checks(results: list[dict[str, Any]]) -> None:
+    """The ratios the project aims for (DESIGN.md §5), measured in this run."""
+    print("\nratios measured in this run:")
+    for size in sorted({r["size_bytes"] for r in results}):
+        peers = _peers(results, size)
+        shm, memcpy = peers.get("dram-shm"), peers.get("memcpy")
+        checks = [("dram-shm e2e / memcpy", _ratio(shm, memcpy, "e2e_s"), "<= 3"),
+                  ("pfs e2e / dram-shm e2e", _ratio(peers.get("pfs"), shm, "e2e_s"), ">= 5"),
+                  ("dram-shm stall / memcpy", _ratio(shm, memcpy, "training_stall_s"), "<= 1.2"),
+                  ("modelcheckpoint stall / dram-shm stall",
+                   _ratio(peers.get("lightning-modelcheckpoint"), shm, "training_stall_s"), ">= 20")]
+        fanned = next((r for name, r in peers.items() if name.startswith("dram-shm-x")), None)
+        if fanned is not None:
+            checks.append((f"{fanned['strategy']} e2e / dram-shm e2e", _ratio(fanned, shm, "e2e_s"), "<= 1.5"))
+        for label, value, target in checks:
+            print(f"  {size / 1e6:>6.0f} MB  {label:<42}{value:>8.2f}   (aim {target})")
+    _print_scaling(results)
+
+
+def _print_scaling(results: list[dict[str, Any]]) -> None:
+    for strategy in dict.fromkeys(r["strategy"] for r in results):
+        points = sorted((r["size_bytes"], r["e2e_s"]) for r in results if r["strategy"] == strategy)
+        if len(points) > 1:
+            per_gb = ", ".join(f"{e2e / size * 1e12:.0f}" for size, e2e in points)
+            print(f"  {strategy:<26} ms per GB at each size: {per_gb} (flat = linear)")
+
+
+def _peers(results: list[dict[str, Any]], size: int) -> dict[str, dict[str, Any]]:
+    return {r["strategy"]: r for r in results if r["size_bytes"] == size}
+
+
+def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> float:
+    if not numerator or not denominator or not denominator[key]:
+        return float("nan")
+    return numerator[key] / denominator[key]
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
@@ -178,11 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[64, 256])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--consumers", type=int, default=1,
+                        help="also measure this many same-host consumer processes updating together")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write the figure here (PNG)")
     args = parser.parse_args(argv)
-    results = run(args.sizes_mb, args.repeat, args.strategies)
+    results = run(args.sizes_mb, args.repeat, args.strategies, args.consumers)
     print_table(results)
+    print_checks(results)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"host": host_info(), "results": results}, out, indent=2)

@@ -68,7 +68,7 @@ def follow(subscriber: ModelSubscriber, stream: DriftingGeneStream, done: Callab
             accuracy, loss = score(lease.model, stream, record.step or 0)
             shown = lease.version
         print(f"serving v{record.version:<4} step {record.step or 0:>5}  "
-              f"{record.latency_s * 1e3:7.1f} ms after publish via {record.tier}  "
+              f"{record.latency_s * 1e3:7.1f} ms after publish via {record.route}  "
               f"accuracy {accuracy:5.3f}  loss {loss:6.3f}", flush=True)
 
 

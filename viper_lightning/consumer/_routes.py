@@ -16,7 +16,7 @@ import zmq
 from .._buffers import copy_from_bytes, copy_tensor
 from .._errors import IntegrityError, ProtocolError, TransferError
 from ..storage._pfs import FileSystemTier
-from ..storage._shm import SegmentView
+from ..storage._shm import SegmentMaps
 from ..transport._fetch import FetchClient
 from ..transport._protocol import Location, Notice
 
@@ -40,20 +40,17 @@ def load_tensors(model: torch.nn.Module, sources: dict[str, torch.Tensor | numpy
             loaded.add(id(target))
 
 
-def load_from_segment(notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+def load_from_segment(maps: SegmentMaps, notice: Notice, location: Location,
+                      standby: torch.nn.Module) -> tuple[float, float]:
     """Same host: map the producer's segment and copy straight into the standby model.
 
     The segment is the producer's own 0600 memory announced by a (MAC'd) notice, so only the
     layout is checked (done before any route); the seqlock check catches a reused segment."""
     started = time.perf_counter()
-    view = SegmentView(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
-    try:
-        data = view.data
-        load_tensors(standby, {spec.name: data[spec.offset:spec.offset + spec.nbytes]
-                               for spec in notice.layout.tensors})
-        view.confirm()
-    finally:
-        view.close()
+    view = maps.view(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
+    load_tensors(standby, {spec.name: view.data[spec.offset:spec.offset + spec.nbytes]
+                           for spec in notice.layout.tensors})
+    view.confirm()
     return time.perf_counter() - started, 0.0
 
 

@@ -23,6 +23,7 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from .._layout import Layout, check_compatible
 from ..producer._publisher import DEFAULT_ENDPOINT
 from ..storage._pfs import FileSystemTier
+from ..storage._shm import SegmentMaps
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._planner import Route, TransferPlanner, explain
@@ -93,6 +94,7 @@ class ModelSubscriber:
         self._slots = ModelSlots(model)
         self._recorder = StatsRecorder(history)
         self._staging: torch.Tensor | None = None
+        self._segment_maps = SegmentMaps()
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._version_changed = threading.Condition()
         self._stop = threading.Event()
@@ -278,7 +280,7 @@ class ModelSubscriber:
 
     def _loader(self, kind: str):
         if kind == "dram-shm":
-            return load_from_segment
+            return functools.partial(load_from_segment, self._segment_maps)
         staging = self._staging_for()
         if kind == "dram-zmq":
             return functools.partial(load_from_peer, self._context, self._key, self._fetch_timeout, staging)

@@ -9,6 +9,7 @@ publish never waits for the disk, only for a free slot when every slot is pinned
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -26,6 +27,8 @@ from ..transport._protocol import Location
 from ._snapshot import fill_buffer
 
 __all__ = ["TieredStore", "Held"]
+
+log = logging.getLogger("viper_lightning.publisher")
 
 SLACK_SLOTS = 2  # one being written, one still being flushed while newer versions are held
 
@@ -83,6 +86,7 @@ class TieredStore:
         self._held: deque[Held] = deque()
         self._changed = threading.Condition()
         self._serial = 0
+        self._warming = False
         if dram_versions:
             reclaim_stale_segments(model)
 
@@ -112,6 +116,13 @@ class TieredStore:
         with self._changed:
             self._held.append(held)
             self._evict_surplus()
+            warm_spare = self._slots == 1
+            if warm_spare:
+                self._slots += 1  # reserved now, filled in by the warming thread
+                self._warming = True
+        if warm_spare:
+            threading.Thread(target=self._warm_spare, args=(layout.nbytes,), daemon=True,
+                             name=f"viper-warm-{self.model}").start()
         return held
 
     # -- readers: flusher and fetch server -------------------------------------------------
@@ -157,6 +168,24 @@ class TieredStore:
                 slot.segment.unlink()
 
     # -- internals ---------------------------------------------------------------------------
+    def _warm_spare(self, nbytes: int) -> None:
+        """Fault a second slot's pages in off the training thread, so the second publish (which
+        cannot reuse the first, still serving slot) stalls for a copy, not for page faults."""
+        try:
+            slot = self._new_slot(nbytes)
+            slot.buffer.fill_(0)
+        except Exception:  # noqa: BLE001 - only an optimisation: the slot is made on demand instead
+            log.exception("could not prepare a spare snapshot slot")
+            with self._changed:
+                self._slots -= 1
+                self._warming = False
+                self._changed.notify_all()
+            return
+        with self._changed:
+            self._free.append(slot)
+            self._warming = False
+            self._changed.notify_all()
+
     def _acquire(self, nbytes: int, timeout: float | None) -> _Slot:
         with self._changed:
             if not self._changed.wait_for(lambda: self._has_room(nbytes), timeout):
@@ -172,6 +201,8 @@ class TieredStore:
         return self._new_slot(nbytes)
 
     def _has_room(self, nbytes: int) -> bool:
+        if self._warming and not self._free:
+            return False  # the spare being warmed is ready sooner than a cold new slot
         self._evict_surplus(need_slot=not self._free and self._slots >= self._max_slots)
         return bool(self._free) or self._slots < self._max_slots
 
