@@ -65,7 +65,7 @@ class ModelSubscriber:
         model: torch.nn.Module,
         model_name: str,
         endpoint: str = DEFAULT_ENDPOINT,
-        pfs_root: str | None = None,
+        pfs_root: str | FileSystemTier | None = None,
         hmac_key: str | bytes | None = None,
         *,
         routes: Sequence[str] | None = None,
@@ -84,7 +84,7 @@ class ModelSubscriber:
         self.model_name = check_model_name(model_name)
         self.endpoint = check_endpoint(endpoint)
         self._key = normalize_key(hmac_key)
-        self._pfs = FileSystemTier(pfs_root) if pfs_root is not None else None
+        self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
         self._planner = TransferPlanner(host_id or socket.gethostname(), routes)
         self._fetch_timeout = fetch_timeout
         self._load_latest = load_latest

@@ -18,6 +18,8 @@ Chunk = bytes | memoryview
 
 
 class Files(Protocol):
+    renames_atomically: bool  # False: a directory rename is a copy (object stores)
+
     def join(self, *parts: str) -> str: ...
     def makedirs(self, path: str) -> None: ...
     def write_file(self, path: str, chunks: Iterable[Chunk]) -> None: ...
@@ -32,6 +34,8 @@ class Files(Protocol):
 
 class LocalFiles:
     """Plain POSIX files: write, fsync, rename, and fsync the directory so the rename survives."""
+
+    renames_atomically = True
 
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
@@ -70,7 +74,10 @@ class LocalFiles:
 
 
 class FsspecFiles:
-    """Any fsspec file system. Object stores have no fsync; a completed PUT is durable."""
+    """Any fsspec file system. Object stores have no fsync; a completed PUT is durable and
+    atomic, but a directory "rename" is a copy, so versions are written in place instead."""
+
+    renames_atomically = False
 
     def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
         self._fs = fs

@@ -96,9 +96,12 @@ class FileSystemTier:
             raise StorageError(f"version {version} of {model!r} already exists at {final}; "
                                "another producer is publishing under the same model name")
         temp = self._files.join(self._model_dir(model), f".v{version}.tmp-{uuid.uuid4().hex}")
+        if not self._files.renames_atomically:
+            temp = final  # the manifest, written last, is what makes the version readable
         try:
             self._write_version(temp, notice, data, manifest)
-            self._files.rename(temp, final)
+            if temp != final:
+                self._files.rename(temp, final)
             self._advance_latest(model, version)
         except OSError as exc:
             self._files.remove_tree(temp)
@@ -119,9 +122,13 @@ class FileSystemTier:
         if current is not None and current >= version:
             return
         directory = self._model_dir(model)
+        latest = self._files.join(directory, LATEST)
+        if not self._files.renames_atomically:  # one PUT replaces the object atomically
+            self._files.write_file(latest, [f"{version}\n".encode()])
+            return
         temp = self._files.join(directory, f".LATEST.tmp-{uuid.uuid4().hex}")
         self._files.write_file(temp, [f"{version}\n".encode()])
-        self._files.rename(temp, self._files.join(directory, LATEST))
+        self._files.rename(temp, latest)
 
     def prune(self, model: str, keep: int) -> list[int]:
         """Remove all but the newest `keep` versions; returns the removed ones."""
