@@ -3,8 +3,8 @@
     python -m benchmarks.update_latency --sizes-mb 64 256 --repeat 3 --json OUT.json --plot OUT.png
 
 A version is published in this process and applied by consumers in other processes (as
-TorchServe workers would be). e2e is the publish call to the last consumer serving the new
-weights. Strategies: `pfs` (file-system tier, push-notified), `dram-shm` (same-host shared
+TorchServe workers would be). e2e is the publish call to the last consumer ready to answer with
+the new weights (swapped in, and every page of them touched once, as a first request would). Strategies: `pfs` (file-system tier, push-notified), `dram-shm` (same-host shared
 memory), `dram-zmq` (the remote path, forced), and the baselines `memcpy` (one in-process copy
 of the same bytes into a reused buffer: the physical limit) and `lightning-modelcheckpoint`
 (the training stall of Lightning's ModelCheckpoint saving the model with its Adam state).
@@ -95,11 +95,29 @@ def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes:
 
 
 def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, reports, done) -> None:
-    model = nt3_of_size(megabytes)
-    with ModelSubscriber(model, "bench", endpoint, pfs_root, routes=[route], load_latest=False,
-                         on_update=lambda record: reports.put(asdict(record)),
-                         on_refusal=lambda refusal: reports.put({"refused": refusal.reason})):
+    """A consumer process: report each update once the new weights are ready to answer."""
+
+    def report(record) -> None:
+        with subscriber.serving() as served:
+            touch_s = _first_touch(served)
+        reports.put({**asdict(record), "touch_s": touch_s})
+
+    subscriber = ModelSubscriber(nt3_of_size(megabytes), "bench", endpoint, pfs_root, routes=[route],
+                                 load_latest=False, on_update=report,
+                                 on_refusal=lambda refusal: reports.put({"refused": refusal.reason}))
+    with subscriber:
         done.wait(WAIT_S * 10)
+
+
+def _first_touch(model: torch.nn.Module) -> float:
+    """Read one element of every 4 KiB page of the weights, as a first request would: weights
+    that are mapped rather than copied pay their page-table faults here, so e2e counts them."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            flat = tensor.reshape(-1)
+            flat[:: max(1, 4096 // tensor.element_size())].sum()
+    return time.perf_counter() - started
 
 
 def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, consumers: int,
@@ -113,14 +131,15 @@ def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, cons
     for record in records:
         if "refused" in record or record["version"] != version:
             raise RuntimeError(f"a consumer did not apply version {version}: {record}")
-    slowest = max(records, key=lambda record: record["latency_s"])
+    slowest = max(records, key=lambda record: record["latency_s"] + record["touch_s"])
     stages = {"snapshot": stall}
     commit = publisher.last_commit
     if publisher.fetch_endpoint is None:  # the file-system path: the notice waits for the write
         stages.update(digest=commit.digest_s, store=commit.store_s)
     stages["notify"] = max(0.0, slowest["discovery_s"] - sum(stages.values()))
-    stages.update(transfer=slowest["transfer_s"], verify=slowest["verify_s"], swap=slowest["swap_s"])
-    return {"e2e_s": slowest["latency_s"], **stages, "training_stall_s": stall}
+    stages.update(transfer=slowest["transfer_s"], verify=slowest["verify_s"], swap=slowest["swap_s"],
+                  first_touch=slowest["touch_s"])
+    return {"e2e_s": slowest["latency_s"] + slowest["touch_s"], **stages, "training_stall_s": stall}
 
 
 def measure_modelcheckpoint(model: torch.nn.Module, repeat: int, workdir: str) -> dict[str, Any]:
@@ -254,6 +273,7 @@ def _plot_anatomy(axes, results: list[dict[str, Any]], size: int) -> None:
         axes.bar(names, heights, bottom=bottoms, label=stage)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     axes.set_ylabel("ms")
+    axes.tick_params(axis="x", labelrotation=25)
     axes.set_title(f"Latency anatomy at {size / 1e6:.0f} MB")
     axes.legend(fontsize=8)
 
@@ -262,6 +282,7 @@ def _plot_scaling(axes, results: list[dict[str, Any]]) -> None:
     for strategy in dict.fromkeys(r["strategy"] for r in results):
         points = sorted((r["size_bytes"] / 1e6, r["e2e_s"] * 1e3) for r in results if r["strategy"] == strategy)
         axes.plot(*zip(*points), marker="o", label=strategy)
+    axes.set_yscale("log")
     axes.set_xlabel("model size (MB)")
     axes.set_ylabel("end-to-end update latency (ms)")
     axes.set_title("Latency against model size")

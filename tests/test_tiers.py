@@ -214,3 +214,39 @@ def test_planner_ranks_by_cost_and_learns_bandwidth() -> None:
     busy = notice.with_locations((Location("dram", "here", "shm://viper.m.v1", load=100),
                                   Location("pfs", "here", "/pfs/m/v1")))
     assert [r.kind for r in planner.routes(busy)][0] == "pfs"
+
+
+def test_zero_copy_consumer_serves_from_the_segment_and_pins_it(model_name, pfs_root) -> None:
+    producer = TinyNet()
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, pfs_root, load_latest=False) as subscriber:
+        first = publisher.publish(perturbed(producer, 1))
+        assert subscriber.wait_for_version(first, WAIT_S)
+        expected_first = {k: v.clone() for k, v in producer.state_dict().items()}
+        with subscriber.lease() as in_flight:
+            assert in_flight.version == first
+            for seed in range(2, 6):  # the producer keeps going while a request holds v1
+                version = publisher.publish(perturbed(producer, seed))
+                publisher.flush(WAIT_S)
+                if version == first + 1:
+                    assert subscriber.wait_for_version(version, WAIT_S)
+            # v1's segment is pinned: the producer rewrote other segments, never this one.
+            assert_same_weights(expected_first, in_flight.model)
+        assert subscriber.wait_for_version(version, WAIT_S)
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+            assert subscriber.stats.last.route == "dram-shm"
+
+
+def test_a_write_to_zero_copy_weights_never_reaches_the_producer(model_name) -> None:
+    producer = perturbed(TinyNet(), 9)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint) as careless, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, zero_copy=False) as careful:
+        version = publisher.publish(producer)
+        assert careless.wait_for_version(version, WAIT_S)
+        with careless.serving() as served, torch.no_grad():
+            served.hidden.weight.add_(1.0)  # copy-on-write: only this process sees it
+        assert careful.wait_for_version(version, WAIT_S)
+        with careful.serving() as served:
+            assert_same_weights(producer, served)

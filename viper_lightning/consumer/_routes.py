@@ -16,11 +16,11 @@ import zmq
 from .._buffers import copy_from_bytes, copy_tensor
 from .._errors import IntegrityError, ProtocolError, TransferError
 from ..storage._pfs import FileSystemTier
-from ..storage._shm import SegmentMaps
+from ..storage._shm import SegmentMaps, SegmentPin
 from ..transport._fetch import FetchClient
 from ..transport._protocol import Location, Notice
 
-__all__ = ["load_from_segment", "load_from_peer", "load_from_files", "load_tensors"]
+__all__ = ["load_from_segment", "load_from_peer", "load_from_files", "load_tensors", "SharedWeights"]
 
 Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
 
@@ -89,3 +89,57 @@ def _announced_tier(location: Location) -> FileSystemTier:
         return FileSystemTier(location.address)
     except ValueError as exc:
         raise ProtocolError(f"file-system location {location.address!r} is not usable: {exc}") from None
+
+
+class SharedWeights:
+    """The model copies (active and standby) that serve straight from producer segments.
+
+    Zero-copy: instead of copying a version into the standby model, its tensors are rebound to
+    views of the segment (see SegmentPin), so N workers on a host share one copy of the weights
+    and an update costs a mapping, not a copy. The pin on a copy's segment is held until that
+    copy is loaded again, i.e. until no request can still be using it."""
+
+    def __init__(self) -> None:
+        self._pins: dict[int, SegmentPin] = {}
+        self._retired: list[object] = []
+
+    def load(self, notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+        started = time.perf_counter()
+        pin = SegmentMaps.pin(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
+        views = notice.layout.views(pin.buffer)
+        with torch.no_grad():
+            for name, target in standby.state_dict(keep_vars=True).items():
+                self._retired.append(target.data)
+                target.data = views[name]
+        self._retired.append(self._pins.pop(id(standby), None))
+        self._pins[id(standby)] = pin
+        return time.perf_counter() - started, 0.0
+
+    def reap(self) -> None:
+        """Drop what the last load replaced: unmapping 256 MB of populated page tables costs
+        ~15 ms, so it is done after the swap, off the update's critical path."""
+        retired, self._retired = self._retired, []
+        pins = [item for item in retired if isinstance(item, SegmentPin)]
+        del retired  # the old tensors go first, then the pins that kept their bytes stable
+        for pin in pins:
+            pin.release()
+
+    def unshare(self, model: torch.nn.Module) -> None:
+        """Give a copy private memory again before bytes are copied into it."""
+        if id(model) not in self._pins:
+            return
+        with torch.no_grad():
+            for target in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values():
+                target.data = torch.empty_like(target.data)
+        self._release(model)
+
+    def close(self) -> None:
+        self.reap()
+        for pin in self._pins.values():
+            pin.release()
+        self._pins.clear()
+
+    def _release(self, model: torch.nn.Module) -> None:
+        pin = self._pins.pop(id(model), None)
+        if pin is not None:
+            pin.release()

@@ -27,7 +27,7 @@ from ..storage._shm import SegmentMaps
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._planner import Route, TransferPlanner, explain
-from ._routes import load_from_files, load_from_peer, load_from_segment
+from ._routes import SharedWeights, load_from_files, load_from_peer, load_from_segment
 from ._slots import Lease, ModelSlots
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
 
@@ -51,6 +51,8 @@ class ModelSubscriber:
             location is followed only if it is a local absolute path.
         hmac_key: the producer's shared key; notices, manifests and fetches are authenticated.
         routes: allowed transfer routes ("dram-shm", "dram-zmq", "pfs"); None allows all.
+        zero_copy: on the "dram-shm" route, serve straight from the producer's segment
+            (copy-on-write, pinned while in use) instead of copying it; needs a CPU model.
         host_id: this host's name, compared with the notice's to use shared memory (default:
             the host name; it must match the producer's `host_id`).
         fetch_timeout: seconds without progress before a remote fetch is abandoned.
@@ -69,6 +71,7 @@ class ModelSubscriber:
         hmac_key: str | bytes | None = None,
         *,
         routes: Sequence[str] | None = None,
+        zero_copy: bool = True,
         host_id: str | None = None,
         fetch_timeout: float = 10.0,
         load_latest: bool = True,
@@ -95,6 +98,7 @@ class ModelSubscriber:
         self._recorder = StatsRecorder(history)
         self._staging: torch.Tensor | None = None
         self._segment_maps = SegmentMaps()
+        self._shared = SharedWeights() if zero_copy and _on_cpu(model) else None
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._version_changed = threading.Condition()
         self._stop = threading.Event()
@@ -127,6 +131,8 @@ class ModelSubscriber:
         if self._context is not None:
             self._context.term()
             self._context = None
+        if self._shared is not None:
+            self._shared.close()
         self._raise_if_failed()
 
     def __enter__(self) -> ModelSubscriber:
@@ -254,11 +260,14 @@ class ModelSubscriber:
         route, why, transfer_s, verify_s = self._load(notice, routes, standby)
         swap_started = time.perf_counter()
         self._slots.swap(notice.version)
-        return UpdateRecord(
+        record = UpdateRecord(
             version=notice.version, step=notice.step, route=route.kind, nbytes=notice.nbytes,
             discovery_s=max(0.0, received_at - notice.created_at), transfer_s=transfer_s,
             verify_s=verify_s, swap_s=time.perf_counter() - swap_started,
             latency_s=max(0.0, time.time() - notice.created_at), trigger=trigger, why=why)
+        if self._shared is not None:
+            self._shared.reap()
+        return record
 
     def _load(self, notice: Notice, routes: list[Route], standby: torch.nn.Module
               ) -> tuple[Route, str, float, float]:
@@ -266,6 +275,8 @@ class ModelSubscriber:
         failures: list[ViperError] = []
         for route in routes:
             try:
+                if self._shared is not None and route.kind != "dram-shm":
+                    self._shared.unshare(standby)
                 transfer_s, verify_s = self._loader(route.kind)(notice, route.location, standby)
             except ViperError as exc:
                 failures.append(exc)
@@ -279,6 +290,8 @@ class ModelSubscriber:
         raise TransferError("every route failed: " + "; ".join(str(f) for f in failures))
 
     def _loader(self, kind: str):
+        if kind == "dram-shm" and self._shared is not None:
+            return self._shared.load
         if kind == "dram-shm":
             return functools.partial(load_from_segment, self._segment_maps)
         staging = self._staging_for()
@@ -322,3 +335,7 @@ class ModelSubscriber:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return all(tensor.device.type == "cpu" for tensor in model.state_dict().values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,11 @@ __all__ = ["TieredStore", "Held"]
 
 log = logging.getLogger("viper_lightning.publisher")
 
-SLACK_SLOTS = 2  # one being written, one still being flushed while newer versions are held
+# Beyond the held versions: one being written, one consumers may still serve from (zero-copy),
+# one still being flushed.
+SLACK_SLOTS = 3
+_PIN_POLL_S = 0.005
+PINNED_GROWTH = 4  # how far consumer-pinned slots may make the pool outgrow its budget
 
 
 @dataclass(eq=False)
@@ -187,36 +192,53 @@ class TieredStore:
             self._changed.notify_all()
 
     def _acquire(self, nbytes: int, timeout: float | None) -> _Slot:
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
-            if not self._changed.wait_for(lambda: self._has_room(nbytes), timeout):
-                raise TransferError(f"no free snapshot slot within {timeout} s: every slot is pinned by a "
-                                    "flush or a transfer; the storage tier is slower than the publish rate")
-            fitting = next((s for s in self._free if s.capacity >= nbytes), None)
-            if fitting is not None:
-                self._free.remove(fitting)
-                return fitting
-            if self._free:  # too small for the model now: drop it and make a bigger one
-                self._drop(self._free.pop(0))
-            self._slots += 1
-        return self._new_slot(nbytes)
+            while (slot := self._take_free(nbytes)) is None:
+                # Slots pinned by consumers may be outgrown (up to a hard cap): a slow request
+                # somewhere must not stall training.
+                limit = self._max_slots * (PINNED_GROWTH if self._consumer_pinned() else 1)
+                if not self._warming and self._slots < limit:
+                    self._slots += 1
+                    break
+                if self._evict_surplus(need_slot=True):
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TransferError(f"no free snapshot slot within {timeout} s: every slot is pinned by a "
+                                        "flush, a transfer or consumers serving from it")
+                # Consumers releasing a zero-copy pin cannot signal us: look again shortly.
+                self._changed.wait(_PIN_POLL_S if remaining is None else min(_PIN_POLL_S, remaining))
+        return slot if slot is not None else self._new_slot(nbytes)
 
-    def _has_room(self, nbytes: int) -> bool:
-        if self._warming and not self._free:
-            return False  # the spare being warmed is ready sooner than a cold new slot
-        self._evict_surplus(need_slot=not self._free and self._slots >= self._max_slots)
-        return bool(self._free) or self._slots < self._max_slots
+    def _consumer_pinned(self) -> bool:
+        return any(slot.segment is not None for slot in self._free)  # free, yet not lockable
 
-    def _evict_surplus(self, need_slot: bool = False) -> None:
-        """Free held versions beyond the DRAM budget (or the oldest, when a slot is needed)."""
+    def _take_free(self, nbytes: int) -> _Slot | None:
+        """A free slot big enough that no consumer still serves from (locked for writing)."""
+        for slot in list(self._free):
+            if slot.capacity < nbytes:  # the model grew: this slot can never fit it again
+                self._free.remove(slot)
+                self._drop(slot)
+            elif slot.segment is None or slot.segment.try_lock():
+                self._free.remove(slot)
+                return slot
+        return None
+
+    def _evict_surplus(self, need_slot: bool = False) -> bool:
+        """Free held versions beyond the DRAM budget (or the oldest, when a slot is needed);
+        the newest version always stays, it is the one consumers are told about."""
         budget = self.dram_versions if self.uses_dram else 0
+        evicted = False
         for held in list(self._held):
-            surplus = len(self._held) > budget or need_slot
+            surplus = len(self._held) > budget or (need_slot and held is not self._held[-1])
             if not surplus or held.pins > 0:
                 continue
             self._held.remove(held)
             held.evicted = True
             self._release_locked(held.slot)
-            need_slot = False
+            need_slot, evicted = False, True
+        return evicted
 
     def _new_slot(self, nbytes: int) -> _Slot:
         if not self.uses_dram:

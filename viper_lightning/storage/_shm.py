@@ -5,10 +5,15 @@ A segment is a 64-byte header followed by one snapshot's packed bytes. Segments 
 in page faults here while a warm copy costs ~60 ms/GB. Reuse is made safe for readers with a
 seqlock: the producer bumps `generation` and clears READY before overwriting; a reader checks
 the header before and after its copy and discards the copy if either changed.
+
+Consumers may also use a segment as their weights without copying (zero-copy): they hold a
+shared flock on it for as long as they serve from it, and the producer reuses a segment only
+when it gets the exclusive lock, so pinned weights are never overwritten.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -58,12 +63,15 @@ class Segment:
                                      "set dram_versions=0 and use pfs_root")
         self.name = name
         self.capacity = capacity
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, HEADER_BYTES + max(capacity, 1))
-            self._map = mmap.mmap(fd, HEADER_BYTES + max(capacity, 1))
-        finally:
-            os.close(fd)
+            os.ftruncate(self._fd, HEADER_BYTES + max(capacity, 1))
+            self._map = mmap.mmap(self._fd, HEADER_BYTES + max(capacity, 1))
+        except BaseException:
+            os.close(self._fd)
+            os.unlink(self.path)
+            raise
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # new: nobody else can hold it yet
         self._generation = 0
         self._write_header(0, FREE, 0)
         array = numpy.frombuffer(self._map, dtype=numpy.uint8, count=capacity, offset=HEADER_BYTES)
@@ -73,15 +81,25 @@ class Segment:
     def path(self) -> str:
         return os.path.join(SHM_DIR, self.name)
 
+    def try_lock(self) -> bool:
+        """Take the segment for rewriting unless a consumer still serves from it."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def begin_write(self) -> None:
-        """Invalidate readers of the previous contents before they are overwritten."""
+        """Invalidate readers of the previous contents before they are overwritten
+        (the caller holds the lock from `try_lock` or creation)."""
         self._generation += 1
         self._write_header(0, WRITING, 0)
 
     def publish(self, version: int, nbytes: int, name: str) -> None:
-        """Contents complete: give the segment its version name and mark it READY."""
+        """Contents complete: give the segment its version name, mark it READY, unlock it."""
         self.rename(name)
         self._write_header(version, READY, nbytes)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def retire(self, name: str) -> None:
         """Evicted: the version's name disappears and the memory waits for reuse."""
@@ -99,6 +117,9 @@ class Segment:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _write_header(self, version: int, state: int, nbytes: int) -> None:
         HEADER.pack_into(self._map, 0, MAGIC, version, state, nbytes, self._generation, os.getpid())
@@ -125,6 +146,35 @@ class SegmentView:
             raise TransferError(f"{self.what} was overwritten during the copy; the copy is discarded")
 
 
+class SegmentPin:
+    """A version's segment used as weights: a private copy-on-write mapping (a stray write by
+    the model can never reach the producer's memory) and a shared lock that keeps the producer
+    from reusing the segment until `release()`."""
+
+    def __init__(self, fd: int, what: str, version: int, nbytes: int) -> None:
+        self.what = what
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TransferError(f"{what} is being rewritten by its producer") from None
+        self._fd = fd
+        try:
+            mapping = mmap.mmap(fd, HEADER_BYTES + nbytes, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            SegmentView(mapping, what, version, nbytes)  # header check, now stable under the lock
+            self.buffer = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=HEADER_BYTES)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let the producer reuse the segment (call once no tensor of the model views it)."""
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
+
+
 class SegmentMaps:
     """A consumer's read-only mappings of producer segments, kept across updates.
 
@@ -137,24 +187,21 @@ class SegmentMaps:
         self._maps: OrderedDict[tuple[int, int, int], mmap.mmap] = OrderedDict()
 
     def view(self, name: str, version: int, nbytes: int) -> SegmentView:
-        if "/" in name or not name.startswith("viper."):
-            raise TransferError(f"segment name {name!r} is not a Viper segment name")
-        what = f"segment {name} (version {version})"
-        try:
-            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
-        except FileNotFoundError:
-            raise TransferError(f"{what} is gone (evicted, or its producer exited)") from None
+        """A mapping to copy from (reused across versions of the same segment)."""
+        fd, what = _open_segment(name, version, nbytes)
         try:
             return SegmentView(self._mapping(fd, what, nbytes), what, version, nbytes)
         finally:
             os.close(fd)
 
+    @staticmethod
+    def pin(name: str, version: int, nbytes: int) -> SegmentPin:
+        """Map a version to serve from directly (zero-copy); see SegmentPin."""
+        fd, what = _open_segment(name, version, nbytes)
+        return SegmentPin(fd, what, version, nbytes)
+
     def _mapping(self, fd: int, what: str, nbytes: int) -> mmap.mmap:
         info = os.fstat(fd)
-        if info.st_uid != os.getuid():
-            raise TransferError(f"{what} belongs to uid {info.st_uid}, not to this user; refusing it")
-        if info.st_size < HEADER_BYTES + nbytes:
-            raise TransferError(f"{what} holds {info.st_size} bytes, too small for {nbytes}")
         key = (info.st_dev, info.st_ino, info.st_size)
         if key not in self._maps:
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -163,6 +210,24 @@ class SegmentMaps:
                 self._maps.popitem(last=False)  # unmapped once no array views it
         self._maps.move_to_end(key)
         return self._maps[key]
+
+
+def _open_segment(name: str, version: int, nbytes: int) -> tuple[int, str]:
+    """Open a producer's segment read-only after checking its name, owner and size."""
+    if "/" in name or not name.startswith("viper."):
+        raise TransferError(f"segment name {name!r} is not a Viper segment name")
+    what = f"segment {name} (version {version})"
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+    except FileNotFoundError:
+        raise TransferError(f"{what} is gone (evicted, or its producer exited)") from None
+    info = os.fstat(fd)
+    if info.st_uid != os.getuid() or info.st_size < HEADER_BYTES + nbytes:
+        os.close(fd)
+        problem = (f"belongs to uid {info.st_uid}, not to this user" if info.st_uid != os.getuid()
+                   else f"holds {info.st_size} bytes, too small for {nbytes}")
+        raise TransferError(f"{what} {problem}; refusing it")
+    return fd, what
 
 
 def reclaim_stale_segments(model: str) -> list[str]:
