@@ -1,1 +1,24 @@
-"""TorchServe handlers that serve Viper-published weights (see the TorchServe integration issue)."""
+"""TorchServe integration: a handler that follows a Viper-published training run, a one-command
+archiver, and a TorchServe process manager for tests, demos and benchmarks.
+
+`ViperHandler` is imported lazily: it needs TorchServe (the 'serve' extra) and nothing here
+runs at import."""
+
+from typing import TYPE_CHECKING, Any
+
+from ._archive import build_archive
+from ._settings import ViperSettings
+from ._torchserve import TorchServe
+
+if TYPE_CHECKING:
+    from ._handler import ViperHandler
+
+__all__ = ["ViperHandler", "ViperSettings", "TorchServe", "build_archive"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ViperHandler":
+        from ._handler import ViperHandler
+
+        return ViperHandler
+    raise AttributeError(f"module 'serving_handlers' has no attribute {name!r}")

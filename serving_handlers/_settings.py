@@ -1,0 +1,55 @@
+"""The `viper:` section of a model archive's model-config.yaml, validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from viper_lightning import ConfigurationError, DEFAULT_ENDPOINT
+
+__all__ = ["ViperSettings"]
+
+_KNOWN = {"model_name", "endpoint", "pfs_root", "hmac_key", "hmac_key_file", "routes", "model_class",
+          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy"}
+
+
+@dataclass(frozen=True)
+class ViperSettings:
+    """Everything the handler needs to build the model and follow its updates."""
+
+    model_name: str
+    model_class: str
+    endpoint: str = DEFAULT_ENDPOINT
+    pfs_root: str | None = None
+    hmac_key: str | None = None
+    hmac_key_file: str | None = None
+    routes: tuple[str, ...] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    initial_weights: str | None = "model.safetensors"
+    fetch_timeout: float = 10.0
+    zero_copy: bool = True
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None) -> ViperSettings:
+        section = (config or {}).get("viper")
+        if not isinstance(section, dict):
+            raise ConfigurationError("model-config.yaml has no 'viper:' section; build the archive with "
+                                     "`python -m serving_handlers.archive` or add one (model_name, model_class)")
+        unknown = sorted(set(section) - _KNOWN)
+        if unknown:
+            raise ConfigurationError(f"unknown keys in the viper: section: {unknown}; known: {sorted(_KNOWN)}")
+        for required in ("model_name", "model_class"):
+            if not isinstance(section.get(required), str):
+                raise ConfigurationError(f"viper.{required} must be a string in model-config.yaml")
+        values = dict(section)
+        if values.get("routes") is not None:
+            values["routes"] = tuple(values["routes"])
+        if not isinstance(values.get("model_kwargs", {}), dict):
+            raise ConfigurationError("viper.model_kwargs must be a mapping of constructor arguments")
+        return cls(**values)
+
+    def key(self) -> bytes | str | None:
+        if self.hmac_key_file is not None:
+            with open(self.hmac_key_file, "rb") as handle:
+                return handle.read().strip()
+        return self.hmac_key
