@@ -26,3 +26,11 @@ def nudge(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         last = list(model.parameters())[-1]
         last.add_(float(seed))
+
+
+WIDE_OUTPUTS = 1024
+
+
+def wide_kwargs(megabytes: float) -> dict[str, int]:
+    """Constructor arguments of benchmarks.serving_model.Wide for about `megabytes` MB."""
+    return {"features": max(1, int(megabytes * 1e6 / 4 / WIDE_OUTPUTS)), "outputs": WIDE_OUTPUTS}

@@ -63,6 +63,7 @@ class TorchServe:
             raise ConfigurationError("torchserve is not installed; install the 'serve' extra: "
                                      "pip install -e '.[serve]'")
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.model_store.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
         with open(self.log_path, "w") as log:  # a file, never a pipe: TorchServe's children hang on pipes
             self._process = subprocess.Popen(
