@@ -29,7 +29,8 @@ class ViperHandler(BaseHandler):
     waits for a transfer or sees mixed weights.
 
     Request body: JSON `{"inputs": [[...], ...]}` (a batch) or a single list of numbers.
-    Response: `{"version": int | null, "outputs": [[...], ...]}`.
+    Response: `{"version": int | null, "outputs": [[...], ...], "worker": pid, "route": str | null}`
+    (`route`: how that version reached this worker, e.g. "dram-shm").
     """
 
     def __init__(self) -> None:
@@ -37,6 +38,7 @@ class ViperHandler(BaseHandler):
         self.subscriber: ModelSubscriber | None = None
         self.settings: ViperSettings | None = None
         self._metrics: Any = None
+        self._routes: dict[int, str] = {}
 
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -60,12 +62,14 @@ class ViperHandler(BaseHandler):
             outputs = lease.model(torch.cat(batches))
         answers, start = [], 0
         for size in sizes:
-            answers.append({"version": lease.version, "outputs": outputs[start:start + size].tolist()})
+            answers.append({"version": lease.version, "outputs": outputs[start:start + size].tolist(),
+                            "worker": os.getpid(), "route": self._routes.get(lease.version)})
             start += size
         return answers
 
     # -- metrics (called on the subscriber thread) -------------------------------------------
     def _updated(self, record: UpdateRecord) -> None:
+        self._routes = {record.version: record.route}
         self._emit("ViperUpdateLatencyMs", record.latency_s * 1e3, "Milliseconds", "gauge")
         self._emit("ViperVersionsApplied", 1, "Count", "counter")
         self._emit("ViperVersion", record.version, "Count", "gauge")
