@@ -35,8 +35,8 @@ class TorchServe:
 
     def __init__(self, workdir: str | os.PathLike, model_store: str | os.PathLike,
                  workers_per_model: int = 1, startup_timeout: float = 120.0) -> None:
-        self.workdir = Path(workdir)
-        self.model_store = Path(model_store)
+        self.workdir = Path(workdir).resolve()
+        self.model_store = Path(model_store).resolve()
         self.workers_per_model = workers_per_model
         self.startup_timeout = startup_timeout
         self.ports = {name: _free_port() for name in ("inference", "management", "metrics", "grpc_inference",
