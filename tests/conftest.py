@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -10,8 +11,20 @@ import torch
 import zmq
 
 from viper_lightning import Refusal, UpdateRecord
+from viper_lightning.storage._files import LocalFiles
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to simulate a full disk")
+
+
+class FullDisk(LocalFiles):
+    """The file seam with every write failing as on a full disk (ENOSPC from /dev/full)."""
+
+    def write_file(self, path, chunks):
+        with open("/dev/full", "wb") as full:
+            for chunk in chunks:
+                full.write(chunk)
+            full.flush()
 WAIT_S = 20.0
 
 

@@ -12,7 +12,7 @@ from viper_lightning._buffers import allocate_buffer
 from viper_lightning._digest import digest_buffer
 from viper_lightning.transport._protocol import Notice
 
-from .conftest import LOOPBACK_ANY_PORT, TinyNet, assert_same_weights, perturbed
+from .conftest import LOOPBACK_ANY_PORT, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
 
 
 def write_version(tier: FileSystemTier, model: torch.nn.Module, version: int) -> Notice:
@@ -119,20 +119,9 @@ def test_header_that_disagrees_with_the_manifest_is_refused(pfs_root) -> None:
         read_back(tier, 1)
 
 
+@needs_dev_full
 def test_full_disk_is_a_storage_error_and_leaves_no_partial_version(tmp_path) -> None:
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full on this system")
     os.makedirs(tmp_path / "tiny")
-    # Any write to /dev/full fails with ENOSPC, like a full disk.
-    from viper_lightning.storage._files import LocalFiles
-
-    class FullDisk(LocalFiles):
-        def write_file(self, path, chunks):
-            with open("/dev/full", "wb") as full:
-                for chunk in chunks:
-                    full.write(chunk)
-                full.flush()
-
     tier = FileSystemTier(str(tmp_path), files=FullDisk())
     with pytest.raises(StorageError, match="disk full"):
         write_version(tier, TinyNet(), 1)

@@ -13,11 +13,10 @@ import zmq
 
 from viper_lightning import (FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice, StorageError,
                              TransferError, TransferPlanner, take_snapshot)
-from viper_lightning.storage._files import LocalFiles
 from viper_lightning.storage._shm import HEADER, HEADER_BYTES, MAGIC, SHM_DIR, READY
 from viper_lightning.transport._fetch import FetchClient
 
-from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed
+from .conftest import LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
 from .test_bad_input import ForgedProducer
 
 KEY = b"a key for the tier tests, 32 b.."
@@ -159,17 +158,7 @@ def test_producer_lost_mid_transfer_falls_back_to_files(model_name, pfs_root, zm
         forged.close()
 
 
-class FullDisk(LocalFiles):
-    """Every file write fails as on a full disk (writes go to /dev/full)."""
-
-    def write_file(self, path, chunks):
-        with open("/dev/full", "wb") as full:
-            for chunk in chunks:
-                full.write(chunk)
-            full.flush()
-
-
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@needs_dev_full
 def test_full_disk_during_flush_surfaces_while_memory_keeps_serving(model_name, tmp_path, events) -> None:
     tier = FileSystemTier(str(tmp_path), files=FullDisk())
     producer = perturbed(TinyNet(), 6)
