@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -239,3 +240,14 @@ def test_a_write_to_zero_copy_weights_never_reaches_the_producer(model_name) -> 
         assert careful.wait_for_version(version, WAIT_S)
         with careful.serving() as served:
             assert_same_weights(producer, served)
+
+
+def test_segments_are_removed_when_a_producer_exits_without_close(model_name) -> None:
+    script = (f"import torch\nfrom viper_lightning import ModelPublisher\n"
+              f"publisher = ModelPublisher({model_name!r}, 'tcp://127.0.0.1:*')\n"
+              f"publisher.publish(torch.nn.Linear(64, 64))\npublisher.flush(60)\n"
+              f"import os; print(sorted(n for n in os.listdir('/dev/shm') if n.startswith('viper.')))\n")
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert f"viper.{model_name}.v1" in finished.stdout  # it existed while the producer ran
+    assert segments(model_name) == []

@@ -24,6 +24,8 @@ from viper_lightning import ModelSubscriber
 from .data import DriftingGeneStream
 from .model import NT3
 
+__all__ = ["DemoSettings", "follow", "score", "main"]
+
 EVAL_SAMPLES = 256
 
 

@@ -13,6 +13,8 @@ from lightning.pytorch.cli import LightningCLI
 from .data import DriftingGeneStream
 from .model import NT3
 
+__all__ = ["NT3CLI", "main"]
+
 
 class NT3CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -92,6 +93,11 @@ class TieredStore:
         self._changed = threading.Condition()
         self._serial = 0
         self._warming = False
+        self._segments: set[Segment] = set()
+        # Even without close() (an exception, a forgotten context manager), the segments go
+        # when the store is collected or the interpreter exits; only a hard crash leaves them,
+        # and the next producer of this model reclaims those.
+        self._unlink_all = weakref.finalize(self, _unlink_segments, self._segments)
         if dram_versions:
             reclaim_stale_segments(model)
 
@@ -165,12 +171,9 @@ class TieredStore:
     def close(self) -> None:
         """Remove every segment: nothing of ours may outlive the producer in /dev/shm."""
         with self._changed:
-            slots = [h.slot for h in self._held] + self._free
             self._held.clear()
             self._free.clear()
-        for slot in slots:
-            if slot.segment is not None:
-                slot.segment.unlink()
+        self._unlink_all()
 
     # -- internals ---------------------------------------------------------------------------
     def _warm_spare(self, nbytes: int) -> None:
@@ -247,6 +250,8 @@ class TieredStore:
             self._serial += 1
             name = f"{segment_prefix(self.model)}free.{os.getpid()}.{self._serial}"
         segment = Segment(name, nbytes)
+        with self._changed:
+            self._segments.add(segment)
         return _Slot(segment.buffer, segment)
 
     def _release(self, slot: _Slot) -> None:
@@ -263,4 +268,11 @@ class TieredStore:
     def _drop(self, slot: _Slot) -> None:
         self._slots -= 1
         if slot.segment is not None:
+            self._segments.discard(slot.segment)
             slot.segment.unlink()
+
+
+def _unlink_segments(segments: set[Segment]) -> None:
+    for segment in list(segments):
+        segment.unlink()
+    segments.clear()
