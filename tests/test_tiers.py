@@ -12,7 +12,7 @@ import pytest
 import torch
 import zmq
 
-from viper_lightning import (FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice, StorageError,
+from viper_lightning import (ConfigurationError, FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice, StorageError,
                              TransferError, TransferPlanner, take_snapshot)
 from viper_lightning.storage._shm import HEADER, HEADER_BYTES, MAGIC, SHM_DIR, READY
 from viper_lightning.transport._fetch import FetchClient
@@ -251,3 +251,20 @@ def test_segments_are_removed_when_a_producer_exits_without_close(model_name) ->
     assert finished.returncode == 0, finished.stderr
     assert f"viper.{model_name}.v1" in finished.stdout  # it existed while the producer ran
     assert segments(model_name) == []
+
+
+def test_collective_route_delivers_over_gloo(model_name, events) -> None:
+    producer = perturbed(TinyNet(), 11)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, collective_endpoint="gloo://127.0.0.1:0") as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, routes=["collective"],
+                         on_update=events.on_update) as subscriber:
+        version = publisher.publish(producer)
+        assert subscriber.wait_for_version(version, WAIT_S)
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+        assert events.wait_for_updates(1)[0].route == "collective"
+
+
+def test_nccl_without_a_gpu_tier_is_a_configuration_error(model_name) -> None:
+    with pytest.raises(ConfigurationError, match="needs a CUDA build|need the GPU tier"):
+        ModelPublisher(model_name, LOOPBACK_ANY_PORT, collective_endpoint="nccl://127.0.0.1:0")

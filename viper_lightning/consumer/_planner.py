@@ -20,6 +20,7 @@ __all__ = ["Route", "TransferPlanner", "ROUTE_KINDS"]
 DEFAULT_COSTS: dict[str, tuple[float, float]] = {
     "dram-shm": (0.001, 8e9),
     "dram-zmq": (0.002, 1.2e9),
+    "collective": (0.025, 1.9e9),  # torch.distributed point-to-point: a new group per transfer
     "pfs": (0.005, 1.0e9),
 }
 ROUTE_KINDS = tuple(DEFAULT_COSTS)
@@ -65,6 +66,8 @@ class TransferPlanner:
             return "pfs"
         if location.tier == "dram" and location.address.startswith("shm://"):
             return "dram-shm" if location.host == self.host else None  # a segment is host-local
+        if location.tier == "dram" and location.address.startswith(("gloo://", "nccl://")):
+            return "collective"
         if location.tier == "dram":
             return "dram-zmq"
         return None

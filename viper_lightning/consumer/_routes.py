@@ -17,10 +17,12 @@ from .._buffers import copy_from_bytes, copy_tensor
 from .._errors import IntegrityError, ProtocolError, TransferError
 from ..storage._pfs import FileSystemTier
 from ..storage._shm import SegmentMaps, SegmentPin
+from ..transport._collective import CollectiveClient
 from ..transport._fetch import FetchClient
 from ..transport._protocol import Location, Notice
 
-__all__ = ["load_from_segment", "load_from_peer", "load_from_files", "load_tensors", "SharedWeights"]
+__all__ = ["load_from_segment", "load_from_peer", "load_from_collective", "load_from_files", "load_tensors",
+           "SharedWeights"]
 
 Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
 
@@ -60,6 +62,18 @@ def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, stag
     started = time.perf_counter()
     client = FetchClient(context, location.address, notice.model, key, timeout)
     digest, digest_s = client.fetch_into(notice.version, staging, notice.nbytes)
+    if notice.digest is not None and digest != notice.digest:
+        raise IntegrityError(f"the producer served digest {digest} for version {notice.version}, "
+                             f"but its notice announced {notice.digest}")
+    load_tensors(standby, notice.layout.views(staging))
+    return time.perf_counter() - started - digest_s, digest_s
+
+
+def load_from_collective(timeout: float, staging: torch.Tensor, notice: Notice, location: Location,
+                         standby: torch.nn.Module) -> tuple[float, float]:
+    """torch.distributed point-to-point (Gloo here; NCCL with the GPU tier), digest checked."""
+    started = time.perf_counter()
+    digest, digest_s = CollectiveClient(location.address, timeout).fetch_into(notice.version, staging, notice.nbytes)
     if notice.digest is not None and digest != notice.digest:
         raise IntegrityError(f"the producer served digest {digest} for version {notice.version}, "
                              f"but its notice announced {notice.digest}")

@@ -27,7 +27,7 @@ from ..storage._shm import SegmentMaps
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._planner import Route, TransferPlanner, explain
-from ._routes import SharedWeights, load_from_files, load_from_peer, load_from_segment
+from ._routes import SharedWeights, load_from_collective, load_from_files, load_from_peer, load_from_segment
 from ._slots import Lease, ModelSlots
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
 
@@ -50,7 +50,7 @@ class ModelSubscriber:
         pfs_root: the file-system tier as this host sees it; when None, a notice's file
             location is followed only if it is a local absolute path.
         hmac_key: the producer's shared key; notices, manifests and fetches are authenticated.
-        routes: allowed transfer routes ("dram-shm", "dram-zmq", "pfs"); None allows all.
+        routes: allowed transfer routes ("dram-shm", "dram-zmq", "collective", "pfs"); None allows all.
         zero_copy: on the "dram-shm" route, serve straight from the producer's segment
             (copy-on-write, pinned while in use) instead of copying it; needs a CPU model.
         host_id: this host's name, compared with the notice's to use shared memory (default:
@@ -297,6 +297,8 @@ class ModelSubscriber:
         staging = self._staging_for()
         if kind == "dram-zmq":
             return functools.partial(load_from_peer, self._context, self._key, self._fetch_timeout, staging)
+        if kind == "collective":
+            return functools.partial(load_from_collective, self._fetch_timeout, staging)
         return functools.partial(load_from_files, self._pfs, staging)
 
     def _staging_for(self) -> torch.Tensor:

@@ -19,6 +19,7 @@ import zmq
 from .._errors import ConfigurationError, ViperError
 from .._layout import Layout
 from ..storage._pfs import FileSystemTier
+from ..transport._collective import CollectiveServer, parse_address
 from ..transport._fetch import FetchServer, Readable
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ._announcer import Announcer
@@ -74,6 +75,9 @@ class ModelPublisher:
         hmac_key: shared key (16+ bytes) signing notices, manifests and fetch requests.
         dram_versions: versions kept in shared memory (0 turns the DRAM tier off).
         fetch_endpoint: where remote consumers fetch from memory (None: no remote fetch).
+        collective_endpoint: also serve memory over torch.distributed point-to-point, e.g.
+            "gloo://0.0.0.0:0" (port 0: any free one); the cross-host path a GPU tier uses
+            with NCCL. Its store has no authentication: bind it to a trusted network only.
         keep_versions: versions kept on the file system (None keeps all).
         heartbeat_interval: seconds between repeats of the latest notice.
         resume_after: versions start above this (and above any version already stored).
@@ -89,6 +93,7 @@ class ModelPublisher:
         *,
         dram_versions: int = 1,
         fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT,
+        collective_endpoint: str | None = None,
         keep_versions: int | None = None,
         heartbeat_interval: float = 1.0,
         resume_after: int = 0,
@@ -114,13 +119,16 @@ class ModelPublisher:
         self.last_commit: CommitRecord | None = None
         self._context = zmq.Context()
         self._fetch: FetchServer | None = None
+        self._collective: CollectiveServer | None = None
         try:
             self._fetch = self._start_fetch_server(fetch_endpoint) if dram_versions else None
+            self._collective = self._start_collective(collective_endpoint) if dram_versions else None
             self._announcer = Announcer(self._context, endpoint, self.model_name, heartbeat_interval,
                                         self._encoded_notice, self._announced)
         except BaseException:
-            if self._fetch is not None:
-                self._fetch.close()
+            for server in (self._fetch, self._collective):
+                if server is not None:
+                    server.close()
             self._store.close()
             self._context.term()
             raise
@@ -176,8 +184,9 @@ class ModelPublisher:
             if self._flusher is not None:
                 self._flusher.close()
             self._announcer.close()
-            if self._fetch is not None:
-                self._fetch.close()
+            for server in (self._fetch, self._collective):
+                if server is not None:
+                    server.close()
             self._store.close()
             self._context.term()
         self._raise_if_failed()
@@ -201,6 +210,8 @@ class ModelPublisher:
         if info is None:
             return None
         locations = self._store.memory_locations(version, self.fetch_endpoint) if with_memory else ()
+        if locations and self._collective is not None:
+            locations += (Location("dram", self._host, self._collective.address, self._collective.load),)
         if info.pfs_address is not None:
             locations += (Location("pfs", self._host, info.pfs_address),)
         return Notice(model=self.model_name, version=version, nbytes=info.layout.nbytes, digest=digest,
@@ -251,6 +262,15 @@ class ModelPublisher:
         server.start()
         return server
 
+    def _start_collective(self, endpoint: str | None) -> CollectiveServer | None:
+        if endpoint is None:
+            return None
+        backend, host, port = parse_address(endpoint, any_port=True)
+        if backend != "gloo":
+            raise ConfigurationError(f"collective_endpoint {endpoint!r}: NCCL serves device-resident copies, "
+                                     "which need the GPU tier; use gloo:// for host memory")
+        return CollectiveServer(host, port, backend, self._readable, self._tiers_of)
+
     def _readable(self, version: int) -> Readable | None:
         held = self._store.pin(version)
         if held is None:
@@ -267,7 +287,7 @@ class ModelPublisher:
 
     # -- errors ----------------------------------------------------------------------------
     def _failure(self) -> BaseException | None:
-        for part in (self._flusher, self._announcer, self._fetch):
+        for part in (self._flusher, self._announcer, self._fetch, self._collective):
             if part is not None and part.error is not None:
                 return part.error
         return None

@@ -1,0 +1,636 @@
+"""Cross-host GPU tier: point-to-point transfers over torch.distributed.
+
+One code path for both backends: NCCL moves CUDA tensors between GPUs on different hosts,
+Gloo moves CPU tensors, and CI exercises the protocol with Gloo, so what runs on the GPU
+cluster is the code the tests ran. Consumers never call init_process_group: every transfer
+builds its own two-rank group (producer rank 0, consumer rank 1) on a prefix of the
+producer's TCPStore, so a consumer that comes and goes never disturbs the others.
+
+Requests go through the store, as JSON (nothing is ever pickled). Tickets are served in order:
+  server:   publishes "viper/next" (the ticket it waits for) and waits for "viper/req/<next>"
+  consumer: claims a ticket and writes its request in one atomic step, starting at "viper/next":
+            compare_set("viper/req/<t>", absent -> {"proto": 1, "version", "nbytes", "nonce"}),
+            trying t+1 when another consumer holds t; if "viper/next" has moved past t meanwhile
+            and "viper/ans/<t>" does not carry its nonce, the server had passed t before the
+            write (the request will never be read), so it claims again from "viper/next"
+  server:   answers "viper/ans/<t>" (every answer echoes the request's "nonce") with
+            {"proto": 1, "status": "ok", "nbytes", "digest", "chunk_bytes"}
+            | {"status": "gone", "tiers": [...]}        (evicted: where it still lives)
+            | {"status": "mismatch", "nbytes": <actual>} (the consumer expects another size)
+            | {"status": "error", "reason": str}
+  then both build the group on PrefixStore("viper/<t>") and the producer sends the bytes in
+  chunks of `chunk_bytes` (tag = chunk index), a small window of them in flight.
+Claiming with one compare_set (rather than a ticket counter, then a request) means a consumer
+that dies at any point can never leave the server waiting on a ticket nobody will fill. The
+consumer sends its expected size so a size disagreement is settled before either side builds a
+group: otherwise the producer would wait a whole timeout for a consumer that never joins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .._digest import ALGORITHM, Digester
+from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
+from ._fetch import Readable
+from ._protocol import PROTO
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from torch._C._distributed_c10d import Backend as _Group  # ProcessGroupGloo/NCCL's base
+
+__all__ = ["CollectiveServer", "CollectiveClient", "CHUNK_BYTES", "BACKENDS", "parse_address"]
+
+log = logging.getLogger("viper_lightning.collective")
+
+BACKENDS = {"gloo": "cpu", "nccl": "cuda"}  # backend -> the device type of its tensors
+CHUNK_BYTES = 64 * 1024 * 1024
+WINDOW = 2  # chunks in flight: the next one lands while the previous one is digested
+MAX_CHUNK_BYTES = 1 << 30
+_NEXT = "viper/next"
+_MAX_CLAIM_TRIES = 1000  # each try that fails means another consumer claimed a ticket meanwhile
+_MAX_JSON_BYTES = 64 * 1024
+# How long one idle store wait lasts. close() wakes the wait at once, so it only bounds how
+# often torch logs a timeout warning while nobody asks for anything.
+_IDLE_WAIT_S = 3600.0
+_ABSENT = b"\x00absent"  # not JSON, so never a real answer
+_NONCE = re.compile(r"^[0-9a-f]{16,64}$")
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+_ADDRESS = re.compile(r"^(gloo|nccl)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
+
+
+class CollectiveServer:
+    """The producer's side: a TCPStore for requests and rendezvous, served by its own thread.
+
+    `lookup(version)` pins a version and returns a Readable whose `data` is a flat uint8
+    tensor on the backend's device (CUDA for nccl, CPU for gloo), already written (its stream
+    synchronised); None when the version is not held. `tiers_of(version)` names the tiers that
+    still hold an evicted version. Transfers run one at a time; a transfer that fails (consumer
+    gone, timeout) is logged and the next ticket is served. Any other error stops the thread and
+    is kept in `.error` for the owner to raise. The store listens on `host` only; anyone who can
+    reach host:port can read the versions it serves, so bind it to a trusted network.
+    """
+
+    def __init__(self, host: str, port: int, backend: str,
+                 lookup: Callable[[int], Readable | None], tiers_of: Callable[[int], list[str]],
+                 timeout: float = 30.0, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self._backend = _check_backend(backend)
+        self._timeout = _check_timeout(timeout)
+        self._chunk_bytes = _check_chunk_bytes(chunk_bytes)
+        self._host = host
+        self._lookup, self._tiers_of = lookup, tiers_of
+        self._store = _listen(host, port, self._timeout)
+        self._store.set(_NEXT, "1")
+        self._waker = self._store.clone()  # a second connection: the thread blocks on the first
+        self.address = _format_address(backend, _advertised_host(host), self._store.port)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._ticket = 1
+        self._nonce: str | None = None
+        self._group: _Group | None = None
+        self._thread = threading.Thread(target=self._run, name=f"viper-collective-{self._store.port}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def load(self) -> int:
+        """Transfers in flight (0 or 1), reported to consumers so they can pick a less busy path."""
+        return 0 if self._group is None else 1
+
+    def close(self) -> None:
+        """Stop the thread and the store; returns once the pinned bytes are no longer read.
+
+        A transfer in flight stops at its next chunk (NCCL aborts at once). Gloo cannot cancel a
+        send already posted, so a consumer that stalls mid-chunk delays close() by at most one
+        timeout: the bytes must not be freed while a send may still read them."""
+        if self._store is None:
+            return
+        self._stop.set()
+        group = self._group
+        if group is not None:
+            _abort(group)
+        try:
+            self._waker.set(_request_key(self._ticket), b"")  # wakes the thread's store wait
+        except RuntimeError as exc:
+            log.debug("could not wake the collective server thread: %s", exc)
+        self._thread.join(self._timeout + 5.0)  # a transfer being set up may take one timeout
+        if self._thread.is_alive():
+            log.warning("collective server %s: its thread did not stop; it is left to end on its own",
+                        self.address)
+        self._waker = self._store = None  # the store's listener stops with its last reference
+
+    def __enter__(self) -> CollectiveServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        ticket = 1
+        try:
+            while not self._stop.is_set():
+                self._ticket = ticket  # set before the stop check, so close() wakes the right key
+                if self._stop.is_set():
+                    break
+                raw = self._await_request(ticket)
+                if raw is None:
+                    break
+                self._serve(ticket, raw)
+                self._store.set(_NEXT, str(ticket + 1))  # before the request goes: see CollectiveClient
+                self._forget(ticket)
+                ticket += 1
+        except BaseException as exc:  # kept for the owner to raise
+            self.error = exc
+            log.exception("collective server %s stopped", self.address)
+
+    def _await_request(self, ticket: int) -> bytes | None:
+        """The request of `ticket`, or None once stopping."""
+        key = _request_key(ticket)
+        while not self._stop.is_set():
+            try:
+                self._store.wait([key], timedelta(seconds=_IDLE_WAIT_S))
+            except dist.DistStoreError:  # nobody asked for an hour: wait again
+                continue
+            return None if self._stop.is_set() else self._store.get(key)
+        return None
+
+    def _serve(self, ticket: int, raw: bytes) -> None:
+        self._nonce = None
+        try:
+            request = _parse_request(raw)
+            self._nonce = request["nonce"]
+        except ProtocolError as exc:
+            self._answer(ticket, {"status": "error", "reason": str(exc)})
+            return
+        version = request["version"]
+        try:
+            readable = self._lookup(version)
+            if readable is None:
+                self._answer(ticket, {"status": "gone", "version": version,
+                                      "tiers": list(self._tiers_of(version))})
+                return
+        except BaseException as exc:
+            self._answer_failure(ticket, exc)
+            raise
+        try:
+            self._offer(ticket, version, request["nbytes"], readable)
+        except BaseException as exc:
+            self._answer_failure(ticket, exc)
+            raise
+        finally:
+            readable.release()
+
+    def _offer(self, ticket: int, version: int, nbytes: int, readable: Readable) -> None:
+        data = _check_served(readable.data, self._backend, version)
+        if data.numel() != nbytes:
+            self._answer(ticket, {"status": "mismatch", "version": version, "nbytes": data.numel()})
+            return
+        self._answer(ticket, {"status": "ok", "version": version, "nbytes": nbytes,
+                              "digest": readable.digest(), "chunk_bytes": self._chunk_bytes})
+        if nbytes:
+            self._send(ticket, version, data)
+
+    def _send(self, ticket: int, version: int, data: torch.Tensor) -> None:
+        """Send `data` to the consumer of `ticket`; a failure is the consumer's, so it is logged."""
+        sent, done = 0, False
+        try:
+            self._group = _new_group(self._backend, self._store, ticket, 0, self._timeout, self._host)
+            pending: deque[tuple[dist.Work, int]] = deque()
+            for index, (offset, length) in enumerate(_spans(data.numel(), self._chunk_bytes)):
+                if self._stop.is_set():
+                    raise RuntimeError("the server is closing")
+                pending.append((self._group.send([data[offset:offset + length]], 1, index), length))
+                if len(pending) >= WINDOW:
+                    sent += _finish(pending.popleft(), self._timeout)
+            while pending:
+                sent += _finish(pending.popleft(), self._timeout)
+            done = True
+        except RuntimeError as exc:
+            if not self._stop.is_set():
+                log.warning("%s: transfer of version %d (ticket %d) failed after %d of %d bytes: %s",
+                            self.address, version, ticket, sent, data.numel(), _first_line(exc))
+        finally:
+            group, self._group = self._group, None
+            _release(group, done)
+
+    def _answer(self, ticket: int, answer: dict[str, object]) -> None:
+        """Answers echo the request's nonce: the consumer's proof that the answer is its own."""
+        self._store.set(_answer_key(ticket), json.dumps({"proto": PROTO, "nonce": self._nonce, **answer}))
+
+    def _answer_failure(self, ticket: int, exc: BaseException) -> None:
+        """Tell the consumer at once, rather than letting it wait out its timeout."""
+        try:
+            self._answer(ticket, {"status": "error", "reason": f"producer error: {_first_line(exc)}"})
+        except RuntimeError:
+            pass
+
+    def _forget(self, ticket: int) -> None:
+        """Drop the ticket's keys (the answer is the consumer's to delete, once read)."""
+        self._store.delete_key(_request_key(ticket))
+        if hasattr(self._store, "list_keys"):  # the group's rendezvous keys
+            for key in self._store.list_keys():
+                if key.startswith(f"viper/{ticket}/"):
+                    self._store.delete_key(key)
+
+
+class CollectiveClient:
+    """The consumer's side: one fetch from one producer address per call."""
+
+    def __init__(self, address: str, timeout: float = 30.0) -> None:
+        self._backend, self._host, self._port = parse_address(address)
+        self._timeout = _check_timeout(timeout)
+        self.address = address
+
+    def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
+        """Receive `version` into `buffer[:nbytes]`; returns (digest, seconds spent digesting).
+
+        A CPU buffer is digested chunk by chunk as the bytes land, and a mismatch raises
+        IntegrityError. A CUDA buffer (nccl) is not digested here: xxh3 runs on the host, and
+        copying the weights back to check them would cost more than the transfer; the returned
+        digest is then the producer's, and the caller's layout check still applies."""
+        _check_request(version, nbytes)
+        _check_buffer(buffer, nbytes, self._backend)
+        store = self._connect()
+        ticket, nonce = self._claim(store, version, nbytes)
+        answer = self._await_answer(store, ticket, version)
+        if answer.get("nonce") != nonce:
+            raise ProtocolError(f"{self.address} answered ticket {ticket} with another consumer's nonce")
+        digest, chunk_bytes = _accept(answer, version, nbytes, self.address)
+        if not nbytes:
+            return digest, 0.0
+        return digest, self._receive(store, ticket, version, buffer[:nbytes], chunk_bytes, digest)
+
+    def _connect(self) -> dist.TCPStore:
+        try:
+            return dist.TCPStore(self._host.strip("[]"), self._port, None, False,
+                                 timedelta(seconds=self._timeout), wait_for_workers=False)
+        except RuntimeError as exc:
+            raise TransferError(f"cannot reach the collective server at {self.address} within "
+                                f"{self._timeout:g} s ({_first_line(exc)}); the producer is gone or the "
+                                "address is wrong; 0 bytes received") from None
+
+    def _claim(self, store: dist.TCPStore, version: int, nbytes: int) -> tuple[int, str]:
+        """Claim a ticket the server will read, with our request in it (see the module doc);
+        returns (ticket, nonce)."""
+        nonce = os.urandom(8).hex()
+        request = json.dumps({"proto": PROTO, "version": version, "nbytes": nbytes, "nonce": nonce}).encode()
+        try:
+            ticket = _next_ticket(store)
+            for _ in range(_MAX_CLAIM_TRIES):
+                if store.compare_set(_request_key(ticket), b"", request) != request:
+                    ticket += 1  # another consumer's
+                elif _next_ticket(store) <= ticket or _answered(store, ticket, nonce):
+                    return ticket, nonce
+                else:  # written after the server had passed (and removed) this ticket: never read
+                    store.delete_key(_request_key(ticket))
+                    ticket = _next_ticket(store)
+        except RuntimeError as exc:
+            raise TransferError(f"{self.address} did not take the request for version {version} within "
+                                f"{self._timeout:g} s ({_first_line(exc)}); producer gone or busy; "
+                                "0 bytes received") from None
+        raise TransferError(f"{self.address}: no free ticket after {_MAX_CLAIM_TRIES} tries; too many "
+                            "consumers at once, retry later")
+
+    def _await_answer(self, store: dist.TCPStore, ticket: int, version: int) -> dict:
+        key = _answer_key(ticket)
+        try:
+            store.wait([key], timedelta(seconds=self._timeout))
+            raw = store.get(key)
+            store.delete_key(key)
+        except RuntimeError as exc:
+            raise TransferError(f"{self.address} did not answer the request for version {version} within "
+                                f"{self._timeout:g} s ({_first_line(exc)}); producer gone or busy; "
+                                "0 bytes received") from None
+        return _load_json(raw, "collective answer")
+
+    def _receive(self, store: dist.TCPStore, ticket: int, version: int, target: torch.Tensor,
+                 chunk_bytes: int, expected: str) -> float:
+        digester = Digester() if target.device.type == "cpu" else None
+        digest_s, received, group, done = 0.0, 0, None, False
+        try:
+            group = _new_group(self._backend, store, ticket, 1, self._timeout,
+                               _local_host_towards(self._host, self._port))
+            for offset, length in _landed(group, target, chunk_bytes, self._timeout):
+                received += length
+                if digester is not None:
+                    started = time.perf_counter()
+                    digester.update(target[offset:offset + length])
+                    digest_s += time.perf_counter() - started
+            done = True
+        except RuntimeError as exc:
+            raise TransferError(f"transfer of version {version} from {self.address} failed after {received} "
+                                f"of {target.numel()} bytes: {_first_line(exc)}") from None
+        finally:
+            _release(group, done)
+        if digester is not None and digester.hexdigest() != expected:
+            raise IntegrityError(f"version {version} from {self.address}: digest mismatch (announced "
+                                 f"{expected}, received {digester.hexdigest()}); the bytes were damaged")
+        return digest_s
+
+
+def _landed(group: _Group, target: torch.Tensor, chunk_bytes: int,
+            timeout: float) -> Iterator[tuple[int, int]]:
+    """Yield (offset, length) of each chunk once it has landed, keeping WINDOW receives posted."""
+    spans = _spans(target.numel(), chunk_bytes)
+    pending: deque[tuple[dist.Work, int]] = deque()
+    posted = 0
+    for offset, length in spans:
+        while posted < len(spans) and len(pending) < WINDOW:
+            start, size = spans[posted]
+            pending.append((group.recv([target[start:start + size]], 0, posted), size))
+            posted += 1
+        _finish(pending.popleft(), timeout)
+        yield offset, length
+
+
+def _new_group(backend: str, store: dist.Store, ticket: int, rank: int, timeout: float,
+               host: str) -> _Group:
+    """A two-rank group of its own for one transfer (blocks until the peer joins, or times out)."""
+    prefixed = dist.PrefixStore(f"viper/{ticket}", store)
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [_gloo_device(host)]
+        options._timeout = timedelta(seconds=timeout)
+        options._threads = 1  # only collectives use the worker threads; send/recv do not
+        return dist.ProcessGroupGloo(prefixed, rank, 2, options)
+    from torch.distributed import ProcessGroupNCCL  # exists only in CUDA builds
+
+    options = ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = False
+    options._timeout = timedelta(seconds=timeout)
+    return ProcessGroupNCCL(prefixed, rank, 2, options)
+
+
+def _gloo_device(host: str) -> object:
+    """Gloo listens on the interface that faces the peer (the default may pick another one)."""
+    if host in _WILDCARD_HOSTS:
+        return dist.ProcessGroupGloo.create_default_device()
+    return dist.ProcessGroupGloo.create_device(hostname=host)
+
+
+def _finish(item: tuple[dist.Work, int], timeout: float) -> int:
+    """Wait for one chunk's send or receive; returns its length, raises RuntimeError on failure.
+
+    With a timeout, Work.wait blocks the CPU for both backends; NCCL is also polled until its
+    event completes, in case a torch version only made the current stream wait."""
+    work, length = item
+    deadline = time.monotonic() + timeout
+    if not work.wait(timedelta(seconds=timeout)):
+        raise RuntimeError(f"no progress within {timeout:g} s")
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no progress within {timeout:g} s")
+        time.sleep(0.0005)
+    return length
+
+
+def _abort(group: _Group) -> None:
+    """Cancel what is in flight so neither side waits out its timeout (callable from any thread)."""
+    try:
+        group.abort()
+    except RuntimeError as exc:
+        log.debug("aborting a transfer group failed: %s", exc)
+
+
+def _release(group: _Group | None, done: bool) -> None:
+    """Release the group's connections now (NCCL communicators hold GPU memory): a clean
+    shutdown after a complete transfer, an abort when anything may still be in flight."""
+    if group is None:
+        return
+    if not done:
+        _abort(group)
+        return
+    try:
+        group.shutdown()
+    except (RuntimeError, AttributeError) as exc:  # torch builds without Backend.shutdown
+        log.debug("shutting a transfer group down failed: %s", exc)
+
+
+def _listen(host: str, port: int, timeout: float) -> dist.TCPStore:
+    """A master TCPStore listening on host:port only (TCPStore alone listens on every interface)."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ConfigurationError(f"port {port!r} is not valid: use 0 (any free port) or 1-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+        except OSError:
+            listener.close()
+            raise
+    except OSError as exc:
+        raise ConfigurationError(f"cannot listen on {host!r} port {port}: {exc}; pick a free port, or 0 to "
+                                 "let the system choose one, and a host that names this machine") from None
+    bound_port = listener.getsockname()[1]
+    try:  # the store owns the descriptor from here on and closes it when it stops
+        return dist.TCPStore(host or "127.0.0.1", bound_port, None, True, timedelta(seconds=timeout),
+                             wait_for_workers=False, master_listen_fd=listener.detach())
+    except RuntimeError as exc:
+        raise ConfigurationError(f"cannot start a TCPStore on {host!r} port {bound_port}: "
+                                 f"{_first_line(exc)}") from None
+
+
+def _local_host_towards(host: str, port: int) -> str:
+    """This host's address on the route to the producer (a UDP connect sends nothing)."""
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(address)
+            return probe.getsockname()[0]
+    except OSError as exc:
+        raise RuntimeError(f"no route to {host}: {exc}") from None
+
+
+def parse_address(address: object, *, any_port: bool = False) -> tuple[str, str, int]:
+    """(backend, host, port) of 'gloo://HOST:PORT'; port 0 (any free port) only for binding."""
+    match = _ADDRESS.match(address) if isinstance(address, str) else None
+    port = int(match.group(4)) if match else 0
+    if match is None or not (0 if any_port else 1) <= port <= 65535:
+        raise ConfigurationError(f"collective address {address!r} is not valid: use 'gloo://HOST:PORT' for CPU "
+                                 "tensors or 'nccl://HOST:PORT' for CUDA tensors, PORT in 1-65535 "
+                                 "(for example 'gloo://127.0.0.1:29500'; IPv6 hosts in brackets)")
+    backend = _check_backend(match.group(1))
+    return backend, match.group(2), port
+
+
+def _format_address(backend: str, host: str, port: int) -> str:
+    return f"{backend}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _advertised_host(host: str) -> str:
+    """The host consumers should dial: the bound one, or this machine's name for a wildcard."""
+    return socket.gethostname() if host in _WILDCARD_HOSTS else host
+
+
+def _check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ConfigurationError(f"backend {backend!r} is not supported: use 'gloo' (CPU tensors) or "
+                                 "'nccl' (CUDA tensors)")
+    if not dist.is_available() or (backend == "gloo" and not dist.is_gloo_available()):
+        raise ConfigurationError("this torch build has no torch.distributed/Gloo support; install a "
+                                 "standard torch build")
+    if backend == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
+        raise ConfigurationError("backend 'nccl' needs a CUDA build of torch and a visible GPU; use "
+                                 "'gloo' to move CPU tensors instead")
+    return backend
+
+
+def _check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ConfigurationError(f"timeout {timeout!r} is not valid: use a positive number of seconds, "
+                                 "for example 30")
+    return float(timeout)
+
+
+def _check_chunk_bytes(chunk_bytes: object) -> int:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigurationError(f"chunk_bytes {chunk_bytes!r} is not valid: use an integer in "
+                                 f"1-{MAX_CHUNK_BYTES}, for example {CHUNK_BYTES} (64 MiB)")
+    return chunk_bytes
+
+
+def _check_request(version: object, nbytes: object) -> None:
+    for name, value in (("version", version), ("nbytes", nbytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"{name} {value!r} is not valid: use a non-negative integer")
+
+
+def _check_buffer(buffer: object, nbytes: int, backend: str) -> None:
+    device_type = BACKENDS[backend]
+    if (not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1
+            or not buffer.is_contiguous() or buffer.device.type != device_type):
+        raise ConfigurationError(f"the {backend} path receives into a contiguous 1-D uint8 {device_type} tensor; "
+                                 f"got {_describe(buffer)}")
+    if buffer.numel() < nbytes:
+        raise ConfigurationError(f"buffer of {buffer.numel()} bytes cannot hold {nbytes} bytes; allocate at "
+                                 "least the version's nbytes")
+
+
+def _check_served(data: object, backend: str, version: int) -> torch.Tensor:
+    """The store must hand over a flat uint8 tensor on the backend's device: a bug otherwise."""
+    device_type = BACKENDS[backend]
+    if (not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1
+            or not data.is_contiguous() or data.device.type != device_type):
+        raise ConfigurationError(f"lookup({version}) returned {_describe(data)}; the {backend} server sends "
+                                 f"contiguous 1-D uint8 {device_type} tensors")
+    return data
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {tuple(value.shape)} {value.dtype} tensor on {value.device}"
+    return f"a {type(value).__name__}"
+
+
+def _parse_request(raw: bytes) -> dict:
+    request = _load_json(raw, "collective request")
+    if request.get("proto") != PROTO:
+        raise ProtocolError(f"collective request has proto {request.get('proto')!r}; this server speaks {PROTO}")
+    for key in ("version", "nbytes"):
+        _field_count(request, key, "collective request")
+    nonce = request.get("nonce")
+    if not isinstance(nonce, str) or not _NONCE.match(nonce):
+        raise ProtocolError(f"collective request field 'nonce' must be 16-64 hex digits, got {nonce!r:.80}")
+    return request
+
+
+def _accept(answer: dict, version: int, nbytes: int, address: str) -> tuple[str, int]:
+    """Check the server's answer; returns (digest, chunk_bytes) or raises what the answer means."""
+    status = answer.get("status")
+    if status == "gone":
+        tiers = answer.get("tiers")
+        named = ", ".join(t for t in tiers if isinstance(t, str)) if isinstance(tiers, list) else ""
+        raise TransferError(f"version {version} is no longer in {address}'s memory; it still lives in: "
+                            f"{named or 'no tier'}")
+    if status == "mismatch":
+        raise IntegrityError(f"{address} serves {answer.get('nbytes')!r} bytes for version {version}, the "
+                             f"notice announced {nbytes}")
+    if status != "ok":
+        raise TransferError(f"{address} refused the request for version {version}: "
+                            f"{answer.get('reason', answer)!s:.300}")
+    if answer.get("proto") != PROTO or _field_count(answer, "nbytes", "collective answer") != nbytes:
+        raise ProtocolError(f"{address} answered version {version} with proto {answer.get('proto')!r} and "
+                            f"nbytes {answer.get('nbytes')!r}; expected proto {PROTO} and {nbytes}")
+    digest = answer.get("digest")
+    if not isinstance(digest, str) or not digest.startswith(f"{ALGORITHM}:"):
+        raise ProtocolError(f"{address} answered version {version} with digest {digest!r:.100}; expected "
+                            f"'{ALGORITHM}:<hex>'")
+    chunk_bytes = _field_count(answer, "chunk_bytes", "collective answer")
+    if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ProtocolError(f"{address} announced chunk_bytes {chunk_bytes}; expected 1-{MAX_CHUNK_BYTES}")
+    return digest, chunk_bytes
+
+
+def _load_json(raw: bytes, what: str) -> dict:
+    if len(raw) > _MAX_JSON_BYTES:
+        raise ProtocolError(f"{what} is {len(raw)} bytes; at most {_MAX_JSON_BYTES} are accepted")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ProtocolError(f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is not a JSON object")
+    return value
+
+
+def _field_count(message: dict, key: str, what: str) -> int:
+    value = message.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"{what} field {key!r} must be a non-negative integer, got {value!r:.50}")
+    return value
+
+
+def _next_ticket(store: dist.Store) -> int:
+    raw = store.get(_NEXT)
+    if not raw.isdigit():
+        raise ProtocolError(f"the collective server published {raw[:40]!r} as its next ticket")
+    return int(raw)
+
+
+def _answered(store: dist.Store, ticket: int, nonce: str) -> bool:
+    """Whether the server has already answered our request (it answers before moving on).
+
+    compare_set with a sentinel reads without blocking (get waits for a key that another
+    consumer may delete at any moment) and never writes: an absent key stays absent."""
+    raw = store.compare_set(_answer_key(ticket), _ABSENT, _ABSENT)
+    if raw == _ABSENT:
+        return False
+    try:
+        return json.loads(raw).get("nonce") == nonce
+    except (ValueError, AttributeError):
+        return False
+
+
+def _spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    return [(offset, min(chunk_bytes, nbytes - offset)) for offset in range(0, nbytes, chunk_bytes)]
+
+
+def _request_key(ticket: int) -> str:
+    return f"viper/req/{ticket}"
+
+
+def _answer_key(ticket: int) -> str:
+    return f"viper/ans/{ticket}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
