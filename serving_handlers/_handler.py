@@ -73,9 +73,11 @@ class ViperHandler(BaseHandler):
         self._emit("ViperUpdateLatencyMs", record.latency_s * 1e3, "Milliseconds", "gauge")
         self._emit("ViperVersionsApplied", 1, "Count", "counter")
         self._emit("ViperVersion", record.version, "Count", "gauge")
+        self._emit("ViperVersionLag", self.subscriber.lag if self.subscriber else 0, "Count", "gauge")
 
     def _refused(self, refusal: Refusal) -> None:
         self._emit("ViperFailedUpdates", 1, "Count", "counter")
+        self._emit("ViperVersionLag", self.subscriber.lag if self.subscriber else 0, "Count", "gauge")
 
     def _emit(self, name: str, value: float, unit: str, kind: str) -> None:
         if self._metrics is None:

@@ -238,3 +238,12 @@ def test_notice_for_another_model_sharing_the_topic_prefix_is_ignored(stored_ver
         forged.send(signed_notice(pfs_root, 2))
         assert subscriber.wait_for_version(2, WAIT_S)
         assert subscriber.version == 2 and not events.refusals
+
+
+def test_lag_counts_versions_announced_but_not_serving(stored_versions, pfs_root, forged, events) -> None:
+    with serving_v1(forged, pfs_root, events) as subscriber:
+        assert subscriber.lag == 0
+        corrupt(pfs_root, 3, "bitflip")
+        forged.send(signed_notice(pfs_root, 3))
+        events.wait_for_refusals(1)
+        assert subscriber.lag == 2  # v3 was announced; v1 still serves

@@ -195,7 +195,8 @@ def test_a_corrupt_update_is_refused_and_the_last_good_version_keeps_answering(t
     for _ in range(2000):
         if "ViperFailedUpdates" in server.metrics():
             break
-    assert "ViperFailedUpdates" in server.metrics()
+    metrics = server.metrics()
+    assert "ViperFailedUpdates" in metrics and "ViperVersionLag" in metrics
     response = answer(server, rows)
     assert response["version"] == first != refused
     assert torch.allclose(torch.tensor(response["outputs"]), expected_outputs(good, rows), atol=1e-6)

@@ -100,6 +100,7 @@ class ModelSubscriber:
         self._segment_maps = SegmentMaps()
         self._shared = SharedWeights() if zero_copy and _on_cpu(model) else None
         self._refused: OrderedDict[str, None] = OrderedDict()
+        self._newest_announced = 0
         self._version_changed = threading.Condition()
         self._stop = threading.Event()
         self._listening = threading.Event()
@@ -147,6 +148,11 @@ class ModelSubscriber:
     def version(self) -> int | None:
         """The version answering new requests, or None before the first update."""
         return self._slots.version
+
+    @property
+    def lag(self) -> int:
+        """How many versions the one serving is behind the newest valid notice seen."""
+        return max(0, self._newest_announced - (self.version or 0))
 
     @property
     def stats(self) -> SubscriberStats:
@@ -222,6 +228,7 @@ class ModelSubscriber:
             self._remember_refused(fingerprint)
             self._refuse(None, f"refused a notice: {exc}")
             return None
+        self._newest_announced = max(self._newest_announced, notice.version)
         current = self.version or 0
         if notice.version < current:
             self._remember_refused(fingerprint)
