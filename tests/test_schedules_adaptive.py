@@ -1,0 +1,269 @@
+"""Fixed and Greedy: the predictor schedules, driven on a fake clock and inside a real Trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+
+import lightning as L
+import numpy as np
+import pytest
+import yaml
+from jsonargparse import ArgumentParser
+
+from viper_lightning import ConfigurationError, FileSystemTier, ViperCallback
+from viper_lightning.predictor import (
+    FitError,
+    InferenceLoad,
+    LearningCurveFitter,
+    LossCurve,
+    LossPredictor,
+    PublishCosts,
+    predict_cil,
+)
+from viper_lightning.schedules import Fixed, Greedy, PublishSchedule
+
+from .conftest import LOOPBACK_ANY_PORT
+from .lightning_models import Regressor
+
+STEP_S = 1.0
+LOG = "viper_lightning.predictor"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def decaying(steps: int, noise: float = 0.0, seed: int = 0, rate: float = 40.0) -> np.ndarray:
+    x = np.arange(1, steps + 1)
+    return 0.9 * np.exp(-x / rate) + 0.1 + np.random.default_rng(seed).normal(0, noise, steps)
+
+
+def drive(schedule: PublishSchedule, losses, first: int = 1, clock: FakeClock | None = None, stall: float = 0.01,
+          served: Callable[[int, int], float] | None = None) -> list[int]:
+    """Run `schedule` as ViperCallback does, one step per second; return the steps it published at."""
+    clock = clock or FakeClock()
+    schedule.set_clock(clock)
+    published = []
+    for step, loss in enumerate(losses, first):
+        clock.now += STEP_S
+        if schedule.should_publish(step, float(loss)):
+            clock.now += stall
+            schedule.published(step, float(loss), stall)
+            published.append(step)
+        for version in schedule.probe_versions(step) if served else ():
+            schedule.observe_served_loss(version, served(version, step))
+    return published
+
+
+def common(**overrides) -> dict:
+    settings = dict(request_rate=1.0, total_requests=1000, warmup_steps=30, fallback_interval=10, step_time_s=STEP_S,
+                    load_time_s=0.5)
+    settings.update(overrides)
+    return settings
+
+
+# -- Fixed (Algorithm 2) -----------------------------------------------------------------------------------
+def test_fixed_warms_up_then_publishes_at_the_interval_it_chose() -> None:
+    schedule = Fixed(**common())
+    published = drive(schedule, decaying(300, noise=0.005))
+    assert published[:3] == [10, 20, 30]  # the warm-up's default schedule
+    gaps = set(np.diff(published[3:]).tolist())
+    assert schedule.interval is not None and gaps == {schedule.interval}
+    assert schedule.predicted_cil is not None and schedule.predicted_cil > 0
+
+
+def test_fixed_predicted_cil_matches_algorithm_1_on_what_actually_happened() -> None:
+    # A noise-free curve and no drift: the schedule's own forecast should equal the CIL of the
+    # publishes it then made, scored with the true curve.
+    losses = decaying(300)
+    schedule = Fixed(**common(total_requests=300))
+    published = drive(schedule, losses, stall=0.2)
+    true_version_loss = lambda steps: np.interp(np.asarray(steps) + 1, np.arange(1, 301), losses)  # noqa: E731
+    actual = predict_cil(true_version_loss, published, InferenceLoad(1.0, 300), PublishCosts(STEP_S, 0.2, 0.5))
+    assert schedule.predicted_cil == pytest.approx(actual.cil, rel=0.02)
+
+
+def test_a_stall_longer_than_the_interval_makes_fixed_publish_less() -> None:
+    cheap, dear = Fixed(**common()), Fixed(**common())
+    drive(cheap, decaying(60), stall=0.01)
+    drive(dear, decaying(60), stall=5 * STEP_S)  # each publish stalls training for 5 steps
+    assert cheap.interval is not None
+    assert dear.interval is None or dear.interval > cheap.interval
+
+
+# -- Greedy (Algorithm 3) ----------------------------------------------------------------------------------
+def test_greedy_publishes_often_while_the_loss_falls_and_rarely_once_it_is_flat() -> None:
+    schedule = Greedy(**common(warmup_steps=20, fallback_interval=5))
+    published = drive(schedule, decaying(400, noise=0.002))
+    after = [s for s in published if s > 20]
+    assert 1 <= len(after) < 380
+    early, late = [s for s in after if s <= 100], [s for s in after if s > 200]
+    assert len(early) > len(late)
+    assert schedule.threshold == pytest.approx(0.0, abs=0.05) or schedule.threshold > 0
+
+
+def test_refitting_follows_a_new_learning_curve_that_fitting_once_misses() -> None:
+    # The loss settles at 0.5, then (new data, a learning-rate change) falls again from step 150.
+    x = np.arange(1, 301, dtype=np.float64)
+    losses = 0.5 + 0.4 * np.exp(-x / 20) - np.where(x > 150, 0.4 * (1 - np.exp(-(x - 150) / 40)), 0.0)
+    once = Greedy(**common(warmup_steps=40))
+    refit = Greedy(**common(warmup_steps=40, refit_every=20, refit_error=0.2, fit_window=40))
+    after_change = lambda published: [s for s in published if 160 <= s <= 300]  # noqa: E731
+    assert after_change(drive(once, losses)) == []  # its curve said the loss had settled for good
+    assert len(after_change(drive(refit, losses))) >= 3
+
+
+def test_staleness_is_learnt_from_served_losses() -> None:
+    # Training loss stays flat; a served version's loss grows by 0.01 per step of age.
+    flat = np.full(200, 0.3)
+    served = lambda version, step: 0.3 + 0.01 * (step - 1 - version)  # noqa: E731
+    schedule = Greedy(**common(warmup_steps=20, refit_every=20, fit_window=40, probe_every=5, threshold=0.1))
+    published = drive(schedule, flat, served=served)
+    assert schedule.staleness.linear == pytest.approx(0.01, rel=0.05)
+    # Publishes about when 0.01·age first exceeds 0.1 (the slope is learnt, so give or take a step).
+    assert set(np.diff([s for s in published if s > 100]).tolist()) <= {10, 11, 12}
+
+
+def test_a_custom_predictor_is_used() -> None:
+    class Halving(LossCurve):
+        def __call__(self, steps):
+            return 1.0 / (1.0 + np.asarray(steps, dtype=np.float64))
+
+    class Oracle(LossPredictor):
+        def fit(self, steps, losses):
+            return Halving()
+
+    schedule = Greedy(**common(predictor=Oracle(), threshold=0.001))
+    drive(schedule, decaying(100))
+    assert isinstance(schedule.curve, Halving)
+
+
+# -- edge cases --------------------------------------------------------------------------------------------
+def test_zero_requests_fall_back_to_the_default_schedule(caplog) -> None:
+    schedule = Fixed(**common(total_requests=0))
+    with caplog.at_level(logging.WARNING, LOG):
+        published = drive(schedule, decaying(100))
+    assert published == list(range(10, 101, 10))
+    assert "past the last expected request" in caplog.text
+
+
+def test_a_warmup_longer_than_training_keeps_the_default_schedule() -> None:
+    schedule = Greedy(**common(warmup_steps=1000, fallback_interval=7))
+    assert drive(schedule, decaying(100)) == list(range(7, 101, 7))
+    assert schedule.curve is None and schedule.predicted_cil is None
+
+
+def test_non_finite_losses_fall_back_with_a_logged_reason_then_recover(caplog) -> None:
+    losses = np.concatenate([np.full(40, np.nan), decaying(60)])
+    losses[[3, 9]] = np.inf
+    schedule = Fixed(**common(warmup_steps=30, fallback_interval=10))
+    with caplog.at_level(logging.WARNING, LOG):
+        published = drive(schedule, losses)
+    assert "non-finite training loss" in caplog.text
+    assert "cannot fit the loss curve (only 0 finite losses, need at least 8)" in caplog.text
+    assert [s for s in published if s <= 40] == [10, 20, 30, 40]  # the fallback meanwhile
+    assert schedule.curve is not None  # refitted once enough finite losses arrived
+
+
+def test_too_few_points_after_a_short_warmup_fall_back_until_there_are_enough(caplog) -> None:
+    schedule = Greedy(**common(warmup_steps=3, fallback_interval=4))
+    with caplog.at_level(logging.WARNING, LOG):
+        drive(schedule, decaying(40))
+    assert "only 4 finite losses, need at least 8" in caplog.text
+    assert schedule.curve is not None
+
+
+def test_a_failing_user_predictor_falls_back_with_its_reason(caplog) -> None:
+    class Broken(LossPredictor):
+        def fit(self, steps, losses):
+            raise FitError("the oracle is on holiday")
+
+    schedule = Greedy(**common(predictor=Broken()))
+    with caplog.at_level(logging.WARNING, LOG):
+        assert drive(schedule, decaying(60)) == [10, 20, 30, 40, 50, 60]
+    assert "the oracle is on holiday" in caplog.text
+
+
+def test_bad_arguments_name_the_value_and_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match="warmup_steps=-1"):
+        Fixed(warmup_steps=-1)
+    with pytest.raises(ConfigurationError, match="request_rate=0.0"):
+        Greedy(request_rate=0.0)
+    with pytest.raises(ConfigurationError, match="threshold=-0.5"):
+        Greedy(threshold=-0.5)
+    with pytest.raises(ConfigurationError, match="predictor must be"):
+        Fixed(predictor="exp3")
+
+
+# -- state -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: Fixed(**common()),
+    lambda: Fixed(**common(refit_every=25, fit_window=60, probe_every=5)),
+    lambda: Greedy(**common()),
+    lambda: Greedy(**common(refit_every=25, refit_error=0.2, fit_window=60, probe_every=5, tune_threshold=True)),
+], ids=["fixed", "fixed_refit", "greedy", "greedy_refit"])
+def test_state_dict_round_trip_resumes_the_same_decisions(make) -> None:
+    losses = decaying(300, noise=0.01)
+    served = lambda version, step: 0.1 + 0.002 * (step - version)  # noqa: E731
+    original, clock = make(), FakeClock()
+    drive(original, losses[:120], clock=clock, served=served)
+    state = json.loads(json.dumps(original.state_dict(), allow_nan=False))  # plain JSON values only
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed_clock = FakeClock()
+    resumed_clock.now = clock.now
+    assert drive(resumed, losses[120:], 121, resumed_clock, served=served) == \
+        drive(original, losses[120:], 121, clock, served=served)
+    assert resumed.predicted_cil == pytest.approx(original.predicted_cil, rel=0.05)
+
+
+def test_a_fresh_state_round_trips_too() -> None:
+    schedule = Greedy()
+    schedule.load_state_dict(json.loads(json.dumps(schedule.state_dict(), allow_nan=False)))
+    assert schedule.predicted_cil is None
+
+
+# -- Lightning ---------------------------------------------------------------------------------------------
+def test_greedy_in_a_real_trainer_publishes_fewer_times_than_steps(tmp_path) -> None:
+    steps = 160
+    L.seed_everything(0, verbose=False)  # the losses, hence the decisions, are then reproducible
+    schedule = Greedy(request_rate=50.0, total_requests=100_000, warmup_steps=20, fallback_interval=10,
+                      refit_every=20, fit_window=40)
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, str(tmp_path / "pfs"), schedule=schedule,
+                             publish_on_train_end=False)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[callback])
+    trainer.fit(Regressor())
+    versions = FileSystemTier(str(tmp_path / "pfs")).versions("regressor")
+    assert 3 <= len(versions) < steps  # the warm-up's two, then at least one chosen by the rule
+    assert callback.last_step > 20
+    assert schedule.curve is not None and schedule.predicted_cil is not None
+    assert json.dumps(callback.state_dict()["schedule"], allow_nan=False)
+
+
+@pytest.mark.parametrize("name", ["Fixed", "Greedy"])
+def test_lightning_cli_yaml_selects_the_schedule_with_init_args(name, tmp_path) -> None:
+    config = {"callback": {"class_path": "viper_lightning.ViperCallback", "init_args": {
+        "model_name": "nt3", "pfs_root": str(tmp_path), "schedule": {
+            "class_path": f"viper_lightning.schedules.{name}",
+            "init_args": {"request_rate": 20.0, "total_requests": 5000, "warmup_steps": 40, "refit_every": 25,
+                          "load_time_s": 0.02, "predictor": {
+                              "class_path": "viper_lightning.predictor.LearningCurveFitter",
+                              "init_args": {"families": ["exp3", "lin2"]}}}}}}}
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=ViperCallback)
+    parsed = parser.parse_string(yaml.safe_dump(config))
+    callback = parser.instantiate(parsed).callback
+    schedule = callback.schedule
+    assert type(schedule).__name__ == name and schedule.needs_loss
+    assert schedule.load == InferenceLoad(20.0, 5000) and schedule.warmup_steps == 40 and schedule.refitting
+    assert isinstance(schedule.predictor, LearningCurveFitter) and schedule.predictor.families == ("exp3", "lin2")
+    assert math.isclose(schedule.costs().load_time_s, 0.02)
