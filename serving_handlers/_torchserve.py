@@ -81,8 +81,9 @@ class TorchServe:
     def stop(self) -> None:
         """Stop the JVM and its workers, and wait until they are gone."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
+        # Even if the launcher already exited, the JVM and workers of its group may not have.
         _signal_group(process, signal.SIGTERM)
         if not _group_gone(process, 60.0):
             _signal_group(process, signal.SIGKILL)

@@ -268,3 +268,24 @@ def test_collective_route_delivers_over_gloo(model_name, events) -> None:
 def test_nccl_without_a_gpu_tier_is_a_configuration_error(model_name) -> None:
     with pytest.raises(ConfigurationError, match="needs a CUDA build|need the GPU tier"):
         ModelPublisher(model_name, LOOPBACK_ANY_PORT, collective_endpoint="nccl://127.0.0.1:0")
+
+
+@pytest.mark.parametrize("request_body", [
+    {"op": "read", "version": 1},                       # no offset/length: must not leak a pin
+    {"op": ["read"], "version": 1},                     # unhashable op
+    {"op": "read", "version": 1, "offset": "0", "length": 8},
+])
+def test_malformed_fetch_requests_are_answered_and_leak_nothing(model_name, zmq_context, request_body) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher:
+        version = publisher.publish(TinyNet())
+        publisher.flush(WAIT_S)
+        with zmq_context.socket(zmq.DEALER) as peer:
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(publisher.fetch_endpoint)
+            peer.send_json({"proto": 1, "model": model_name, **request_body})
+            assert peer.poll(int(WAIT_S * 1000))
+            assert peer.recv_json()["status"] == "error"
+        held = publisher._store.pin(version)
+        assert held is not None and held.pins == 1  # only the pin just taken: none leaked
+        publisher._store.unpin(held)
+        assert publisher.version == version and publisher.publish(TinyNet()) == version + 1  # server alive

@@ -3,12 +3,14 @@ Framework-agnostic; ViperCallback is a thin Lightning layer over it."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -134,6 +136,9 @@ class ModelPublisher:
             raise
         self.fetch_endpoint = self._fetch.endpoint if self._fetch else None
         self.endpoint = self._announcer.endpoint
+        # A program that exits without close() still flushes, stops its threads before the
+        # interpreter tears them down, and removes its segments.
+        atexit.register(_close_at_exit, weakref.ref(self))
         self._flusher = (Flusher(self._pfs, self.model_name, self._key, keep_versions, self._manifest,
                                  self._flushed) if self._pfs else None)
 
@@ -296,6 +301,15 @@ class ModelPublisher:
         error = self._failure()
         if error is not None:
             raise error
+
+
+def _close_at_exit(reference: weakref.ref) -> None:
+    publisher = reference()
+    if publisher is not None and not publisher._closed:
+        try:
+            publisher.close()
+        except Exception:  # noqa: BLE001 - at exit there is no caller left to raise to
+            log.exception("closing the publisher of %r at exit failed", publisher.model_name)
 
 
 def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:

@@ -93,6 +93,7 @@ class TieredStore:
         self._changed = threading.Condition()
         self._serial = 0
         self._warming = False
+        self._warmer: threading.Thread | None = None
         self._segments: set[Segment] = set()
         # Even without close() (an exception, a forgotten context manager), the segments go
         # when the store is collected or the interpreter exits; only a hard crash leaves them,
@@ -132,8 +133,9 @@ class TieredStore:
                 self._slots += 1  # reserved now, filled in by the warming thread
                 self._warming = True
         if warm_spare:
-            threading.Thread(target=self._warm_spare, args=(layout.nbytes,), daemon=True,
-                             name=f"viper-warm-{self.model}").start()
+            self._warmer = threading.Thread(target=self._warm_spare, args=(layout.nbytes,), daemon=True,
+                                            name=f"viper-warm-{self.model}")
+            self._warmer.start()
         return held
 
     # -- readers: flusher and fetch server -------------------------------------------------
@@ -170,6 +172,8 @@ class TieredStore:
 
     def close(self) -> None:
         """Remove every segment: nothing of ours may outlive the producer in /dev/shm."""
+        if self._warmer is not None:
+            self._warmer.join()  # it may be creating a segment right now
         with self._changed:
             self._held.clear()
             self._free.clear()
@@ -212,7 +216,15 @@ class TieredStore:
                                         "flush, a transfer or consumers serving from it")
                 # Consumers releasing a zero-copy pin cannot signal us: look again shortly.
                 self._changed.wait(_PIN_POLL_S if remaining is None else min(_PIN_POLL_S, remaining))
-        return slot if slot is not None else self._new_slot(nbytes)
+        if slot is not None:
+            return slot
+        try:
+            return self._new_slot(nbytes)
+        except BaseException:
+            with self._changed:  # the reserved place in the pool is free again
+                self._slots -= 1
+                self._changed.notify_all()
+            raise
 
     def _consumer_pinned(self) -> bool:
         return any(slot.segment is not None for slot in self._free)  # free, yet not lockable

@@ -65,8 +65,16 @@ class Segment:
         self.capacity = capacity
         self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(self._fd, HEADER_BYTES + max(capacity, 1))
+            # Reserve the memory now: tmpfs files are sparse, and a full /dev/shm would otherwise
+            # surface as SIGBUS on the training thread's first copy instead of as an error here.
+            os.posix_fallocate(self._fd, 0, HEADER_BYTES + max(capacity, 1))
             self._map = mmap.mmap(self._fd, HEADER_BYTES + max(capacity, 1))
+        except OSError as exc:
+            os.close(self._fd)
+            os.unlink(self.path)
+            raise ConfigurationError(
+                f"cannot reserve {capacity} bytes in {SHM_DIR} ({exc.strerror}); enlarge it (e.g. "
+                "docker --shm-size) or turn the DRAM tier off with dram_versions=0") from None
         except BaseException:
             os.close(self._fd)
             os.unlink(self.path)

@@ -103,14 +103,16 @@ class FetchServer:
     def _answer(self, peer: bytes, raw: bytes) -> None:
         try:
             request = _parse_request(raw, self._key, self._model)
-            handler = {"open": self._open, "read": self._read, "latest": self._latest}.get(request.get("op"))
+            op = request.get("op")
+            handler = {"open": self._open, "read": self._read, "latest": self._latest}.get(op) \
+                if isinstance(op, str) else None
             if handler is None:
-                raise ProtocolError(f"unknown fetch op {request.get('op')!r}")
+                raise ProtocolError(f"unknown fetch op {op!r}")
             handler(peer, request)
-        except (ProtocolError, ValueError) as exc:
-            self._reply(peer, {"status": "error", "reason": str(exc)})
         except zmq.ZMQError as exc:
             log.warning("fetch peer went away before its answer was sent: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a bad request is answered, never fatal to the server
+            self._reply(peer, {"status": "error", "reason": str(exc)})
 
     def _open(self, peer: bytes, request: dict) -> None:
         readable = self._pinned(peer, request)
@@ -122,10 +124,10 @@ class FetchServer:
                 readable.release()
 
     def _read(self, peer: bytes, request: dict) -> None:
+        offset, length = _count(request, "offset"), _count(request, "length")  # before pinning anything
         readable = self._pinned(peer, request)
         if readable is None:
             return
-        offset, length = _count(request, "offset"), _count(request, "length")
         if offset + length > readable.data.numel() or length > CHUNK_BYTES:
             readable.release()
             raise ProtocolError(f"read of {length} bytes at {offset} is outside the version")
