@@ -111,6 +111,10 @@ class ModelPublisher:
         self.producer_id = f"{self._host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
         self._next_version = max(resume_after, self._pfs.highest(self.model_name) if self._pfs else 0) + 1
+        if self._pfs is None and resume_after == 0:
+            log.warning("%s: no pfs_root and no resume_after, so versions start at 1 again; consumers that "
+                        "served a previous run refuse them as older. Pass resume_after (ViperCallback does "
+                        "from its checkpoint) or a pfs_root.", self.model_name)
         self._store = TieredStore(self.model_name, self._host, dram_versions=dram_versions)
         self._infos: dict[int, _Info] = {}
         self._state = threading.Condition()
