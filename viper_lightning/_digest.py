@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 import xxhash
 
-from ._errors import IntegrityError
-
-__all__ = ["ALGORITHM", "Digester", "digest_buffer", "check_digest"]
+__all__ = ["ALGORITHM", "Digester", "digest_buffer"]
 
 ALGORITHM = "xxh3_128"
 
@@ -29,17 +27,6 @@ class Digester:
 def digest_buffer(buffer: torch.Tensor | memoryview | bytes) -> str:
     """Digest of a whole buffer, as `xxh3_128:<hex>`."""
     return f"{ALGORITHM}:{xxhash.xxh3_128_hexdigest(_as_bytes_view(buffer))}"
-
-
-def check_digest(expected: str, buffer: torch.Tensor | memoryview, what: str) -> None:
-    """Raise IntegrityError when the buffer's digest differs from the announced one."""
-    algorithm = expected.split(":", 1)[0]
-    if algorithm != ALGORITHM:
-        raise IntegrityError(f"{what}: unsupported digest algorithm {algorithm!r}; expected {ALGORITHM}")
-    actual = digest_buffer(buffer)
-    if actual != expected:
-        raise IntegrityError(f"{what}: digest mismatch (announced {expected}, computed {actual}); "
-                             "the bytes were damaged or replaced")
 
 
 def _as_bytes_view(data: memoryview | bytes | torch.Tensor) -> memoryview | bytes:

@@ -144,7 +144,7 @@ class Notice:
             raise ProtocolError(f"{what}: protocol {payload.get('proto')!r} is not supported (this side speaks {PROTO})")
         verify_mac(payload, key, what)
         return cls(
-            model=check_field_model(payload, what),
+            model=_model_field(payload, what),
             version=_positive_int(payload, "version", what),
             nbytes=_count(payload, "nbytes", what),
             digest=_digest_field(payload, what),
@@ -176,7 +176,7 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not allowed (canonical JSON has no NaN or Infinity)")
 
 
-def check_field_model(payload: dict[str, object], what: str) -> str:
+def _model_field(payload: dict[str, object], what: str) -> str:
     try:
         return check_model_name(payload.get("model"))
     except ConfigurationError:
