@@ -3,6 +3,7 @@ and every fault falling back to the next tier while the consumer keeps serving."
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -12,10 +13,11 @@ import pytest
 import torch
 import zmq
 
-from viper_lightning import (ConfigurationError, FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice, StorageError,
+from viper_lightning import (ConfigurationError, FileSystemTier, ProtocolError, Location, ModelPublisher, ModelSubscriber, Notice, StorageError,
                              TransferError, TransferPlanner, take_snapshot)
 from viper_lightning.storage._shm import HEADER, HEADER_BYTES, MAGIC, SHM_DIR, READY
 from viper_lightning.transport._fetch import FetchClient
+from viper_lightning.transport._protocol import sign
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
 from .test_bad_input import ForgedProducer
@@ -118,19 +120,20 @@ def test_vanished_segment_falls_back_to_the_next_route(model_name, pfs_root, eve
 class SilentProducer:
     """A fetch endpoint that answers 'open' and then dies: a producer lost mid-transfer."""
 
-    def __init__(self, context: zmq.Context, nbytes: int, digest: str) -> None:
+    def __init__(self, context: zmq.Context, model: str, version: int, nbytes: int, digest: str) -> None:
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(LOOPBACK_ANY_PORT)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.nbytes, self.digest = nbytes, digest
+        self.answer = {"status": "ok", "model": model, "version": version, "nbytes": nbytes, "digest": digest,
+                       "chunk_bytes": 8388608}
+        self.answer["mac"] = sign(self.answer, KEY)
 
     def answer_open_then_die(self) -> None:
         if not self.socket.poll(int(WAIT_S * 1000)):
             raise AssertionError("the consumer never asked")
         peer, _ = self.socket.recv_multipart()
-        answer = f'{{"status":"ok","nbytes":{self.nbytes},"digest":"{self.digest}","chunk_bytes":8388608}}'
-        self.socket.send_multipart([peer, answer.encode()])
+        self.socket.send_multipart([peer, json.dumps(self.answer).encode()])
         self.socket.close(0)
 
 
@@ -140,7 +143,7 @@ def test_producer_lost_mid_transfer_falls_back_to_files(model_name, pfs_root, zm
         version = publisher.publish(producer)
     tier = FileSystemTier(pfs_root)
     stored = tier.read_manifest(model_name, version, KEY)
-    silent = SilentProducer(zmq_context, stored.nbytes, stored.digest)
+    silent = SilentProducer(zmq_context, model_name, version, stored.nbytes, stored.digest)
     forged = ForgedProducer(zmq_context, topic=model_name.encode())
     notice = stored.with_locations((Location("dram", "other-host", silent.endpoint),
                                     Location("pfs", "host", tier.address(model_name, version))))
@@ -289,3 +292,17 @@ def test_malformed_fetch_requests_are_answered_and_leak_nothing(model_name, zmq_
         assert held is not None and held.pins == 1  # only the pin just taken: none leaked
         publisher._store.unpin(held)
         assert publisher.version == version and publisher.publish(TinyNet()) == version + 1  # server alive
+
+
+def test_unsigned_fetch_answers_are_refused_when_keyed(model_name, zmq_context) -> None:
+    """With a key, the digest that vouches for the bytes must be signed: an impostor endpoint is refused."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as unkeyed:  # an impostor without the key
+        version = unkeyed.publish(TinyNet())
+        unkeyed.flush(WAIT_S)
+        client = FetchClient(zmq_context, unkeyed.fetch_endpoint, model_name, None, WAIT_S)
+        keyed = FetchClient(zmq_context, unkeyed.fetch_endpoint, model_name, KEY, WAIT_S)
+        buffer = torch.empty(1 << 20, dtype=torch.uint8)
+        nbytes = take_snapshot(TinyNet().state_dict()).layout.nbytes
+        client.fetch_into(version, buffer, nbytes)  # without a key, the digest is all there is
+        with pytest.raises(ProtocolError, match="fetch answer .* carries no MAC"):
+            keyed.fetch_into(version, buffer, nbytes)

@@ -118,8 +118,11 @@ class FetchServer:
         readable = self._pinned(peer, request)
         if readable is not None:
             try:
-                self._reply(peer, {"status": "ok", "nbytes": readable.data.numel(),
-                                   "digest": readable.digest(), "chunk_bytes": CHUNK_BYTES})
+                answer = {"status": "ok", "model": self._model, "version": _count(request, "version"),
+                          "nbytes": readable.data.numel(), "digest": readable.digest(), "chunk_bytes": CHUNK_BYTES}
+                if self._key is not None:  # the digest vouches for every byte that follows: sign it
+                    answer["mac"] = sign(answer, self._key)
+                self._reply(peer, answer)
             finally:
                 readable.release()
 
@@ -178,6 +181,10 @@ class FetchClient:
             socket.setsockopt(zmq.LINGER, 0)
             socket.connect(self._endpoint)
             opened = self._ask(socket, {"op": "open", "version": version})
+            verify_mac(opened, self._key, f"fetch answer from {self._endpoint}")
+            if opened.get("model") != self._model or opened.get("version") != version:
+                raise ProtocolError(f"{self._endpoint} answered for {opened.get('model')!r} "
+                                    f"v{opened.get('version')}, not {self._model!r} v{version}")
             if opened["nbytes"] != nbytes:
                 raise IntegrityError(f"producer serves {opened['nbytes']} bytes for version {version}, "
                                      f"the notice announced {nbytes}")
