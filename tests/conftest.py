@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -72,6 +73,13 @@ class Events:
             if not self._changed.wait_for(lambda: len(self.updates) >= count, timeout):
                 raise AssertionError(f"expected {count} updates within {timeout} s, got {self.updates}")
             return list(self.updates)
+
+
+def free_port() -> int:
+    """A loopback port free right now, for servers whose address must be known before they start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -4,20 +4,15 @@ answers with each version, and everything stops cleanly."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from .conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_demo_trains_publishes_and_serves(tmp_path) -> None:

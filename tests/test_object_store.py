@@ -3,7 +3,6 @@ server mode) on loopback, started by the test."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -16,16 +15,10 @@ import pytest
 from viper_lightning import FileSystemTier, ModelPublisher, ModelSubscriber
 from viper_lightning.storage._files import FsspecFiles
 
-from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed
+from .conftest import LOOPBACK_ANY_PORT, free_port, WAIT_S, TinyNet, assert_same_weights, perturbed
 
 s3fs = pytest.importorskip("s3fs", reason="the optional 's3' extra (s3fs, moto[server]) is not installed")
 pytest.importorskip("moto", reason="the optional 's3' extra (s3fs, moto[server]) is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, timeout: float) -> None:

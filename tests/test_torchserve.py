@@ -15,9 +15,8 @@ from serving_handlers import TorchServe, build_archive
 from viper_lightning import FileSystemTier, ModelPublisher, ViperCallback
 from viper_lightning.schedules import EveryNSteps
 
-from .conftest import LOOPBACK_ANY_PORT, perturbed
+from .conftest import LOOPBACK_ANY_PORT, free_port, perturbed
 from .serving_model import Scorer
-from .test_demo import free_port
 
 MODEL_FILE = Path(__file__).with_name("serving_model.py")
 WAIT_S = 120.0

@@ -59,21 +59,21 @@ def load_from_segment(maps: SegmentMaps, notice: Notice, location: Location,
 def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, staging: torch.Tensor,
                    notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
     """Other host (or forced): stream from the producer's fetch endpoint, digest as it lands."""
-    started = time.perf_counter()
     client = FetchClient(context, location.address, notice.model, key, timeout)
-    digest, digest_s = client.fetch_into(notice.version, staging, notice.nbytes)
-    if notice.digest is not None and digest != notice.digest:
-        raise IntegrityError(f"the producer served digest {digest} for version {notice.version}, "
-                             f"but its notice announced {notice.digest}")
-    load_tensors(standby, notice.layout.views(staging))
-    return time.perf_counter() - started - digest_s, digest_s
+    return _load_streamed(client.fetch_into, notice, staging, standby)
 
 
 def load_from_collective(timeout: float, staging: torch.Tensor, notice: Notice, location: Location,
                          standby: torch.nn.Module) -> tuple[float, float]:
     """torch.distributed point-to-point (Gloo here; NCCL with the GPU tier), digest checked."""
+    return _load_streamed(CollectiveClient(location.address, timeout).fetch_into, notice, staging, standby)
+
+
+def _load_streamed(fetch_into: Callable[[int, torch.Tensor, int], tuple[str, float]], notice: Notice,
+                   staging: torch.Tensor, standby: torch.nn.Module) -> tuple[float, float]:
+    """A peer streams the version into staging (digesting it); check that digest against the notice's."""
     started = time.perf_counter()
-    digest, digest_s = CollectiveClient(location.address, timeout).fetch_into(notice.version, staging, notice.nbytes)
+    digest, digest_s = fetch_into(notice.version, staging, notice.nbytes)
     if notice.digest is not None and digest != notice.digest:
         raise IntegrityError(f"the producer served digest {digest} for version {notice.version}, "
                              f"but its notice announced {notice.digest}")

@@ -168,6 +168,8 @@ class ModelPublisher:
             self._pending += 1
         held = self._store.commit(version, layout, slot, pin=self._flusher is not None)
         self.last_stall_s = time.perf_counter() - started
+        if self._flusher is None:  # memory only: the stall is all there is to record
+            self.last_commit = CommitRecord(version, self.last_stall_s, 0.0, 0.0)
         self._remember(version, _Info(layout, step, epoch, created_at, self.last_stall_s, held))
         if self._store.uses_dram:
             self._announcer.announce(version, final=self._flusher is None)
@@ -251,10 +253,6 @@ class ModelPublisher:
         with self._state:
             self._pending -= 1
             self._committed = max(self._committed or 0, version)
-            if self.last_commit is None or self.last_commit.version != version:
-                info = self._infos.get(version)
-                if info is not None and self._flusher is None:
-                    self.last_commit = CommitRecord(version, info.stall_s, 0.0, 0.0)
             self._state.notify_all()
 
     def _remember(self, version: int, info: _Info) -> None:
