@@ -13,11 +13,15 @@ TorchServe, until its first answer) and `torchserve-viper` (publish until TorchS
 ViperHandler answers with the new version; both on a one-layer model of the same size, cheap to
 run).
 `--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together.
+Where CUDA exists, `gpu-ipc` (the GPU tier, a consumer on the same GPU over CUDA IPC) and, with
+two GPUs, `gpu-nccl` (a consumer on the second GPU over NCCL) join them; without, they are
+skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import multiprocessing
@@ -64,13 +68,29 @@ class ViperCase:
 
     dram_versions: int
     route: str
+    gpu_device: str | None = None  # the producer's GPU tier
+    collective: str | None = None
+    consumer_device: str = "cpu"
+    gpus_needed: int = 0
 
 
 VIPER_CASES = {
     "pfs": ViperCase(dram_versions=0, route="pfs"),
     "dram-shm": ViperCase(dram_versions=1, route="dram-shm"),
     "dram-zmq": ViperCase(dram_versions=1, route="dram-zmq"),
+    "gpu-ipc": ViperCase(dram_versions=1, route="gpu-ipc", gpu_device="cuda:0", consumer_device="cuda:0",
+                         gpus_needed=1),
+    "gpu-nccl": ViperCase(dram_versions=1, route="gpu-nccl", gpu_device="cuda:0", collective="nccl://127.0.0.1:0",
+                          consumer_device="cuda:1", gpus_needed=2),  # NCCL refuses two ranks on one GPU
 }
+
+
+def unavailable(strategy: str) -> str | None:
+    """Why a strategy cannot run on this machine, or None."""
+    case = VIPER_CASES.get(strategy)
+    if case is None or case.gpus_needed <= torch.cuda.device_count():
+        return None
+    return f"needs {case.gpus_needed} CUDA device(s), this machine has {torch.cuda.device_count()}"
 
 
 def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes: float,
@@ -80,11 +100,15 @@ def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes:
     for the memory strategies it is the burst buffer draining in the background."""
     case = VIPER_CASES[strategy]
     spawn = multiprocessing.get_context("spawn")
+    if case.gpu_device is not None:
+        model = copy.deepcopy(model).to(case.gpu_device)
     with tempfile.TemporaryDirectory(prefix="viper-bench-") as root, \
-         ModelPublisher("bench", "tcp://127.0.0.1:*", root, dram_versions=case.dram_versions) as publisher:
+         ModelPublisher("bench", "tcp://127.0.0.1:*", root, dram_versions=case.dram_versions,
+                        gpu_device=case.gpu_device, collective_endpoint=case.collective) as publisher:
         reports, done = spawn.Queue(), spawn.Event()
         processes = [spawn.Process(target=_follow, args=(megabytes, publisher.endpoint, root, case.route,
-                                                         reports, done)) for _ in range(consumers)]
+                                                         case.consumer_device, reports, done))
+                     for _ in range(consumers)]
         for process in processes:
             process.start()
         try:
@@ -99,7 +123,7 @@ def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes:
     return _summarise(runs)
 
 
-def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, reports, done) -> None:
+def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, device: str, reports, done) -> None:
     """A consumer process: report each update once the new weights are ready to answer."""
 
     def report(record) -> None:
@@ -107,7 +131,7 @@ def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, reports,
             touch_s = _first_touch(served)
         reports.put({**asdict(record), "touch_s": touch_s})
 
-    subscriber = ModelSubscriber(nt3_of_size(megabytes), "bench", endpoint, pfs_root, routes=[route],
+    subscriber = ModelSubscriber(nt3_of_size(megabytes).to(device), "bench", endpoint, pfs_root, routes=[route],
                                  load_latest=False, on_update=report,
                                  on_refusal=lambda refusal: reports.put({"refused": refusal.reason}))
     with subscriber:
@@ -122,6 +146,8 @@ def _first_touch(model: torch.nn.Module) -> float:
         for tensor in model.state_dict().values():
             flat = tensor.reshape(-1)
             flat[:: max(1, 4096 // tensor.element_size())].sum()
+        if tensor.is_cuda:
+            torch.cuda.synchronize(tensor.device)
     return time.perf_counter() - started
 
 
@@ -196,6 +222,10 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
     cases = [(name, STRATEGIES[name]) for name in strategies]
     if consumers > 1:
         cases.append((f"dram-shm-x{consumers}", functools.partial(measure_viper, "dram-shm", consumers=consumers)))
+    for name, why in [(name, unavailable(name)) for name, _ in cases]:
+        if why is not None:
+            print(f"skipping {name}: {why}")
+    cases = [(name, measure) for name, measure in cases if unavailable(name) is None]
     results = []
     with tqdm(total=len(sizes_mb) * len(cases), desc="update latency", unit="case") as bar:
         for megabytes in sizes_mb:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     parser.add_argument("--pfs-root")
     parser.add_argument("--hmac-key-file")
-    parser.add_argument("--routes", nargs="+", help="allowed routes: dram-shm dram-zmq pfs")
+    parser.add_argument("--routes", nargs="+", help="allowed routes: gpu-ipc dram-shm gpu-nccl dram-zmq collective pfs")
     parser.add_argument("--export-path", default="model_store")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--no-archive", action="store_true", help="write a folder instead of a .mar")

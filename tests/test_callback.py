@@ -143,3 +143,22 @@ def test_only_global_rank_zero_publishes(tmp_path, pfs_root) -> None:
     assert tier.versions("regressor") == [1, 2, 3]
     producers = {tier.read_manifest("regressor", v, None).producer for v in (1, 2, 3)}
     assert len(producers) == 1
+
+
+def test_gpu_tier_through_the_callback_reaches_the_file_system(tmp_path, pfs_root) -> None:
+    """gpu_device="cpu": the GPU tier's cascade (device copy, host copy, file system) driven by a
+    real Trainer; on a CUDA module "auto" picks the module's device instead."""
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, pfs_root, schedule=EveryNSteps(100),
+                             gpu_device="cpu", collective_endpoint="gloo://127.0.0.1:0")
+    module = Regressor()
+    make_trainer(tmp_path, callback, enable_checkpointing=False).fit(module)
+    assert callback.last_version == 3
+    stored = safetensors.torch.load_file(f"{pfs_root}/regressor/v3/model.safetensors")
+    assert_same_weights(module.state_dict(), stored)
+
+
+def test_gpu_device_setting_is_checked_when_the_callback_is_built() -> None:
+    with pytest.raises(ConfigurationError, match="gpu_device='gpu0'"):
+        ViperCallback("regressor", gpu_device="gpu0")
+    with pytest.raises(ConfigurationError, match="collective address"):
+        ViperCallback("regressor", collective_endpoint="tcp://127.0.0.1:1")

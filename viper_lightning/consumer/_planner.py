@@ -18,7 +18,9 @@ __all__ = ["Route", "TransferPlanner", "ROUTE_KINDS"]
 
 # (setup seconds, bytes per second): seeds, replaced by measurements as transfers happen.
 DEFAULT_COSTS: dict[str, tuple[float, float]] = {
+    "gpu-ipc": (0.002, 100e9),  # a device-to-device copy out of the producer's GPU memory
     "dram-shm": (0.001, 8e9),
+    "gpu-nccl": (0.025, 20e9),  # NCCL point-to-point: a new group per transfer
     "dram-zmq": (0.002, 1.2e9),
     "collective": (0.025, 1.9e9),  # torch.distributed point-to-point: a new group per transfer
     "pfs": (0.005, 1.0e9),
@@ -35,13 +37,15 @@ class Route:
 
 
 class TransferPlanner:
-    """Ranks the routes to a version for one consumer on `host`."""
+    """Ranks the routes to a version for one consumer on `host`; the GPU tier's routes need a
+    consumer whose model is on a GPU (`on_gpu`)."""
 
-    def __init__(self, host: str, allowed: Sequence[str] | None = None) -> None:
+    def __init__(self, host: str, allowed: Sequence[str] | None = None, *, on_gpu: bool = False) -> None:
         unknown = sorted(set(allowed or ()) - set(ROUTE_KINDS))
         if unknown:
             raise ConfigurationError(f"unknown transfer routes {unknown}; choose from {list(ROUTE_KINDS)}")
         self.host = host
+        self.on_gpu = on_gpu
         self.allowed = tuple(allowed) if allowed else ROUTE_KINDS
         self._bandwidth = {kind: rate for kind, (_, rate) in DEFAULT_COSTS.items()}
 
@@ -64,6 +68,8 @@ class TransferPlanner:
     def _kind(self, location: Location) -> str | None:
         if location.tier == "pfs":
             return "pfs"
+        if location.tier == "gpu":
+            return self._gpu_kind(location)
         if location.tier == "dram" and location.address.startswith("shm://"):
             return "dram-shm" if location.host == self.host else None  # a segment is host-local
         if location.tier == "dram" and location.address.startswith(("gloo://", "nccl://")):
@@ -71,6 +77,15 @@ class TransferPlanner:
         if location.tier == "dram":
             return "dram-zmq"
         return None
+
+    def _gpu_kind(self, location: Location) -> str | None:
+        if location.address.startswith("gloo://"):
+            return "collective"  # the GPU tier kept in host memory (gpu_device="cpu")
+        if not self.on_gpu:
+            return None  # a CPU model gains nothing from a device copy: the dram tier is closer
+        if location.address.startswith("nccl://"):
+            return "gpu-nccl"
+        return "gpu-ipc" if location.host == self.host else None  # IPC handles are host-local
 
 
 def explain(chosen: Route, routes: list[Route], failures: list[str]) -> str:

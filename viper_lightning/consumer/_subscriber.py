@@ -27,7 +27,14 @@ from ..storage._shm import SegmentMaps
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._planner import Route, TransferPlanner, explain
-from ._routes import SharedWeights, load_from_collective, load_from_files, load_from_peer, load_from_segment
+from ._routes import (
+    SharedWeights,
+    load_from_collective,
+    load_from_device,
+    load_from_files,
+    load_from_peer,
+    load_from_segment,
+)
 from ._slots import Lease, ModelSlots
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
 
@@ -50,7 +57,8 @@ class ModelSubscriber:
         pfs_root: the file-system tier as this host sees it; when None, a notice's file
             location is followed only if it is a local absolute path.
         hmac_key: the producer's shared key; notices, manifests and fetches are authenticated.
-        routes: allowed transfer routes ("dram-shm", "dram-zmq", "collective", "pfs"); None allows all.
+        routes: allowed transfer routes ("gpu-ipc", "dram-shm", "gpu-nccl", "dram-zmq", "collective",
+            "pfs"); None allows all. The gpu routes are taken only by a model on a GPU.
         zero_copy: on the "dram-shm" route, serve straight from the producer's segment
             (copy-on-write, pinned while in use) instead of copying it; needs a CPU model.
         host_id: this host's name, compared with the notice's to use shared memory (default:
@@ -88,7 +96,8 @@ class ModelSubscriber:
         self.endpoint = check_endpoint(endpoint)
         self._key = normalize_key(hmac_key)
         self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
-        self._planner = TransferPlanner(host_id or socket.gethostname(), routes)
+        self._device = _device_of(model)
+        self._planner = TransferPlanner(host_id or socket.gethostname(), routes, on_gpu=_is_cuda(self._device))
         self._fetch_timeout = fetch_timeout
         self._load_latest = load_latest
         self._poll_interval = poll_interval
@@ -97,8 +106,9 @@ class ModelSubscriber:
         self._slots = ModelSlots(model)
         self._recorder = StatsRecorder(history)
         self._staging: torch.Tensor | None = None
+        self._device_staging: torch.Tensor | None = None
         self._segment_maps = SegmentMaps()
-        self._shared = SharedWeights() if zero_copy and _on_cpu(model) else None
+        self._shared = SharedWeights() if zero_copy and self._device == torch.device("cpu") else None
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._newest_announced = 0
         self._version_changed = threading.Condition()
@@ -301,6 +311,10 @@ class ModelSubscriber:
             return self._shared.load
         if kind == "dram-shm":
             return functools.partial(load_from_segment, self._segment_maps)
+        if kind == "gpu-ipc":
+            return functools.partial(load_from_device, self._context, self._key, self._fetch_timeout)
+        if kind == "gpu-nccl":
+            return functools.partial(load_from_collective, self._fetch_timeout, self._device_staging_for())
         staging = self._staging_for()
         if kind == "dram-zmq":
             return functools.partial(load_from_peer, self._context, self._key, self._fetch_timeout, staging)
@@ -311,6 +325,13 @@ class ModelSubscriber:
     def _staging_for(self) -> torch.Tensor:
         self._staging = ensure_capacity(self._staging, self._expected.nbytes)
         return self._staging
+
+    def _device_staging_for(self) -> torch.Tensor:
+        """NCCL receives into device memory: a reused buffer on the model's GPU."""
+        nbytes = max(self._expected.nbytes, 1)
+        if self._device_staging is None or self._device_staging.numel() < nbytes:
+            self._device_staging = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+        return self._device_staging
 
     def _wait_for_idle_standby(self) -> torch.nn.Module:
         while not self._stop.is_set():
@@ -346,5 +367,12 @@ class ModelSubscriber:
             raise self._error
 
 
-def _on_cpu(model: torch.nn.Module) -> bool:
-    return all(tensor.device.type == "cpu" for tensor in model.state_dict().values())
+def _device_of(model: torch.nn.Module) -> torch.device | None:
+    """Where the model's weights live; None for a model split across devices (it loads
+    through the host routes, copying each tensor to its own device)."""
+    devices = {tensor.device for tensor in model.state_dict().values()} or {torch.device("cpu")}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _is_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda"

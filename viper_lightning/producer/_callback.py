@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import Callback
 
 from .._errors import ConfigurationError, ViperError
 from ..schedules import EveryNSteps, PublishSchedule
+from ..transport._collective import parse_address
 from ..transport._protocol import check_endpoint, check_model_name, normalize_key
+from ._device import check_device
 from ._publisher import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, ModelPublisher
 from ._publisher import check_settings as check_publisher_settings
 
@@ -34,6 +36,12 @@ class ViperCallback(Callback):
             memory only, nothing survives the run).
         schedule: when to publish; defaults to `EveryNSteps(100)`.
         dram_versions: versions kept in shared memory for consumers (0 turns the tier off).
+        gpu_device: the GPU tier: "auto" keeps a device copy of the latest version when the
+            module trains on CUDA (publishing then waits for no copy: it runs on a side stream),
+            "cuda:N" names the device, None turns the tier off.
+        collective_endpoint: serve versions to other hosts over torch.distributed, e.g.
+            "nccl://0.0.0.0:0" (the GPU tier) or "gloo://0.0.0.0:0" (host memory); trusted
+            networks only, its store is not authenticated. None: off.
         fetch_endpoint: where remote consumers fetch versions from memory (None: nowhere).
         hmac_key: shared key signing notices and manifests (16+ bytes).
         hmac_key_file: file holding the key instead, to keep it out of configs and logs.
@@ -49,6 +57,8 @@ class ViperCallback(Callback):
         pfs_root: str | None = None,
         schedule: PublishSchedule | None = None,
         dram_versions: int = 1,
+        gpu_device: str | None = "auto",
+        collective_endpoint: str | None = None,
         fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT,
         hmac_key: str | None = None,
         hmac_key_file: str | None = None,
@@ -61,6 +71,10 @@ class ViperCallback(Callback):
         self.endpoint = check_endpoint(endpoint)
         self.fetch_endpoint = check_endpoint(fetch_endpoint) if fetch_endpoint is not None else None
         self.dram_versions = dram_versions
+        self.gpu_device = gpu_device if gpu_device in (None, "auto") else str(check_device(gpu_device))
+        self.collective_endpoint = collective_endpoint
+        if collective_endpoint is not None:
+            parse_address(collective_endpoint, any_port=True)
         self.pfs_root = pfs_root
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):
@@ -91,9 +105,15 @@ class ViperCallback(Callback):
         if trainer.is_global_zero and self._publisher is None:
             self._publisher = ModelPublisher(
                 self.model_name, self.endpoint, self.pfs_root, self._key,
-                dram_versions=self.dram_versions, fetch_endpoint=self.fetch_endpoint,
+                dram_versions=self.dram_versions, gpu_device=self._gpu_device_for(pl_module),
+                collective_endpoint=self.collective_endpoint, fetch_endpoint=self.fetch_endpoint,
                 keep_versions=self.keep_versions, heartbeat_interval=self.heartbeat_interval,
                 resume_after=self.last_version)
+
+    def _gpu_device_for(self, pl_module: L.LightningModule) -> str | None:
+        if self.gpu_device != "auto":
+            return self.gpu_device
+        return str(pl_module.device) if pl_module.device.type == "cuda" else None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

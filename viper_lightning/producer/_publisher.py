@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -21,10 +21,13 @@ import zmq
 from .._errors import ConfigurationError, ViperError
 from .._layout import Layout
 from ..storage._pfs import FileSystemTier
-from ..transport._collective import CollectiveServer, parse_address
-from ..transport._fetch import FetchServer, Readable
+from ..transport._collective import BACKENDS, CollectiveServer, parse_address
+from ..transport._cuda_ipc import export_cuda_tensor
+from ..transport._fetch import FetchServer, Readable, Shared
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ._announcer import Announcer
+from ._demoter import Demoter
+from ._device import DeviceCopy, DeviceTier
 from ._flusher import Flusher
 from ._store import Held, TieredStore
 
@@ -55,7 +58,7 @@ class _Info:
     epoch: int | None
     created_at: float
     stall_s: float
-    held: Held
+    held: Held | None  # None while the version is only on the GPU tier
     pfs_address: str | None = None
 
 
@@ -77,9 +80,15 @@ class ModelPublisher:
         hmac_key: shared key (16+ bytes) signing notices, manifests and fetch requests.
         dram_versions: versions kept in shared memory (0 turns the DRAM tier off).
         fetch_endpoint: where remote consumers fetch from memory (None: no remote fetch).
-        collective_endpoint: also serve memory over torch.distributed point-to-point, e.g.
-            "gloo://0.0.0.0:0" (port 0: any free one); the cross-host path a GPU tier uses
-            with NCCL. Its store has no authentication: bind it to a trusted network only.
+        gpu_device: keep a device-resident copy of the latest version there ("cuda", "cuda:N"):
+            publish then waits for no copy at all (it runs on a side stream), the copy to host
+            memory happens in the background, same-host consumers read it over CUDA IPC and
+            others over NCCL. "cpu" runs the same tier in host memory (tests without a GPU).
+            None (default): no GPU tier; a CUDA model is then copied straight to host memory.
+        collective_endpoint: also serve versions over torch.distributed point-to-point:
+            "nccl://HOST:PORT" serves the GPU tier to other hosts' GPUs, "gloo://HOST:PORT"
+            host memory (or the "cpu" GPU tier); port 0 picks a free one. Its store has no
+            authentication: bind it to a trusted network only.
         keep_versions: versions kept on the file system (None keeps all).
         heartbeat_interval: seconds between repeats of the latest notice.
         resume_after: versions start above this (and above any version already stored).
@@ -94,6 +103,7 @@ class ModelPublisher:
         hmac_key: str | bytes | None = None,
         *,
         dram_versions: int = 1,
+        gpu_device: str | None = None,
         fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT,
         collective_endpoint: str | None = None,
         keep_versions: int | None = None,
@@ -115,6 +125,7 @@ class ModelPublisher:
             log.warning("%s: no pfs_root and no resume_after, so versions start at 1 again; consumers that "
                         "served a previous run refuse them as older. Pass resume_after (ViperCallback does "
                         "from its checkpoint) or a pfs_root.", self.model_name)
+        self._device = DeviceTier(gpu_device) if gpu_device is not None else None
         self._store = TieredStore(self.model_name, self._host, dram_versions=dram_versions)
         self._infos: dict[int, _Info] = {}
         self._state = threading.Condition()
@@ -126,9 +137,11 @@ class ModelPublisher:
         self._context = zmq.Context()
         self._fetch: FetchServer | None = None
         self._collective: CollectiveServer | None = None
+        self._collective_backend: str | None = None
+        serves_memory = dram_versions > 0 or self._device is not None
         try:
-            self._fetch = self._start_fetch_server(fetch_endpoint) if dram_versions else None
-            self._collective = self._start_collective(collective_endpoint) if dram_versions else None
+            self._fetch = self._start_fetch_server(fetch_endpoint) if serves_memory else None
+            self._collective = self._start_collective(collective_endpoint) if serves_memory else None
             self._announcer = Announcer(self._context, endpoint, self.model_name, heartbeat_interval,
                                         self._encoded_notice, self._announced)
         except BaseException:
@@ -145,6 +158,7 @@ class ModelPublisher:
         atexit.register(_close_at_exit, weakref.ref(self))
         self._flusher = (Flusher(self._pfs, self.model_name, self._key, keep_versions, self._manifest,
                                  self._flushed) if self._pfs else None)
+        self._demoter = Demoter(self.model_name, self._demote, self._demote_failed) if self._device else None
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -161,20 +175,14 @@ class ModelPublisher:
         state_dict = _state_dict_of(module_or_state_dict)
         created_at = time.time()  # latencies are measured from the publish call
         started = time.perf_counter()
+        if self._device is not None:
+            return self._publish_to_device(state_dict, _Info(None, step, epoch, created_at, 0.0, None), started)
         layout, slot = self._store.capture(state_dict)
-        with self._state:
-            version = self._next_version
-            self._next_version += 1
-            self._pending += 1
+        version = self._take_version()
         held = self._store.commit(version, layout, slot, pin=self._flusher is not None)
         self.last_stall_s = time.perf_counter() - started
-        if self._flusher is None:  # memory only: the stall is all there is to record
-            self.last_commit = CommitRecord(version, self.last_stall_s, 0.0, 0.0)
         self._remember(version, _Info(layout, step, epoch, created_at, self.last_stall_s, held))
-        if self._store.uses_dram:
-            self._announcer.announce(version, final=self._flusher is None)
-        if self._flusher is not None:
-            self._flusher.submit(held)
+        self._settled_in_memory(version, held)
         return version
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -192,6 +200,8 @@ class ModelPublisher:
         """Flush what is queued, stop every thread, remove the segments, raise a kept error."""
         if not self._closed:
             self._closed = True
+            if self._demoter is not None:
+                self._demoter.close()  # it feeds the flusher: drained first
             if self._flusher is not None:
                 self._flusher.close()
             self._announcer.close()
@@ -199,6 +209,8 @@ class ModelPublisher:
                 if server is not None:
                     server.close()
             self._store.close()
+            if self._device is not None:
+                self._device.close()
             self._context.term()
         self._raise_if_failed()
 
@@ -215,24 +227,89 @@ class ModelPublisher:
         except ViperError:
             log.exception("publisher failed while the caller was already failing")
 
+    # -- the cascade: GPU tier, DRAM tier, file system ------------------------------------
+    def _take_version(self) -> int:
+        with self._state:
+            version = self._next_version
+            self._next_version += 1
+            self._pending += 1
+        return version
+
+    def _publish_to_device(self, state_dict: Mapping[str, torch.Tensor], info: _Info, started: float) -> int:
+        """The training thread's part with a GPU tier: a device copy (the host does not wait for
+        it on CUDA), announced at once; the demoter copies it on to host memory."""
+        info.layout = Layout.for_state_dict(state_dict)
+        copy = self._device.capture(info.layout, state_dict)
+        version = self._take_version()
+        release = self._device.hold(copy)  # the demoter's, taken before the copy becomes reusable
+        self._device.commit(version, copy)
+        self.last_stall_s = info.stall_s = time.perf_counter() - started
+        self._remember(version, info)
+        self._announcer.announce(version, final=False)
+        self._demoter.submit(version, copy, release)
+        return version
+
+    def _demote(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
+        """Demoter thread: device copy to a DRAM slot, announced, then on to the flusher."""
+        copy.wait()
+        slot = self._store.capture_packed(copy.layout, copy.data)
+        release()
+        held = self._store.commit(version, copy.layout, slot, pin=self._flusher is not None)
+        info = self._infos.get(version)
+        if info is not None:
+            info.held = held
+        self._settled_in_memory(version, held)
+        copy.set_digest(held.digest())  # NCCL answers carry it; xxh3 runs on the host copy
+
+    def _demote_failed(self, version: int, copy: DeviceCopy, exc: BaseException) -> None:
+        copy.set_digest(None, f"copying it to host memory failed: {exc}")
+        with self._state:
+            self._pending -= 1
+            self._state.notify_all()
+
+    def _settled_in_memory(self, version: int, held: Held) -> None:
+        """The version is in host memory: tell consumers, and hand it to the flusher."""
+        if self._flusher is None:  # memory only: the stall is all there is to record
+            info = self._infos.get(version)
+            self.last_commit = CommitRecord(version, info.stall_s if info else 0.0, 0.0, 0.0)
+        if self._store.uses_dram:
+            self._announcer.announce(version, final=self._flusher is None)
+        if self._flusher is not None:
+            self._flusher.submit(held)
+
     # -- notices ---------------------------------------------------------------------------
     def _notice(self, version: int, digest: str | None, *, with_memory: bool = True) -> Notice | None:
         info = self._infos.get(version)
         if info is None:
             return None
-        locations = self._store.memory_locations(version, self.fetch_endpoint) if with_memory else ()
-        if locations and self._collective is not None:
-            locations += (Location("dram", self._host, self._collective.address, self._collective.load),)
+        locations = self._memory_locations(version) if with_memory else ()
         if info.pfs_address is not None:
             locations += (Location("pfs", self._host, info.pfs_address),)
         return Notice(model=self.model_name, version=version, nbytes=info.layout.nbytes, digest=digest,
                       layout=info.layout, producer=self.producer_id, step=info.step, epoch=info.epoch,
                       created_at=info.created_at, locations=locations)
 
+    def _memory_locations(self, version: int) -> tuple[Location, ...]:
+        """The GPU tier's (IPC through the fetch endpoint, the collective if it serves that
+        device), then the DRAM tier's (segment, fetch endpoint, a Gloo collective)."""
+        locations: list[Location] = []
+        collective = self._collective
+        if self._device is not None and self._device.holds(version):
+            if self._device.on_gpu and self.fetch_endpoint:
+                locations.append(Location("gpu", self._host, self.fetch_endpoint))
+            if collective is not None and self._collective_serves_device():
+                locations.append(Location("gpu", self._host, collective.address, collective.load))
+                collective = None  # listed once: it serves the DRAM copy only as a fallback
+        dram = self._store.memory_locations(version, self.fetch_endpoint)
+        locations += dram
+        if dram and collective is not None and not collective.address.startswith("nccl://"):
+            locations.append(Location("dram", self._host, collective.address, collective.load))
+        return tuple(locations)
+
     def _encoded_notice(self, version: int) -> bytes | None:
         """The notice as of now (its tiers change as versions flush and evict); None if none holds it."""
         info = self._infos.get(version)
-        digest = info.held.known_digest if info else None  # never delay a notice for a digest
+        digest = info.held.known_digest if info and info.held else None  # never delay a notice for a digest
         notice = self._notice(version, digest)
         return notice.encode(self._key) if notice is not None and notice.locations else None
 
@@ -264,8 +341,9 @@ class ModelPublisher:
     def _start_fetch_server(self, endpoint: str | None) -> FetchServer | None:
         if endpoint is None:
             return None
+        share = self._share if self._device is not None and self._device.on_gpu else None
         server = FetchServer(self._context, endpoint, self.model_name, self._key, self._readable,
-                             self._tiers_of, self._latest_notice)
+                             self._tiers_of, self._latest_notice, share=share)
         server.start()
         return server
 
@@ -273,10 +351,22 @@ class ModelPublisher:
         if endpoint is None:
             return None
         backend, host, port = parse_address(endpoint, any_port=True)
-        if backend != "gloo":
-            raise ConfigurationError(f"collective_endpoint {endpoint!r}: NCCL serves device-resident copies, "
-                                     "which need the GPU tier; use gloo:// for host memory")
-        return CollectiveServer(host, port, backend, self._readable, self._tiers_of)
+        if backend == "nccl" and (self._device is None or not self._device.on_gpu):
+            raise ConfigurationError(f"collective_endpoint {endpoint!r}: NCCL serves the GPU tier's copies; set "
+                                     "gpu_device='cuda', or use gloo:// to serve host memory")
+        self._collective_backend = backend
+        return CollectiveServer(host, port, backend, self._collective_readable, self._tiers_of)
+
+    def _collective_serves_device(self) -> bool:
+        return self._device is not None and self._device.device.type == BACKENDS[self._collective_backend]
+
+    def _collective_readable(self, version: int) -> Readable | None:
+        """The GPU tier's copy when the backend moves that device's tensors, else host memory."""
+        if self._collective_serves_device():
+            readable = self._device_readable(version)
+            if readable is not None or self._collective_backend == "nccl":
+                return readable
+        return self._readable(version)
 
     def _readable(self, version: int) -> Readable | None:
         held = self._store.pin(version)
@@ -284,9 +374,33 @@ class ModelPublisher:
             return None
         return Readable(held.data, held.digest, lambda: self._store.unpin(held))
 
+    def _device_readable(self, version: int) -> Readable | None:
+        copy = self._device.pin(version)
+        if copy is None:
+            return None
+        copy.wait()
+        return Readable(copy.data, copy.digest, lambda: self._device.release(copy))
+
+    def _share(self, version: int) -> Shared | None:
+        """CUDA IPC for a same-host consumer: the copy stays pinned until its lease ends."""
+        copy = self._device.pin(version)
+        if copy is None:
+            return None
+        try:
+            copy.wait()
+            description = export_cuda_tensor(copy.data)
+        except BaseException:
+            self._device.release(copy)
+            raise
+        return Shared(description, copy.layout.nbytes, lambda: self._device.release(copy))
+
     def _tiers_of(self, version: int) -> list[str]:
+        """Where a version still lives, for a "gone" answer."""
         info = self._infos.get(version)
-        return ["pfs"] if info is not None and info.pfs_address else []
+        tiers = ["gpu"] if self._device is not None and self._device.holds(version) else []
+        if self._store.memory_locations(version, None):
+            tiers.append("dram")
+        return tiers + (["pfs"] if info is not None and info.pfs_address else [])
 
     def _latest_notice(self) -> bytes | None:
         latest = self._store.latest()
@@ -294,7 +408,7 @@ class ModelPublisher:
 
     # -- errors ----------------------------------------------------------------------------
     def _failure(self) -> BaseException | None:
-        for part in (self._flusher, self._announcer, self._fetch, self._collective):
+        for part in (self._demoter, self._flusher, self._announcer, self._fetch, self._collective):
             if part is not None and part.error is not None:
                 return part.error
         return None

@@ -15,12 +15,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from .._buffers import allocate_buffer
+from .._buffers import allocate_buffer, copy_tensor
 from .._digest import digest_buffer
 from .._errors import TransferError
 from .._layout import Layout
@@ -110,15 +110,22 @@ class TieredStore:
     def capture(self, state_dict: Mapping[str, torch.Tensor], timeout: float | None = None) -> tuple[Layout, _Slot]:
         """Copy a state_dict into a free slot (the only work the training loop waits for)."""
         layout = Layout.for_state_dict(state_dict)
-        slot = self._acquire(layout.nbytes, timeout)
+        return layout, self._filled(layout.nbytes, timeout, lambda buffer: fill_buffer(layout, state_dict, buffer))
+
+    def capture_packed(self, layout: Layout, packed: torch.Tensor, timeout: float | None = None) -> _Slot:
+        """Copy a version already packed by `layout` (the GPU tier's copy) into a free slot."""
+        return self._filled(layout.nbytes, timeout, lambda buffer: copy_tensor(buffer[: layout.nbytes], packed))
+
+    def _filled(self, nbytes: int, timeout: float | None, fill: Callable[[torch.Tensor], None]) -> _Slot:
+        slot = self._acquire(nbytes, timeout)
         try:
             if slot.segment is not None:
                 slot.segment.begin_write()
-            fill_buffer(layout, state_dict, slot.buffer)
+            fill(slot.buffer)
         except BaseException:
             self._release(slot)
             raise
-        return layout, slot
+        return slot
 
     def commit(self, version: int, layout: Layout, slot: _Slot, *, pin: bool) -> Held:
         """The slot now holds `version`: name its segment, then evict beyond the budget."""

@@ -4,18 +4,25 @@ Requests (JSON, signed when a key is configured):
   {"op": "open", "model", "version"}  -> {"status": "ok", "nbytes", "digest", "chunk_bytes"}
   {"op": "read", "model", "version", "offset", "length"} -> header frame + one data frame
   {"op": "latest", "model"}           -> {"status": "ok", "notice": <the latest notice>}
+  {"op": "ipc", "model", "version"}   -> {"status": "ok", "nbytes", "ipc": <CUDA IPC description>,
+                                          "lease", "lease_s"}   (the GPU tier, same host only)
+  {"op": "release", "model", "lease"} -> {"status": "ok"}
 An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives.
 The client keeps a small window of chunk reads in flight, receives each data frame straight
-into its buffer (no intermediate copy) and digests it as it lands.
+into its buffer (no intermediate copy) and digests it as it lands. A CUDA IPC lease keeps the
+producer from reusing its device copy while the consumer copies from it; a consumer that never
+releases loses the lease after `lease_s`, so a crashed consumer cannot pin the copy forever.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +33,14 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from .._layout import canonical_json
 from ._protocol import PROTO, sign, verify_mac
 
-__all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES"]
+__all__ = ["FetchServer", "FetchClient", "Readable", "Shared", "CHUNK_BYTES", "LEASE_S"]
 
 log = logging.getLogger("viper_lightning.fetch")
 
 CHUNK_BYTES = 8 * 1024 * 1024
 WINDOW = 4  # chunk reads in flight: enough to keep loopback TCP busy, little memory in zmq
 _POLL_MS = 50
+LEASE_S = 30.0  # how long a CUDA IPC import may take before the producer reuses the copy
 
 
 @dataclass
@@ -44,16 +52,27 @@ class Readable:
     release: Callable[[], None]
 
 
+@dataclass
+class Shared:
+    """A pinned GPU-tier copy exported for CUDA IPC: the JSON description and its release."""
+
+    description: dict[str, object]
+    nbytes: int
+    release: Callable[[], None]
+
+
 class FetchServer:
     """The producer's ROUTER, served by its own thread so big transfers never delay notices.
 
     `lookup(version)` pins a version and returns a Readable, or None when it is no longer in
     memory; `tiers_of(version)` names where an evicted version still lives; `latest_notice()`
-    returns the newest signed notice for late joiners."""
+    returns the newest signed notice for late joiners; `share(version)`, where the GPU tier is
+    on CUDA, pins and exports its copy (None when it no longer holds the version)."""
 
     def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None,
                  lookup: Callable[[int], Readable | None], tiers_of: Callable[[int], list[str]],
-                 latest_notice: Callable[[], bytes | None]) -> None:
+                 latest_notice: Callable[[], bytes | None], *,
+                 share: Callable[[int], Shared | None] | None = None, lease_s: float = LEASE_S) -> None:
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -68,6 +87,8 @@ class FetchServer:
         self._model, self._key = model, key
         self._lookup, self._tiers_of, self._latest_notice = lookup, tiers_of, latest_notice
         self._in_flight: list[tuple[zmq.MessageTracker, Readable]] = []
+        self._share, self._lease_s = share, lease_s
+        self._leases: dict[str, tuple[Shared, float]] = {}  # lease -> (export, deadline)
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"viper-fetch-{model}", daemon=True)
@@ -83,11 +104,14 @@ class FetchServer:
         for _, readable in self._in_flight:
             readable.release()
         self._in_flight.clear()
+        for shared, _ in self._leases.values():
+            shared.release()
+        self._leases.clear()
 
     @property
     def load(self) -> int:
         """Transfers in flight, reported to consumers so they can pick a less busy path."""
-        return len(self._in_flight)
+        return len(self._in_flight) + len(self._leases)
 
     def _run(self) -> None:
         try:
@@ -96,6 +120,7 @@ class FetchServer:
                     frames = self._socket.recv_multipart()
                     self._answer(frames[0], frames[-1])
                 self._release_sent()
+                self._expire_leases()
         except BaseException as exc:  # kept for the publisher to raise
             self.error = exc
             log.exception("fetch server of %r stopped", self._model)
@@ -104,8 +129,8 @@ class FetchServer:
         try:
             request = _parse_request(raw, self._key, self._model)
             op = request.get("op")
-            handler = {"open": self._open, "read": self._read, "latest": self._latest}.get(op) \
-                if isinstance(op, str) else None
+            handler = {"open": self._open, "read": self._read, "latest": self._latest,
+                       "ipc": self._lend, "release": self._end_lease}.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolError(f"unknown fetch op {op!r}")
             handler(peer, request)
@@ -147,6 +172,37 @@ class FetchServer:
         notice = self._latest_notice()
         self._reply(peer, {"status": "ok", "notice": notice.decode() if notice else None})
 
+    def _lend(self, peer: bytes, request: dict) -> None:
+        """A same-host consumer maps the GPU tier's copy; it stays pinned until released or expired."""
+        version = _count(request, "version")
+        if self._share is None:
+            raise ProtocolError("this producer has no GPU tier on CUDA; fetch the dram or pfs tier instead")
+        shared = self._share(version)
+        if shared is None:
+            self._reply(peer, {"status": "gone", "version": version, "tiers": self._tiers_of(version)})
+            return
+        lease = os.urandom(8).hex()
+        self._leases[lease] = (shared, time.monotonic() + self._lease_s)
+        answer = {"status": "ok", "model": self._model, "version": version, "nbytes": shared.nbytes,
+                  "ipc": shared.description, "lease": lease, "lease_s": self._lease_s}
+        if self._key is not None:  # the description says which memory to read: sign it
+            answer["mac"] = sign(answer, self._key)
+        self._reply(peer, answer)
+
+    def _end_lease(self, peer: bytes, request: dict) -> None:
+        entry = self._leases.pop(str(request.get("lease")), None)
+        if entry is not None:
+            entry[0].release()
+        self._reply(peer, {"status": "ok", "released": entry is not None})
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for lease in [lease for lease, (_, deadline) in self._leases.items() if deadline <= now]:
+            shared, _ = self._leases.pop(lease)
+            log.warning("a CUDA IPC lease of %r was not released within %g s; the copy may be reused",
+                        self._model, self._lease_s)
+            shared.release()
+
     def _pinned(self, peer: bytes, request: dict) -> Readable | None:
         version = _count(request, "version")
         readable = self._lookup(version)
@@ -181,15 +237,37 @@ class FetchClient:
             socket.setsockopt(zmq.LINGER, 0)
             socket.connect(self._endpoint)
             opened = self._ask(socket, {"op": "open", "version": version})
-            verify_mac(opened, self._key, f"fetch answer from {self._endpoint}")
-            if opened.get("model") != self._model or opened.get("version") != version:
-                raise ProtocolError(f"{self._endpoint} answered for {opened.get('model')!r} "
-                                    f"v{opened.get('version')}, not {self._model!r} v{version}")
-            if opened["nbytes"] != nbytes:
-                raise IntegrityError(f"producer serves {opened['nbytes']} bytes for version {version}, "
-                                     f"the notice announced {nbytes}")
+            self._check_answer(opened, version, nbytes)
             digest_s = self._stream(socket, version, buffer, nbytes, opened["digest"])
             return opened["digest"], digest_s
+
+    @contextmanager
+    def borrow_device_copy(self, version: int, nbytes: int) -> Iterator[dict[str, object]]:
+        """Lease the GPU tier's copy of `version`: yields its CUDA IPC description (import it
+        once, copy, synchronise); the lease is released on exit."""
+        with self._context.socket(zmq.DEALER) as socket:
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self._endpoint)
+            lent = self._ask(socket, {"op": "ipc", "version": version})
+            self._check_answer(lent, version, nbytes)
+            if not isinstance(lent.get("ipc"), dict) or not isinstance(lent.get("lease"), str):
+                raise ProtocolError(f"{self._endpoint} answered the IPC request without a description and lease")
+            try:
+                yield lent["ipc"]
+            finally:
+                try:
+                    self._ask(socket, {"op": "release", "lease": lent["lease"]})
+                except TransferError as exc:  # the lease then expires on its own
+                    log.warning("could not release the IPC lease of v%d: %s", version, exc)
+
+    def _check_answer(self, answer: dict, version: int, nbytes: int) -> None:
+        verify_mac(answer, self._key, f"fetch answer from {self._endpoint}")
+        if answer.get("model") != self._model or answer.get("version") != version:
+            raise ProtocolError(f"{self._endpoint} answered for {answer.get('model')!r} "
+                                f"v{answer.get('version')}, not {self._model!r} v{version}")
+        if answer.get("nbytes") != nbytes:
+            raise IntegrityError(f"producer serves {answer.get('nbytes')} bytes for version {version}, "
+                                 f"the notice announced {nbytes}")
 
     def latest_notice(self) -> bytes | None:
         with self._context.socket(zmq.DEALER) as socket:
