@@ -16,7 +16,8 @@ import safetensors.torch
 import torch
 import zmq
 
-from viper_lightning import ConfigurationError, Location, ModelPublisher, ModelSubscriber, Notice, TransferError
+from viper_lightning import (ConfigurationError, FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice,
+                             TransferError)
 from viper_lightning._layout import Layout
 from viper_lightning.consumer._planner import TransferPlanner
 from viper_lightning.producer._demoter import Demoter
@@ -214,13 +215,14 @@ def test_ipc_lease_is_signed_and_released_after_use() -> None:
         producer.close()
 
 
-def test_ipc_lease_expires_when_a_consumer_never_releases() -> None:
+def test_ipc_lease_that_expired_during_the_copy_discards_it() -> None:
     producer = LendingProducer(lease_s=0.1)
     try:
         client = FetchClient(zmq.Context.instance(), producer.server.endpoint, "m", None, WAIT_S)
-        with client.borrow_device_copy(7, 64):
-            assert producer.released.wait(WAIT_S)  # expired while still "borrowed"
-            assert producer.server.load == 0
+        with pytest.raises(TransferError, match="expired during the copy"):
+            with client.borrow_device_copy(7, 64):
+                assert producer.released.wait(WAIT_S)  # a consumer that stalled past its lease
+                assert producer.server.load == 0
     finally:
         producer.close()
 
@@ -229,7 +231,7 @@ def test_ipc_request_to_a_producer_without_a_cuda_gpu_tier_is_refused(model_name
     with ModelPublisher(model_name, LOOPBACK_ANY_PORT, gpu_device="cpu") as publisher:
         version = publisher.publish(TinyNet())
         client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, None, WAIT_S)
-        with pytest.raises(TransferError, match="no GPU tier on CUDA"):
+        with pytest.raises(TransferError, match="lends no device memory.*hmac_key"):
             with client.borrow_device_copy(version, 1):
                 pass
 
@@ -237,7 +239,8 @@ def test_ipc_request_to_a_producer_without_a_cuda_gpu_tier_is_refused(model_name
 # -- on a GPU ------------------------------------------------------------------------------
 def _follow_on_gpu(model_name: str, endpoint: str, routes: list[str], device: str, out_path: str,
                    outbox: multiprocessing.Queue, inbox: multiprocessing.Queue) -> None:
-    with ModelSubscriber(TinyNet().to(device), model_name, endpoint, routes=routes, load_latest=False) as subscriber:
+    with ModelSubscriber(TinyNet().to(device), model_name, endpoint, hmac_key=KEY, routes=routes,
+                         load_latest=False) as subscriber:
         outbox.put("ready")
         version = inbox.get(timeout=WAIT_S)
         reached = subscriber.wait_for_version(version, WAIT_S)
@@ -251,7 +254,7 @@ def _publish_to_gpu_consumer(model_name: str, routes: list[str], device: str, tm
     context = multiprocessing.get_context("spawn")
     outbox, inbox = context.Queue(), context.Queue()
     out_path = str(tmp_path / "served.safetensors")
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, gpu_device="cuda", **publisher_args) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY, gpu_device="cuda", **publisher_args) as publisher:
         consumer = context.Process(target=_follow_on_gpu,
                                    args=(model_name, publisher.endpoint, routes, device, out_path, outbox, inbox))
         consumer.start()
@@ -276,3 +279,19 @@ def test_same_host_gpu_consumer_reads_the_device_copy_over_cuda_ipc(model_name, 
 def test_gpu_consumer_receives_the_device_copy_over_nccl(model_name, tmp_path) -> None:
     # NCCL refuses two ranks on one GPU: the consumer takes the second one
     _publish_to_gpu_consumer(model_name, ["gpu-nccl"], "cuda:1", tmp_path, collective_endpoint="nccl://127.0.0.1:0")
+
+
+def test_collective_answers_carry_each_versions_own_digest(model_name, pfs_root) -> None:
+    """Device copies are reused round-robin; the digest a transfer announces must be the
+    version's own, not one left over from an earlier version in the same buffer."""
+    from viper_lightning.transport._collective import CollectiveClient
+
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, gpu_device="cpu",
+                        collective_endpoint=GLOO) as publisher:
+        versions = [publisher.publish(perturbed(TinyNet(), seed)) for seed in range(5)]
+        assert publisher.flush(WAIT_S)
+        notice = latest_notice(publisher)
+        staging = torch.empty(notice.nbytes, dtype=torch.uint8)
+        digest, _ = CollectiveClient(publisher._collective.address, WAIT_S).fetch_into(versions[-1], staging, notice.nbytes)
+        stored = FileSystemTier(pfs_root).read_manifest(model_name, versions[-1], None)
+        assert digest == stored.digest == notice.digest

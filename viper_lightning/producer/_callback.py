@@ -14,7 +14,7 @@ from .._errors import ConfigurationError, ViperError
 from ..schedules import EveryNSteps, PublishSchedule
 from ..transport._collective import parse_address
 from ..transport._protocol import check_endpoint, check_model_name, normalize_key
-from ._device import check_device
+from ._device import MAX_COPIES, parse_device
 from ._publisher import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, ModelPublisher
 from ._publisher import check_settings as check_publisher_settings
 
@@ -71,7 +71,7 @@ class ViperCallback(Callback):
         self.endpoint = check_endpoint(endpoint)
         self.fetch_endpoint = check_endpoint(fetch_endpoint) if fetch_endpoint is not None else None
         self.dram_versions = dram_versions
-        self.gpu_device = gpu_device if gpu_device in (None, "auto") else str(check_device(gpu_device))
+        self.gpu_device = gpu_device if gpu_device in (None, "auto") else str(parse_device(gpu_device))
         self.collective_endpoint = collective_endpoint
         if collective_endpoint is not None:
             parse_address(collective_endpoint, any_port=True)
@@ -111,9 +111,13 @@ class ViperCallback(Callback):
                 resume_after=self.last_version)
 
     def _gpu_device_for(self, pl_module: L.LightningModule) -> str | None:
-        if self.gpu_device != "auto":
-            return self.gpu_device
-        return str(pl_module.device) if pl_module.device.type == "cuda" else None
+        device = str(pl_module.device) if self.gpu_device == "auto" and pl_module.device.type == "cuda" \
+            else None if self.gpu_device == "auto" else self.gpu_device
+        if device is not None and device != "cpu":
+            megabytes = sum(t.numel() * t.element_size() for t in pl_module.state_dict().values()) / 1e6
+            log.info("GPU tier on %s: up to %d copies of the weights (%.0f MB each) stay on that device; "
+                     "gpu_device=None turns it off", device, MAX_COPIES, megabytes)
+        return device
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

@@ -34,20 +34,29 @@ class Demoter:
     def submit(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
         self._inbox.put((version, copy, release))
 
+    def wait_idle(self) -> None:
+        """Until every submitted version is in host memory (or has failed to get there)."""
+        self._inbox.join()
+
     def close(self) -> None:
         self._inbox.put(_STOP)
         self._thread.join()
 
     def _run(self) -> None:
         while (item := self._inbox.get()) is not _STOP:
-            version, copy, release = item
             try:
-                if self.error is not None:
-                    raise self.error
-                self._demote(version, copy, release)
-            except BaseException as exc:
-                release()
-                if self.error is None:
-                    self.error = exc
-                    log.error("copying %s v%d from the GPU tier to host memory failed: %s", self._model, version, exc)
-                self._failed(version, copy, exc)
+                self._handle(*item)
+            finally:
+                self._inbox.task_done()
+
+    def _handle(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
+        try:
+            if self.error is not None:
+                raise self.error
+            self._demote(version, copy, release)
+        except BaseException as exc:
+            release()
+            if self.error is None:
+                self.error = exc
+                log.error("copying %s v%d from the GPU tier to host memory failed: %s", self._model, version, exc)
+            self._failed(version, copy, exc)

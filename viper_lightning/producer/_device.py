@@ -16,15 +16,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from .._errors import ConfigurationError, TransferError
+from .._buffers import copy_tensor
 from .._layout import Layout
 from ._snapshot import fill_buffer
 
-__all__ = ["DeviceTier", "DeviceCopy", "check_device"]
+__all__ = ["DeviceTier", "DeviceCopy", "check_device", "parse_device"]
 
 # The latest (served, or being copied down to DRAM) and the one being written; a third only
 # while a transfer still reads an older copy.
@@ -40,9 +42,6 @@ class DeviceCopy:
     version: int = 0
     event: object | None = None  # torch.cuda.Event recorded after the copy; None on CPU
     pins: int = 0
-    _digest: str | None = None
-    _failure: str | None = None
-    _digested: threading.Event = field(default_factory=threading.Event)
 
     @property
     def data(self) -> torch.Tensor:
@@ -53,19 +52,6 @@ class DeviceCopy:
         if self.event is not None:
             self.event.synchronize()
 
-    def set_digest(self, digest: str | None, failure: str | None = None) -> None:
-        """Called once the DRAM copy is made: its digest vouches for these bytes too."""
-        self._digest, self._failure = digest, failure
-        self._digested.set()
-
-    def digest(self, timeout: float = 30.0) -> str:
-        """The version's digest, computed from its DRAM copy (xxh3 runs on the host)."""
-        if not self._digested.wait(timeout):
-            raise TransferError(f"version {self.version}: its host copy was not digested within {timeout:g} s")
-        if self._digest is None:
-            raise TransferError(f"version {self.version}: no digest ({self._failure or 'the host copy failed'})")
-        return self._digest
-
 
 class DeviceTier:
     """The device copies of one model: the latest version stays, older ones are reused."""
@@ -75,7 +61,7 @@ class DeviceTier:
         self._copies: list[DeviceCopy] = []
         self._latest: DeviceCopy | None = None
         self._changed = threading.Condition()
-        self._stream: object | None = None
+        self._streams: dict[str, object] = {}
 
     @property
     def on_gpu(self) -> bool:
@@ -86,7 +72,6 @@ class DeviceTier:
         """Copy a state_dict into a free device copy; on CUDA the host does not wait for the copy."""
         copy = self._acquire(layout.nbytes, timeout)
         copy.layout, copy.version, copy.event = layout, 0, None
-        copy._digested = threading.Event()
         try:
             if self.on_gpu:
                 copy.event = self._copy_on_side_stream(layout, state_dict, copy.buffer)
@@ -96,6 +81,23 @@ class DeviceTier:
             self.release(copy)
             raise
         return copy
+
+    def download(self, copy: DeviceCopy, target: torch.Tensor) -> None:
+        """Copy a device copy into host memory, on a stream of its own: on the default stream
+        the copy would queue behind the training kernels, and they behind it."""
+        if not self.on_gpu:
+            copy_tensor(target, copy.data)
+            return
+        stream = self._stream("download")
+        with torch.cuda.stream(stream):
+            stream.wait_event(copy.event)
+            target.copy_(copy.data)
+        stream.synchronize()
+
+    def stream_context(self) -> AbstractContextManager:
+        """Run CUDA work of a serving thread (IPC export) off the default stream, so it waits
+        for nothing the training loop queued."""
+        return torch.cuda.stream(self._stream("serve")) if self.on_gpu else nullcontext()
 
     def commit(self, version: int, copy: DeviceCopy) -> None:
         """`copy` now holds `version` and replaces the latest (which stays readable while pinned)."""
@@ -149,6 +151,7 @@ class DeviceTier:
             while True:
                 free = next((c for c in self._copies if c is not self._latest and c.pins == 0), None)
                 if free is not None and free.buffer.numel() < nbytes:  # the model grew
+                    free.wait()  # the side stream may still write it: only then may it be freed
                     self._copies.remove(free)
                     free = None
                     continue
@@ -160,8 +163,8 @@ class DeviceTier:
                     return free
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TransferError(f"no free {self.device} copy within {timeout} s: the host copies "
-                                        "and transfers of earlier versions still read them")
+                    raise BusyError(f"no free {self.device} copy within {timeout:g} s: transfers of "
+                                    "earlier versions still read them")
                 self._changed.wait(remaining)
 
     def _copy_on_side_stream(self, layout: Layout, state_dict: Mapping[str, torch.Tensor],
@@ -170,19 +173,28 @@ class DeviceTier:
         weights as of now); the training stream then waits for the copy's event before it may
         change the weights again. Neither wait blocks the host."""
         training = torch.cuda.current_stream(self.device)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        self._stream.wait_stream(training)
-        with torch.cuda.stream(self._stream):
+        side = self._stream("snapshot")
+        side.wait_stream(training)
+        with torch.cuda.stream(side):
             fill_buffer(layout, state_dict, buffer)
-            event = torch.cuda.Event()
-            event.record(self._stream)
+            event = torch.cuda.Event(blocking=True)  # waiters yield the CPU instead of spinning
+            event.record(side)
         training.wait_event(event)
         return event
 
+    def _stream(self, purpose: str) -> object:
+        if purpose not in self._streams:
+            self._streams[purpose] = torch.cuda.Stream(self.device)
+        return self._streams[purpose]
 
-def check_device(device: object) -> torch.device:
-    """The GPU tier's device: 'cuda', 'cuda:N', or 'cpu' (the host-memory stand-in)."""
+
+class BusyError(TransferError):
+    """Every device copy is still read by a transfer."""
+
+
+def parse_device(device: object) -> torch.device:
+    """'cuda', 'cuda:N' or 'cpu' (the host-memory stand-in), checked without touching CUDA
+    (a callback is built before Lightning forks its workers)."""
     try:
         parsed = torch.device(device) if isinstance(device, (str, torch.device)) else None
     except RuntimeError:
@@ -190,9 +202,19 @@ def check_device(device: object) -> torch.device:
     if parsed is None or parsed.type not in ("cuda", "cpu"):
         raise ConfigurationError(f"gpu_device={device!r}: use 'cuda', 'cuda:N', 'cpu' (the tier in host "
                                  "memory, for testing without a GPU), or None for no GPU tier")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
+    return parsed
+
+
+def check_device(device: object) -> torch.device:
+    """The GPU tier's device, which must exist in this process."""
+    parsed = parse_device(device)
+    if parsed.type == "cpu":
+        return parsed
+    if not torch.cuda.is_available():
         raise ConfigurationError(f"gpu_device={device!r} but this process sees no CUDA device; set "
                                  "gpu_device=None (the DRAM tier still serves) or run on a GPU node")
-    if parsed.type == "cuda" and parsed.index is None:
-        parsed = torch.device("cuda", torch.cuda.current_device())
-    return parsed
+    index = torch.cuda.current_device() if parsed.index is None else parsed.index
+    if index >= torch.cuda.device_count():
+        raise ConfigurationError(f"gpu_device={device!r} but this process sees {torch.cuda.device_count()} "
+                                 "GPU(s); check CUDA_VISIBLE_DEVICES or use the rank's own device")
+    return torch.device("cuda", index)

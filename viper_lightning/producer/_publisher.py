@@ -12,13 +12,13 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch
 import zmq
 
-from .._errors import ConfigurationError, ViperError
+from .._errors import ConfigurationError, TransferError, ViperError
 from .._layout import Layout
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import BACKENDS, CollectiveServer, parse_address
@@ -27,7 +27,7 @@ from ..transport._fetch import FetchServer, Readable, Shared
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ._announcer import Announcer
 from ._demoter import Demoter
-from ._device import DeviceCopy, DeviceTier
+from ._device import BusyError, DeviceCopy, DeviceTier
 from ._flusher import Flusher
 from ._store import Held, TieredStore
 
@@ -38,6 +38,7 @@ log = logging.getLogger("viper_lightning.publisher")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
 _HISTORY = 64  # versions whose metadata is kept for re-announcing
+_DIGEST_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class _Info:
     stall_s: float
     held: Held | None  # None while the version is only on the GPU tier
     pfs_address: str | None = None
+    settled: bool = False  # in host memory (GPU tier: set by the demoter)
+    demoted: threading.Event = field(default_factory=threading.Event)  # settled and digested, or failed
+    demote_failure: str | None = None
 
 
 class ModelPublisher:
@@ -176,7 +180,9 @@ class ModelPublisher:
         created_at = time.time()  # latencies are measured from the publish call
         started = time.perf_counter()
         if self._device is not None:
-            return self._publish_to_device(state_dict, _Info(None, step, epoch, created_at, 0.0, None), started)
+            version = self._publish_to_device(state_dict, _Info(None, step, epoch, created_at, 0.0, None), started)
+            if version is not None:
+                return version
         layout, slot = self._store.capture(state_dict)
         version = self._take_version()
         held = self._store.commit(version, layout, slot, pin=self._flusher is not None)
@@ -235,11 +241,20 @@ class ModelPublisher:
             self._pending += 1
         return version
 
-    def _publish_to_device(self, state_dict: Mapping[str, torch.Tensor], info: _Info, started: float) -> int:
+    def _publish_to_device(self, state_dict: Mapping[str, torch.Tensor], info: _Info,
+                           started: float) -> int | None:
         """The training thread's part with a GPU tier: a device copy (the host does not wait for
-        it on CUDA), announced at once; the demoter copies it on to host memory."""
+        it on CUDA), announced at once; the demoter copies it on to host memory. None when every
+        device copy is still read by a transfer: the caller then copies to host memory itself."""
+        # Backpressure: the previous version reaches host memory first, so versions settle in
+        # order and a consumer that cannot take GPU routes is never more than one version behind.
+        self._demoter.wait_idle()
         info.layout = Layout.for_state_dict(state_dict)
-        copy = self._device.capture(info.layout, state_dict)
+        try:
+            copy = self._device.capture(info.layout, state_dict, timeout=0)
+        except BusyError as exc:
+            log.info("%s: %s; this version skips the GPU tier", self.model_name, exc)
+            return None
         version = self._take_version()
         release = self._device.hold(copy)  # the demoter's, taken before the copy becomes reusable
         self._device.commit(version, copy)
@@ -251,18 +266,26 @@ class ModelPublisher:
 
     def _demote(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
         """Demoter thread: device copy to a DRAM slot, announced, then on to the flusher."""
-        copy.wait()
-        slot = self._store.capture_packed(copy.layout, copy.data)
+        info = self._infos[version]
+        nbytes = info.layout.nbytes
+        slot = self._store.capture_filled(nbytes, lambda buffer: self._device.download(copy, buffer[:nbytes]))
         release()
-        held = self._store.commit(version, copy.layout, slot, pin=self._flusher is not None)
-        info = self._infos.get(version)
-        if info is not None:
-            info.held = held
+        try:
+            held = self._store.commit(version, info.layout, slot, pin=self._flusher is not None)
+        except BaseException:
+            self._store.release_slot(slot)
+            raise
+        info.held, info.settled = held, True
         self._settled_in_memory(version, held)
-        copy.set_digest(held.digest())  # NCCL answers carry it; xxh3 runs on the host copy
+        held.digest()  # for collective answers of the device copy: xxh3 runs on the host copy
+        info.demoted.set()
 
     def _demote_failed(self, version: int, copy: DeviceCopy, exc: BaseException) -> None:
-        copy.set_digest(None, f"copying it to host memory failed: {exc}")
+        info = self._infos.get(version)
+        if info is None or info.settled:  # its count is the flusher's or the final notice's
+            return
+        info.demote_failure = f"copying it to host memory failed: {exc}"
+        info.demoted.set()
         with self._state:
             self._pending -= 1
             self._state.notify_all()
@@ -295,7 +318,7 @@ class ModelPublisher:
         locations: list[Location] = []
         collective = self._collective
         if self._device is not None and self._device.holds(version):
-            if self._device.on_gpu and self.fetch_endpoint:
+            if self._lends_device_memory() and self.fetch_endpoint:
                 locations.append(Location("gpu", self._host, self.fetch_endpoint))
             if collective is not None and self._collective_serves_device():
                 locations.append(Location("gpu", self._host, collective.address, collective.load))
@@ -341,7 +364,7 @@ class ModelPublisher:
     def _start_fetch_server(self, endpoint: str | None) -> FetchServer | None:
         if endpoint is None:
             return None
-        share = self._share if self._device is not None and self._device.on_gpu else None
+        share = self._share if self._lends_device_memory() else None
         server = FetchServer(self._context, endpoint, self.model_name, self._key, self._readable,
                              self._tiers_of, self._latest_notice, share=share)
         server.start()
@@ -356,6 +379,10 @@ class ModelPublisher:
                                      "gpu_device='cuda', or use gloo:// to serve host memory")
         self._collective_backend = backend
         return CollectiveServer(host, port, backend, self._collective_readable, self._tiers_of)
+
+    def _lends_device_memory(self) -> bool:
+        """CUDA IPC maps the copy writable into the consumer: only to holders of the key."""
+        return self._device is not None and self._device.on_gpu and self._key is not None
 
     def _collective_serves_device(self) -> bool:
         return self._device is not None and self._device.device.type == BACKENDS[self._collective_backend]
@@ -379,7 +406,17 @@ class ModelPublisher:
         if copy is None:
             return None
         copy.wait()
-        return Readable(copy.data, copy.digest, lambda: self._device.release(copy))
+        return Readable(copy.data, lambda: self._host_digest(version), lambda: self._device.release(copy))
+
+    def _host_digest(self, version: int) -> str:
+        """A device copy's digest is its host copy's (xxh3 runs on the host); with backpressure
+        on publish, that is at most one host copy away."""
+        info = self._infos.get(version)
+        if info is None or not info.demoted.wait(_DIGEST_WAIT_S):
+            raise TransferError(f"version {version} has no host copy digested yet; fetch it again shortly")
+        if info.held is None:
+            raise TransferError(f"version {version} has no digest: {info.demote_failure}")
+        return info.held.digest()
 
     def _share(self, version: int) -> Shared | None:
         """CUDA IPC for a same-host consumer: the copy stays pinned until its lease ends."""
@@ -388,7 +425,8 @@ class ModelPublisher:
             return None
         try:
             copy.wait()
-            description = export_cuda_tensor(copy.data)
+            with self._device.stream_context():
+                description = export_cuda_tensor(copy.data)
         except BaseException:
             self._device.release(copy)
             raise

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._buffers import allocate_buffer, copy_tensor
+from .._buffers import allocate_buffer
 from .._digest import digest_buffer
 from .._errors import TransferError
 from .._layout import Layout
@@ -112,9 +112,13 @@ class TieredStore:
         layout = Layout.for_state_dict(state_dict)
         return layout, self._filled(layout.nbytes, timeout, lambda buffer: fill_buffer(layout, state_dict, buffer))
 
-    def capture_packed(self, layout: Layout, packed: torch.Tensor, timeout: float | None = None) -> _Slot:
-        """Copy a version already packed by `layout` (the GPU tier's copy) into a free slot."""
-        return self._filled(layout.nbytes, timeout, lambda buffer: copy_tensor(buffer[: layout.nbytes], packed))
+    def capture_filled(self, nbytes: int, fill: Callable[[torch.Tensor], None], timeout: float | None = None) -> _Slot:
+        """A free slot of at least `nbytes`, filled by `fill(buffer)` (the GPU tier's download)."""
+        return self._filled(nbytes, timeout, fill)
+
+    def release_slot(self, slot: _Slot) -> None:
+        """Give back a captured slot that will not be committed."""
+        self._release(slot)
 
     def _filled(self, nbytes: int, timeout: float | None, fill: Callable[[torch.Tensor], None]) -> _Slot:
         slot = self._acquire(nbytes, timeout)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .._digest import ALGORITHM, Digester
-from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
+from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from ._fetch import Readable
 from ._protocol import PROTO
 
@@ -189,6 +189,9 @@ class CollectiveServer:
             raise
         try:
             self._offer(ticket, version, request["nbytes"], readable)
+        except ViperError as exc:  # this request's trouble (e.g. no digest yet): answered, serving goes on
+            log.warning("%s: could not serve version %d: %s", self.address, version, exc)
+            self._answer_failure(ticket, exc)
         except BaseException as exc:
             self._answer_failure(ticket, exc)
             raise

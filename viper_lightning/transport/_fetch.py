@@ -41,6 +41,7 @@ CHUNK_BYTES = 8 * 1024 * 1024
 WINDOW = 4  # chunk reads in flight: enough to keep loopback TCP busy, little memory in zmq
 _POLL_MS = 50
 LEASE_S = 30.0  # how long a CUDA IPC import may take before the producer reuses the copy
+MAX_LEASES = 64
 
 
 @dataclass
@@ -176,7 +177,10 @@ class FetchServer:
         """A same-host consumer maps the GPU tier's copy; it stays pinned until released or expired."""
         version = _count(request, "version")
         if self._share is None:
-            raise ProtocolError("this producer has no GPU tier on CUDA; fetch the dram or pfs tier instead")
+            raise ProtocolError("this producer lends no device memory: that needs a GPU tier on CUDA and an "
+                                "hmac_key (an IPC mapping is writable); fetch the dram or pfs tier instead")
+        if len(self._leases) >= MAX_LEASES:
+            raise TransferError(f"{MAX_LEASES} IPC leases are outstanding; retry once some are released")
         shared = self._share(version)
         if shared is None:
             self._reply(peer, {"status": "gone", "version": version, "tiers": self._tiers_of(version)})
@@ -254,11 +258,21 @@ class FetchClient:
                 raise ProtocolError(f"{self._endpoint} answered the IPC request without a description and lease")
             try:
                 yield lent["ipc"]
-            finally:
-                try:
-                    self._ask(socket, {"op": "release", "lease": lent["lease"]})
-                except TransferError as exc:  # the lease then expires on its own
-                    log.warning("could not release the IPC lease of v%d: %s", version, exc)
+            except BaseException:
+                self._release_lease(socket, version, lent["lease"])
+                raise
+            if not self._release_lease(socket, version, lent["lease"]):
+                raise TransferError(f"the IPC lease of version {version} expired during the copy (after "
+                                    f"{lent.get('lease_s')} s), so the producer may have reused the memory; "
+                                    "the copy is discarded")
+
+    def _release_lease(self, socket: zmq.Socket, version: int, lease: str) -> bool:
+        """True if the lease was still ours when released."""
+        try:
+            return self._ask(socket, {"op": "release", "lease": lease}).get("released") is True
+        except TransferError as exc:  # the lease then expires on its own
+            log.warning("could not release the IPC lease of v%d: %s", version, exc)
+            return False
 
     def _check_answer(self, answer: dict, version: int, nbytes: int) -> None:
         verify_mac(answer, self._key, f"fetch answer from {self._endpoint}")
