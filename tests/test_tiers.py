@@ -306,3 +306,74 @@ def test_unsigned_fetch_answers_are_refused_when_keyed(model_name, zmq_context) 
         client.fetch_into(version, buffer, nbytes)  # without a key, the digest is all there is
         with pytest.raises(ProtocolError, match="fetch answer .* carries no MAC"):
             keyed.fetch_into(version, buffer, nbytes)
+
+
+def _segment_holding(segment, version: int, fill: int) -> None:
+    """Rewrite a producer segment in place as `version`, every byte `fill` (as the store does)."""
+    assert segment.try_lock()
+    segment.begin_write()
+    segment.buffer.fill_(fill)
+    segment.publish(version, segment.capacity, f"viper.{segment.name.split('.')[1]}.v{version}")
+
+
+def test_zero_copy_mappings_are_reused_for_later_versions_of_a_segment(model_name) -> None:
+    """Kept mappings keep their page tables (no faults on the next version) and still show the
+    producer's rewrite."""
+    from viper_lightning.storage._shm import PinnedMappings, Segment
+
+    segment = Segment(f"viper.{model_name}.free.1", 1 << 20)
+    mappings = PinnedMappings()
+    try:
+        _segment_holding(segment, 1, 1)
+        first = mappings.pin(segment.name, 1, 1 << 20)
+        assert int(first.buffer[::4096].sum()) == 256  # every page touched, as a request would
+        mapping = first.mapping
+        first.release()
+        _segment_holding(segment, 3, 7)
+        second = mappings.pin(segment.name, 3, 1 << 20)
+        assert second.mapping is mapping
+        assert torch.equal(second.buffer[::4096], torch.full((256,), 7, dtype=torch.uint8))
+        second.release()
+    finally:
+        mappings.close()
+        segment.unlink()
+
+
+def test_a_mapping_the_model_wrote_to_is_not_reused(model_name) -> None:
+    """A written page became a private copy holding the old bytes: reusing the mapping would
+    serve them in the next version, so it is mapped afresh."""
+    from viper_lightning.storage._shm import PinnedMappings, Segment
+
+    segment = Segment(f"viper.{model_name}.free.1", 1 << 20)
+    mappings = PinnedMappings()
+    try:
+        _segment_holding(segment, 1, 1)
+        first = mappings.pin(segment.name, 1, 1 << 20)
+        first.buffer[5000] = 99  # e.g. a BatchNorm running mean updated in train mode
+        mapping = first.mapping
+        first.release()
+        _segment_holding(segment, 2, 7)
+        second = mappings.pin(segment.name, 2, 1 << 20)
+        assert second.mapping is not mapping
+        assert int(second.buffer[5000]) == 7
+        second.release()
+    finally:
+        mappings.close()
+        segment.unlink()
+
+
+def test_mappings_of_unlinked_segments_are_let_go(model_name) -> None:
+    from viper_lightning.storage._shm import PinnedMappings, Segment
+
+    gone, kept = (Segment(f"viper.{model_name}.free.{n}", 4096) for n in (1, 2))
+    mappings = PinnedMappings()
+    try:
+        _segment_holding(gone, 1, 1)
+        mappings.pin(gone.name, 1, 4096).release()
+        gone.unlink()  # evicted by the producer: a kept mapping would hold its memory
+        _segment_holding(kept, 2, 2)
+        mappings.pin(kept.name, 2, 4096).release()
+        assert len(mappings._kept) == 1
+    finally:
+        mappings.close()
+        kept.unlink()

@@ -16,7 +16,7 @@ import zmq
 from .._buffers import copy_from_bytes, copy_tensor
 from .._errors import IntegrityError, ProtocolError, TransferError
 from ..storage._pfs import FileSystemTier
-from ..storage._shm import SegmentMaps, SegmentPin
+from ..storage._shm import PinnedMappings, SegmentMaps, SegmentPin
 from ..transport._collective import CollectiveClient
 from ..transport._cuda_ipc import import_cuda_tensor
 from ..transport._fetch import FetchClient
@@ -134,10 +134,11 @@ class SharedWeights:
     def __init__(self) -> None:
         self._pins: dict[int, SegmentPin] = {}
         self._retired: list[object] = []
+        self._mappings = PinnedMappings()
 
     def load(self, notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
         started = time.perf_counter()
-        pin = SegmentMaps.pin(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
+        pin = self._mappings.pin(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
         views = notice.layout.views(pin.buffer)
         with torch.no_grad():
             for name, target in standby.state_dict(keep_vars=True).items():
@@ -148,8 +149,8 @@ class SharedWeights:
         return time.perf_counter() - started, 0.0
 
     def reap(self) -> None:
-        """Drop what the last load replaced: unmapping 256 MB of populated page tables costs
-        ~15 ms, so it is done after the swap, off the update's critical path."""
+        """Drop what the last load replaced, after the swap (off the update's critical path).
+        The mapping itself usually stays (PinnedMappings), ready for a later version."""
         retired, self._retired = self._retired, []
         pins = [item for item in retired if isinstance(item, SegmentPin)]
         del retired  # the old tensors go first, then the pins that kept their bytes stable
@@ -170,6 +171,7 @@ class SharedWeights:
         for pin in self._pins.values():
             pin.release()
         self._pins.clear()
+        self._mappings.close()
 
     def _release(self, model: torch.nn.Module) -> None:
         pin = self._pins.pop(id(model), None)
