@@ -100,9 +100,24 @@ def assert_same_weights(expected: torch.nn.Module | dict, actual: torch.nn.Modul
         assert torch.equal(tensor, actual_sd[name]), f"tensor {name} differs"
 
 
+def publish_and_check(publisher, subscriber, producer: torch.nn.Module, events: Events) -> UpdateRecord:
+    """Publish once; the subscriber must serve exactly the producer's weights. Returns its record."""
+    version = publisher.publish(producer)
+    assert subscriber.wait_for_version(version, WAIT_S)
+    with subscriber.serving() as served:
+        assert_same_weights(producer, served)
+    return events.wait_for_updates(1)[0]
+
+
 @pytest.fixture
 def events() -> Events:
     return Events()
+
+
+@pytest.fixture
+def model_name(request) -> str:
+    """A model name unique to the test, so /dev/shm checks see only this test's segments."""
+    return f"m-{request.node.name[:40].replace('[', '-').replace(']', '')}-{os.getpid()}"
 
 
 @pytest.fixture

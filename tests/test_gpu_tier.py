@@ -24,18 +24,13 @@ from viper_lightning.producer._demoter import Demoter
 from viper_lightning.producer._device import DeviceTier
 from viper_lightning.transport._fetch import FetchClient, FetchServer, Shared
 
-from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed
+from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed, publish_and_check
 
 KEY = b"a key for the gpu tier tests...."
 GLOO = "gloo://127.0.0.1:0"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA side of the GPU tier needs a CUDA device")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
                                     reason="NCCL point-to-point between two processes needs two GPUs")
-
-
-@pytest.fixture
-def model_name(request) -> str:
-    return f"gpu-{request.node.name[:40].replace('[', '-').replace(']', '')}-{os.getpid()}"
 
 
 def latest_notice(publisher: ModelPublisher, key: bytes | None = None) -> Notice:
@@ -49,12 +44,7 @@ def test_host_memory_gpu_tier_serves_over_the_collective_path(model_name, events
                         collective_endpoint=GLOO) as publisher, \
          ModelSubscriber(TinyNet(), model_name, publisher.endpoint, hmac_key=KEY, routes=["collective"],
                          load_latest=False, on_update=events.on_update) as subscriber:
-        version = publisher.publish(producer)
-        assert subscriber.wait_for_version(version, WAIT_S)
-        with subscriber.serving() as served:
-            assert_same_weights(producer, served)
-        record = events.wait_for_updates(1)[0]
-        assert record.route == "collective"
+        assert publish_and_check(publisher, subscriber, producer, events).route == "collective"
 
 
 def test_every_tier_holds_the_version_once_the_cascade_settles(model_name, pfs_root, events) -> None:

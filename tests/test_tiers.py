@@ -19,7 +19,8 @@ from viper_lightning.storage._shm import HEADER, HEADER_BYTES, MAGIC, SHM_DIR, R
 from viper_lightning.transport._fetch import FetchClient
 from viper_lightning.transport._protocol import sign
 
-from .conftest import LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
+from .conftest import (LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed,
+                       publish_and_check)
 from .test_bad_input import ForgedProducer
 
 KEY = b"a key for the tier tests, 32 b.."
@@ -29,23 +30,13 @@ def segments(model: str) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"viper.{model}."))
 
 
-@pytest.fixture
-def model_name(request) -> str:
-    """A model name unique to the test, so /dev/shm checks see only this test's segments."""
-    return f"tiers-{request.node.name[:40].replace('[', '-').replace(']', '')}-{os.getpid()}"
-
-
 @pytest.mark.parametrize("route", ["dram-shm", "dram-zmq", "pfs"])
 def test_each_route_delivers_bit_exact_weights(route, model_name, pfs_root, events) -> None:
     producer = perturbed(TinyNet(), 1)
     with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, KEY) as publisher, \
          ModelSubscriber(TinyNet(), model_name, publisher.endpoint, pfs_root, KEY, routes=[route],
                          load_latest=False, on_update=events.on_update) as subscriber:
-        version = publisher.publish(producer)
-        assert subscriber.wait_for_version(version, WAIT_S)
-        with subscriber.serving() as served:
-            assert_same_weights(producer, served)
-        record = events.wait_for_updates(1)[0]
+        record = publish_and_check(publisher, subscriber, producer, events)
         assert record.route == route and "cheapest reachable route" in record.why
 
 
