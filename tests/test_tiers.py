@@ -368,3 +368,30 @@ def test_mappings_of_unlinked_segments_are_let_go(model_name) -> None:
     finally:
         mappings.close()
         kept.unlink()
+
+
+def test_dram_byte_budget_keeps_only_what_fits(model_name, pfs_root) -> None:
+    nbytes = take_snapshot(TinyNet().state_dict()).layout.nbytes
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=10,
+                        dram_bytes=int(2.5 * nbytes)) as publisher:
+        for seed in range(5):
+            publisher.publish(perturbed(TinyNet(), seed))
+        assert publisher.flush(WAIT_S)
+        assert [s for s in segments(model_name) if ".v" in s] == [f"viper.{model_name}.v4", f"viper.{model_name}.v5"]
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_bytes=1) as publisher:
+        version = publisher.publish(TinyNet())  # bigger than the budget: the newest stays anyway
+        assert publisher.flush(WAIT_S)
+        assert f"viper.{model_name}.v{version}" in segments(model_name)
+    with pytest.raises(ConfigurationError, match="dram_bytes=0"):
+        ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_bytes=0)
+
+
+def test_the_newest_version_stays_in_memory_while_an_older_one_is_pinned(model_name) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1) as publisher:
+        first = publisher.publish(perturbed(TinyNet(), 1))
+        held = publisher._store.pin(first)  # e.g. a remote transfer still reading it
+        second = publisher.publish(perturbed(TinyNet(), 2))
+        assert publisher._store.pin(second) is not None
+        publisher._store.unpin(held)
+        assert f"viper.{model_name}.v{second}" in segments(model_name)
+        assert f"viper.{model_name}.v{first}" not in segments(model_name)

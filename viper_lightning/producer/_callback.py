@@ -36,6 +36,7 @@ class ViperCallback(Callback):
             memory only, nothing survives the run).
         schedule: when to publish; defaults to `EveryNSteps(100)`.
         dram_versions: versions kept in shared memory for consumers (0 turns the tier off).
+        dram_bytes: a byte budget for those versions (None: none); the newest always stays.
         gpu_device: the GPU tier: "auto" keeps a device copy of the latest version when the
             module trains on CUDA (publishing then waits for no copy: it runs on a side stream),
             "cuda:N" names the device, None turns the tier off.
@@ -57,6 +58,7 @@ class ViperCallback(Callback):
         pfs_root: str | None = None,
         schedule: PublishSchedule | None = None,
         dram_versions: int = 1,
+        dram_bytes: int | None = None,
         gpu_device: str | None = "auto",
         collective_endpoint: str | None = None,
         fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT,
@@ -67,10 +69,11 @@ class ViperCallback(Callback):
         publish_on_train_end: bool = True,
     ) -> None:
         self.model_name = check_model_name(model_name)
-        check_publisher_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, 0)
+        check_publisher_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, 0, dram_bytes)
         self.endpoint = check_endpoint(endpoint)
         self.fetch_endpoint = check_endpoint(fetch_endpoint) if fetch_endpoint is not None else None
         self.dram_versions = dram_versions
+        self.dram_bytes = dram_bytes
         self.gpu_device = gpu_device if gpu_device in (None, "auto") else str(parse_device(gpu_device))
         self.collective_endpoint = collective_endpoint
         if collective_endpoint is not None:
@@ -105,7 +108,7 @@ class ViperCallback(Callback):
         if trainer.is_global_zero and self._publisher is None:
             self._publisher = ModelPublisher(
                 self.model_name, self.endpoint, self.pfs_root, self._key,
-                dram_versions=self.dram_versions, gpu_device=self._gpu_device_for(pl_module),
+                dram_versions=self.dram_versions, dram_bytes=self.dram_bytes, gpu_device=self._gpu_device_for(pl_module),
                 collective_endpoint=self.collective_endpoint, fetch_endpoint=self.fetch_endpoint,
                 keep_versions=self.keep_versions, heartbeat_interval=self.heartbeat_interval,
                 resume_after=self.last_version)

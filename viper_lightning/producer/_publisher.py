@@ -83,6 +83,8 @@ class ModelPublisher:
             for memory only.
         hmac_key: shared key (16+ bytes) signing notices, manifests and fetch requests.
         dram_versions: versions kept in shared memory (0 turns the DRAM tier off).
+        dram_bytes: also keep no more than this many bytes of versions there (None: no byte
+            budget); the newest version stays whatever its size.
         fetch_endpoint: where remote consumers fetch from memory (None: no remote fetch).
         gpu_device: keep a device-resident copy of the latest version there ("cuda", "cuda:N"):
             publish then waits for no copy at all (it runs on a side stream), the copy to host
@@ -107,6 +109,7 @@ class ModelPublisher:
         hmac_key: str | bytes | None = None,
         *,
         dram_versions: int = 1,
+        dram_bytes: int | None = None,
         gpu_device: str | None = None,
         fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT,
         collective_endpoint: str | None = None,
@@ -116,7 +119,7 @@ class ModelPublisher:
         host_id: str | None = None,
     ) -> None:
         self.model_name = check_model_name(model_name)
-        check_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, resume_after)
+        check_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, resume_after, dram_bytes)
         check_endpoint(endpoint)
         if fetch_endpoint is not None:
             check_endpoint(fetch_endpoint)
@@ -130,7 +133,7 @@ class ModelPublisher:
                         "served a previous run refuse them as older. Pass resume_after (ViperCallback does "
                         "from its checkpoint) or a pfs_root.", self.model_name)
         self._device = DeviceTier(gpu_device) if gpu_device is not None else None
-        self._store = TieredStore(self.model_name, self._host, dram_versions=dram_versions)
+        self._store = TieredStore(self.model_name, self._host, dram_versions=dram_versions, dram_bytes=dram_bytes)
         self._infos: dict[int, _Info] = {}
         self._state = threading.Condition()
         self._pending = 0
@@ -476,13 +479,15 @@ def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapp
 
 
 def check_settings(pfs_root: object, dram_versions: int, keep_versions: int | None,
-                    heartbeat_interval: float, resume_after: int) -> None:
+                   heartbeat_interval: float, resume_after: int, dram_bytes: int | None = None) -> None:
     if pfs_root is None and dram_versions == 0:
         raise ConfigurationError(
             "with dram_versions=0 and pfs_root=None no tier would hold the published bytes; "
             "keep the DRAM tier (dram_versions>=1) or pass pfs_root='/scratch/viper'")
     if dram_versions < 0:
         raise ConfigurationError(f"dram_versions={dram_versions}: use 0 (no DRAM tier) or more")
+    if dram_bytes is not None and not (isinstance(dram_bytes, int) and dram_bytes > 0):
+        raise ConfigurationError(f"dram_bytes={dram_bytes!r}: use a positive number of bytes, or None for no byte budget")
     if keep_versions is not None and keep_versions < 1:
         raise ConfigurationError(f"keep_versions={keep_versions}: keep at least 1 version, or None for all")
     if not heartbeat_interval > 0:

@@ -82,10 +82,11 @@ class Held:
 class TieredStore:
     """Slots, held versions, pins and eviction; thread-safe."""
 
-    def __init__(self, model: str, host: str, *, dram_versions: int) -> None:
+    def __init__(self, model: str, host: str, *, dram_versions: int, dram_bytes: int | None = None) -> None:
         self.model = model
         self.host = host
         self.dram_versions = dram_versions
+        self.dram_bytes = dram_bytes
         self._max_slots = dram_versions + SLACK_SLOTS if dram_versions else 2
         self._free: list[_Slot] = []
         self._slots = 0
@@ -253,18 +254,25 @@ class TieredStore:
 
     def _evict_surplus(self, need_slot: bool = False) -> bool:
         """Free held versions beyond the DRAM budget (or the oldest, when a slot is needed);
-        the newest version always stays, it is the one consumers are told about."""
-        budget = self.dram_versions if self.uses_dram else 0
+        with a DRAM tier the newest version always stays, it is the one consumers are told about."""
         evicted = False
         for held in list(self._held):
-            surplus = len(self._held) > budget or (need_slot and held is not self._held[-1])
-            if not surplus or held.pins > 0:
+            newest = held is self._held[-1]
+            if held.pins > 0 or (newest and self.uses_dram):
+                continue
+            if not (self._over_budget() or (need_slot and not newest)):
                 continue
             self._held.remove(held)
             held.evicted = True
             self._release_locked(held.slot)
             need_slot, evicted = False, True
         return evicted
+
+    def _over_budget(self) -> bool:
+        if not self.uses_dram:
+            return bool(self._held)  # plain buffers: held only until flushed
+        held_bytes = sum(held.layout.nbytes for held in self._held)
+        return len(self._held) > self.dram_versions or (self.dram_bytes is not None and held_bytes > self.dram_bytes)
 
     def _new_slot(self, nbytes: int) -> _Slot:
         if not self.uses_dram:
