@@ -184,6 +184,7 @@ def _publish(schedule: PublishSchedule, step: int, loss: float, clock: _Clock, w
     schedule.published(step, loss, wait + costs.stall_s)
     if isinstance(schedule, (Fixed, Greedy)):
         schedule.observe_load_time(costs.latency_s)  # what the consumer's stats report back
+        schedule.observe_commit_time(costs.commit_s)  # what the publisher's last commit reports
 
 
 def _probe(schedule: Fixed | Greedy, version: int, step: int, clock: _Clock, costs: MeasuredCosts,

@@ -18,6 +18,22 @@ the version that answered each request, on that request's own held-out samples a
 position. Overhead = stalls (as measured) + probes + the schedule's decision CPU time, all paid
 on the training thread. The adaptive schedules also report the CIL they predicted (Algorithm
 1). Settings are the module constants below, the same for every workload.
+
+How the adaptive schedules are configured (what a user would set; nothing here is tuned per
+workload). `fixed` and `greedy` are the paper's Algorithms 2 and 3: fit once after the warm-up,
+Greedy's threshold from the warm-up. The `_refit` variants add what this project does beyond
+the paper:
+- refits every REFIT_EVERY steps and whenever the losses leave the curve (REFIT_ERROR), with a
+  cheaper fit (only the family leading on the coarse grid is polished by curve_fit), since a
+  refit runs on the training thread;
+- a warm-up that also publishes when the loss has dropped significantly (`warmup_on_improvement`);
+- the fallback interval doubles as a safety net on the gap between publishes (`max_interval`).
+`greedy_refit` also follows the observed losses (`follow_losses`: the curve forecasts the CIL,
+the losses decide) and so takes no served-loss probes: a probe is a forward pass on the
+training thread, and the cap on the gap already bounds how stale a served version gets.
+`fixed_refit` keeps the probes, since its interval choice rests on the learnt staleness.
+All four learn the writer's commit time from the replay, as they learn the stall and the
+consumer's load time (what the publisher's `last_commit` and the subscriber's stats report).
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from viper_lightning.predictor import LearningCurveFitter
 from viper_lightning.schedules import EveryEpoch, EveryNSteps, Fixed, Greedy, PublishSchedule
 
 from ._cil_replay import Replay, Requests, Scorer, realised, replay
@@ -42,7 +59,7 @@ EVERY_N = (1, 2, 5, 10, 25, 50)
 WARMUP_STEPS = 30  # the adaptive schedules publish every FALLBACK_INTERVAL steps until then
 FALLBACK_INTERVAL = 10
 PROBE_EVERY = 10  # served-loss probes on the current training batch (paid for as training time)
-REFIT_EVERY = 50
+REFIT_EVERY = 200  # the error trigger refits when the losses leave the curve; this is the backstop
 REFIT_ERROR = 0.25
 FIT_WINDOW = 100
 ADAPTIVE = ("fixed", "greedy", "fixed_refit", "greedy_refit")
@@ -71,14 +88,16 @@ class Outcome:
 def candidates(requests: Requests) -> list[Candidate]:
     common = dict(request_rate=requests.rate, total_requests=len(requests.times), warmup_steps=WARMUP_STEPS,
                   fallback_interval=FALLBACK_INTERVAL, probe_every=PROBE_EVERY)
-    refit = dict(refit_every=REFIT_EVERY, refit_error=REFIT_ERROR, fit_window=FIT_WINDOW)
+    refit = dict(refit_every=REFIT_EVERY, refit_error=REFIT_ERROR, fit_window=FIT_WINDOW, warmup_on_improvement=True,
+                 max_interval=FALLBACK_INTERVAL, predictor=LearningCurveFitter(polish=1))
     return [
         Candidate("every_epoch", "every_epoch", EveryEpoch),
         *(Candidate(f"every_{n}_steps", "every_n_steps", partial(EveryNSteps, n)) for n in EVERY_N),
         Candidate("fixed", "fixed", partial(Fixed, **common)),
         Candidate("greedy", "greedy", partial(Greedy, **common)),
         Candidate("fixed_refit", "fixed_refit", partial(Fixed, **common, **refit)),
-        Candidate("greedy_refit", "greedy_refit", partial(Greedy, **common, **refit, tune_threshold=True)),
+        Candidate("greedy_refit", "greedy_refit", partial(Greedy, **{**common, "probe_every": 0}, **refit,
+                                                          follow_losses=True)),
     ]
 
 

@@ -162,3 +162,23 @@ def test_gpu_device_setting_is_checked_when_the_callback_is_built() -> None:
         ViperCallback("regressor", gpu_device="gpu0")
     with pytest.raises(ConfigurationError, match="collective address"):
         ViperCallback("regressor", collective_endpoint="tcp://127.0.0.1:1")
+
+
+class RecordingSchedule(EveryNSteps):
+    """EveryNSteps that keeps the writer times the callback reports."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        super().__init__(every_n_steps)
+        self.commit_times: list[float] = []
+
+    def observe_commit_time(self, seconds: float) -> None:
+        self.commit_times.append(seconds)
+
+
+def test_schedule_learns_the_background_writer_time(tmp_path, pfs_root) -> None:
+    schedule = RecordingSchedule(20)
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, pfs_root, schedule=schedule)
+    make_trainer(tmp_path, callback, max_steps=200, enable_checkpointing=False).fit(Regressor())
+    assert callback.last_version == 10
+    assert schedule.commit_times and all(seconds > 0 for seconds in schedule.commit_times)
+    assert len(schedule.commit_times) <= 10  # each completed write reported once

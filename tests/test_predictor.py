@@ -13,6 +13,7 @@ from viper_lightning.predictor import (
     InferenceLoad,
     LearningCurve,
     LearningCurveFitter,
+    LossLevels,
     PlanContext,
     PublishCosts,
     StalenessModel,
@@ -24,6 +25,7 @@ from viper_lightning.predictor import (
     greedy_plan,
     greedy_threshold,
     predict_cil,
+    significant_drop_plan,
 )
 
 STEPS = np.arange(1, 301, dtype=np.float64)
@@ -179,9 +181,9 @@ def test_cil_inputs_are_validated() -> None:
 
 # -- Algorithm 2: fixed interval ------------------------------------------------------------------------
 def context(load: InferenceLoad, costs: PublishCosts, version_loss=line(), staleness=StalenessModel(),
-            now_step: int = 0, last_published: int = 0) -> PlanContext:
+            now_step: int = 0, last_published: int = 0, max_interval: int | None = None) -> PlanContext:
     return PlanContext(version_loss, load, costs, staleness, now_step, now_step * costs.step_time_s,
-                       last_published)
+                       last_published, max_interval=max_interval)
 
 
 def test_fixed_interval_by_hand() -> None:
@@ -304,3 +306,72 @@ def test_staleness_fit_bounds_slopes_and_respects_its_prior() -> None:
 def test_staleness_model_rejects_negative_slopes() -> None:
     with pytest.raises(ConfigurationError, match="linear"):
         StalenessModel(linear=-0.1)
+
+
+# -- the safety net and the loss-following rule ---------------------------------------------------------
+def test_max_interval_caps_both_plans_even_on_a_flat_curve() -> None:
+    flat = lambda s: np.full(np.shape(s), 0.5)  # noqa: E731  (publishing never pays, by the curve)
+    load, costs = InferenceLoad(1.0, 20), PublishCosts(1.0, 0.1, 0.0)
+    assert best_fixed_interval(context(load, costs, version_loss=flat)).interval is None
+    capped = context(load, costs, version_loss=flat, max_interval=3)
+    choice = best_fixed_interval(capped)
+    assert choice.interval is not None and choice.interval <= 3
+    assert greedy_plan(capped, threshold=1.0) == [3, 6, 9, 12, 15, 18]
+
+
+def test_significant_drop_plan_by_hand() -> None:
+    # The loss logged at step s is 10 − s; one loss has noise 1, z = 2. From step 0 (reference
+    # 10): step 1 drops 1 (< 2/√1), step 2 drops 1.5 on average (> 2/√2): publish, reference
+    # 8.5. Then every second step alike.
+    ctx = context(InferenceLoad(1.0, 10), PublishCosts(1.0, 0.0, 0.0), version_loss=line(start=9.0))
+    assert significant_drop_plan(ctx, LossLevels(10.0, 0.0, 0, 1.0), z=2.0) == [2, 4, 6, 8, 10]
+    # A flat loss never drops; staleness of 1 per step of age makes it worth a publish every 2
+    # steps, and with unknown noise only the cap publishes.
+    flat = lambda s: np.full(np.shape(s), 5.0)  # noqa: E731
+    stale = context(InferenceLoad(1.0, 10), PublishCosts(1.0, 0.0, 0.0), version_loss=flat,
+                    staleness=StalenessModel(linear=1.0))
+    assert significant_drop_plan(stale, LossLevels(5.0, 0.0, 0, 1.0), z=2.0) == [2, 4, 6, 8, 10]
+    capped = context(InferenceLoad(1.0, 10), PublishCosts(1.0, 0.0, 0.0), version_loss=flat, max_interval=3)
+    assert significant_drop_plan(capped, LossLevels(5.0, 0.0, 0, math.inf), z=2.0) == [3, 6, 9]
+
+
+def test_polishing_fewer_families_stays_close_and_is_validated() -> None:
+    losses = noisy(TRUE_CURVES["exp3"])
+    every = LearningCurveFitter(polish=4).fit(STEPS, losses)
+    leader = LearningCurveFitter(polish=1).fit(STEPS, losses)
+    grid_only = LearningCurveFitter(polish=0).fit(STEPS, losses)
+    assert every.mse <= leader.mse <= grid_only.mse  # each polish only ever improves a family's fit
+    assert np.max(np.abs(grid_only(STEPS) - TRUE_CURVES["exp3"](STEPS))) < 0.1  # the coarse grid alone is near
+    assert LearningCurveFitter().fit(STEPS, losses).mse == every.mse  # the default polishes every family
+    with pytest.raises(ConfigurationError, match="polish=-1"):
+        LearningCurveFitter(polish=-1)
+
+
+# -- the writer's commit time ---------------------------------------------------------------------------
+def test_publishing_faster_than_the_writer_stalls_for_the_difference() -> None:
+    costs = PublishCosts(1.0, 0.5, 0.0, commit_s=3.0)
+    assert costs.stalls(np.array([1, 2, 3, 5])).tolist() == [2.0, 1.0, 0.5, 0.5]
+    # By hand, in a steady stream: step 2's version serves from t = 2; then publishing after
+    # steps 3 and 4 makes each wait 2 s for the writer (step 3 ends at t = 3, goes live at 5;
+    # step 4 ends at 4 + 2, goes live at 8). Requests at t = 2..7 are answered by 8, 8, 8, 7, 7, 7.
+    load, live = InferenceLoad(1.0, 8), ((0, 0.0), (2, 2.0))
+    busy = predict_cil(line(), [3, 4], load, PublishCosts(1.0, 0.0, 0.0, commit_s=3.0), now_step=2, now_s=2.0,
+                       live=live)
+    assert busy.cil == pytest.approx(3 * 8 + 3 * 7)
+    unhurried = predict_cil(line(), [3, 4], load, PublishCosts(1.0, 0.0, 0.0), now_step=2, now_s=2.0, live=live)
+    assert unhurried.cil == pytest.approx(8 + 7 + 4 * 6)
+
+
+def test_the_writer_time_makes_the_fixed_interval_longer() -> None:
+    load = InferenceLoad(1.0, 200)
+    assert best_fixed_interval(context(load, PublishCosts(1.0, 0.01, 0.0))).interval == 1
+    assert best_fixed_interval(context(load, PublishCosts(1.0, 0.01, 0.0, commit_s=4.0))).interval >= 3
+
+
+@pytest.mark.parametrize("every", [1, 2, 6])
+def test_a_repeating_plan_counts_the_writer_as_the_explicit_one_does(every) -> None:
+    load, costs = InferenceLoad(2.0, 400), PublishCosts(1.0, 0.2, 0.5, commit_s=3.5)
+    curve = lambda steps: 1.0 / (1.0 + 0.05 * np.asarray(steps, dtype=np.float64))  # noqa: E731
+    explicit = predict_cil(curve, range(every, 400, every), load, costs)
+    closed = predict_cil(curve, [every], load, costs, repeat_every=every)
+    assert closed.cil == pytest.approx(explicit.cil, rel=1e-3) and closed.publishes == explicit.publishes

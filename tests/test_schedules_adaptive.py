@@ -24,6 +24,7 @@ from viper_lightning.predictor import (
     predict_cil,
 )
 from viper_lightning.schedules import Fixed, Greedy, PublishSchedule
+from viper_lightning.schedules._improvement import ImprovementWatch
 
 from .conftest import LOOPBACK_ANY_PORT
 from .lightning_models import Regressor
@@ -98,6 +99,17 @@ def test_a_stall_longer_than_the_interval_makes_fixed_publish_less() -> None:
     assert dear.interval is None or dear.interval > cheap.interval
 
 
+def test_a_reported_writer_time_makes_fixed_publish_less_often() -> None:
+    plain, told = Fixed(**common()), Fixed(**common())
+    told.observe_commit_time(4.0 * STEP_S)  # the publisher's writer needs 4 steps per version
+    drive(plain, decaying(60))
+    drive(told, decaying(60))
+    assert plain.interval is not None and told.interval is not None and told.interval > plain.interval
+    restored = Fixed(**common())
+    restored.load_state_dict(json.loads(json.dumps(told.state_dict())))
+    assert told.costs().commit_s == restored.costs().commit_s == 4.0 * STEP_S
+
+
 # -- Greedy (Algorithm 3) ----------------------------------------------------------------------------------
 def test_greedy_publishes_often_while_the_loss_falls_and_rarely_once_it_is_flat() -> None:
     schedule = Greedy(**common(warmup_steps=20, fallback_interval=5))
@@ -143,6 +155,55 @@ def test_a_custom_predictor_is_used() -> None:
     schedule = Greedy(**common(predictor=Oracle(), threshold=0.001))
     drive(schedule, decaying(100))
     assert isinstance(schedule.curve, Halving)
+
+
+# -- beyond the paper: the loss-driven warm-up, the safety net, following the losses ------------------------
+def test_the_improvement_watch_by_hand() -> None:
+    watch = ImprovementWatch(z=2.0)
+    for loss in (1.0, 0.9, 0.8):
+        watch.observe(loss)
+    assert watch.noise == math.inf and not watch.significant()  # two differences: noise not known yet
+    watch.observe(0.7)
+    assert watch.noise == 0.0 and watch.significant()  # a steady fall has no noise: any drop counts
+    watch.published()
+    assert watch.reference == pytest.approx(0.8) and watch.since_count == 0  # mean of 0.9, 0.8, 0.7
+    flat = ImprovementWatch(z=2.0)
+    for loss in (0.5, 0.6, 0.4, 0.6, 0.4, 0.6, 0.45):
+        flat.observe(loss)
+    assert flat.noise > 0.05 and not flat.significant()  # 0.05 below, well inside the noise
+    assert flat.significant(staleness=0.2)  # unless the serving weights have gone stale
+    restored = ImprovementWatch.from_state(json.loads(json.dumps(flat.state_dict())), z=2.0)
+    assert restored == flat
+
+
+def test_a_warmup_on_improvement_publishes_a_fast_fall_early_and_a_flat_loss_on_the_fallback() -> None:
+    fast = drive(Greedy(**common(warmup_on_improvement=True)), decaying(30, noise=0.001, rate=5.0))
+    assert len(fast) > 3 and fast[0] < 10
+    flat = np.full(30, 0.3) + np.random.default_rng(0).normal(0, 0.01, 30)
+    published = drive(Greedy(**common(warmup_on_improvement=True)), flat)
+    assert {10, 20, 30} <= set(published) and len(published) <= 4  # two standard errors: a rare false alarm
+    assert drive(Greedy(**common()), decaying(30, noise=0.001, rate=5.0)) == [10, 20, 30]  # off by default
+
+
+@pytest.mark.parametrize("make", [lambda: Greedy(**common(threshold=10.0, max_interval=7)),
+                                  lambda: Fixed(**common(max_interval=7))], ids=["greedy", "fixed"])
+def test_max_interval_bounds_the_gap_whatever_the_curve_says(make) -> None:
+    schedule = make()
+    published = drive(schedule, np.full(200, 0.3))  # flat: by the curve, publishing never pays
+    assert max(np.diff([s for s in published if s > 30]).tolist()) <= 7
+    assert len([s for s in published if s > 30]) >= 170 // 7
+
+
+def test_following_the_losses_catches_a_drop_the_fitted_curve_never_predicted() -> None:
+    # As in the refitting test: settled at 0.5, then a new fall from step 150. Fitted once.
+    x = np.arange(1, 301, dtype=np.float64)
+    losses = 0.5 + 0.4 * np.exp(-x / 20) - np.where(x > 150, 0.4 * (1 - np.exp(-(x - 150) / 40)), 0.0)
+    losses += np.random.default_rng(0).normal(0, 0.002, len(x))
+    schedule = Greedy(**common(warmup_steps=40, follow_losses=True, max_interval=100))
+    published = drive(schedule, losses)
+    assert len([s for s in published if 150 < s <= 220]) >= 20  # the new fall is served as it happens
+    assert len([s for s in published if 100 <= s <= 150]) <= 2  # the flat stretch is not
+    assert schedule.predicted_cil is not None and schedule.predicted_cil > 0
 
 
 # -- edge cases --------------------------------------------------------------------------------------------
@@ -200,6 +261,8 @@ def test_bad_arguments_name_the_value_and_the_fix() -> None:
         Greedy(threshold=-0.5)
     with pytest.raises(ConfigurationError, match="predictor must be"):
         Fixed(predictor="exp3")
+    with pytest.raises(ConfigurationError, match="max_interval=-1"):
+        Greedy(max_interval=-1)
 
 
 # -- state -------------------------------------------------------------------------------------------------
@@ -208,7 +271,9 @@ def test_bad_arguments_name_the_value_and_the_fix() -> None:
     lambda: Fixed(**common(refit_every=25, fit_window=60, probe_every=5)),
     lambda: Greedy(**common()),
     lambda: Greedy(**common(refit_every=25, refit_error=0.2, fit_window=60, probe_every=5, tune_threshold=True)),
-], ids=["fixed", "fixed_refit", "greedy", "greedy_refit"])
+    lambda: Greedy(**common(refit_every=25, refit_error=0.2, fit_window=60, follow_losses=True,
+                            warmup_on_improvement=True, max_interval=15)),
+], ids=["fixed", "fixed_refit", "greedy", "greedy_refit", "greedy_follow_losses"])
 def test_state_dict_round_trip_resumes_the_same_decisions(make) -> None:
     losses = decaying(300, noise=0.01)
     served = lambda version, step: 0.1 + 0.002 * (step - version)  # noqa: E731
@@ -255,9 +320,9 @@ def test_lightning_cli_yaml_selects_the_schedule_with_init_args(name, tmp_path) 
         "model_name": "nt3", "pfs_root": str(tmp_path), "schedule": {
             "class_path": f"viper_lightning.schedules.{name}",
             "init_args": {"request_rate": 20.0, "total_requests": 5000, "warmup_steps": 40, "refit_every": 25,
-                          "load_time_s": 0.02, "predictor": {
+                          "load_time_s": 0.02, "warmup_on_improvement": True, "max_interval": 15, "predictor": {
                               "class_path": "viper_lightning.predictor.LearningCurveFitter",
-                              "init_args": {"families": ["exp3", "lin2"]}}}}}}}
+                              "init_args": {"families": ["exp3", "lin2"], "polish": 1}}}}}}}
     parser = ArgumentParser()
     parser.add_argument("--callback", type=ViperCallback)
     parsed = parser.parse_string(yaml.safe_dump(config))
@@ -266,4 +331,5 @@ def test_lightning_cli_yaml_selects_the_schedule_with_init_args(name, tmp_path) 
     assert type(schedule).__name__ == name and schedule.needs_loss
     assert schedule.load == InferenceLoad(20.0, 5000) and schedule.warmup_steps == 40 and schedule.refitting
     assert isinstance(schedule.predictor, LearningCurveFitter) and schedule.predictor.families == ("exp3", "lin2")
+    assert schedule.predictor.polish == 1 and schedule.max_interval == 15 and schedule.warmup_on_improvement
     assert math.isclose(schedule.costs().load_time_s, 0.02)

@@ -5,7 +5,8 @@
 - `predict_cil` is Algorithm 1: the cumulative inference loss a consumer pays under a publish
   plan, given its request rate, the training stall per publish and the consumer's load time.
 - `best_fixed_interval` (Algorithm 2) and `greedy_plan` (Algorithm 3) turn a curve into publish
-  steps; the schedules `viper_lightning.schedules.Fixed` and `Greedy` run them during training.
+  steps (`significant_drop_plan`: Algorithm 3 on the observed losses, as `Greedy(follow_losses=True)`
+  decides); the schedules `viper_lightning.schedules.Fixed` and `Greedy` run them during training.
 """
 
 from ._cil import CILPrediction, InferenceLoad, PublishCosts, VersionLoss, predict_cil
@@ -15,16 +16,19 @@ from ._plans import (
     THRESHOLD_SCALES,
     FixedChoice,
     GreedyChoice,
+    LossLevels,
     PlanContext,
     best_fixed_interval,
     best_greedy_threshold,
     candidate_intervals,
     fixed_plan,
+    fixed_choice,
     fixed_prediction,
     greedy_gain,
     greedy_plan,
     greedy_prediction,
     greedy_threshold,
+    significant_drop_plan,
 )
 from ._staleness import StalenessModel, fit_staleness
 
@@ -56,4 +60,7 @@ __all__ = [
     "GreedyChoice",
     "THRESHOLD_SCALES",
     "best_greedy_threshold",
+    "fixed_choice",
+    "LossLevels",
+    "significant_drop_plan",
 ]

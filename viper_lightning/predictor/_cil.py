@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -53,16 +53,27 @@ class InferenceLoad:
 
 @dataclass(frozen=True)
 class PublishCosts:
-    """Seconds per training step, training stall per publish, and publish-to-serving latency."""
+    """Seconds per training step, training stall per publish, and publish-to-serving latency.
+
+    `commit_s` is the publisher's background writer time per version. The writer works while
+    training goes on, but it writes one version at a time: publishing more often than every
+    `commit_s` makes training wait for a free snapshot buffer, so in a steady stream each
+    publish costs max(stall_s, commit_s − the training time since the previous publish).
+    """
 
     step_time_s: float
     stall_s: float
     load_time_s: float
+    commit_s: float = 0.0
+
+    def stalls(self, gaps: np.ndarray) -> np.ndarray:
+        """The stall of publishes made `gaps` training steps after the previous one."""
+        return np.maximum(self.stall_s, self.commit_s - np.asarray(gaps, dtype=np.float64) * self.step_time_s)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.step_time_s) and self.step_time_s > 0):
             raise ConfigurationError(f"step_time_s={self.step_time_s!r}: use a positive number of seconds")
-        for name in ("stall_s", "load_time_s"):
+        for name in ("stall_s", "load_time_s", "commit_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigurationError(f"{name}={value!r}: use a number of seconds >= 0")
@@ -116,9 +127,11 @@ def predict_cil(version_loss: VersionLoss, plan: Sequence[int], load: InferenceL
             short one (a plan of 10^6 explicit steps would).
     """
     times, weights = _request_times(load, now_s, max_points)
-    plan_steps, plan_live, resume = _plan_timeline(plan, costs, now_step, now_s, load.horizon_s, max_step)
+    previous = max((step for step, _ in live), default=0)
+    plan_steps, plan_live, resume = _plan_timeline(plan, costs, now_step, now_s, load.horizon_s, max_step, previous)
     steps, live_at = _merge_live(live, plan_steps, plan_live)
-    repeats = _Repeats(resume, repeat_every, costs, load.horizon_s, max_step) if repeat_every else None
+    repeats = _Repeats(resume, repeat_every, _steady(costs, repeat_every), load.horizon_s, max_step) \
+        if repeat_every else None
     publishes = len(plan_steps) + (repeats.count() if repeats else 0)
     if len(times) == 0:
         return CILPrediction(0.0, 0, publishes, now_s, times, times.copy(), weights)
@@ -132,6 +145,13 @@ def predict_cil(version_loss: VersionLoss, plan: Sequence[int], load: InferenceL
     losses = np.minimum(losses, max_loss)
     return CILPrediction(float(np.sum(losses * weights)), int(round(weights.sum())), publishes, now_s,
                          times, losses, weights)
+
+
+def _steady(costs: PublishCosts, every: int) -> PublishCosts:
+    """The costs of publishing every `every` steps, the writer's wait folded in: it stalls
+    training and delays the version going live."""
+    stall = float(costs.stalls(every))
+    return replace(costs, stall_s=stall, load_time_s=costs.load_time_s + stall - costs.stall_s, commit_s=0.0)
 
 
 def _request_times(load: InferenceLoad, since_s: float, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,17 +168,19 @@ def _request_times(load: InferenceLoad, since_s: float, max_points: int) -> tupl
 
 
 def _plan_timeline(plan: Sequence[int], costs: PublishCosts, now_step: int, now_s: float, horizon_s: float,
-                   max_step: int | None) -> tuple[np.ndarray, np.ndarray, tuple[int, float]]:
+                   max_step: int | None, previous: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[int, float]]:
     """Steps of the plan that happen before the horizon, when each version starts serving, and
     (step, seconds) at which training resumes after the plan's last publish."""
     steps = np.unique(np.asarray(plan, dtype=np.int64).reshape(-1))
     steps = steps[(steps >= now_step) & (steps <= (max_step if max_step is not None else np.iinfo(np.int64).max))]
+    stalls = costs.stalls(np.diff(steps, prepend=previous))
     # Each earlier publish in the plan has stalled training once more by the time step s ends.
-    finished = now_s + (steps - now_step) * costs.step_time_s + np.arange(len(steps)) * costs.stall_s
+    finished = now_s + (steps - now_step) * costs.step_time_s + np.concatenate([[0.0], np.cumsum(stalls)[:-1]])
     inside = finished < horizon_s
-    steps, finished = steps[inside], finished[inside]
-    resume = (int(steps[-1]), float(finished[-1]) + costs.stall_s) if len(steps) else (now_step, now_s)
-    return steps, finished + costs.load_time_s, resume
+    steps, finished, stalls = steps[inside], finished[inside], stalls[inside]
+    resume = (int(steps[-1]), float(finished[-1] + stalls[-1])) if len(steps) else (now_step, now_s)
+    # A publish that waited for the writer goes live that much later.
+    return steps, finished + (stalls - costs.stall_s) + costs.load_time_s, resume
 
 
 @dataclass(frozen=True)

@@ -153,10 +153,14 @@ class LearningCurveFitter(LossPredictor):
             runs out, or if its answer leaves the parameter bounds).
         max_points: longer series are averaged into this many bins first (faster, and the
             averaging calms a noisy loss; the MSE is then measured on the bins).
+        polish: how many families, those whose coarse grid fits are best, get a finer grid and
+            the `curve_fit` polish (the others keep their coarse fit). The polish is most of a
+            fit's time; fewer is faster, but a family behind on the coarse grid can overtake
+            the leaders once polished, so the default polishes every family.
     """
 
     def __init__(self, families: Sequence[str] = ("exp2", "exp3", "lin2", "expd3"), min_points: int = 8,
-                 max_evaluations: int = 50, max_points: int = 64) -> None:
+                 max_evaluations: int = 50, max_points: int = 64, polish: int = 4) -> None:
         unknown = [name for name in families if name not in CURVE_FAMILIES]
         if unknown or not families:
             raise ConfigurationError(f"families={list(families)!r}: choose one or more of {list(CURVE_FAMILIES)}")
@@ -166,7 +170,10 @@ class LearningCurveFitter(LossPredictor):
             raise ConfigurationError(f"max_evaluations={max_evaluations!r}: use an integer >= 10")
         if not isinstance(max_points, int) or max_points < min_points:
             raise ConfigurationError(f"max_points={max_points!r}: use an integer >= min_points ({min_points})")
+        if not isinstance(polish, int) or polish < 0:
+            raise ConfigurationError(f"polish={polish!r}: use an integer >= 0")
         self.families = tuple(families)
+        self.polish = polish
         self.min_points = min_points
         self.max_evaluations = max_evaluations
         self.max_points = max_points
@@ -179,28 +186,33 @@ class LearningCurveFitter(LossPredictor):
         scale = max(float(steps.max()) - origin, 1.0)
         x, y = _binned((steps - origin) / scale, losses, self.max_points)
         floor, ceiling = _bounds_of(losses)
-        results, failures = [], []
+        starts, failures = [], []
         for name in self.families:
             try:
-                params, mse = self._fit_family(name, x, y, floor)
-                results.append(LearningCurve(name, params, origin, scale, mse, len(steps), floor, ceiling))
+                starts.append(self._grid_fit(name, x, y, floor))
             except FitError as exc:
                 failures.append(f"{name}: {exc}")
-        if not results:
+        if not starts:
             raise FitError("no family could be fitted (" + "; ".join(failures) + ")")
-        return min(results, key=lambda curve: curve.mse)
+        starts.sort(key=lambda start: start[1])
+        results = [self._polished(x, y, *start) if rank < self.polish else start
+                   for rank, start in enumerate(starts)]  # the leaders get a finer grid, then curve_fit
+        name, mse, params, _ = min(results, key=lambda result: result[1])
+        return LearningCurve(name, tuple(float(p) for p in params), origin, scale, mse, len(steps), floor, ceiling)
 
-    def _fit_family(self, name: str, x: np.ndarray, y: np.ndarray, floor: float) -> tuple[tuple[float, ...], float]:
-        """curve_fit from the best point of a coarse grid (fast, and away from bad local optima)."""
-        family = CURVE_FAMILIES[name]
+    def _grid_fit(self, name: str, x: np.ndarray, y: np.ndarray, floor: float) -> _Fitted:
+        """The best point of a coarse grid (fast, and away from bad local optima), and its MSE."""
         lower, upper = _parameter_bounds(name, y, floor)
         start = np.clip(_grid_start(name, x, y, lower, upper), lower, upper)
-        params = self._polish(name, family, x, y, start, (lower, upper))
-        with np.errstate(over="ignore", invalid="ignore"):
-            mse = float(np.mean((family.function(x, *params) - y) ** 2))
-        if not math.isfinite(mse):
-            raise FitError("no finite solution")
-        return tuple(float(p) for p in params), mse
+        return name, _mse(CURVE_FAMILIES[name], x, y, start), start, (lower, upper)
+
+    def _polished(self, x: np.ndarray, y: np.ndarray, name: str, mse: float, start: np.ndarray,
+                  bounds: tuple[np.ndarray, np.ndarray]) -> _Fitted:
+        family = CURVE_FAMILIES[name]
+        if family.decay_index is not None:
+            start = np.clip(_refined(name, x, y, start, *bounds), *bounds)
+        params = self._polish(name, family, x, y, start, bounds)
+        return name, _mse(family, x, y, params), params, bounds
 
     def _polish(self, name: str, family: _Family, x: np.ndarray, y: np.ndarray, start: np.ndarray,
                 bounds: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -222,6 +234,18 @@ class LearningCurveFitter(LossPredictor):
 
     def __repr__(self) -> str:
         return f"LearningCurveFitter(families={list(self.families)}, min_points={self.min_points})"
+
+
+_Fitted = tuple  # (family name, MSE, parameters, bounds)
+
+
+def _mse(family: _Family, x: np.ndarray, y: np.ndarray, params: np.ndarray) -> float:
+    """Mean squared error of `params` (FitError when not finite)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mse = float(np.mean((family.function(x, *params) - y) ** 2))
+    if not math.isfinite(mse):
+        raise FitError("no finite solution")
+    return mse
 
 
 def finite_points(steps: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray
@@ -249,8 +273,10 @@ def _binned(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.nda
     x, y = x[order], y[order]
     if len(x) <= bins:
         return x, y
-    groups = np.array_split(np.arange(len(x)), bins)
-    return (np.array([x[g].mean() for g in groups]), np.array([y[g].mean() for g in groups]))
+    size, extra = divmod(len(x), bins)  # as np.array_split: the first `extra` bins hold one more
+    counts = np.full(bins, size) + (np.arange(bins) < extra)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.add.reduceat(x, starts) / counts, np.add.reduceat(y, starts) / counts
 
 
 def _parameter_bounds(name: str, y: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +300,12 @@ def _grid_start(name: str, x: np.ndarray, y: np.ndarray, lower: np.ndarray, uppe
     its other parameters, so the whole grid is a handful of closed-form least-squares solves."""
     if name == "lin2":
         return np.array(np.polyfit(x, y, 1), dtype=np.float64)
-    coarse = _best_on_grid(name, x, y, np.asarray(_DECAY_GRID), lower, upper)
+    return _best_on_grid(name, x, y, np.asarray(_DECAY_GRID), lower, upper)
+
+
+def _refined(name: str, x: np.ndarray, y: np.ndarray, coarse: np.ndarray, lower: np.ndarray,
+             upper: np.ndarray) -> np.ndarray:
+    """A finer grid between the coarse winner's neighbouring rates."""
     index = int(np.argmin(np.abs(np.asarray(_DECAY_GRID) - coarse[1])))
     low, high = _DECAY_GRID[max(index - 1, 0)], _DECAY_GRID[min(index + 1, len(_DECAY_GRID) - 1)]
     return _best_on_grid(name, x, y, np.geomspace(low, high, 12), lower, upper)

@@ -3,7 +3,9 @@
 Algorithm 2 (fixed) tries every interval and keeps the one with the lowest predicted CIL.
 Algorithm 3 (greedy) publishes whenever the predicted loss has dropped below the last published
 version's by more than a threshold taken from the warm-up (mean + std of step-to-step drops);
-under drift the last version's loss also grows with its age.
+under drift the last version's loss also grows with its age. `significant_drop_plan` runs the
+variant that `Greedy(follow_losses=True)` applies to the observed losses. Every plan respects
+`PlanContext.max_interval`, the schedules' safety net.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ._curves import FitError
 from ._staleness import StalenessModel
 
 __all__ = ["PlanContext", "FixedChoice", "GreedyChoice", "PLAN_WINDOW", "fixed_plan", "fixed_prediction",
-           "candidate_intervals", "best_fixed_interval", "greedy_threshold", "greedy_gain", "greedy_plan",
+           "fixed_choice", "LossLevels", "significant_drop_plan", "candidate_intervals", "best_fixed_interval", "greedy_threshold", "greedy_gain", "greedy_plan",
            "greedy_prediction", "best_greedy_threshold"]
 
 _DENSE_UP_TO = 8  # every interval up to this is tried, then ~30% apart, then the best bracket refined
@@ -45,6 +47,7 @@ class PlanContext:
     live: tuple[tuple[int, float], ...] = ((0, 0.0),)
     max_step: int | None = None
     max_loss: float = math.inf
+    max_interval: int | None = None  # a safety net: never more than this many steps between publishes
 
     @property
     def end_step(self) -> int:
@@ -95,14 +98,21 @@ def best_fixed_interval(context: PlanContext) -> FixedChoice:
     best one is searched more finely: the predicted CIL is smooth in the interval.
     """
     span = max(context.end_step - context.now_step, 1)
-    coarse = candidate_intervals(span)
-    best = _best_of(context, coarse, FixedChoice(None, context.predict([])))  # never again is a candidate
+    cap = context.max_interval
+    coarse = [i for i in candidate_intervals(span) if cap is None or i <= cap] or [cap]
+    never = FixedChoice(None, context.predict([]))  # never again is a candidate, unless capped
+    best = _best_of(context, coarse, never if cap is None else fixed_choice(context, coarse[-1]))
     if best.interval is not None and best.interval > _DENSE_UP_TO:
         index = coarse.index(best.interval)
         low, high = coarse[index - 1], coarse[min(index + 1, len(coarse) - 1)]
         finer = np.unique(np.linspace(low, high, _REFINE + 2).round().astype(int)).tolist()
         best = _best_of(context, [i for i in finer if i not in coarse], best)
     return best
+
+
+def fixed_choice(context: PlanContext, interval: int) -> FixedChoice:
+    """Publishing every `interval` steps, with its prediction."""
+    return FixedChoice(interval, fixed_prediction(context, interval))
 
 
 def fixed_prediction(context: PlanContext, interval: int) -> CILPrediction:
@@ -152,12 +162,50 @@ def greedy_plan(context: PlanContext, threshold: float) -> list[int]:
     predicted = np.asarray(context.version_loss(steps.astype(np.float64)), dtype=np.float64)
     last = context.last_published
     last_loss = float(context.version_loss(np.asarray([last], dtype=np.float64))[0])
+    linear, quadratic = context.staleness.linear, context.staleness.quadratic
+    cap, longest = max(context.max_loss, last_loss), context.max_interval or math.inf
     plan = []
+    # Plain floats: this loop runs on the training thread, once per candidate threshold.
     for step, loss in zip(steps.tolist(), predicted.tolist()):
-        served = min(last_loss + float(context.staleness.increase(step - last)), max(context.max_loss, last_loss))
-        if served - loss > threshold:
+        age = max(step - last, 0)
+        if age >= longest or min(last_loss + linear * age + quadratic * age * age, cap) - loss > threshold:
             plan.append(step)
             last, last_loss = step, loss
+            cap = max(context.max_loss, last_loss)
+    return plan
+
+
+@dataclass(frozen=True)
+class LossLevels:
+    """Where the significant-drop rule stands: the mean training loss of the serving weights
+    (`reference`), the sum and count of the losses seen since they were published, and the
+    noise (standard deviation) of one loss."""
+
+    reference: float
+    since_sum: float
+    since_count: int
+    noise: float
+
+
+def significant_drop_plan(context: PlanContext, levels: LossLevels, z: float) -> list[int]:
+    """The steps where `Greedy(follow_losses=True)` would publish if the losses followed the
+    curve: the mean loss since the last publish has fallen below the serving weights' level,
+    plus their predicted staleness, by more than `z` standard errors; or `max_interval` is up.
+    Up to `PLAN_WINDOW` steps ahead."""
+    steps = np.arange(context.now_step + 1, min(context.end_step, context.now_step + PLAN_WINDOW) + 1)
+    if len(steps) == 0:
+        return []
+    logged = np.asarray(context.version_loss(steps.astype(np.float64) - 1.0), dtype=np.float64)  # loss at step s
+    linear, quadratic = context.staleness.linear, context.staleness.quadratic
+    longest, last = context.max_interval or math.inf, context.last_published
+    reference, total, count = levels.reference, levels.since_sum, levels.since_count
+    plan = []
+    for step, loss in zip(steps.tolist(), logged.tolist()):  # plain floats, as in greedy_plan
+        total, count, age = total + loss, count + 1, step - last
+        drop = reference + linear * age + quadratic * age * age - total / count
+        if age >= longest or drop > z * levels.noise / math.sqrt(count):
+            plan.append(step)
+            reference, total, count, last = total / count, 0.0, 0, step
     return plan
 
 

@@ -91,6 +91,7 @@ class ViperCallback(Callback):
         self.last_step = -1
         self.last_stall_s: float | None = None
         self._publisher: ModelPublisher | None = None
+        self._reported_commit: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -174,8 +175,17 @@ class ViperCallback(Callback):
         self.last_step = step
         self.last_stall_s = self._publisher.last_stall_s
         self.schedule.published(step, loss, self.last_stall_s or 0.0)
+        self._report_commit()
         log.debug("queued %s v%d at step %d (stall %.2f ms)", self.model_name, self.last_version,
                   step, (self.last_stall_s or 0.0) * 1e3)
+
+
+    def _report_commit(self) -> None:
+        """Tell the schedule how long the newest completed background write took, once."""
+        commit = self._publisher.last_commit
+        if commit is not None and commit.version != self._reported_commit and commit.store_s > 0:
+            self._reported_commit = commit.version
+            self.schedule.observe_commit_time(commit.digest_s + commit.store_s)
 
 
 def _read_key(hmac_key: str | None, hmac_key_file: str | None) -> str | bytes | None:

@@ -31,6 +31,10 @@ class PublishSchedule(ABC):
     def published(self, step: int, loss: float | None, stall_s: float) -> None:
         """Feedback after each publish: the step, its loss, and how long training waited."""
 
+    def observe_commit_time(self, seconds: float) -> None:
+        """Feedback from the background writer: how long one version took to reach the file
+        system (the callback reports each completed commit once)."""
+
     def state_dict(self) -> dict[str, Any]:
         """What must survive a checkpoint so a resumed run keeps its schedule."""
         return {}

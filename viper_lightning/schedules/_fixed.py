@@ -23,8 +23,11 @@ class Fixed(_PredictiveSchedule):
     re-chooses as losses arrive (the paper chooses once).
 
     The costs are measured while training: the stall of each publish arrives through
-    `published` (ViperCallback reports it), the time per step from the clock. Two inputs come
-    from outside the training loop and fall back to the configured estimates until they do:
+    `published` (ViperCallback reports it), the time per step from the clock. The publisher's
+    background writer time per version (`observe_commit_time`, from its `last_commit`) tells
+    the plans when publishing faster than the writer makes training wait for a snapshot buffer
+    (until it is reported, no such wait is assumed). Two inputs come from outside the training
+    loop and fall back to the configured estimates until they do:
     the consumer's publish-to-serving latency (`observe_load_time`, e.g. from the subscriber's
     `stats.updates[-1].latency_s`) and the loss of published versions on fresh labelled data
     (`observe_served_loss`, for the versions `probe_versions` asks about), which teaches the
@@ -49,6 +52,12 @@ class Fixed(_PredictiveSchedule):
         probe_every: how often `probe_versions` asks for served-loss measurements (0: never).
         predictor: the learning-curve predictor (default: `LearningCurveFitter()`).
         history: losses kept for refitting.
+        warmup_on_improvement: during the warm-up, also publish whenever the mean training loss
+            since the last publish is below the one before it by more than two standard errors
+            of the step-to-step noise (Algorithm 3's rule on the observed losses, before there
+            is a curve): a loss that falls fast early is served early. False: only the fallback.
+        max_interval: a safety net: never more than this many steps between publishes once the
+            curve is fitted, whatever it predicts (0: none); plans are made within that cap.
     """
 
     def __init__(
@@ -67,10 +76,12 @@ class Fixed(_PredictiveSchedule):
         probe_every: int = 0,
         predictor: LossPredictor | None = None,
         history: int = 10_000,
+        warmup_on_improvement: bool = False,
+        max_interval: int = 0,
     ) -> None:
         super().__init__(request_rate, total_requests, warmup_steps, fallback_interval, refit_every, refit_error,
                          fit_window, step_time_s, stall_s, load_time_s, staleness_per_step, probe_every,
-                         predictor, history)
+                         predictor, history, warmup_on_improvement, max_interval)
         self._interval: int | None = None
 
     @property

@@ -14,6 +14,7 @@ from ..predictor._plans import (
     greedy_plan,
     greedy_prediction,
     greedy_threshold,
+    significant_drop_plan,
 )
 from ._predictive import _PredictiveSchedule
 
@@ -36,9 +37,19 @@ class Greedy(_PredictiveSchedule):
     answer costs. With `tune_threshold` the threshold is instead the multiple of it (1/32 to 4)
     whose plan has the lowest predicted CIL, re-chosen at every refit.
 
+    With `follow_losses` the rule is applied to the observed training losses instead of the
+    curve's prediction: publish when the mean loss since the last publish has fallen below that
+    of the serving weights (plus their predicted staleness) by more than two standard errors of
+    the step-to-step noise. A curve fitted on a short window can miss a drop that is happening
+    (or promise one that is not); the losses cannot, and the test costs O(1) per step. The curve
+    still forecasts the CIL (the same rule run forward on it) and the staleness still counts;
+    set `max_interval` too, since a drifting flat loss never drops significantly.
+
     Args:
         threshold: a fixed threshold instead of the warm-up's mean + std (None: from the warm-up).
         tune_threshold: choose the threshold by predicted CIL, as above (False: the paper's rule).
+        follow_losses: decide on the observed losses, as above (`threshold` and
+            `tune_threshold` then do not apply).
         Every other argument is as for `Fixed`.
     """
 
@@ -58,17 +69,21 @@ class Greedy(_PredictiveSchedule):
         probe_every: int = 0,
         threshold: float | None = None,
         tune_threshold: bool = False,
+        follow_losses: bool = False,
         predictor: LossPredictor | None = None,
         history: int = 10_000,
+        warmup_on_improvement: bool = False,
+        max_interval: int = 0,
     ) -> None:
         super().__init__(request_rate, total_requests, warmup_steps, fallback_interval, refit_every, refit_error,
                          fit_window, step_time_s, stall_s, load_time_s, staleness_per_step, probe_every,
-                         predictor, history)
+                         predictor, history, warmup_on_improvement, max_interval)
         if threshold is not None and not threshold >= 0:
             raise ConfigurationError(f"threshold={threshold!r}: use a loss difference >= 0, or None to take "
                                      "it from the warm-up")
         self.configured_threshold = threshold
         self.tune_threshold = bool(tune_threshold)
+        self.follow_losses = bool(follow_losses)
         self._base_threshold: float | None = threshold
         self._threshold: float | None = threshold
         self._planned: list[int] = []
@@ -84,6 +99,9 @@ class Greedy(_PredictiveSchedule):
             self._base_threshold = self._threshold = greedy_threshold(warmup_losses)
 
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
+        if self.follow_losses:  # the plan is only the forecast: decisions follow the losses
+            self._plan_until = context.end_step
+            return greedy_prediction(context, significant_drop_plan(context, self._watch.levels(), self._watch.z))
         retune = self.tune_threshold and not keep_choice
         self._plan_until = context.now_step + PLAN_WINDOW
         if retune and self._base_threshold > 0:
@@ -94,6 +112,9 @@ class Greedy(_PredictiveSchedule):
         return greedy_prediction(context, self._planned)
 
     def _decide(self, step: int) -> bool:
+        if self.follow_losses:
+            age = step - self._last_published  # plain floats: this runs every step
+            return self._watch.significant(self._staleness.linear * age + self._staleness.quadratic * age * age)
         # The plan is the rule run forward on the same curve, so following it is the rule itself,
         # at O(1) per step. A planned step that was not offered (skipped steps) is published late.
         if step > self._plan_until:
@@ -104,6 +125,8 @@ class Greedy(_PredictiveSchedule):
         return due
 
     def _plan_summary(self) -> str:
+        if self.follow_losses:
+            return f"following the losses (noise {self._watch.noise:.4g}), predicted CIL {self.predicted_cil:.4g}"
         return f"threshold {self._threshold:.4g}, predicted CIL {self.predicted_cil:.4g}"
 
     def state_dict(self) -> dict[str, Any]:
@@ -118,4 +141,5 @@ class Greedy(_PredictiveSchedule):
     def __repr__(self) -> str:
         refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
         tune = ", tune_threshold=True" if self.tune_threshold else ""
-        return f"Greedy(warmup_steps={self.warmup_steps}{refit}{tune})"
+        follow = ", follow_losses=True" if self.follow_losses else ""
+        return f"Greedy(warmup_steps={self.warmup_steps}{refit}{tune}{follow})"

@@ -4,6 +4,12 @@ Both watch the training loss through a warm-up (publishing every `fallback_inter
 meanwhile, which also measures the stall), then fit the learning curve and plan. The paper
 fits once; with `refit_every` or `refit_error` they refit as real losses arrive, on the last
 `fit_window` losses, which is what keeps the prediction honest when the data drifts.
+
+Beyond the paper, and all off by default: `warmup_on_improvement` also publishes during the
+warm-up when the training loss has dropped significantly (`ImprovementWatch`), `max_interval`
+caps the gap between publishes whatever the curve predicts, and `observe_commit_time` lets
+plans count the wait for the publisher's writer. Everything here runs on the training thread,
+so the per-step path is O(1) in plain floats and the numpy work is left to the (re)fits.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ..predictor._curves import FitError, LearningCurveFitter, LossCurve, LossPr
 from ..predictor._plans import PlanContext
 from ..predictor._staleness import StalenessModel, fit_staleness
 from ._base import PublishSchedule
+from ._improvement import ImprovementWatch
 
 log = logging.getLogger("viper_lightning.predictor")
 
@@ -34,7 +41,7 @@ _PROBE_AGES = (5, 10, 20, 40, 80)
 _KEEP_SERVED = 512  # served-loss observations kept for the staleness fit
 _MIN_REFIT_GAP = 10  # steps between error-triggered refits, so a poor fit is not refitted every step
 _ERROR_WINDOW = 20  # recent losses compared with the curve to decide an error-triggered refit
-_ERROR_CHECK_EVERY = 5  # steps between those comparisons
+_ERROR_CHECK_EVERY = 10  # steps between those comparisons (each costs a curve evaluation)
 _STALENESS_WINDOWS = 3  # refits learn staleness from served losses of the last 3 fit windows
 _NEAR = 5  # versions older than the fit window are scored by their observed loss ± this many steps
 _UNKNOWN_STEP_TIME_S = 1.0  # only until the first two steps have been timed
@@ -49,7 +56,8 @@ class _PredictiveSchedule(PublishSchedule):
     def __init__(self, request_rate: float, total_requests: int, warmup_steps: int, fallback_interval: int,
                  refit_every: int, refit_error: float, fit_window: int, step_time_s: float | None,
                  stall_s: float, load_time_s: float, staleness_per_step: float, probe_every: int,
-                 predictor: LossPredictor | None, history: int) -> None:
+                 predictor: LossPredictor | None, history: int, warmup_on_improvement: bool = False,
+                 max_interval: int = 0) -> None:
         self.load = InferenceLoad(float(request_rate), _count("total_requests", total_requests, 0))
         self.warmup_steps = _count("warmup_steps", warmup_steps, 0)
         self.fallback_interval = _count("fallback_interval", fallback_interval, 1)
@@ -65,6 +73,8 @@ class _PredictiveSchedule(PublishSchedule):
         self.staleness_per_step = _seconds_or_ratio("staleness_per_step", staleness_per_step)
         self.probe_every = _count("probe_every", probe_every, 0)
         self.history = _count("history", history, 16)
+        self.warmup_on_improvement = bool(warmup_on_improvement)
+        self.max_interval = _count("max_interval", max_interval, 0)
         self.predictor = predictor if predictor is not None else LearningCurveFitter()
         if not isinstance(self.predictor, LossPredictor):
             raise ConfigurationError(f"predictor must be a viper_lightning.predictor.LossPredictor, "
@@ -84,6 +94,12 @@ class _PredictiveSchedule(PublishSchedule):
         if self._started_at is not None:
             self._elapsed_before = self._elapsed()
         self._clock, self._started_at = clock, None
+
+    def observe_commit_time(self, seconds: float) -> None:
+        """A measured background-writer time per version (the publisher's `last_commit`): plans
+        then count the wait for a snapshot buffer when they publish faster than it writes."""
+        if math.isfinite(seconds) and seconds >= 0:
+            self._commits.append(float(seconds))
 
     def observe_load_time(self, seconds: float) -> None:
         """A measured publish-to-serving latency from the consumer (e.g. `UpdateRecord.latency_s`)."""
@@ -120,14 +136,15 @@ class _PredictiveSchedule(PublishSchedule):
         now_s = self._tick(step)
         self._observe(step, loss)
         if step <= self.warmup_steps:
-            return step % self.fallback_interval == 0
+            return step % self.fallback_interval == 0 or (self.warmup_on_improvement and self._watch.significant())
         if now_s >= self.load.horizon_s:
             return self._fallback(step, "past the last expected request")
         if self._fit_due(step):
             self._fit(step, now_s)
         if self._curve is None:
             return self._fallback(step, self._fit_failure or "no loss curve yet")
-        return self._decide(step)
+        overdue = bool(self.max_interval) and step - self._last_published >= self.max_interval
+        return self._decide(step) or overdue
 
     def published(self, step: int, loss: float | None, stall_s: float) -> None:
         stall_s = float(stall_s) if math.isfinite(stall_s) and stall_s >= 0 else 0.0
@@ -137,6 +154,7 @@ class _PredictiveSchedule(PublishSchedule):
         self._published.append((int(step), started_s + self._load_time()))
         self._last_published = int(step)
         self._publishes += 1
+        self._watch.published()
 
     @property
     def predicted_cil(self) -> float | None:
@@ -157,7 +175,8 @@ class _PredictiveSchedule(PublishSchedule):
 
     def costs(self) -> PublishCosts:
         """The costs the next plan will use: measured medians, else the configured estimates."""
-        return PublishCosts(self._step_time(), _median(self._stalls, self.stall_s), self._load_time())
+        return PublishCosts(self._step_time(), _median(self._stalls, self.stall_s), self._load_time(),
+                            _median(self._commits, 0.0))
 
     # -- subclass hooks ----------------------------------------------------------------------------
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
@@ -208,6 +227,7 @@ class _PredictiveSchedule(PublishSchedule):
                             step, self._nonfinite)
             return
         self._observed.append((int(step), float(loss)))
+        self._watch.observe(float(loss))
         self._last_loss, self._last_loss_step = float(loss), int(step)
         self._worst_loss = max(self._worst_loss, float(loss))
         self._best_loss = min(self._best_loss, float(loss))
@@ -248,12 +268,15 @@ class _PredictiveSchedule(PublishSchedule):
         recent = [(s, v) for s, v in newest if s > self._fit_step]
         if len(recent) < 5:
             return 0.0
-        steps, losses = np.array(recent).T
-        residuals = losses - self._curve(steps)
-        gap = abs(float(np.mean(residuals)))
-        if gap <= 3.0 * float(np.std(residuals)) / math.sqrt(len(residuals)):
+        steps, losses = zip(*recent)
+        predicted = self._curve(np.asarray(steps, dtype=np.float64)).tolist()  # one curve call; the rest is floats
+        residuals = [loss - guess for loss, guess in zip(losses, predicted)]
+        count = len(residuals)
+        mean = math.fsum(residuals) / count
+        spread = math.sqrt(max(math.fsum(r * r for r in residuals) / count - mean * mean, 0.0))
+        if abs(mean) <= 3.0 * spread / math.sqrt(count):
             return 0.0
-        return gap / max(abs(float(np.mean(self._curve(steps)))), 1e-12)
+        return abs(mean) / max(abs(math.fsum(predicted) / count), 1e-12)
 
     def _fit(self, step: int, now_s: float) -> None:
         # A restored schedule refits exactly the data of its last fit, so it predicts as before.
@@ -317,7 +340,8 @@ class _PredictiveSchedule(PublishSchedule):
     # -- planning and accounting -------------------------------------------------------------------
     def _replan(self, step: int, now_s: float, keep_choice: bool = False) -> None:
         context = PlanContext(self._version_loss, self.load, self.costs(), self._staleness, step, now_s,
-                              self._last_published, ((0, 0.0), *self._published), max_loss=self._max_loss())
+                              self._last_published, ((0, 0.0), *self._published), max_loss=self._max_loss(),
+                              max_interval=self.max_interval or None)
         prediction = self._plan(context, keep_choice)
         if self._prediction is not None:
             self._cil_done += self._prediction.between(self._prediction.since_s, now_s)
@@ -329,7 +353,7 @@ class _PredictiveSchedule(PublishSchedule):
         """Requests before the first plan, scored with the first curve and the versions that were
         actually live (the warm-up has no forecast of its own)."""
         past = PlanContext(context.version_loss, context.load, context.costs, context.staleness, 0, 0.0, 0,
-                           context.live, max_loss=context.max_loss)
+                           context.live, max_loss=context.max_loss, max_interval=context.max_interval)
         return past.predict([]).between(0.0, context.now_s)
 
     def _plan_summary(self) -> str:
@@ -358,6 +382,7 @@ class _PredictiveSchedule(PublishSchedule):
         self._last_loss, self._last_loss_step = math.nan, -1
         self._stalls: deque[float] = deque(maxlen=_RECENT)
         self._loads: deque[float] = deque(maxlen=_RECENT)
+        self._commits: deque[float] = deque(maxlen=_RECENT)
         self._step_times: deque[float] = deque(maxlen=_RECENT)
         self._published: deque[tuple[int, float]] = deque(maxlen=_KEEP_PUBLISHED)
         self._last_published, self._publishes, self._last_step, self._nonfinite = 0, 0, 0, 0
@@ -375,6 +400,7 @@ class _PredictiveSchedule(PublishSchedule):
         self._prediction: CILPrediction | None = None
         self._cil_done = 0.0
         self._pending_restore = False
+        self._watch = ImprovementWatch()
 
     def state_dict(self) -> dict[str, Any]:
         elapsed_s = self._elapsed() if self._started_at is not None else self._elapsed_before
@@ -385,12 +411,13 @@ class _PredictiveSchedule(PublishSchedule):
             "observed": [list(p) for p in self._observed], "warmup": [list(p) for p in self._warmup],
             "served": [[k, v, loss, None if math.isnan(paired) else paired] for k, v, loss, paired in self._served],
             "stalls": list(self._stalls),
-            "loads": list(self._loads), "step_times": list(self._step_times),
+            "loads": list(self._loads), "commits": list(self._commits), "step_times": list(self._step_times),
             "published": [list(p) for p in self._published], "last_published": self._last_published,
             "publishes": self._publishes, "last_step": self._last_step, "nonfinite": self._nonfinite,
             "elapsed_s": elapsed_s, "fits": self._fits, "fit_step": self._fit_step, "cil_done": cil_done,
             "worst_loss": self._worst_loss if math.isfinite(self._worst_loss) else None,
             "best_loss": self._best_loss if math.isfinite(self._best_loss) else None,
+            "warmup_watch": self._watch.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -401,6 +428,7 @@ class _PredictiveSchedule(PublishSchedule):
                             for k, v, loss, paired in state.get("served", []))
         self._stalls.extend(float(v) for v in state.get("stalls", []))
         self._loads.extend(float(v) for v in state.get("loads", []))
+        self._commits.extend(float(v) for v in state.get("commits", []))
         self._step_times.extend(float(v) for v in state.get("step_times", []))
         self._published.extend((int(s), float(t)) for s, t in state.get("published", []))
         self._last_published = int(state.get("last_published", 0))
@@ -409,6 +437,7 @@ class _PredictiveSchedule(PublishSchedule):
         self._nonfinite = int(state.get("nonfinite", 0))
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
         self._cil_done = float(state.get("cil_done", 0.0))
+        self._watch = ImprovementWatch.from_state(state.get("warmup_watch", {}), self._watch.z)
         worst, best = state.get("worst_loss"), state.get("best_loss")
         self._worst_loss = -math.inf if worst is None else float(worst)
         self._best_loss = math.inf if best is None else float(best)
