@@ -320,6 +320,7 @@ def test_zero_copy_mappings_are_reused_for_later_versions_of_a_segment(model_nam
         assert int(first.buffer[::4096].sum()) == 256  # every page touched, as a request would
         mapping = first.mapping
         first.release()
+        mappings.retired(first)  # no tensor views it now
         _segment_holding(segment, 3, 7)
         second = mappings.pin(segment.name, 3, 1 << 20)
         assert second.mapping is mapping
@@ -343,6 +344,7 @@ def test_a_mapping_the_model_wrote_to_is_not_reused(model_name) -> None:
         first.buffer[5000] = 99  # e.g. a BatchNorm running mean updated in train mode
         mapping = first.mapping
         first.release()
+        mappings.retired(first)
         _segment_holding(segment, 2, 7)
         second = mappings.pin(segment.name, 2, 1 << 20)
         assert second.mapping is not mapping

@@ -156,6 +156,7 @@ class SharedWeights:
         del retired  # the old tensors go first, then the pins that kept their bytes stable
         for pin in pins:
             pin.release()
+            self._mappings.retired(pin)
 
     def unshare(self, model: torch.nn.Module) -> None:
         """Give a copy private memory again before bytes are copied into it."""
@@ -177,3 +178,4 @@ class SharedWeights:
         pin = self._pins.pop(id(model), None)
         if pin is not None:
             pin.release()
+            self._mappings.retired(pin)

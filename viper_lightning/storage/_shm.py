@@ -166,6 +166,7 @@ class SegmentPin:
 
     def __init__(self, fd: int, what: str, version: int, nbytes: int, mapping: mmap.mmap | None = None) -> None:
         self.what = what
+        self.key: tuple[int, int, int] | None = None  # set by PinnedMappings: which segment file
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -191,6 +192,7 @@ class SegmentPin:
 class _Kept:
     mapping: mmap.mmap
     fd: int  # open only to notice when the producer unlinks the segment
+    clean: bool = False  # retired, and no page of it became a private copy
 
 
 class PinnedMappings:
@@ -202,8 +204,9 @@ class PinnedMappings:
     the bulk of an update when eight workers share two cores) and no unmapping. The producer's
     rewrites show through, because an untouched page of a private mapping is the segment's own
     page. A page the model wrote to, though, became a private copy that would keep its old
-    bytes, so a mapping is reused only while /proc/self/pagemap shows no such page; otherwise
-    (or where pagemap cannot be read) it is dropped and mapped afresh."""
+    bytes, so a mapping is reused only if /proc/self/pagemap showed no such page when it was
+    retired (checked then, after the swap, rather than on the next update's critical path);
+    otherwise (or where pagemap cannot be read) it is dropped and mapped afresh."""
 
     def __init__(self, capacity: int = 4) -> None:
         self._capacity = capacity
@@ -215,15 +218,25 @@ class PinnedMappings:
         key = (info.st_dev, info.st_ino, info.st_size)
         self._drop_unlinked()
         kept = self._kept.pop(key, None)
-        mapping = kept.mapping if kept is not None and _only_shared_pages(kept.mapping) else None
+        mapping = kept.mapping if kept is not None and kept.clean else None
         if kept is not None:
             os.close(kept.fd)
         pin = SegmentPin(fd, what, version, nbytes, mapping)
+        pin.key = key
         # A new open file description (not dup): the pin's flock must go when the pin closes.
         self._kept[key] = _Kept(pin.mapping, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
         while len(self._kept) > self._capacity:
             os.close(self._kept.popitem(last=False)[1].fd)  # unmapped once no tensor views it
         return pin
+
+    def retired(self, pin: SegmentPin) -> None:
+        """The pin is released and no tensor views its mapping any more: check it for reuse."""
+        kept = self._kept.get(pin.key)
+        if kept is None or kept.mapping is not pin.mapping:
+            return
+        kept.clean = _only_shared_pages(kept.mapping)
+        if not kept.clean:
+            os.close(self._kept.pop(pin.key).fd)
 
     def close(self) -> None:
         for kept in self._kept.values():
