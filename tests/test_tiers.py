@@ -397,3 +397,14 @@ def test_the_newest_version_stays_in_memory_while_an_older_one_is_pinned(model_n
         publisher._store.unpin(held)
         assert f"viper.{model_name}.v{second}" in segments(model_name)
         assert f"viper.{model_name}.v{first}" not in segments(model_name)
+
+
+def test_flush_delay_holds_the_write_back_but_never_close(model_name, pfs_root) -> None:
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59)
+    version = publisher.publish(perturbed(TinyNet(), 1))
+    assert publisher.flush(timeout=0.2) is False  # in memory and announced; the write waits
+    assert FileSystemTier(pfs_root).latest(model_name) is None
+    publisher.close()  # drains at once
+    assert FileSystemTier(pfs_root).latest(model_name) == version
+    with pytest.raises(ConfigurationError, match="flush_delay=-1"):
+        ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=-1)

@@ -4,6 +4,7 @@ in publish order, from the memory they already occupy (no extra copy)."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,27 +23,37 @@ _STOP = object()
 
 class Flusher:
     """`describe(held)` gives the version's manifest notice (digest included);
-    `done(held, address, digest_s, store_s)` is called after each version, address None on failure."""
+    `done(held, address, digest_s, store_s)` is called after each version, address None on failure.
+
+    A version is drained no sooner than `delay_s` after it is submitted (announced in memory):
+    the drain's digest and write compete for CPU and memory bandwidth, and the consumers loading
+    that version from memory right then are the latency that matters. Closing drains at once."""
 
     def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None,
                  describe: Callable[[Held], Notice],
-                 done: Callable[[Held, str | None, float, float], None]) -> None:
+                 done: Callable[[Held, str | None, float, float], None], delay_s: float = 0.0) -> None:
         self._pfs, self._model, self._key, self._keep = pfs, model, key, keep_versions
         self._describe, self._done = describe, done
+        self._delay_s = delay_s
+        self._closing = threading.Event()
         self._inbox: queue.Queue[object] = queue.Queue()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"viper-flusher-{model}", daemon=True)
         self._thread.start()
 
     def submit(self, held: Held) -> None:
-        self._inbox.put(held)
+        self._inbox.put((held, time.monotonic() + self._delay_s))
 
     def close(self) -> None:
+        self._closing.set()
         self._inbox.put(_STOP)
         self._thread.join()
 
     def _run(self) -> None:
-        while (held := self._inbox.get()) is not _STOP:
+        _lower_priority()
+        while (item := self._inbox.get()) is not _STOP:
+            held, not_before = item
+            self._closing.wait(max(0.0, not_before - time.monotonic()))  # returns at once when closing
             address, digest_s, store_s = None, 0.0, 0.0
             try:
                 if self.error is None:  # after a failure, later versions are released, not written
@@ -61,3 +72,15 @@ class Flusher:
         if self._keep is not None:
             self._pfs.prune(self._model, self._keep)
         return address, digested - started, time.perf_counter() - digested
+
+
+BACKGROUND_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """The drain is background work: at a lower priority it yields the CPU to the training loop
+    and to consumers waking up for the version it drains, instead of competing with them."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the drain still works
+        log.debug("could not lower the flusher's priority: %s", exc)

@@ -39,6 +39,7 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
 _HISTORY = 64  # versions whose metadata is kept for re-announcing
 _DIGEST_WAIT_S = 30.0
+DEFAULT_FLUSH_DELAY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class ModelPublisher:
             authentication: bind it to a trusted network only.
         keep_versions: versions kept on the file system (None keeps all).
         heartbeat_interval: seconds between repeats of the latest notice.
+        flush_delay: seconds between announcing a version in memory and starting its write to
+            the file system, so consumers loading it from memory do not share the CPU and the
+            memory bus with the write (0 writes at once).
         resume_after: versions start above this (and above any version already stored).
         host_id: this host's name in notices (default: the host name).
     """
@@ -115,12 +119,15 @@ class ModelPublisher:
         collective_endpoint: str | None = None,
         keep_versions: int | None = None,
         heartbeat_interval: float = 1.0,
+        flush_delay: float = DEFAULT_FLUSH_DELAY_S,
         resume_after: int = 0,
         host_id: str | None = None,
     ) -> None:
         self.model_name = check_model_name(model_name)
         check_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, resume_after, dram_bytes)
         check_endpoint(endpoint)
+        if not (isinstance(flush_delay, (int, float)) and 0 <= flush_delay < 60):
+            raise ConfigurationError(f"flush_delay={flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
         if fetch_endpoint is not None:
             check_endpoint(fetch_endpoint)
         self._key = normalize_key(hmac_key)
@@ -164,7 +171,8 @@ class ModelPublisher:
         # interpreter tears them down, and removes its segments.
         atexit.register(_close_at_exit, weakref.ref(self))
         self._flusher = (Flusher(self._pfs, self.model_name, self._key, keep_versions, self._manifest,
-                                 self._flushed) if self._pfs else None)
+                                 self._flushed, flush_delay if dram_versions or gpu_device else 0.0)
+                         if self._pfs else None)
         self._demoter = Demoter(self.model_name, self._demote, self._demote_failed) if self._device else None
 
     # -- public API ------------------------------------------------------------------------

@@ -208,7 +208,10 @@ class PinnedMappings:
     retired (checked then, after the swap, rather than on the next update's critical path);
     otherwise (or where pagemap cannot be read) it is dropped and mapped afresh."""
 
-    def __init__(self, capacity: int = 4) -> None:
+    def __init__(self, capacity: int = 16) -> None:
+        # Enough for a producer pool grown by consumer pins (its slots, times PINNED_GROWTH):
+        # an LRU smaller than the round robin it follows would miss every time. A kept mapping
+        # costs only its page tables; the segment exists anyway (unlinked ones are let go).
         self._capacity = capacity
         self._kept: OrderedDict[tuple[int, int, int], _Kept] = OrderedDict()
 
