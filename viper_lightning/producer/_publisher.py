@@ -205,7 +205,7 @@ class ModelPublisher:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every published version is on all its tiers and announced; False on timeout."""
         with self._state:
-            done = self._state.wait_for(lambda: self._pending == 0 or self._failure(), timeout)
+            done = self._state.wait_for(lambda: self._pending == 0 or self._failure() is not None, timeout)
         self._raise_if_failed()
         return done
 
