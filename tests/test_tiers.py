@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -349,7 +350,15 @@ def test_a_mapping_the_model_wrote_to_is_not_reused(model_name) -> None:
         second = mappings.pin(segment.name, 2, 1 << 20)
         assert second.mapping is not mapping
         assert int(second.buffer[5000]) == 7
+        second.buffer[-1] = 99  # the segment's partial last page (64-byte header + 1 MiB)
+        mapping = second.mapping
         second.release()
+        mappings.retired(second)
+        _segment_holding(segment, 3, 8)
+        third = mappings.pin(segment.name, 3, 1 << 20)
+        assert third.mapping is not mapping
+        assert int(third.buffer[-1]) == 8
+        third.release()
     finally:
         mappings.close()
         segment.unlink()
@@ -399,12 +408,29 @@ def test_the_newest_version_stays_in_memory_while_an_older_one_is_pinned(model_n
         assert f"viper.{model_name}.v{first}" not in segments(model_name)
 
 
-def test_flush_delay_holds_the_write_back_but_never_close(model_name, pfs_root) -> None:
-    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59)
-    version = publisher.publish(perturbed(TinyNet(), 1))
-    assert publisher.flush(timeout=0.2) is False  # in memory and announced; the write waits
-    assert FileSystemTier(pfs_root).latest(model_name) is None
-    publisher.close()  # drains at once
-    assert FileSystemTier(pfs_root).latest(model_name) == version
+def test_flush_delay_holds_the_write_back_but_never_flush_or_close(model_name, pfs_root) -> None:
+    for finish in (lambda publisher: publisher.flush(WAIT_S), lambda publisher: publisher.close()):
+        publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59)
+        version = publisher.publish(perturbed(TinyNet(), 1))
+        assert FileSystemTier(pfs_root).latest(model_name) == (version - 1 or None)  # in memory; the write waits
+        finish(publisher)  # drains at once
+        assert FileSystemTier(pfs_root).latest(model_name) == version
+        publisher.close()
     with pytest.raises(ConfigurationError, match="flush_delay=-1"):
         ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=-1)
+
+
+def test_a_producer_waiting_for_a_slot_cuts_the_flush_delay_short(model_name, pfs_root) -> None:
+    """With every slot held by the delayed drain, the next publish would wait out the delay:
+    instead it makes the flusher drain at once (no timing: the delay is a minute)."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59) as publisher:
+        published = threading.Event()
+
+        def publish_more_than_the_pool_holds() -> None:  # 4 slots
+            for seed in range(8):
+                publisher.publish(perturbed(TinyNet(), seed))
+            published.set()
+
+        threading.Thread(target=publish_more_than_the_pool_holds, daemon=True).start()
+        assert published.wait(WAIT_S)  # not 59 s per slot
+        assert FileSystemTier(pfs_root).latest(model_name) >= 4  # drained to free the slots

@@ -4,7 +4,7 @@ in publish order, from the memory they already occupy (no extra copy)."""
 from __future__ import annotations
 
 import logging
-import os
+import math
 import queue
 import threading
 import time
@@ -27,7 +27,9 @@ class Flusher:
 
     A version is drained no sooner than `delay_s` after it is submitted (announced in memory):
     the drain's digest and write compete for CPU and memory bandwidth, and the consumers loading
-    that version from memory right then are the latency that matters. Closing drains at once."""
+    that version from memory right then are the latency that matters. The delay is skipped when
+    more versions are queued, when `hurry()` says the producer waits for a slot this drain
+    holds, and at close."""
 
     def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None,
                  describe: Callable[[Held], Notice],
@@ -35,25 +37,30 @@ class Flusher:
         self._pfs, self._model, self._key, self._keep = pfs, model, key, keep_versions
         self._describe, self._done = describe, done
         self._delay_s = delay_s
-        self._closing = threading.Event()
+        self._hurried_at = -math.inf  # versions submitted before this are drained without delay
+        self._woken = threading.Event()
         self._inbox: queue.Queue[object] = queue.Queue()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"viper-flusher-{model}", daemon=True)
         self._thread.start()
 
     def submit(self, held: Held) -> None:
-        self._inbox.put((held, time.monotonic() + self._delay_s))
+        self._inbox.put((held, time.monotonic()))
+
+    def hurry(self) -> None:
+        """Drain what is queued now, without delay (a flush() or a capture waits for it)."""
+        self._hurried_at = time.monotonic()
+        self._woken.set()
 
     def close(self) -> None:
-        self._closing.set()
+        self.hurry()
         self._inbox.put(_STOP)
         self._thread.join()
 
     def _run(self) -> None:
-        _lower_priority()
         while (item := self._inbox.get()) is not _STOP:
-            held, not_before = item
-            self._closing.wait(max(0.0, not_before - time.monotonic()))  # returns at once when closing
+            held, submitted = item
+            self._wait_out_delay(submitted)
             address, digest_s, store_s = None, 0.0, 0.0
             try:
                 if self.error is None:  # after a failure, later versions are released, not written
@@ -64,6 +71,13 @@ class Flusher:
             finally:
                 self._done(held, address, digest_s, store_s)
 
+    def _wait_out_delay(self, submitted: float) -> None:
+        """Until `delay_s` after submission, unless hurried or more versions queue up."""
+        while (self._inbox.empty() and submitted > self._hurried_at
+               and (left := submitted + self._delay_s - time.monotonic()) > 0):
+            self._woken.wait(left)
+            self._woken.clear()  # the loop re-reads _hurried_at, so a hurry is never lost
+
     def _flush(self, held: Held) -> tuple[str, float, float]:
         started = time.perf_counter()
         notice = self._describe(held)  # computes the digest if nobody has yet
@@ -73,14 +87,3 @@ class Flusher:
             self._pfs.prune(self._model, self._keep)
         return address, digested - started, time.perf_counter() - digested
 
-
-BACKGROUND_NICENESS = 10
-
-
-def _lower_priority() -> None:
-    """The drain is background work: at a lower priority it yields the CPU to the training loop
-    and to consumers waking up for the version it drains, instead of competing with them."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
-    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the drain still works
-        log.debug("could not lower the flusher's priority: %s", exc)

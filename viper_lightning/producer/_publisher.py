@@ -84,8 +84,9 @@ class ModelPublisher:
             for memory only.
         hmac_key: shared key (16+ bytes) signing notices, manifests and fetch requests.
         dram_versions: versions kept in shared memory (0 turns the DRAM tier off).
-        dram_bytes: also keep no more than this many bytes of versions there (None: no byte
-            budget); the newest version stays whatever its size.
+        dram_bytes: also keep no more than this many bytes of held versions there (None: no
+            byte budget); the newest version stays whatever its size. It bounds what is kept for
+            consumers, not the slot pool (sized by dram_versions).
         fetch_endpoint: where remote consumers fetch from memory (None: no remote fetch).
         gpu_device: keep a device-resident copy of the latest version there ("cuda", "cuda:N"):
             publish then waits for no copy at all (it runs on a side stream), the copy to host
@@ -173,6 +174,8 @@ class ModelPublisher:
         self._flusher = (Flusher(self._pfs, self.model_name, self._key, keep_versions, self._manifest,
                                  self._flushed, flush_delay if dram_versions or gpu_device else 0.0)
                          if self._pfs else None)
+        if self._flusher is not None:
+            self._store.on_starved = self._flusher.hurry
         self._demoter = Demoter(self.model_name, self._demote, self._demote_failed) if self._device else None
 
     # -- public API ------------------------------------------------------------------------
@@ -204,6 +207,8 @@ class ModelPublisher:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every published version is on all its tiers and announced; False on timeout."""
+        if self._flusher is not None:
+            self._flusher.hurry()  # no flush_delay for what the caller waits for
         with self._state:
             done = self._state.wait_for(lambda: self._pending == 0 or self._failure() is not None, timeout)
         self._raise_if_failed()
@@ -494,7 +499,8 @@ def check_settings(pfs_root: object, dram_versions: int, keep_versions: int | No
             "keep the DRAM tier (dram_versions>=1) or pass pfs_root='/scratch/viper'")
     if dram_versions < 0:
         raise ConfigurationError(f"dram_versions={dram_versions}: use 0 (no DRAM tier) or more")
-    if dram_bytes is not None and not (isinstance(dram_bytes, int) and dram_bytes > 0):
+    if dram_bytes is not None and not (isinstance(dram_bytes, int) and not isinstance(dram_bytes, bool)
+                                       and dram_bytes > 0):
         raise ConfigurationError(f"dram_bytes={dram_bytes!r}: use a positive number of bytes, or None for no byte budget")
     if keep_versions is not None and keep_versions < 1:
         raise ConfigurationError(f"keep_versions={keep_versions}: keep at least 1 version, or None for all")

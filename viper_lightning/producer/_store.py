@@ -94,6 +94,7 @@ class TieredStore:
         self._changed = threading.Condition()
         self._serial = 0
         self._warming = False
+        self.on_starved: Callable[[], None] | None = None  # called while a capture waits for a slot
         self._warmer: threading.Thread | None = None
         self._segments: set[Segment] = set()
         # Even without close() (an exception, a forgotten context manager), the segments go
@@ -222,6 +223,8 @@ class TieredStore:
                     break
                 if self._evict_surplus(need_slot=True):
                     continue
+                if self.on_starved is not None:
+                    self.on_starved()  # e.g. the flusher, holding a slot through its delay
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TransferError(f"no free snapshot slot within {timeout} s: every slot is pinned by a "

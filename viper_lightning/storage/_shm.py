@@ -226,14 +226,19 @@ class PinnedMappings:
             os.close(kept.fd)
         pin = SegmentPin(fd, what, version, nbytes, mapping)
         pin.key = key
-        # A new open file description (not dup): the pin's flock must go when the pin closes.
-        self._kept[key] = _Kept(pin.mapping, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
+        try:
+            # A new open file description (not dup): the pin's flock must go when the pin closes.
+            self._kept[key] = _Kept(pin.mapping, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
+        except OSError:
+            pin.release()  # e.g. out of descriptors: never leave the producer locked out
+            raise
         while len(self._kept) > self._capacity:
             os.close(self._kept.popitem(last=False)[1].fd)  # unmapped once no tensor views it
         return pin
 
     def retired(self, pin: SegmentPin) -> None:
         """The pin is released and no tensor views its mapping any more: check it for reuse."""
+        self._drop_unlinked()
         kept = self._kept.get(pin.key)
         if kept is None or kept.mapping is not pin.mapping:
             return
@@ -253,23 +258,32 @@ class PinnedMappings:
 
 
 _PAGE = mmap.PAGESIZE
-_PRESENT, _FILE_OR_SHARED = numpy.uint64(1 << 63), numpy.uint64(1 << 61)
+# pagemap entry bits: present in RAM, swapped out (or migrating), file page or shared anonymous
+_PRESENT, _SWAPPED, _FILE_OR_SHARED = numpy.uint64(1 << 63), numpy.uint64(1 << 62), numpy.uint64(1 << 61)
 
 
 def _only_shared_pages(mapping: mmap.mmap) -> bool:
-    """True when no page of this private mapping has become a private copy (written to)."""
+    """True when no page of this private mapping has become a private copy (written to).
+
+    Every page counts, the partial last one too (a segment is a header plus the packed bytes, so
+    its size is rarely whole pages). A private page may be in RAM or swapped out; a page never
+    touched is the segment's own. If pagemap shows nothing at all in RAM, though the header page
+    was just read, it is not telling the truth (some sandboxes zero it): no reuse then."""
     anchor = ctypes.c_char.from_buffer(mapping)
     address = ctypes.addressof(anchor)
     del anchor  # an exported buffer would keep the mapping from ever closing
+    pages = -(-len(mapping) // _PAGE)
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
             pagemap.seek(address // _PAGE * 8)
-            entries = numpy.frombuffer(pagemap.read(len(mapping) // _PAGE * 8), dtype=numpy.uint64)
+            entries = numpy.frombuffer(pagemap.read(pages * 8), dtype=numpy.uint64)
     except OSError as exc:
         log.debug("cannot read /proc/self/pagemap (%s): zero-copy mappings are not reused", exc)
         return False
-    private = (entries & _PRESENT).astype(bool) & ~(entries & _FILE_OR_SHARED).astype(bool)
-    return len(entries) == len(mapping) // _PAGE and not private.any()
+    if len(entries) != pages or not (entries & _PRESENT).any():
+        return False
+    private = ((entries & (_PRESENT | _SWAPPED)) != 0) & ((entries & _FILE_OR_SHARED) == 0)
+    return not private.any()
 
 
 def _private_mapping(fd: int) -> mmap.mmap:
