@@ -328,9 +328,7 @@ class ModelSubscriber:
 
     def _device_staging_for(self) -> torch.Tensor:
         """NCCL receives into device memory: a reused buffer on the model's GPU."""
-        nbytes = max(self._expected.nbytes, 1)
-        if self._device_staging is None or self._device_staging.numel() < nbytes:
-            self._device_staging = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+        self._device_staging = ensure_capacity(self._device_staging, self._expected.nbytes, self._device)
         return self._device_staging
 
     def _wait_for_idle_standby(self) -> torch.nn.Module:

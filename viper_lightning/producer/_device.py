@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import ConfigurationError, TransferError
-from .._buffers import copy_tensor
+from .._buffers import allocate_buffer, copy_tensor
 from .._layout import Layout
 from ._snapshot import fill_buffer
 
@@ -156,7 +156,7 @@ class DeviceTier:
                     free = None
                     continue
                 if free is None and len(self._copies) < MAX_COPIES:
-                    free = DeviceCopy(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device))
+                    free = DeviceCopy(allocate_buffer(nbytes, self.device))
                     self._copies.append(free)
                 if free is not None:
                     free.pins = 1  # held by the capture until commit() or release()

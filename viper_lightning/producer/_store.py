@@ -112,17 +112,10 @@ class TieredStore:
     def capture(self, state_dict: Mapping[str, torch.Tensor], timeout: float | None = None) -> tuple[Layout, _Slot]:
         """Copy a state_dict into a free slot (the only work the training loop waits for)."""
         layout = Layout.for_state_dict(state_dict)
-        return layout, self._filled(layout.nbytes, timeout, lambda buffer: fill_buffer(layout, state_dict, buffer))
+        return layout, self.capture_filled(layout.nbytes, lambda buffer: fill_buffer(layout, state_dict, buffer), timeout)
 
     def capture_filled(self, nbytes: int, fill: Callable[[torch.Tensor], None], timeout: float | None = None) -> _Slot:
         """A free slot of at least `nbytes`, filled by `fill(buffer)` (the GPU tier's download)."""
-        return self._filled(nbytes, timeout, fill)
-
-    def release_slot(self, slot: _Slot) -> None:
-        """Give back a captured slot that will not be committed."""
-        self._release(slot)
-
-    def _filled(self, nbytes: int, timeout: float | None, fill: Callable[[torch.Tensor], None]) -> _Slot:
         slot = self._acquire(nbytes, timeout)
         try:
             if slot.segment is not None:
@@ -132,6 +125,10 @@ class TieredStore:
             self._release(slot)
             raise
         return slot
+
+    def release_slot(self, slot: _Slot) -> None:
+        """Give back a captured slot that will not be committed."""
+        self._release(slot)
 
     def commit(self, version: int, layout: Layout, slot: _Slot, *, pin: bool) -> Held:
         """The slot now holds `version`: name its segment, then evict beyond the budget."""

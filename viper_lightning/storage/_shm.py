@@ -317,12 +317,6 @@ class SegmentMaps:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def pin(name: str, version: int, nbytes: int) -> SegmentPin:
-        """Map a version to serve from directly (zero-copy); see SegmentPin."""
-        fd, what = _open_segment(name, version, nbytes)
-        return SegmentPin(fd, what, version, nbytes)
-
     def _mapping(self, fd: int, what: str, nbytes: int) -> mmap.mmap:
         info = os.fstat(fd)
         key = (info.st_dev, info.st_ino, info.st_size)
