@@ -13,9 +13,11 @@ TorchServe, until its first answer) and `torchserve-viper` (publish until TorchS
 ViperHandler answers with the new version; both on a one-layer model of the same size, cheap to
 run).
 `--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together.
-Where CUDA exists, `gpu-ipc` (the GPU tier, a consumer on the same GPU over CUDA IPC) and, with
-two GPUs, `gpu-nccl` (a consumer on the second GPU over NCCL) join them; without, they are
-skipped with a note.
+Where CUDA exists, `memcpy-gpu` (one device-to-device copy of the same bytes: the GPU tier's limit),
+`gpu-ipc` (the GPU tier, a consumer on the same GPU over CUDA IPC) and, with two GPUs,
+`gpu-nccl` (a consumer on the second GPU over NCCL) join them; without, they are skipped with a
+note. The GPU routes run keyed (a random per-run key), since the producer lends device memory
+over CUDA IPC only to authenticated consumers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import multiprocessing
 import os
 import platform
+import secrets
 import statistics
 import tempfile
 import time
@@ -63,6 +66,24 @@ def measure_memcpy(model: torch.nn.Module, repeat: int) -> dict[str, Any]:
     return {"e2e_s": e2e, "stages": {"copy": e2e}, "training_stall_s": e2e}
 
 
+def measure_memcpy_gpu(model: torch.nn.Module, repeat: int) -> dict[str, Any]:
+    """One device-to-device copy of all the weights into a preallocated buffer on cuda:0, timed
+    with the device synchronised: what the GPU tier's snapshot costs the GPU itself."""
+    device = torch.device("cuda", 0)
+    source = torch.cat([t.reshape(-1).view(torch.uint8) for t in model.state_dict().values()]).to(device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    e2e = statistics.median(times)
+    return {"e2e_s": e2e, "stages": {"copy": e2e}, "training_stall_s": e2e}
+
+
 @dataclass(frozen=True)
 class ViperCase:
     """One Viper strategy: which tiers the producer keeps and which route consumers may take."""
@@ -73,6 +94,7 @@ class ViperCase:
     collective: str | None = None
     consumer_device: str = "cpu"
     gpus_needed: int = 0
+    keyed: bool = False  # CUDA IPC leases are lent to authenticated consumers only
 
 
 VIPER_CASES = {
@@ -80,35 +102,42 @@ VIPER_CASES = {
     "dram-shm": ViperCase(dram_versions=1, route="dram-shm"),
     "dram-zmq": ViperCase(dram_versions=1, route="dram-zmq"),
     "gpu-ipc": ViperCase(dram_versions=1, route="gpu-ipc", gpu_device="cuda:0", consumer_device="cuda:0",
-                         gpus_needed=1),
+                         gpus_needed=1, keyed=True),
     "gpu-nccl": ViperCase(dram_versions=1, route="gpu-nccl", gpu_device="cuda:0", collective="nccl://127.0.0.1:0",
-                          consumer_device="cuda:1", gpus_needed=2),  # NCCL refuses two ranks on one GPU
+                          consumer_device="cuda:1", gpus_needed=2, keyed=True),  # NCCL refuses two ranks on one GPU
 }
 
 
 def unavailable(strategy: str) -> str | None:
     """Why a strategy cannot run on this machine, or None."""
     case = VIPER_CASES.get(strategy)
-    if case is None or case.gpus_needed <= torch.cuda.device_count():
+    gpus_needed = 1 if strategy == "memcpy-gpu" else case.gpus_needed if case is not None else 0
+    if gpus_needed <= torch.cuda.device_count():
         return None
-    return f"needs {case.gpus_needed} CUDA device(s), this machine has {torch.cuda.device_count()}"
+    return f"needs {gpus_needed} CUDA device(s), this machine has {torch.cuda.device_count()}"
+
+
+def skipped(strategies: list[str]) -> dict[str, str]:
+    """The strategies this machine cannot run, with the reason."""
+    return {name: why for name in strategies if (why := unavailable(name)) is not None}
 
 
 def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes: float,
                   consumers: int = 1) -> dict[str, Any]:
-    """Publish `repeat` versions (after two cold ones) to `consumers` processes; e2e is the
+    """Publish `repeat` versions (after WARMUP_PUBLISHES cold ones) to `consumers` processes; e2e is the
     publish call to the last consumer serving the version. The file-system tier is always on:
     for the memory strategies it is the burst buffer draining in the background."""
     case = VIPER_CASES[strategy]
     spawn = multiprocessing.get_context("spawn")
+    key = secrets.token_hex(16) if case.keyed else None
     if case.gpu_device is not None:
         model = copy.deepcopy(model).to(case.gpu_device)
     with tempfile.TemporaryDirectory(prefix="viper-bench-") as root, \
-         ModelPublisher("bench", "tcp://127.0.0.1:*", root, dram_versions=case.dram_versions,
+         ModelPublisher("bench", "tcp://127.0.0.1:*", root, hmac_key=key, dram_versions=case.dram_versions,
                         gpu_device=case.gpu_device, collective_endpoint=case.collective) as publisher:
         reports, done = spawn.Queue(), spawn.Event()
         processes = [spawn.Process(target=_follow, args=(megabytes, publisher.endpoint, root, case.route,
-                                                         case.consumer_device, reports, done))
+                                                         case.consumer_device, key, reports, done))
                      for _ in range(consumers)]
         for process in processes:
             process.start()
@@ -126,7 +155,8 @@ def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes:
     return _summarise(runs)
 
 
-def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, device: str, reports, done) -> None:
+def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, device: str, key: str | None,
+            reports, done) -> None:
     """A consumer process: report each update once the new weights are ready to answer."""
 
     def report(record) -> None:
@@ -134,7 +164,8 @@ def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, device: 
             touch_s = _first_touch(served)
         reports.put({**asdict(record), "touch_s": touch_s})
 
-    subscriber = ModelSubscriber(nt3_of_size(megabytes).to(device), "bench", endpoint, pfs_root, routes=[route],
+    subscriber = ModelSubscriber(nt3_of_size(megabytes).to(device), "bench", endpoint, pfs_root, hmac_key=key,
+                                 routes=[route],
                                  load_latest=False, on_update=report,
                                  on_refusal=lambda refusal: reports.put({"refused": refusal.reason}))
     with subscriber:
@@ -158,8 +189,15 @@ def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, cons
                 seed: int) -> dict[str, float]:
     """Publish once and wait until every consumer serves it; then let the flush finish."""
     nudge(model, seed)
+    device_stall = None
+    if on_gpu := next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()  # the training stream idle, so what follows times the publish alone
+    started = time.perf_counter()
     version = publisher.publish(model)
     stall = publisher.last_stall_s
+    if on_gpu:  # the training stream waits for the device copy: its own stall, beside the host's
+        torch.cuda.current_stream().synchronize()
+        device_stall = time.perf_counter() - started
     records = [reports.get(timeout=WAIT_S) for _ in range(consumers)]
     publisher.flush(WAIT_S)
     for record in records:
@@ -173,7 +211,8 @@ def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, cons
     stages["notify"] = max(0.0, slowest["discovery_s"] - sum(stages.values()))
     stages.update(transfer=slowest["transfer_s"], verify=slowest["verify_s"], swap=slowest["swap_s"],
                   first_touch=slowest["touch_s"])
-    return {"e2e_s": slowest["latency_s"] + slowest["touch_s"], **stages, "training_stall_s": stall}
+    return {"e2e_s": slowest["latency_s"] + slowest["touch_s"], **stages, "training_stall_s": stall,
+            "device_stall_s": device_stall}
 
 
 def measure_modelcheckpoint(model: torch.nn.Module, repeat: int, workdir: str) -> dict[str, Any]:
@@ -201,12 +240,17 @@ def _one_sample(model: torch.nn.Module) -> TensorDataset:
 def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
     """The run with the median e2e, whole, so its stages add up to its e2e."""
     median = sorted(runs, key=lambda run: run["e2e_s"])[len(runs) // 2]
-    stages = {key: value for key, value in median.items() if key not in ("e2e_s", "training_stall_s")}
-    return {"e2e_s": median["e2e_s"], "stages": stages, "training_stall_s": median["training_stall_s"]}
+    totals = ("e2e_s", "training_stall_s", "device_stall_s")
+    stages = {key: value for key, value in median.items() if key not in totals}
+    summary = {"e2e_s": median["e2e_s"], "stages": stages, "training_stall_s": median["training_stall_s"]}
+    if median["device_stall_s"] is not None:
+        summary["device_stall_s"] = median["device_stall_s"]
+    return summary
 
 
 STRATEGIES: dict[str, Callable[[torch.nn.Module, int, float], dict[str, Any]]] = {
     "memcpy": lambda model, repeat, megabytes: measure_memcpy(model, repeat),
+    "memcpy-gpu": lambda model, repeat, megabytes: measure_memcpy_gpu(model, repeat),
     **{name: functools.partial(measure_viper, name) for name in VIPER_CASES},
     "lightning-modelcheckpoint": lambda model, repeat, megabytes: _in_temp_dir(measure_modelcheckpoint,
                                                                                model, repeat),
@@ -220,14 +264,15 @@ def _in_temp_dir(measure, model, repeat):
         return measure(model, repeat, workdir)
 
 
-def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: int = 1) -> list[dict[str, Any]]:
-    """Every strategy at every size, side by side; with consumers > 1 also `dram-shm` fanned out."""
+def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: int = 1,
+        on_result: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every strategy at every size, side by side; with consumers > 1 also `dram-shm` fanned out.
+    `on_result` sees the results so far after each case (a run cut short keeps what it measured)."""
     cases = [(name, STRATEGIES[name]) for name in strategies]
     if consumers > 1:
         cases.append((f"dram-shm-x{consumers}", functools.partial(measure_viper, "dram-shm", consumers=consumers)))
-    for name, why in [(name, unavailable(name)) for name, _ in cases]:
-        if why is not None:
-            print(f"skipping {name}: {why}")
+    for name, why in skipped(strategies).items():
+        print(f"skipping {name}: {why}")
     cases = [(name, measure) for name, measure in cases if unavailable(name) is None]
     results = []
     with tqdm(total=len(sizes_mb) * len(cases), desc="update latency", unit="case") as bar:
@@ -238,6 +283,8 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
                 results.append({"strategy": name, "size_mb": megabytes, "size_bytes": state_nbytes(model),
                                 "repeat": repeat, **measure(model, repeat, megabytes)})
                 bar.update()
+                if on_result is not None:
+                    on_result(results)
     return results
 
 
@@ -251,6 +298,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{(result['training_stall_s'] or 0) * 1e3:>10.1f}"
               f"{_ratio(result, memcpy, 'e2e_s'):>12.2f}{_ratio(pfs, result, 'e2e_s'):>9.2f}")
         print(f"{'':<26}stages ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["stages"].items()))
+        if "device_stall_s" in result:
+            print(f"{'':<26}the training stream waited {result['device_stall_s'] * 1e3:.2f} ms for the device copy")
 
 
 def print_checks(results: list[dict[str, Any]]) -> None:
@@ -268,6 +317,14 @@ def print_checks(results: list[dict[str, Any]]) -> None:
         checks.append(("torchserve-register e2e / dram-shm e2e", _ratio(register, shm, "e2e_s"), ">= 50"))
         checks.append(("torchserve-register e2e / torchserve-viper e2e",
                        _ratio(register, peers.get("torchserve-viper"), "e2e_s"), "higher is better"))
+        gpu = peers.get("gpu-ipc")
+        if gpu is not None:
+            checks += [("gpu-ipc e2e / memcpy", _ratio(gpu, memcpy, "e2e_s"), "lower is better"),
+                       ("pfs e2e / gpu-ipc e2e", _ratio(peers.get("pfs"), gpu, "e2e_s"), "paper: 9"),
+                       ("gpu-ipc host stall / memcpy", _ratio(gpu, memcpy, "training_stall_s"), "near 0"),
+                       ("gpu-ipc device stall / memcpy-gpu",
+                        _ratio({"s": gpu.get("device_stall_s")}, {"s": (peers.get("memcpy-gpu") or {}).get("e2e_s")},
+                               "s"), "about 1: one device copy")]
         fanned = next((r for name, r in peers.items() if name.startswith("dram-shm-x")), None)
         if fanned is not None:
             checks.append((f"{fanned['strategy']} e2e / dram-shm e2e", _ratio(fanned, shm, "e2e_s"), "<= 1.5"))
@@ -351,12 +408,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write the figure here (PNG)")
     args = parser.parse_args(argv)
-    results = run(args.sizes_mb, args.repeat, args.strategies, args.consumers)
+
+    def save(results: list[dict[str, Any]]) -> None:
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump({"host": host_info(), "results": results, "skipped": skipped(args.strategies)}, out,
+                          indent=2)
+
+    results = run(args.sizes_mb, args.repeat, args.strategies, args.consumers, on_result=save)
     print_table(results)
     print_checks(results)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"host": host_info(), "results": results}, out, indent=2)
     if args.plot:
         plot(results, args.plot)
 

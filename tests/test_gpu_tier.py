@@ -260,11 +260,13 @@ def _publish_to_gpu_consumer(model_name: str, routes: list[str], device: str, tm
                         safetensors.torch.load_file(out_path))
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_same_host_gpu_consumer_reads_the_device_copy_over_cuda_ipc(model_name, tmp_path) -> None:
     _publish_to_gpu_consumer(model_name, ["gpu-ipc"], "cuda:0", tmp_path)
 
 
+@pytest.mark.gpu
 @needs_two_gpus
 def test_gpu_consumer_receives_the_device_copy_over_nccl(model_name, tmp_path) -> None:
     # NCCL refuses two ranks on one GPU: the consumer takes the second one

@@ -261,7 +261,8 @@ def test_collective_route_delivers_over_gloo(model_name, events) -> None:
 
 
 def test_nccl_without_a_gpu_tier_is_a_configuration_error(model_name) -> None:
-    with pytest.raises(ConfigurationError, match="needs a CUDA build|need the GPU tier"):
+    # without CUDA the backend check refuses first; with it, the missing GPU tier is named
+    with pytest.raises(ConfigurationError, match="needs a CUDA build|NCCL serves the GPU tier"):
         ModelPublisher(model_name, LOOPBACK_ANY_PORT, collective_endpoint="nccl://127.0.0.1:0")
 
 

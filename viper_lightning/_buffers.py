@@ -8,18 +8,22 @@ import torch
 __all__ = ["allocate_buffer", "ensure_capacity", "copy_tensor", "copy_from_bytes"]
 
 
-def allocate_buffer(nbytes: int, device: torch.device | None = None) -> torch.Tensor:
-    """A flat uint8 buffer: on `device` when it is a GPU, else in host memory, pinned when CUDA
-    exists so device copies can run async."""
+def allocate_buffer(nbytes: int, device: torch.device | None = None, pin: bool = False) -> torch.Tensor:
+    """A flat uint8 buffer: on `device` when it is a GPU, else in host memory.
+
+    pin: page-lock the host buffer, for one whose bytes go on to a GPU (copies from it then run
+    at full speed and asynchronously). Only then: pinning creates a CUDA context in the process
+    and locks memory, which a CPU-only consumer on a GPU host must not pay for."""
     if device is not None and device.type != "cpu":
         return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-    return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
 
 
-def ensure_capacity(buffer: torch.Tensor | None, nbytes: int, device: torch.device | None = None) -> torch.Tensor:
+def ensure_capacity(buffer: torch.Tensor | None, nbytes: int, device: torch.device | None = None,
+                    pin: bool = False) -> torch.Tensor:
     """Reuse `buffer` when it is large enough: fresh pages cost far more than a copy."""
     if buffer is None or buffer.numel() < nbytes:
-        return allocate_buffer(nbytes, device)
+        return allocate_buffer(nbytes, device, pin)
     return buffer
 
 

@@ -323,7 +323,8 @@ class ModelSubscriber:
         return functools.partial(load_from_files, self._pfs, staging)
 
     def _staging_for(self) -> torch.Tensor:
-        self._staging = ensure_capacity(self._staging, self._expected.nbytes)
+        # pinned only for a model on a GPU: the staged bytes go on to the device from there
+        self._staging = ensure_capacity(self._staging, self._expected.nbytes, pin=_is_cuda(self._device))
         return self._staging
 
     def _device_staging_for(self) -> torch.Tensor:
