@@ -21,7 +21,7 @@ from viper_lightning._digest import digest_buffer
 from viper_lightning._errors import ConfigurationError, IntegrityError, TransferError
 from viper_lightning.transport import _collective
 from viper_lightning.transport._collective import CollectiveClient, CollectiveServer
-from viper_lightning.transport._fetch import Readable
+from viper_lightning.transport._loans import MemoryLoan
 
 WAIT_S = 20.0
 CHUNK = 256 * 1024
@@ -36,7 +36,9 @@ def make_data(seed: int, nbytes: int) -> torch.Tensor:
 
 
 class Pins:
-    """A store stand-in: counts pins and releases so tests can wait for a transfer to end."""
+    """A lender stand-in: counts loans and releases so tests can wait for a transfer to end."""
+
+    lends_device_memory = False
 
     def __init__(self, data: torch.Tensor, version: int = VERSION, digest: str | None = None) -> None:
         self.data, self.version = data, version
@@ -45,12 +47,12 @@ class Pins:
         self.asked_tiers: list[int] = []
         self._changed = threading.Condition()
 
-    def lookup(self, version: int) -> Readable | None:
+    def lend_memory(self, version: int, device_type: str | None = None) -> MemoryLoan | None:
         if version != self.version:
             return None
         with self._changed:
             self.pinned += 1
-        return Readable(self.data, lambda: self.digest, self._release)
+        return MemoryLoan(self.data, lambda: self.digest, self._release)
 
     def tiers_of(self, version: int) -> list[str]:
         self.asked_tiers.append(version)
@@ -73,8 +75,7 @@ def serve() -> Iterator[Callable[..., CollectiveServer]]:
     servers: list[CollectiveServer] = []
 
     def start(pins: Pins, timeout: float = WAIT_S, chunk_bytes: int = CHUNK) -> CollectiveServer:
-        server = CollectiveServer("127.0.0.1", 0, "gloo", pins.lookup, pins.tiers_of,
-                                  timeout=timeout, chunk_bytes=chunk_bytes)
+        server = CollectiveServer("127.0.0.1", 0, "gloo", pins, timeout=timeout, chunk_bytes=chunk_bytes)
         servers.append(server)
         return server
 
@@ -321,8 +322,8 @@ def test_addresses_accept_names_and_bracketed_ipv6() -> None:
     ({"port": 70000}, "port 70000"),
 ])
 def test_bad_server_arguments_name_value_and_fix(kwargs: dict, message: str) -> None:
-    arguments = {"host": "127.0.0.1", "port": 0, "backend": "gloo", "lookup": lambda v: None,
-                 "tiers_of": lambda v: [], **kwargs}
+    arguments = {"host": "127.0.0.1", "port": 0, "backend": "gloo", "lender": Pins(torch.zeros(1, dtype=torch.uint8)),
+                 **kwargs}
     with pytest.raises(ConfigurationError, match=message):
         CollectiveServer(**arguments)
 

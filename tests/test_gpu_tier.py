@@ -20,9 +20,13 @@ from viper_lightning import (ConfigurationError, FileSystemTier, Location, Model
                              TransferError)
 from viper_lightning._layout import Layout
 from viper_lightning.consumer._planner import TransferPlanner
+from viper_lightning.producer._catalog import VersionCatalog, VersionRecord
 from viper_lightning.producer._demoter import Demoter
 from viper_lightning.producer._device import DeviceTier
-from viper_lightning.transport._fetch import FetchClient, FetchServer, Shared
+from viper_lightning.producer._health import Health
+from viper_lightning.producer._store import TieredStore
+from viper_lightning.transport._fetch import FetchClient, FetchServer
+from viper_lightning.transport._loans import IpcLoan
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed, publish_and_check
 
@@ -56,7 +60,7 @@ def test_every_tier_holds_the_version_once_the_cascade_settles(model_name, pfs_r
         notice = latest_notice(publisher, KEY)
         assert notice.version == version and notice.digest is not None
         assert sorted({loc.tier for loc in notice.locations}) == ["dram", "gpu", "pfs"]
-        assert [loc.address for loc in notice.locations if loc.tier == "gpu"] == [publisher._collective.address]
+        assert [loc.address for loc in notice.locations if loc.tier == "gpu"] == [publisher.collective_endpoint]
         for route in ("dram-shm", "pfs"):
             with ModelSubscriber(TinyNet(), model_name, publisher.endpoint, pfs_root, KEY, routes=[route]) as sub:
                 assert sub.wait_for_version(version, WAIT_S)
@@ -99,7 +103,7 @@ def test_device_tier_keeps_the_latest_and_reuses_the_others() -> None:
     second = tier.capture(layout, state)
     assert second is not first  # the latest is never overwritten
     tier.commit(2, second)
-    assert tier.pin(1) is None and tier.holds(2)
+    assert tier.borrow(1) is None and tier.holds(2)
     assert tier.capture(layout, state) is first  # no longer the latest, nobody reads it
 
 
@@ -109,7 +113,7 @@ def test_device_tier_waits_for_readers_then_gives_up_clearly() -> None:
     layout = Layout.for_state_dict(state)
     for version in (1, 2, 3):
         tier.commit(version, tier.capture(layout, state))
-        assert tier.pin(version) is not None  # a transfer keeps reading each one
+        assert tier.borrow(version) is not None  # a transfer keeps reading each one
     with pytest.raises(TransferError, match="no free cpu copy within 0.05 s"):
         tier.capture(layout, state, timeout=0.05)
 
@@ -122,24 +126,37 @@ def test_device_tier_hold_is_released_once() -> None:
     tier.commit(1, copy)
     release()
     release()
-    assert copy.pins == 0
+    assert copy.borrowers == 0
+
+
+class FullHostMemory(DeviceTier):
+    """The GPU tier kept in host memory, whose copies down to the DRAM tier fail."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.attempted: list[object] = []
+
+    def download(self, copy, target) -> None:
+        self.attempted.append(copy)
+        raise OSError("host memory is full")
 
 
 def test_a_failed_demotion_is_kept_and_later_versions_are_not_copied() -> None:
-    attempted, failed, released = [], [], []
-
-    def demote(version, copy, release):
-        attempted.append(version)
-        raise OSError("host memory is full")
-
-    demoter = Demoter("m", demote, lambda version, copy, exc: failed.append((version, str(exc))))
-    for version in (1, 2):
-        demoter.submit(version, object(), lambda version=version: released.append(version))
+    device, released, health = FullHostMemory(), [], Health()
+    catalog = VersionCatalog("m", "here", "producer", 1)
+    layout = Layout.for_state_dict(TinyNet().state_dict())
+    versions = [catalog.add(VersionRecord(layout, None, None, 0.0)) for _ in range(2)]
+    store = TieredStore("m", "here", dram_versions=0)
+    demoter = Demoter("m", device, store, catalog, cascade=None, health=health, keeps_borrow=False)  # never reached
+    for version in versions:
+        demoter.submit(version, f"copy {version}", lambda version=version: released.append(version))
     demoter.close()
-    assert attempted == [1]
-    assert failed == [(1, "host memory is full"), (2, "host memory is full")]
-    assert released == [1, 2]
-    assert isinstance(demoter.error, OSError)
+    store.close()
+    assert device.attempted == ["copy 1"]
+    assert [catalog.get(v).demote_failure for v in versions] == ["copying it to host memory failed: host memory is full"] * 2
+    assert released == versions
+    assert isinstance(health.failure_of("demoter"), OSError)
+    assert health.view() == {"demoter": "failed: host memory is full"}
 
 
 def test_gpu_device_is_checked_up_front(model_name) -> None:
@@ -168,18 +185,28 @@ def test_planner_takes_gpu_routes_only_for_a_gpu_model() -> None:
 class LendingProducer:
     """A fetch server lending a stand-in description, to test leases without CUDA."""
 
+    lends_device_memory = True
+
     def __init__(self, lease_s: float = 30.0, key: bytes | None = None) -> None:
         self.released = threading.Event()
         self.context = zmq.Context()
-        self.server = FetchServer(self.context, LOOPBACK_ANY_PORT, "m", key, lambda v: None, lambda v: ["pfs"],
-                                  lambda: None, share=self._share, lease_s=lease_s)
+        self.server = FetchServer(self.context, LOOPBACK_ANY_PORT, "m", key, self, lease_s=lease_s)
         self.server.start()
 
-    def _share(self, version: int) -> Shared | None:
+    def lend_memory(self, version: int, device_type: str | None = None) -> None:
+        return None
+
+    def lend_ipc(self, version: int) -> IpcLoan | None:
         if version != 7:
             return None
         self.released.clear()
-        return Shared({"stand-in": True}, 64, self.released.set)
+        return IpcLoan({"stand-in": True}, 64, self.released.set)
+
+    def tiers_of(self, version: int) -> list[str]:
+        return ["pfs"]
+
+    def latest_notice(self) -> None:
+        return None
 
     def close(self) -> None:
         self.server.close()
@@ -284,6 +311,6 @@ def test_collective_answers_carry_each_versions_own_digest(model_name, pfs_root)
         assert publisher.flush(WAIT_S)
         notice = latest_notice(publisher)
         staging = torch.empty(notice.nbytes, dtype=torch.uint8)
-        digest, _ = CollectiveClient(publisher._collective.address, WAIT_S).fetch_into(versions[-1], staging, notice.nbytes)
+        digest, _ = CollectiveClient(publisher.collective_endpoint, WAIT_S).fetch_into(versions[-1], staging, notice.nbytes)
         stored = FileSystemTier(pfs_root).read_manifest(model_name, versions[-1], None)
         assert digest == stored.digest == notice.digest

@@ -281,9 +281,9 @@ def test_malformed_fetch_requests_are_answered_and_leak_nothing(model_name, zmq_
             peer.send_json({"proto": 1, "model": model_name, **request_body})
             assert peer.poll(int(WAIT_S * 1000))
             assert peer.recv_json()["status"] == "error"
-        held = publisher._store.pin(version)
-        assert held is not None and held.pins == 1  # only the pin just taken: none leaked
-        publisher._store.unpin(held)
+        held = publisher._store.borrow(version)
+        assert held is not None and held.borrowers == 1  # only the borrow just taken: none leaked
+        publisher._store.give_back(held)
         assert publisher.version == version and publisher.publish(TinyNet()) == version + 1  # server alive
 
 
@@ -392,13 +392,13 @@ def test_dram_byte_budget_keeps_only_what_fits(model_name, pfs_root) -> None:
         ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_bytes=0)
 
 
-def test_the_newest_version_stays_in_memory_while_an_older_one_is_pinned(model_name) -> None:
+def test_the_newest_version_stays_in_memory_while_an_older_one_is_borrowed(model_name) -> None:
     with ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1) as publisher:
         first = publisher.publish(perturbed(TinyNet(), 1))
-        held = publisher._store.pin(first)  # e.g. a remote transfer still reading it
+        held = publisher._store.borrow(first)  # e.g. a remote transfer still reading it
         second = publisher.publish(perturbed(TinyNet(), 2))
-        assert publisher._store.pin(second) is not None
-        publisher._store.unpin(held)
+        assert publisher._store.borrow(second) is not None
+        publisher._store.give_back(held)
         assert f"viper.{model_name}.v{second}" in segments(model_name)
         assert f"viper.{model_name}.v{first}" not in segments(model_name)
 

@@ -9,11 +9,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 
 import zmq
 
 from ..transport._pubsub import NoticeBroadcaster
+from ._catalog import VersionCatalog
+from ._health import Health
+from ._notices import NoticeBoard
 
 __all__ = ["Announcer"]
 
@@ -24,24 +26,25 @@ _STOP = object()
 
 
 class Announcer:
-    """Sends notices built by `build(version)` (None: nothing to announce for it)."""
+    """Sends the notices `notices` builds (none for a version no tier holds any more), and tells
+    `catalog` when a version's final notice is out."""
 
     def __init__(self, context: zmq.Context, endpoint: str, model: str, heartbeat_s: float,
-                 build: Callable[[int], bytes | None], on_sent: Callable[[int, bool], None]) -> None:
+                 notices: NoticeBoard, catalog: VersionCatalog, health: Health) -> None:
         self._model, self._heartbeat_s = model, heartbeat_s
-        self._build, self._on_sent = build, on_sent
+        self._notices, self._catalog, self._health = notices, catalog, health
         self._inbox: queue.Queue[object] = queue.Queue()
         self._changed = threading.Condition()
         self._subscriptions = 0
-        self.error: BaseException | None = None
         self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
         self.endpoint = endpoint
         self._thread = threading.Thread(target=self._run, args=(context,), name=f"viper-announcer-{model}",
                                         daemon=True)
         self._thread.start()
         self._ready.wait()
-        if self.error is not None:
-            raise self.error
+        if self._startup_error is not None:
+            raise self._startup_error
 
     def announce(self, version: int, final: bool) -> None:
         """Queue a notice; `final` marks the last notice a version gets (its tiers are settled)."""
@@ -61,8 +64,10 @@ class Announcer:
                 self.endpoint = broadcaster.endpoint
                 self._ready.set()
                 self._serve(broadcaster)
-        except BaseException as exc:  # kept and raised by the publisher on its caller's thread
-            self.error = exc
+        except BaseException as exc:  # raised by the publisher on its caller's thread
+            if not self._ready.is_set():
+                self._startup_error = exc
+            self._health.report("announcer", exc)
             log.error("announcer of %r failed: %s", self._model, exc)
         finally:
             self._ready.set()
@@ -81,14 +86,15 @@ class Announcer:
                 version, final = item
                 if version >= newest and self._send(broadcaster, version):
                     newest, last_sent = version, time.monotonic()
-                self._on_sent(version, final)
+                if final:
+                    self._catalog.finished(version)
             joined = self._count_subscriptions(broadcaster)
             if newest and (joined or time.monotonic() - last_sent >= self._heartbeat_s):
                 self._send(broadcaster, newest)
                 last_sent = time.monotonic()
 
     def _send(self, broadcaster: NoticeBroadcaster, version: int) -> bool:
-        payload = self._build(version)
+        payload = self._notices.encoded(version)
         if payload is not None:
             broadcaster.send(self._model, payload)
         return payload is not None

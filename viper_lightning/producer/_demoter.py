@@ -1,5 +1,5 @@
 """The GPU tier's drain: copies each device version down to the DRAM tier, off the training
-thread and in publish order (the flusher then takes it on to the file system)."""
+thread and in publish order (the cascade then takes it on to the file system)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import queue
 import threading
 from collections.abc import Callable
 
-from ._device import DeviceCopy
+from ._cascade import Cascade
+from ._catalog import VersionCatalog
+from ._device import DeviceCopy, DeviceTier
+from ._health import Health
+from ._store import TieredStore
 
 __all__ = ["Demoter"]
 
@@ -18,16 +22,19 @@ _STOP = object()
 
 
 class Demoter:
-    """`demote(version, copy, release)` does the work, calling `release` once it no longer
-    reads the copy; `failed(version, copy, exc)` is called when it raises (`release` is then
-    called here, and does nothing if demote already did). The first failure is kept in `error`; later versions go to `failed` too,
-    without being copied, so the publisher's next call raises it rather than piling up work."""
+    """Copies each submitted device copy into a host slot of `store`, records it in `catalog`,
+    hands it to `cascade`, and digests it (transfers of the device copy are vouched for by the
+    host copy's digest). `release` (given with each copy) ends the demoter's hold on it once the
+    bytes are down. The first failure goes to `health`; later versions are then not copied but
+    marked failed, so the publisher's next call raises it rather than piling up work."""
 
-    def __init__(self, model: str, demote: Callable[[int, DeviceCopy, Callable[[], None]], None],
-                 failed: Callable[[int, DeviceCopy, BaseException], None]) -> None:
-        self._model, self._demote, self._failed = model, demote, failed
+    def __init__(self, model: str, device: DeviceTier, store: TieredStore, catalog: VersionCatalog,
+                 cascade: Cascade, health: Health, *, keeps_borrow: bool) -> None:
+        self._model, self._device, self._store, self._catalog = model, device, store, catalog
+        self._cascade, self._health = cascade, health
+        self._keeps_borrow = keeps_borrow  # a flusher will give the host copy back
+        self._failure: BaseException | None = None
         self._inbox: queue.Queue[object] = queue.Queue()
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"viper-demoter-{model}", daemon=True)
         self._thread.start()
 
@@ -51,12 +58,28 @@ class Demoter:
 
     def _handle(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
         try:
-            if self.error is not None:
-                raise self.error
+            if self._failure is not None:
+                raise self._failure
             self._demote(version, copy, release)
         except BaseException as exc:
             release()
-            if self.error is None:
-                self.error = exc
+            if self._failure is None:
+                self._failure = exc
+                self._health.report("demoter", exc)
                 log.error("copying %s v%d from the GPU tier to host memory failed: %s", self._model, version, exc)
-            self._failed(version, copy, exc)
+            self._catalog.failed_to_reach_host(version, f"copying it to host memory failed: {exc}")
+
+    def _demote(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
+        record = self._catalog.get(version)
+        nbytes = record.layout.nbytes
+        slot = self._store.capture_filled(nbytes, lambda buffer: self._device.download(copy, buffer[:nbytes]))
+        release()
+        try:
+            host_copy = self._store.commit(version, record.layout, slot, borrowed=self._keeps_borrow)
+        except BaseException:
+            self._store.release_slot(slot)
+            raise
+        self._catalog.reached_host(version, host_copy)
+        self._cascade.in_host_memory(host_copy)
+        host_copy.digest()  # for collective answers of the device copy: xxh3 runs on the host copy
+        self._catalog.digested_on_host(version)

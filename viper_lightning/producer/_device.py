@@ -35,13 +35,13 @@ MAX_COPIES = 3
 
 @dataclass(eq=False)
 class DeviceCopy:
-    """One device buffer and the version it holds; `pins` count the readers of its bytes."""
+    """One device buffer and the version it holds; `borrowers` count the readers of its bytes."""
 
     buffer: torch.Tensor
     layout: Layout | None = None
     version: int = 0
     event: object | None = None  # torch.cuda.Event recorded after the copy; None on CPU
-    pins: int = 0
+    borrowers: int = 0
 
     @property
     def data(self) -> torch.Tensor:
@@ -78,7 +78,7 @@ class DeviceTier:
             else:
                 fill_buffer(layout, state_dict, copy.buffer)
         except BaseException:
-            self.release(copy)
+            self.give_back(copy)
             raise
         return copy
 
@@ -100,39 +100,39 @@ class DeviceTier:
         return torch.cuda.stream(self._stream("serve")) if self.on_gpu else nullcontext()
 
     def commit(self, version: int, copy: DeviceCopy) -> None:
-        """`copy` now holds `version` and replaces the latest (which stays readable while pinned)."""
+        """`copy` now holds `version` and replaces the latest (which stays readable while borrowed)."""
         with self._changed:
             copy.version = version
-            copy.pins -= 1  # the capture's own hold
+            copy.borrowers -= 1  # the capture's own hold
             self._latest = copy
             self._changed.notify_all()
 
-    def pin(self, version: int) -> DeviceCopy | None:
+    def borrow(self, version: int) -> DeviceCopy | None:
         """Hold the copy of `version` while it is read; None unless it is the latest."""
         with self._changed:
             copy = self._latest
             if copy is None or copy.version != version:
                 return None
-            copy.pins += 1
+            copy.borrowers += 1
             return copy
 
     def hold(self, copy: DeviceCopy) -> Callable[[], None]:
         """One more reader of a copy the caller already holds, for another thread to keep;
-        returns the release, which does nothing when called again."""
+        returns its give-back, which does nothing when called again."""
         with self._changed:
-            copy.pins += 1
+            copy.borrowers += 1
         released = threading.Event()
 
         def release() -> None:
             if not released.is_set():
                 released.set()
-                self.release(copy)
+                self.give_back(copy)
 
         return release
 
-    def release(self, copy: DeviceCopy) -> None:
+    def give_back(self, copy: DeviceCopy) -> None:
         with self._changed:
-            copy.pins -= 1
+            copy.borrowers -= 1
             self._changed.notify_all()
 
     def holds(self, version: int) -> bool:
@@ -149,7 +149,7 @@ class DeviceTier:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
-                free = next((c for c in self._copies if c is not self._latest and c.pins == 0), None)
+                free = next((c for c in self._copies if c is not self._latest and c.borrowers == 0), None)
                 if free is not None and free.buffer.numel() < nbytes:  # the model grew
                     free.wait()  # the side stream may still write it: only then may it be freed
                     self._copies.remove(free)
@@ -159,7 +159,7 @@ class DeviceTier:
                     free = DeviceCopy(allocate_buffer(nbytes, self.device))
                     self._copies.append(free)
                 if free is not None:
-                    free.pins = 1  # held by the capture until commit() or release()
+                    free.borrowers = 1  # held by the capture until commit() or give_back()
                     return free
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:

@@ -8,11 +8,13 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
 
 from ..storage._pfs import FileSystemTier
-from ..transport._protocol import Notice
-from ._store import Held
+from ._announcer import Announcer
+from ._catalog import VersionCatalog
+from ._health import Health
+from ._notices import NoticeBoard
+from ._store import HostCopy, TieredStore
 
 __all__ = ["Flusher"]
 
@@ -22,8 +24,9 @@ _STOP = object()
 
 
 class Flusher:
-    """`describe(held)` gives the version's manifest notice (digest included);
-    `done(held, address, digest_s, store_s)` is called after each version, address None on failure.
+    """Writes each submitted version with its manifest from `notices`, records the write in
+    `catalog`, gives the version's borrow back to `store` and has `announcer` send its final
+    notice (also after a failed write: the version then stays where it is held).
 
     A version is drained no sooner than `delay_s` after it is submitted (announced in memory):
     the drain's digest and write compete for CPU and memory bandwidth, and the consumers loading
@@ -31,20 +34,21 @@ class Flusher:
     more versions are queued, when `hurry()` says the producer waits for a slot this drain
     holds, and at close."""
 
-    def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None,
-                 describe: Callable[[Held], Notice],
-                 done: Callable[[Held, str | None, float, float], None], delay_s: float = 0.0) -> None:
+    def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None, *,
+                 notices: NoticeBoard, catalog: VersionCatalog, store: TieredStore, announcer: Announcer,
+                 health: Health, delay_s: float = 0.0) -> None:
         self._pfs, self._model, self._key, self._keep = pfs, model, key, keep_versions
-        self._describe, self._done = describe, done
+        self._notices, self._catalog, self._store, self._announcer = notices, catalog, store, announcer
+        self._health = health
         self._delay_s = delay_s
         self._hurried_at = -math.inf  # versions submitted before this are drained without delay
         self._woken = threading.Event()
         self._inbox: queue.Queue[object] = queue.Queue()
-        self.error: BaseException | None = None
+        self._failed = False
         self._thread = threading.Thread(target=self._run, name=f"viper-flusher-{model}", daemon=True)
         self._thread.start()
 
-    def submit(self, held: Held) -> None:
+    def submit(self, held: HostCopy) -> None:
         self._inbox.put((held, time.monotonic()))
 
     def hurry(self) -> None:
@@ -61,15 +65,18 @@ class Flusher:
         while (item := self._inbox.get()) is not _STOP:
             held, submitted = item
             self._wait_out_delay(submitted)
-            address, digest_s, store_s = None, 0.0, 0.0
+            address = None
             try:
-                if self.error is None:  # after a failure, later versions are released, not written
+                if not self._failed:  # after a failure, later versions are released, not written
                     address, digest_s, store_s = self._flush(held)
+                    self._catalog.flushed(held.version, address, digest_s, store_s)
             except BaseException as exc:
-                self.error = self.error or exc
+                self._failed = True
+                self._health.report("flusher", exc)
                 log.error("flushing %s v%d to %s failed: %s", self._model, held.version, self._pfs.root, exc)
             finally:
-                self._done(held, address, digest_s, store_s)
+                self._store.give_back(held, flushed=address is not None)
+                self._announcer.announce(held.version, final=True)
 
     def _wait_out_delay(self, submitted: float) -> None:
         """Until `delay_s` after submission, unless hurried or more versions queue up."""
@@ -78,9 +85,9 @@ class Flusher:
             self._woken.wait(left)
             self._woken.clear()  # the loop re-reads _hurried_at, so a hurry is never lost
 
-    def _flush(self, held: Held) -> tuple[str, float, float]:
+    def _flush(self, held: HostCopy) -> tuple[str, float, float]:
         started = time.perf_counter()
-        notice = self._describe(held)  # computes the digest if nobody has yet
+        notice = self._notices.manifest(held)  # computes the digest if nobody has yet
         digested = time.perf_counter()
         address = self._pfs.write(notice, held.data, notice.encode(self._key, with_locations=False))
         if self._keep is not None:

@@ -2,9 +2,9 @@
 
 Each version lives in a slot: a /dev/shm segment when the DRAM tier is on (so consumers on
 this host can map it), else a plain reusable buffer. The newest `dram_versions` stay held in
-DRAM; older ones are evicted once nothing pins them (a flush or a remote transfer in
+DRAM; older ones are evicted once nobody borrows them (a flush or a remote transfer in
 progress). The file-system tier is written from the slot by a background flusher, so a
-publish never waits for the disk, only for a free slot when every slot is pinned.
+publish never waits for the disk, only for a free slot when every slot is borrowed.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from ..storage._shm import Segment, reclaim_stale_segments, segment_prefix
 from ..transport._protocol import Location
 from ._snapshot import fill_buffer
 
-__all__ = ["TieredStore", "Held"]
+__all__ = ["TieredStore", "HostCopy"]
 
 log = logging.getLogger("viper_lightning.publisher")
 
 # Beyond the held versions: one being written, one consumers may still serve from (zero-copy),
 # one still being flushed.
 SLACK_SLOTS = 3
-_PIN_POLL_S = 0.005
-PINNED_GROWTH = 4  # how far consumer-pinned slots may make the pool outgrow its budget
+_LOCK_POLL_S = 0.005
+LOCKED_GROWTH = 4  # how far slots that consumers still map may make the pool outgrow its budget
 
 
 @dataclass(eq=False)
@@ -50,13 +50,13 @@ class _Slot:
 
 
 @dataclass(eq=False)
-class Held:
-    """A version in memory: its slot, layout, and who still needs the bytes."""
+class HostCopy:
+    """A version in host memory: its slot, its layout, and how many readers borrow its bytes."""
 
     version: int
     layout: Layout
     slot: _Slot
-    pins: int = 0
+    borrowers: int = 0
     flushed: bool = False
     evicted: bool = False
     _digest: str | None = None
@@ -80,7 +80,7 @@ class Held:
 
 
 class TieredStore:
-    """Slots, held versions, pins and eviction; thread-safe."""
+    """Slots, the versions they hold, borrowing and eviction; thread-safe."""
 
     def __init__(self, model: str, host: str, *, dram_versions: int, dram_bytes: int | None = None) -> None:
         self.model = model
@@ -90,7 +90,7 @@ class TieredStore:
         self._max_slots = dram_versions + SLACK_SLOTS if dram_versions else 2
         self._free: list[_Slot] = []
         self._slots = 0
-        self._held: deque[Held] = deque()
+        self._held: deque[HostCopy] = deque()
         self._changed = threading.Condition()
         self._serial = 0
         self._warming = False
@@ -109,10 +109,10 @@ class TieredStore:
         return self.dram_versions > 0
 
     # -- the training thread ---------------------------------------------------------------
-    def capture(self, state_dict: Mapping[str, torch.Tensor], timeout: float | None = None) -> tuple[Layout, _Slot]:
-        """Copy a state_dict into a free slot (the only work the training loop waits for)."""
-        layout = Layout.for_state_dict(state_dict)
-        return layout, self.capture_filled(layout.nbytes, lambda buffer: fill_buffer(layout, state_dict, buffer), timeout)
+    def capture(self, layout: Layout, state_dict: Mapping[str, torch.Tensor], timeout: float | None = None) -> _Slot:
+        """Copy a state_dict laid out as `layout` into a free slot (the only work the training
+        loop waits for)."""
+        return self.capture_filled(layout.nbytes, lambda buffer: fill_buffer(layout, state_dict, buffer), timeout)
 
     def capture_filled(self, nbytes: int, fill: Callable[[torch.Tensor], None], timeout: float | None = None) -> _Slot:
         """A free slot of at least `nbytes`, filled by `fill(buffer)` (the GPU tier's download)."""
@@ -130,11 +130,12 @@ class TieredStore:
         """Give back a captured slot that will not be committed."""
         self._release(slot)
 
-    def commit(self, version: int, layout: Layout, slot: _Slot, *, pin: bool) -> Held:
-        """The slot now holds `version`: name its segment, then evict beyond the budget."""
+    def commit(self, version: int, layout: Layout, slot: _Slot, *, borrowed: bool) -> HostCopy:
+        """The slot now holds `version`: name its segment, then evict beyond the budget.
+        `borrowed`: the caller keeps one borrow (given back once the version is flushed)."""
         if slot.segment is not None:
             slot.segment.publish(version, layout.nbytes, f"{segment_prefix(self.model)}v{version}")
-        held = Held(version, layout, slot, pins=1 if pin else 0)
+        held = HostCopy(version, layout, slot, borrowers=1 if borrowed else 0)
         with self._changed:
             self._held.append(held)
             self._evict_surplus()
@@ -149,18 +150,19 @@ class TieredStore:
         return held
 
     # -- readers: flusher and fetch server -------------------------------------------------
-    def pin(self, version: int) -> Held | None:
+    def borrow(self, version: int) -> HostCopy | None:
         """Keep a held version's bytes in place while they are read; None if evicted."""
         with self._changed:
             for held in self._held:
                 if held.version == version and not held.evicted:
-                    held.pins += 1
+                    held.borrowers += 1
                     return held
         return None
 
-    def unpin(self, held: Held, *, flushed: bool = False) -> None:
+    def give_back(self, held: HostCopy, *, flushed: bool = False) -> None:
+        """End one borrow of `held` (`flushed`: the file system now holds it too)."""
         with self._changed:
-            held.pins -= 1
+            held.borrowers -= 1
             held.flushed = held.flushed or flushed
             self._evict_surplus()
             self._changed.notify_all()
@@ -212,9 +214,9 @@ class TieredStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while (slot := self._take_free(nbytes)) is None:
-                # Slots pinned by consumers may be outgrown (up to a hard cap): a slow request
-                # somewhere must not stall training.
-                limit = self._max_slots * (PINNED_GROWTH if self._consumer_pinned() else 1)
+                # Slots that consumers still map may be outgrown (up to a hard cap): a slow
+                # request somewhere must not stall training.
+                limit = self._max_slots * (LOCKED_GROWTH if self._consumers_hold_free_slots() else 1)
                 if not self._warming and self._slots < limit:
                     self._slots += 1
                     break
@@ -224,10 +226,10 @@ class TieredStore:
                     self.on_starved()  # e.g. the flusher, holding a slot through its delay
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TransferError(f"no free snapshot slot within {timeout} s: every slot is pinned by a "
+                    raise TransferError(f"no free snapshot slot within {timeout} s: every slot is held by a "
                                         "flush, a transfer or consumers serving from it")
-                # Consumers releasing a zero-copy pin cannot signal us: look again shortly.
-                self._changed.wait(_PIN_POLL_S if remaining is None else min(_PIN_POLL_S, remaining))
+                # Consumers unlocking a zero-copy mapping cannot signal us: look again shortly.
+                self._changed.wait(_LOCK_POLL_S if remaining is None else min(_LOCK_POLL_S, remaining))
         if slot is not None:
             return slot
         try:
@@ -238,7 +240,7 @@ class TieredStore:
                 self._changed.notify_all()
             raise
 
-    def _consumer_pinned(self) -> bool:
+    def _consumers_hold_free_slots(self) -> bool:
         return any(slot.segment is not None for slot in self._free)  # free, yet not lockable
 
     def _take_free(self, nbytes: int) -> _Slot | None:
@@ -258,7 +260,7 @@ class TieredStore:
         evicted = False
         for held in list(self._held):
             newest = held is self._held[-1]
-            if held.pins > 0 or (newest and self.uses_dram):
+            if held.borrowers > 0 or (newest and self.uses_dram):
                 continue
             if not (self._over_budget() or (need_slot and not newest)):
                 continue

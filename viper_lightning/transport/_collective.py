@@ -37,7 +37,6 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -46,7 +45,7 @@ import torch.distributed as dist
 
 from .._digest import ALGORITHM, Digester
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
-from ._fetch import Readable
+from ._loans import Lender, MemoryLoan
 from ._protocol import PROTO
 
 if TYPE_CHECKING:
@@ -77,23 +76,22 @@ _ADDRESS = re.compile(r"^(gloo|nccl)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-
 class CollectiveServer:
     """The producer's side: a TCPStore for requests and rendezvous, served by its own thread.
 
-    `lookup(version)` pins a version and returns a Readable whose `data` is a flat uint8
-    tensor on the backend's device (CUDA for nccl, CPU for gloo), already written (its stream
-    synchronised); None when the version is not held. `tiers_of(version)` names the tiers that
-    still hold an evicted version. Transfers run one at a time; a transfer that fails (consumer
+    It borrows versions from `lender` as flat uint8 tensors on the backend's device (CUDA for
+    nccl, CPU for gloo), already written (their stream synchronised), and answers "gone" with
+    the tiers that still hold an evicted version. Transfers run one at a time; a transfer that fails (consumer
     gone, timeout) is logged and the next ticket is served. Any other error stops the thread and
     is kept in `.error` for the owner to raise. The store listens on `host` only; anyone who can
     reach host:port can read the versions it serves, so bind it to a trusted network.
     """
 
     def __init__(self, host: str, port: int, backend: str,
-                 lookup: Callable[[int], Readable | None], tiers_of: Callable[[int], list[str]],
+                 lender: Lender,
                  timeout: float = 30.0, chunk_bytes: int = CHUNK_BYTES) -> None:
         self._backend = _check_backend(backend)
         self._timeout = _check_timeout(timeout)
         self._chunk_bytes = _check_chunk_bytes(chunk_bytes)
         self._host = host
-        self._lookup, self._tiers_of = lookup, tiers_of
+        self._lender = lender
         self._store = _listen(host, port, self._timeout)
         self._store.set(_NEXT, "1")
         self._waker = self._store.clone()  # a second connection: the thread blocks on the first
@@ -179,16 +177,16 @@ class CollectiveServer:
             return
         version = request["version"]
         try:
-            readable = self._lookup(version)
-            if readable is None:
+            loan = self._lender.lend_memory(version, BACKENDS[self._backend])
+            if loan is None:
                 self._answer(ticket, {"status": "gone", "version": version,
-                                      "tiers": list(self._tiers_of(version))})
+                                      "tiers": list(self._lender.tiers_of(version))})
                 return
         except BaseException as exc:
             self._answer_failure(ticket, exc)
             raise
         try:
-            self._offer(ticket, version, request["nbytes"], readable)
+            self._offer(ticket, version, request["nbytes"], loan)
         except ViperError as exc:  # this request's trouble (e.g. no digest yet): answered, serving goes on
             log.warning("%s: could not serve version %d: %s", self.address, version, exc)
             self._answer_failure(ticket, exc)
@@ -196,15 +194,15 @@ class CollectiveServer:
             self._answer_failure(ticket, exc)
             raise
         finally:
-            readable.release()
+            loan.release()
 
-    def _offer(self, ticket: int, version: int, nbytes: int, readable: Readable) -> None:
-        data = _check_served(readable.data, self._backend, version)
+    def _offer(self, ticket: int, version: int, nbytes: int, loan: MemoryLoan) -> None:
+        data = _check_served(loan.data, self._backend, version)
         if data.numel() != nbytes:
             self._answer(ticket, {"status": "mismatch", "version": version, "nbytes": data.numel()})
             return
         self._answer(ticket, {"status": "ok", "version": version, "nbytes": nbytes,
-                              "digest": readable.digest(), "chunk_bytes": self._chunk_bytes})
+                              "digest": loan.digest(), "chunk_bytes": self._chunk_bytes})
         if nbytes:
             self._send(ticket, version, data)
 

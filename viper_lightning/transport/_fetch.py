@@ -21,9 +21,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import zmq
@@ -31,9 +30,10 @@ import zmq
 from .._digest import Digester
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
 from .._layout import canonical_json
+from ._loans import IpcLoan, Lender, MemoryLoan
 from ._protocol import PROTO, sign, verify_mac
 
-__all__ = ["FetchServer", "FetchClient", "Readable", "Shared", "CHUNK_BYTES", "LEASE_S"]
+__all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES", "LEASE_S"]
 
 log = logging.getLogger("viper_lightning.fetch")
 
@@ -44,36 +44,14 @@ LEASE_S = 30.0  # how long a CUDA IPC import may take before the producer reuses
 MAX_LEASES = 64
 
 
-@dataclass
-class Readable:
-    """What the server needs from the store for one pinned version."""
-
-    data: torch.Tensor
-    digest: Callable[[], str]
-    release: Callable[[], None]
-
-
-@dataclass
-class Shared:
-    """A pinned GPU-tier copy exported for CUDA IPC: the JSON description and its release."""
-
-    description: dict[str, object]
-    nbytes: int
-    release: Callable[[], None]
-
-
 class FetchServer:
     """The producer's ROUTER, served by its own thread so big transfers never delay notices.
 
-    `lookup(version)` pins a version and returns a Readable, or None when it is no longer in
-    memory; `tiers_of(version)` names where an evicted version still lives; `latest_notice()`
-    returns the newest signed notice for late joiners; `share(version)`, where the GPU tier is
-    on CUDA, pins and exports its copy (None when it no longer holds the version)."""
+    It reads versions through `lender` (host memory for streamed reads, the GPU tier's copy for
+    CUDA IPC leases) and answers "gone" with the tiers that still hold an evicted version."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None,
-                 lookup: Callable[[int], Readable | None], tiers_of: Callable[[int], list[str]],
-                 latest_notice: Callable[[], bytes | None], *,
-                 share: Callable[[int], Shared | None] | None = None, lease_s: float = LEASE_S) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None, lender: Lender, *,
+                 lease_s: float = LEASE_S) -> None:
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -86,10 +64,10 @@ class FetchServer:
                                      "port, or 'tcp://127.0.0.1:*' to let the system choose one") from None
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._model, self._key = model, key
-        self._lookup, self._tiers_of, self._latest_notice = lookup, tiers_of, latest_notice
-        self._in_flight: list[tuple[zmq.MessageTracker, Readable]] = []
-        self._share, self._lease_s = share, lease_s
-        self._leases: dict[str, tuple[Shared, float]] = {}  # lease -> (export, deadline)
+        self._lender = lender
+        self._in_flight: list[tuple[zmq.MessageTracker, MemoryLoan]] = []  # until zmq has sent the bytes
+        self._lease_s = lease_s
+        self._leases: dict[str, tuple[IpcLoan, float]] = {}  # lease -> (export, deadline)
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"viper-fetch-{model}", daemon=True)
@@ -102,11 +80,11 @@ class FetchServer:
         if self._thread.is_alive():
             self._thread.join()
         self._socket.close(0)
-        for _, readable in self._in_flight:
-            readable.release()
+        for _, loan in self._in_flight:
+            loan.release()
         self._in_flight.clear()
-        for shared, _ in self._leases.values():
-            shared.release()
+        for export, _ in self._leases.values():
+            export.release()
         self._leases.clear()
 
     @property
@@ -141,54 +119,54 @@ class FetchServer:
             self._reply(peer, {"status": "error", "reason": str(exc)})
 
     def _open(self, peer: bytes, request: dict) -> None:
-        readable = self._pinned(peer, request)
-        if readable is not None:
+        loan = self._borrowed(peer, request)
+        if loan is not None:
             try:
                 answer = {"status": "ok", "model": self._model, "version": _count(request, "version"),
-                          "nbytes": readable.data.numel(), "digest": readable.digest(), "chunk_bytes": CHUNK_BYTES}
+                          "nbytes": loan.data.numel(), "digest": loan.digest(), "chunk_bytes": CHUNK_BYTES}
                 if self._key is not None:  # the digest vouches for every byte that follows: sign it
                     answer["mac"] = sign(answer, self._key)
                 self._reply(peer, answer)
             finally:
-                readable.release()
+                loan.release()
 
     def _read(self, peer: bytes, request: dict) -> None:
         offset, length = _count(request, "offset"), _count(request, "length")  # before pinning anything
-        readable = self._pinned(peer, request)
-        if readable is None:
+        loan = self._borrowed(peer, request)
+        if loan is None:
             return
-        if offset + length > readable.data.numel() or length > CHUNK_BYTES:
-            readable.release()
+        if offset + length > loan.data.numel() or length > CHUNK_BYTES:
+            loan.release()
             raise ProtocolError(f"read of {length} bytes at {offset} is outside the version")
-        chunk = memoryview(readable.data.numpy())[offset:offset + length]
+        chunk = memoryview(loan.data.numpy())[offset:offset + length]
         header = json.dumps({"status": "ok", "offset": offset}).encode()
         try:
             tracker = self._socket.send_multipart([peer, header, chunk], copy=False, track=True)
         except BaseException:
-            readable.release()
+            loan.release()
             raise
-        self._in_flight.append((tracker, readable))  # the bytes stay pinned until zmq is done
+        self._in_flight.append((tracker, loan))  # the bytes stay pinned until zmq is done
 
     def _latest(self, peer: bytes, request: dict) -> None:
-        notice = self._latest_notice()
+        notice = self._lender.latest_notice()
         self._reply(peer, {"status": "ok", "notice": notice.decode() if notice else None})
 
     def _lend(self, peer: bytes, request: dict) -> None:
         """A same-host consumer maps the GPU tier's copy; it stays pinned until released or expired."""
         version = _count(request, "version")
-        if self._share is None:
+        if not self._lender.lends_device_memory:
             raise ProtocolError("this producer lends no device memory: that needs a GPU tier on CUDA and an "
                                 "hmac_key (an IPC mapping is writable); fetch the dram or pfs tier instead")
         if len(self._leases) >= MAX_LEASES:
             raise TransferError(f"{MAX_LEASES} IPC leases are outstanding; retry once some are released")
-        shared = self._share(version)
-        if shared is None:
-            self._reply(peer, {"status": "gone", "version": version, "tiers": self._tiers_of(version)})
+        export = self._lender.lend_ipc(version)
+        if export is None:
+            self._reply(peer, {"status": "gone", "version": version, "tiers": self._lender.tiers_of(version)})
             return
         lease = os.urandom(8).hex()
-        self._leases[lease] = (shared, time.monotonic() + self._lease_s)
-        answer = {"status": "ok", "model": self._model, "version": version, "nbytes": shared.nbytes,
-                  "ipc": shared.description, "lease": lease, "lease_s": self._lease_s}
+        self._leases[lease] = (export, time.monotonic() + self._lease_s)
+        answer = {"status": "ok", "model": self._model, "version": version, "nbytes": export.nbytes,
+                  "ipc": export.description, "lease": lease, "lease_s": self._lease_s}
         if self._key is not None:  # the description says which memory to read: sign it
             answer["mac"] = sign(answer, self._key)
         self._reply(peer, answer)
@@ -202,28 +180,28 @@ class FetchServer:
     def _expire_leases(self) -> None:
         now = time.monotonic()
         for lease in [lease for lease, (_, deadline) in self._leases.items() if deadline <= now]:
-            shared, _ = self._leases.pop(lease)
+            export, _ = self._leases.pop(lease)
             log.warning("a CUDA IPC lease of %r was not released within %g s; the copy may be reused",
                         self._model, self._lease_s)
-            shared.release()
+            export.release()
 
-    def _pinned(self, peer: bytes, request: dict) -> Readable | None:
+    def _borrowed(self, peer: bytes, request: dict) -> MemoryLoan | None:
         version = _count(request, "version")
-        readable = self._lookup(version)
-        if readable is None:
-            self._reply(peer, {"status": "gone", "version": version, "tiers": self._tiers_of(version)})
-        return readable
+        loan = self._lender.lend_memory(version)
+        if loan is None:
+            self._reply(peer, {"status": "gone", "version": version, "tiers": self._lender.tiers_of(version)})
+        return loan
 
     def _reply(self, peer: bytes, answer: dict) -> None:
         self._socket.send_multipart([peer, json.dumps(answer).encode()])
 
     def _release_sent(self) -> None:
         still = []
-        for tracker, readable in self._in_flight:
+        for tracker, loan in self._in_flight:
             if tracker.done:
-                readable.release()
+                loan.release()
             else:
-                still.append((tracker, readable))
+                still.append((tracker, loan))
         self._in_flight = still
 
 
