@@ -6,7 +6,7 @@ runs at import."""
 
 from typing import TYPE_CHECKING, Any
 
-from ._archive import build_archive
+from ._mar import build_archive
 from ._settings import ViperSettings
 from ._torchserve import TorchServe
 

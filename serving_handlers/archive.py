@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._archive import build_archive
+from ._mar import build_archive
 
 __all__ = ["main"]
 

@@ -35,7 +35,7 @@ def make_data(seed: int, nbytes: int) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
 
 
-class Pins:
+class CountingLender:
     """A lender stand-in: counts loans and releases so tests can wait for a transfer to end."""
 
     lends_device_memory = False
@@ -43,7 +43,7 @@ class Pins:
     def __init__(self, data: torch.Tensor, version: int = VERSION, digest: str | None = None) -> None:
         self.data, self.version = data, version
         self.digest = digest or digest_buffer(data)
-        self.pinned = self.released = 0
+        self.lent = self.released = 0
         self.asked_tiers: list[int] = []
         self._changed = threading.Condition()
 
@@ -51,7 +51,7 @@ class Pins:
         if version != self.version:
             return None
         with self._changed:
-            self.pinned += 1
+            self.lent += 1
         return MemoryLoan(self.data, lambda: self.digest, self._release)
 
     def tiers_of(self, version: int) -> list[str]:
@@ -74,8 +74,8 @@ def serve() -> Iterator[Callable[..., CollectiveServer]]:
     """Start servers on 127.0.0.1 (any free port); close them and check they kept no error."""
     servers: list[CollectiveServer] = []
 
-    def start(pins: Pins, timeout: float = WAIT_S, chunk_bytes: int = CHUNK) -> CollectiveServer:
-        server = CollectiveServer("127.0.0.1", 0, "gloo", pins, timeout=timeout, chunk_bytes=chunk_bytes)
+    def start(lender: CountingLender, timeout: float = WAIT_S, chunk_bytes: int = CHUNK) -> CollectiveServer:
+        server = CollectiveServer("127.0.0.1", 0, "gloo", lender, timeout=timeout, chunk_bytes=chunk_bytes)
         servers.append(server)
         return server
 
@@ -121,61 +121,61 @@ def run_child(target: Callable[..., None], *args: object) -> multiprocessing.Pro
 
 def test_in_thread_transfer_is_bit_exact_across_chunks(serve) -> None:
     data = make_data(1, 5 * CHUNK + 12345)  # six chunks, the last one short
-    pins = Pins(data)
-    server = serve(pins)
+    lender = CountingLender(data)
+    server = serve(lender)
     received, digest, digest_s = fetch(server.address, data.numel())
     assert torch.equal(received, data)
     assert digest == digest_buffer(data) and digest_s >= 0.0
-    pins.wait_released(1)
-    assert pins.pinned == 1
+    lender.wait_released(1)
+    assert lender.lent == 1
     assert server.address.startswith("gloo://127.0.0.1:")
 
 
 def test_two_spawned_consumers_asking_at_once_both_get_exact_bytes(serve) -> None:
     nbytes = 9 * CHUNK + 7
-    pins = Pins(make_data(2, nbytes))
-    server = serve(pins)
+    lender = CountingLender(make_data(2, nbytes))
+    server = serve(lender)
     results = multiprocessing.get_context("spawn").Queue()
     children = [run_child(consume_in_child, server.address, 2, nbytes, results) for _ in range(2)]
     reports = [results.get(timeout=WAIT_S * 2) for _ in children]
     for child in children:
         child.join(WAIT_S)
         assert child.exitcode == 0
-    assert reports == [{"exact": True, "digest": pins.digest}] * 2
-    pins.wait_released(2)
+    assert reports == [{"exact": True, "digest": lender.digest}] * 2
+    lender.wait_released(2)
 
 
 def test_lying_digest_is_detected_and_the_server_keeps_serving(serve) -> None:
     data = make_data(3, 3 * CHUNK)
-    pins = Pins(data, digest="xxh3_128:" + "0" * 32)
-    server = serve(pins)
+    lender = CountingLender(data, digest="xxh3_128:" + "0" * 32)
+    server = serve(lender)
     with pytest.raises(IntegrityError, match="digest mismatch"):
         fetch(server.address, data.numel())
-    pins.digest = digest_buffer(data)
+    lender.digest = digest_buffer(data)
     received, _, _ = fetch(server.address, data.numel())
     assert torch.equal(received, data)
 
 
 def test_gone_version_is_answered_with_the_tiers_that_hold_it(serve) -> None:
-    pins = Pins(make_data(4, CHUNK))
-    server = serve(pins)
+    lender = CountingLender(make_data(4, CHUNK))
+    server = serve(lender)
     with pytest.raises(TransferError, match="still lives in: pfs"):
         fetch(server.address, CHUNK, version=VERSION + 1)
-    assert pins.asked_tiers == [VERSION + 1] and pins.pinned == 0
+    assert lender.asked_tiers == [VERSION + 1] and lender.lent == 0
 
 
 def test_size_disagreement_is_settled_before_any_transfer(serve) -> None:
-    pins = Pins(make_data(5, CHUNK))
-    server = serve(pins)
+    lender = CountingLender(make_data(5, CHUNK))
+    server = serve(lender)
     with pytest.raises(IntegrityError, match=f"serves {CHUNK} bytes"):
         fetch(server.address, CHUNK - 1)
-    pins.wait_released(1)
+    lender.wait_released(1)
     received, _, _ = fetch(server.address, CHUNK)
-    assert torch.equal(received, pins.data)
+    assert torch.equal(received, lender.data)
 
 
 def test_consumer_times_out_naming_the_address_when_the_server_is_closed(serve) -> None:
-    server = serve(Pins(make_data(6, CHUNK)))
+    server = serve(CountingLender(make_data(6, CHUNK)))
     address = server.address
     started = time.monotonic()
     server.close()
@@ -201,23 +201,23 @@ def test_consumer_times_out_when_nobody_answers() -> None:
 def test_server_survives_a_consumer_that_dies_mid_transfer(serve, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="viper_lightning.collective")
     nbytes = 32 * CHUNK  # far more than the chunks in flight, so the death is mid-transfer
-    pins = Pins(make_data(8, nbytes))
-    server = serve(pins, timeout=5.0)
+    lender = CountingLender(make_data(8, nbytes))
+    server = serve(lender, timeout=5.0)
     child = run_child(die_after_first_chunk, server.address, nbytes)
     child.join(WAIT_S * 2)
     assert child.exitcode == DIED_MID_TRANSFER
-    pins.wait_released(1)  # the pin is released once the server has given up on the dead consumer
+    lender.wait_released(1)  # the pin is released once the server has given up on the dead consumer
     assert "failed after" in caplog.text
     received, _, _ = fetch(server.address, nbytes)
-    assert torch.equal(received, pins.data)
-    pins.wait_released(2)
+    assert torch.equal(received, lender.data)
+    lender.wait_released(2)
 
 
 def test_close_returns_within_a_timeout_while_a_consumer_stalls_mid_transfer(serve) -> None:
     chunk = 16 * CHUNK  # big enough that Gloo's send waits for the receiver (small ones do not)
     nbytes = 4 * chunk
-    pins = Pins(make_data(10, nbytes))
-    server = serve(pins, timeout=1.0, chunk_bytes=chunk)
+    lender = CountingLender(make_data(10, nbytes))
+    server = serve(lender, timeout=1.0, chunk_bytes=chunk)
     port = int(server.address.rsplit(":", 1)[1])
     store = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=5), wait_for_workers=False)
     store.set("viper/req/1", json.dumps({"proto": 1, "version": VERSION, "nbytes": nbytes, "nonce": "cd" * 8}))
@@ -227,24 +227,24 @@ def test_close_returns_within_a_timeout_while_a_consumer_stalls_mid_transfer(ser
     started = time.monotonic()
     server.close()
     assert time.monotonic() - started < 4.0
-    assert pins.released == 1 and torch.equal(first, pins.data[:chunk])
+    assert lender.released == 1 and torch.equal(first, lender.data[:chunk])
     group.abort()
 
 
 def test_absent_consumer_and_garbage_request_do_not_block_the_next_consumer(serve) -> None:
-    pins = Pins(make_data(9, CHUNK))
-    server = serve(pins, timeout=0.5)
+    lender = CountingLender(make_data(9, CHUNK))
+    server = serve(lender, timeout=0.5)
     port = int(server.address.rsplit(":", 1)[1])
     store = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=5), wait_for_workers=False)
     # Ticket 1: a valid request whose consumer never joins the group (it died after asking).
     store.set("viper/req/1", json.dumps({"proto": 1, "version": VERSION, "nbytes": CHUNK, "nonce": "ab" * 8}))
     store.set("viper/req/2", b"\x80not json")
     received, _, _ = fetch(server.address, CHUNK)  # claims ticket 3, served once 1 timed out
-    assert torch.equal(received, pins.data)
+    assert torch.equal(received, lender.data)
     assert json.loads(store.get("viper/ans/1"))["status"] == "ok"
     answer = json.loads(store.get("viper/ans/2"))
     assert answer["status"] == "error" and "not JSON" in answer["reason"]
-    pins.wait_released(2)
+    lender.wait_released(2)
     assert int(store.get("viper/next")) == 4
 
 
@@ -294,8 +294,8 @@ def test_claim_keeps_a_ticket_the_server_answered_before_the_claim_looked_again(
 
 
 def test_empty_version_needs_no_group(serve) -> None:
-    pins = Pins(torch.empty(0, dtype=torch.uint8))
-    server = serve(pins)
+    lender = CountingLender(torch.empty(0, dtype=torch.uint8))
+    server = serve(lender)
     received, digest, _ = fetch(server.address, 0)
     assert received.numel() == 0 and digest == digest_buffer(b"")
 
@@ -322,7 +322,7 @@ def test_addresses_accept_names_and_bracketed_ipv6() -> None:
     ({"port": 70000}, "port 70000"),
 ])
 def test_bad_server_arguments_name_value_and_fix(kwargs: dict, message: str) -> None:
-    arguments = {"host": "127.0.0.1", "port": 0, "backend": "gloo", "lender": Pins(torch.zeros(1, dtype=torch.uint8)),
+    arguments = {"host": "127.0.0.1", "port": 0, "backend": "gloo", "lender": CountingLender(torch.zeros(1, dtype=torch.uint8)),
                  **kwargs}
     with pytest.raises(ConfigurationError, match=message):
         CollectiveServer(**arguments)

@@ -267,7 +267,7 @@ def test_nccl_without_a_gpu_tier_is_a_configuration_error(model_name) -> None:
 
 
 @pytest.mark.parametrize("request_body", [
-    {"op": "read", "version": 1},                       # no offset/length: must not leak a pin
+    {"op": "read", "version": 1},                       # no offset/length: must not leak a borrow
     {"op": ["read"], "version": 1},                     # unhashable op
     {"op": "read", "version": 1, "offset": "0", "length": 8},
 ])
@@ -312,19 +312,19 @@ def _segment_holding(segment, version: int, fill: int) -> None:
 def test_zero_copy_mappings_are_reused_for_later_versions_of_a_segment(model_name) -> None:
     """Kept mappings keep their page tables (no faults on the next version) and still show the
     producer's rewrite."""
-    from viper_lightning.storage._shm import PinnedMappings, Segment
+    from viper_lightning.storage._shm import ZeroCopyMappings, Segment
 
     segment = Segment(f"viper.{model_name}.free.1", 1 << 20)
-    mappings = PinnedMappings()
+    mappings = ZeroCopyMappings()
     try:
         _segment_holding(segment, 1, 1)
-        first = mappings.pin(segment.name, 1, 1 << 20)
+        first = mappings.lock(segment.name, 1, 1 << 20)
         assert int(first.buffer[::4096].sum()) == 256  # every page touched, as a request would
         mapping = first.mapping
         first.release()
         mappings.retired(first)  # no tensor views it now
         _segment_holding(segment, 3, 7)
-        second = mappings.pin(segment.name, 3, 1 << 20)
+        second = mappings.lock(segment.name, 3, 1 << 20)
         assert second.mapping is mapping
         assert torch.equal(second.buffer[::4096], torch.full((256,), 7, dtype=torch.uint8))
         second.release()
@@ -338,19 +338,19 @@ def test_a_mapping_the_model_wrote_to_is_not_reused(model_name, offset) -> None:
     """A written page became a private copy holding the old bytes: reusing the mapping would
     serve them in the next version, so it is mapped afresh. The last page is partial (a 64-byte
     header + 1 MiB) and must be checked too."""
-    from viper_lightning.storage._shm import PinnedMappings, Segment
+    from viper_lightning.storage._shm import ZeroCopyMappings, Segment
 
     segment = Segment(f"viper.{model_name}.free.1", 1 << 20)
-    mappings = PinnedMappings()
+    mappings = ZeroCopyMappings()
     try:
         _segment_holding(segment, 1, 1)
-        first = mappings.pin(segment.name, 1, 1 << 20)
+        first = mappings.lock(segment.name, 1, 1 << 20)
         first.buffer[offset] = 99  # e.g. a BatchNorm running mean updated in train mode
         mapping = first.mapping
         first.release()
         mappings.retired(first)
         _segment_holding(segment, 2, 7)
-        second = mappings.pin(segment.name, 2, 1 << 20)
+        second = mappings.lock(segment.name, 2, 1 << 20)
         assert second.mapping is not mapping
         assert int(second.buffer[offset]) == 7
         second.release()
@@ -360,16 +360,16 @@ def test_a_mapping_the_model_wrote_to_is_not_reused(model_name, offset) -> None:
 
 
 def test_mappings_of_unlinked_segments_are_let_go(model_name) -> None:
-    from viper_lightning.storage._shm import PinnedMappings, Segment
+    from viper_lightning.storage._shm import ZeroCopyMappings, Segment
 
     gone, kept = (Segment(f"viper.{model_name}.free.{n}", 4096) for n in (1, 2))
-    mappings = PinnedMappings()
+    mappings = ZeroCopyMappings()
     try:
         _segment_holding(gone, 1, 1)
-        mappings.pin(gone.name, 1, 4096).release()
+        mappings.lock(gone.name, 1, 4096).release()
         gone.unlink()  # evicted by the producer: a kept mapping would hold its memory
         _segment_holding(kept, 2, 2)
-        mappings.pin(kept.name, 2, 4096).release()
+        mappings.lock(kept.name, 2, 4096).release()
         assert len(mappings._kept) == 1
     finally:
         mappings.close()

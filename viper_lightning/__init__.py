@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import ConfigurationError, IntegrityError, ProtocolError, StorageError, TransferError, ViperError
 from ._layout import Layout, TensorSpec
 from .consumer._planner import Route, TransferPlanner
-from .consumer._slots import Lease
+from .consumer._double_buffer import Lease
 from .consumer._stats import Refusal, SubscriberStats, UpdateRecord
 from .consumer._subscriber import ModelSubscriber
 from .producer._publisher import DEFAULT_ENDPOINT, CommitRecord, ModelPublisher

@@ -1,7 +1,7 @@
 """TransferPlanner: which location to fetch a version from (DESIGN §3).
 
 cost = setup + nbytes / bandwidth × (1 + load), with bandwidth learned from this consumer's own
-transfers (an exponential moving average seeded with figures measured on a 2-core host) and
+transfers (an exponential moving average seeded with typical figures) and
 load from what the producer reported in the notice. The cheapest route is tried first; on any
 failure the next one, with the file system last.
 """
@@ -10,28 +10,47 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from .._errors import ConfigurationError
 from ..transport._protocol import Location, Notice
 
-__all__ = ["Route", "TransferPlanner", "ROUTE_KINDS"]
+__all__ = ["Route", "RouteKind", "TransferPlanner", "ROUTE_KINDS"]
+
+
+class RouteKind(str, Enum):
+    """How a version's bytes reach this consumer; the value is what settings and stats say."""
+
+    GPU_IPC = "gpu-ipc"  # a device-to-device copy out of the producer's GPU memory (same host)
+    DRAM_SHM = "dram-shm"  # the producer's shared-memory segment (same host)
+    GPU_NCCL = "gpu-nccl"  # NCCL point-to-point into this consumer's GPU
+    DRAM_ZMQ = "dram-zmq"  # streamed from the producer's memory over ZeroMQ
+    COLLECTIVE = "collective"  # torch.distributed point-to-point (Gloo) from host memory
+    PFS = "pfs"  # the file-system tier
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
 
 # (setup seconds, bytes per second): seeds, replaced by measurements as transfers happen.
-DEFAULT_COSTS: dict[str, tuple[float, float]] = {
-    "gpu-ipc": (0.002, 100e9),  # a device-to-device copy out of the producer's GPU memory
-    "dram-shm": (0.001, 8e9),
-    "gpu-nccl": (0.025, 20e9),  # NCCL point-to-point: a new group per transfer
-    "dram-zmq": (0.002, 1.2e9),
-    "collective": (0.025, 1.9e9),  # torch.distributed point-to-point: a new group per transfer
-    "pfs": (0.005, 1.0e9),
+DEFAULT_COSTS: dict[RouteKind, tuple[float, float]] = {
+    RouteKind.GPU_IPC: (0.002, 100e9),
+    RouteKind.DRAM_SHM: (0.001, 8e9),
+    RouteKind.GPU_NCCL: (0.025, 20e9),  # a new group per transfer
+    RouteKind.DRAM_ZMQ: (0.002, 1.2e9),
+    RouteKind.COLLECTIVE: (0.025, 1.9e9),  # a new group per transfer
+    RouteKind.PFS: (0.005, 1.0e9),
 }
-ROUTE_KINDS = tuple(DEFAULT_COSTS)
+ROUTE_KINDS = tuple(RouteKind)
 SMOOTHING = 0.3  # weight of the newest measurement
 
 
 @dataclass(frozen=True)
 class Route:
-    kind: str
+    kind: RouteKind
     location: Location
     cost_s: float
 
@@ -41,12 +60,13 @@ class TransferPlanner:
     consumer whose model is on a GPU (`on_gpu`)."""
 
     def __init__(self, host: str, allowed: Sequence[str] | None = None, *, on_gpu: bool = False) -> None:
-        unknown = sorted(set(allowed or ()) - set(ROUTE_KINDS))
+        values = [kind.value for kind in ROUTE_KINDS]
+        unknown = sorted(str(kind) for kind in allowed or () if kind not in values)
         if unknown:
-            raise ConfigurationError(f"unknown transfer routes {unknown}; choose from {list(ROUTE_KINDS)}")
+            raise ConfigurationError(f"unknown transfer routes {unknown}; choose from {values}")
         self.host = host
         self.on_gpu = on_gpu
-        self.allowed = tuple(allowed) if allowed else ROUTE_KINDS
+        self.allowed = tuple(RouteKind(kind) for kind in allowed) if allowed else ROUTE_KINDS
         self._bandwidth = {kind: rate for kind, (_, rate) in DEFAULT_COSTS.items()}
 
     def routes(self, notice: Notice) -> list[Route]:
@@ -55,37 +75,37 @@ class TransferPlanner:
                  for loc in notice.locations if (kind := self._kind(loc)) in self.allowed]
         return sorted(found, key=lambda route: (route.cost_s, ROUTE_KINDS.index(route.kind)))
 
-    def estimate(self, kind: str, nbytes: int, load: int = 0) -> float:
+    def estimate(self, kind: RouteKind, nbytes: int, load: int = 0) -> float:
         setup, _ = DEFAULT_COSTS[kind]
         return setup + nbytes / self._bandwidth[kind] * (1 + load)
 
-    def observe(self, kind: str, nbytes: int, seconds: float) -> None:
+    def observe(self, kind: RouteKind, nbytes: int, seconds: float) -> None:
         """Learn from a completed transfer (tiny ones say more about latency than bandwidth)."""
         if nbytes >= 1 << 20 and seconds > 0:
             measured = nbytes / seconds
             self._bandwidth[kind] = (1 - SMOOTHING) * self._bandwidth[kind] + SMOOTHING * measured
 
-    def _kind(self, location: Location) -> str | None:
+    def _kind(self, location: Location) -> RouteKind | None:
         if location.tier == "pfs":
-            return "pfs"
+            return RouteKind.PFS
         if location.tier == "gpu":
             return self._gpu_kind(location)
         if location.tier == "dram" and location.address.startswith("shm://"):
-            return "dram-shm" if location.host == self.host else None  # a segment is host-local
+            return RouteKind.DRAM_SHM if location.host == self.host else None  # a segment is host-local
         if location.tier == "dram" and location.address.startswith(("gloo://", "nccl://")):
-            return "collective"
+            return RouteKind.COLLECTIVE
         if location.tier == "dram":
-            return "dram-zmq"
+            return RouteKind.DRAM_ZMQ
         return None
 
-    def _gpu_kind(self, location: Location) -> str | None:
+    def _gpu_kind(self, location: Location) -> RouteKind | None:
         if location.address.startswith("gloo://"):
-            return "collective"  # the GPU tier kept in host memory (gpu_device="cpu")
+            return RouteKind.COLLECTIVE  # the GPU tier kept in host memory (gpu_device="cpu")
         if not self.on_gpu:
             return None  # a CPU model gains nothing from a device copy: the dram tier is closer
         if location.address.startswith("nccl://"):
-            return "gpu-nccl"
-        return "gpu-ipc" if location.host == self.host else None  # IPC handles are host-local
+            return RouteKind.GPU_NCCL
+        return RouteKind.GPU_IPC if location.host == self.host else None  # IPC handles are host-local
 
 
 def explain(chosen: Route, routes: list[Route], failures: list[str]) -> str:

@@ -16,14 +16,14 @@ import zmq
 from .._buffers import copy_from_bytes, copy_tensor
 from .._errors import IntegrityError, ProtocolError, TransferError
 from ..storage._pfs import FileSystemTier
-from ..storage._shm import PinnedMappings, SegmentMaps, SegmentPin
+from ..storage._shm import ZeroCopyMappings, ReadOnlyMappings, LockedMapping
 from ..transport._collective import CollectiveClient
 from ..transport._cuda_ipc import import_cuda_tensor
 from ..transport._fetch import FetchClient
 from ..transport._protocol import Location, Notice
 
 __all__ = ["load_from_segment", "load_from_peer", "load_from_collective", "load_from_device", "load_from_files",
-           "load_tensors", "SharedWeights"]
+           "load_tensors", "ZeroCopyWeights"]
 
 Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
 
@@ -43,7 +43,7 @@ def load_tensors(model: torch.nn.Module, sources: dict[str, torch.Tensor | numpy
             loaded.add(id(target))
 
 
-def load_from_segment(maps: SegmentMaps, notice: Notice, location: Location,
+def load_from_segment(maps: ReadOnlyMappings, notice: Notice, location: Location,
                       standby: torch.nn.Module) -> tuple[float, float]:
     """Same host: map the producer's segment and copy straight into the standby model.
 
@@ -123,44 +123,44 @@ def _announced_tier(location: Location) -> FileSystemTier:
         raise ProtocolError(f"file-system location {location.address!r} is not usable: {exc}") from None
 
 
-class SharedWeights:
+class ZeroCopyWeights:
     """The model copies (active and standby) that serve straight from producer segments.
 
     Zero-copy: instead of copying a version into the standby model, its tensors are rebound to
-    views of the segment (see SegmentPin), so N workers on a host share one copy of the weights
-    and an update costs a mapping, not a copy. The pin on a copy's segment is held until that
+    views of the segment (see LockedMapping), so N workers on a host share one copy of the weights
+    and an update costs a mapping, not a copy. The lock on a copy's segment is held until that
     copy is loaded again, i.e. until no request can still be using it."""
 
     def __init__(self) -> None:
-        self._pins: dict[int, SegmentPin] = {}
+        self._locks: dict[int, LockedMapping] = {}
         self._retired: list[object] = []
-        self._mappings = PinnedMappings()
+        self._mappings = ZeroCopyMappings()
 
     def load(self, notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
         started = time.perf_counter()
-        pin = self._mappings.pin(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
-        views = notice.layout.views(pin.buffer)
+        lock = self._mappings.lock(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
+        views = notice.layout.views(lock.buffer)
         with torch.no_grad():
             for name, target in standby.state_dict(keep_vars=True).items():
                 self._retired.append(target.data)
                 target.data = views[name]
-        self._retired.append(self._pins.pop(id(standby), None))
-        self._pins[id(standby)] = pin
+        self._retired.append(self._locks.pop(id(standby), None))
+        self._locks[id(standby)] = lock
         return time.perf_counter() - started, 0.0
 
     def reap(self) -> None:
         """Drop what the last load replaced, after the swap (off the update's critical path).
-        The mapping itself usually stays (PinnedMappings), ready for a later version."""
+        The mapping itself usually stays (ZeroCopyMappings), ready for a later version."""
         retired, self._retired = self._retired, []
-        pins = [item for item in retired if isinstance(item, SegmentPin)]
-        del retired  # the old tensors go first, then the pins that kept their bytes stable
-        for pin in pins:
-            pin.release()
-            self._mappings.retired(pin)
+        locks = [item for item in retired if isinstance(item, LockedMapping)]
+        del retired  # the old tensors go first, then the locks that kept their bytes stable
+        for lock in locks:
+            lock.release()
+            self._mappings.retired(lock)
 
     def unshare(self, model: torch.nn.Module) -> None:
         """Give a copy private memory again before bytes are copied into it."""
-        if id(model) not in self._pins:
+        if id(model) not in self._locks:
             return
         with torch.no_grad():
             for target in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values():
@@ -169,13 +169,13 @@ class SharedWeights:
 
     def close(self) -> None:
         self.reap()
-        for pin in self._pins.values():
-            pin.release()
-        self._pins.clear()
+        for lock in self._locks.values():
+            lock.release()
+        self._locks.clear()
         self._mappings.close()
 
     def _release(self, model: torch.nn.Module) -> None:
-        pin = self._pins.pop(id(model), None)
-        if pin is not None:
-            pin.release()
-            self._mappings.retired(pin)
+        lock = self._locks.pop(id(model), None)
+        if lock is not None:
+            lock.release()
+            self._mappings.retired(lock)

@@ -4,7 +4,6 @@ the model keeps serving the last good version and the subscriber keeps listening
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import socket
@@ -18,24 +17,15 @@ from types import TracebackType
 import torch
 import zmq
 
-from .._buffers import ensure_capacity
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from .._layout import Layout, check_compatible
 from ..producer._publisher import DEFAULT_ENDPOINT
 from ..storage._pfs import FileSystemTier
-from ..storage._shm import SegmentMaps
 from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
+from ._loaders import RouteLoaders
 from ._planner import Route, TransferPlanner, explain
-from ._routes import (
-    SharedWeights,
-    load_from_collective,
-    load_from_device,
-    load_from_files,
-    load_from_peer,
-    load_from_segment,
-)
-from ._slots import Lease, ModelSlots
+from ._double_buffer import Lease, DoubleBuffer
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
 
 __all__ = ["ModelSubscriber"]
@@ -60,7 +50,7 @@ class ModelSubscriber:
         routes: allowed transfer routes ("gpu-ipc", "dram-shm", "gpu-nccl", "dram-zmq", "collective",
             "pfs"); None allows all. The gpu routes are taken only by a model on a GPU.
         zero_copy: on the "dram-shm" route, serve straight from the producer's segment
-            (copy-on-write, pinned while in use) instead of copying it; needs a CPU model.
+            (copy-on-write, locked against reuse while in use) instead of copying it; needs a CPU model.
         host_id: this host's name, compared with the notice's to use shared memory (default:
             the host name; it must match the producer's `host_id`).
         fetch_timeout: seconds without progress before a remote fetch is abandoned.
@@ -68,6 +58,8 @@ class ModelSubscriber:
         poll_interval: how long the listener waits per poll (bounds shutdown latency).
         on_update / on_refusal: called on the subscriber thread after each applied or refused update.
         history: how many update and refusal records `stats` keeps.
+        planner: the TransferPlanner choosing routes (one with other costs or routes); by
+            default one for `host_id` and `routes`.
     """
 
     def __init__(
@@ -87,6 +79,7 @@ class ModelSubscriber:
         on_update: Callable[[UpdateRecord], None] | None = None,
         on_refusal: Callable[[Refusal], None] | None = None,
         history: int = 1000,
+        planner: TransferPlanner | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -96,19 +89,17 @@ class ModelSubscriber:
         self.endpoint = check_endpoint(endpoint)
         self._key = normalize_key(hmac_key)
         self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
-        self._device = _device_of(model)
-        self._planner = TransferPlanner(host_id or socket.gethostname(), routes, on_gpu=_is_cuda(self._device))
-        self._fetch_timeout = fetch_timeout
+        device = _device_of(model)
+        self._planner = planner if planner is not None else \
+            TransferPlanner(host_id or socket.gethostname(), routes, on_gpu=_is_cuda(device))
         self._load_latest = load_latest
         self._poll_interval = poll_interval
         self._on_update, self._on_refusal = on_update, on_refusal
         self._expected = Layout.for_state_dict(model.state_dict())
-        self._slots = ModelSlots(model)
+        self._buffers = DoubleBuffer(model)
         self._recorder = StatsRecorder(history)
-        self._staging: torch.Tensor | None = None
-        self._device_staging: torch.Tensor | None = None
-        self._segment_maps = SegmentMaps()
-        self._shared = SharedWeights() if zero_copy and self._device == torch.device("cpu") else None
+        self._loaders = RouteLoaders(device, self._pfs, self._key, fetch_timeout, self._expected.nbytes,
+                                     zero_copy=zero_copy)
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._newest_announced = 0
         self._version_changed = threading.Condition()
@@ -122,7 +113,7 @@ class ModelSubscriber:
     def start(self) -> ModelSubscriber:
         """Connect and start following updates (returns once the socket is connected)."""
         if self._thread is None:
-            self._context = zmq.Context()
+            self._context = self._loaders.context = zmq.Context()
             self._thread = threading.Thread(target=self._run, name=f"viper-subscriber-{self.model_name}",
                                             daemon=True)
             self._thread.start()
@@ -141,9 +132,8 @@ class ModelSubscriber:
             self._thread = None
         if self._context is not None:
             self._context.term()
-            self._context = None
-        if self._shared is not None:
-            self._shared.close()
+            self._context = self._loaders.context = None
+        self._loaders.close()
         self._raise_if_failed()
 
     def __enter__(self) -> ModelSubscriber:
@@ -157,7 +147,7 @@ class ModelSubscriber:
     @property
     def version(self) -> int | None:
         """The version answering new requests, or None before the first update."""
-        return self._slots.version
+        return self._buffers.version
 
     @property
     def lag(self) -> int:
@@ -171,12 +161,12 @@ class ModelSubscriber:
     @contextmanager
     def serving(self) -> Iterator[torch.nn.Module]:
         """The model for one request; it is never swapped while the block runs."""
-        with self._slots.lease() as lease:
+        with self._buffers.lease() as lease:
             yield lease.model
 
     def lease(self) -> AbstractContextManager[Lease]:
         """Like `serving()`, but also says which version answers (for responses that name it)."""
-        return self._slots.lease()
+        return self._buffers.lease()
 
     def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
         """Wait until `version` or a newer one is serving; False on timeout or after close."""
@@ -276,14 +266,13 @@ class ModelSubscriber:
         standby = self._wait_for_idle_standby()
         route, why, transfer_s, verify_s = self._load(notice, routes, standby)
         swap_started = time.perf_counter()
-        self._slots.swap(notice.version)
+        self._buffers.swap(notice.version)
         record = UpdateRecord(
-            version=notice.version, step=notice.step, route=route.kind, nbytes=notice.nbytes,
+            version=notice.version, step=notice.step, route=route.kind.value, nbytes=notice.nbytes,
             discovery_s=max(0.0, received_at - notice.created_at), transfer_s=transfer_s,
             verify_s=verify_s, swap_s=time.perf_counter() - swap_started,
             latency_s=max(0.0, time.time() - notice.created_at), trigger=trigger, why=why)
-        if self._shared is not None:
-            self._shared.reap()
+        self._loaders.after_swap()
         return record
 
     def _load(self, notice: Notice, routes: list[Route], standby: torch.nn.Module
@@ -292,9 +281,8 @@ class ModelSubscriber:
         failures: list[ViperError] = []
         for route in routes:
             try:
-                if self._shared is not None and route.kind != "dram-shm":
-                    self._shared.unshare(standby)
-                transfer_s, verify_s = self._loader(route.kind)(notice, route.location, standby)
+                self._loaders.before(route.kind, standby)
+                transfer_s, verify_s = self._loaders.loader(route.kind)(notice, route.location, standby)
             except ViperError as exc:
                 failures.append(exc)
                 log.warning("%s v%d via %s failed, trying the next route: %s", notice.model,
@@ -306,35 +294,9 @@ class ModelSubscriber:
             raise failures[0]  # keep its kind: integrity and storage errors say more than "transfer"
         raise TransferError("every route failed: " + "; ".join(str(f) for f in failures))
 
-    def _loader(self, kind: str):
-        if kind == "dram-shm" and self._shared is not None:
-            return self._shared.load
-        if kind == "dram-shm":
-            return functools.partial(load_from_segment, self._segment_maps)
-        if kind == "gpu-ipc":
-            return functools.partial(load_from_device, self._context, self._key, self._fetch_timeout)
-        if kind == "gpu-nccl":
-            return functools.partial(load_from_collective, self._fetch_timeout, self._device_staging_for())
-        staging = self._staging_for()
-        if kind == "dram-zmq":
-            return functools.partial(load_from_peer, self._context, self._key, self._fetch_timeout, staging)
-        if kind == "collective":
-            return functools.partial(load_from_collective, self._fetch_timeout, staging)
-        return functools.partial(load_from_files, self._pfs, staging)
-
-    def _staging_for(self) -> torch.Tensor:
-        # pinned only for a model on a GPU: the staged bytes go on to the device from there
-        self._staging = ensure_capacity(self._staging, self._expected.nbytes, pin=_is_cuda(self._device))
-        return self._staging
-
-    def _device_staging_for(self) -> torch.Tensor:
-        """NCCL receives into device memory: a reused buffer on the model's GPU."""
-        self._device_staging = ensure_capacity(self._device_staging, self._expected.nbytes, self._device)
-        return self._device_staging
-
     def _wait_for_idle_standby(self) -> torch.nn.Module:
         while not self._stop.is_set():
-            standby = self._slots.idle_standby(_IDLE_WAIT_S)
+            standby = self._buffers.idle_standby(_IDLE_WAIT_S)
             if standby is not None:
                 return standby
             log.warning("a request has held the previous version for over %.0f s; the update waits",

@@ -8,7 +8,7 @@ the header before and after its copy and discards the copy if either changed.
 
 Consumers may also use a segment as their weights without copying (zero-copy): they hold a
 shared flock on it for as long as they serve from it, and the producer reuses a segment only
-when it gets the exclusive lock, so pinned weights are never overwritten.
+when it gets the exclusive lock, so weights in use are never overwritten.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from .._errors import ConfigurationError, TransferError
 
-__all__ = ["SHM_DIR", "Segment", "SegmentView", "SegmentMaps", "SegmentPin", "PinnedMappings",
+__all__ = ["SHM_DIR", "Segment", "SegmentView", "ReadOnlyMappings", "LockedMapping", "ZeroCopyMappings",
            "reclaim_stale_segments", "segment_prefix"]
 
 log = logging.getLogger("viper_lightning.subscriber")
@@ -159,14 +159,14 @@ class SegmentView:
             raise TransferError(f"{self.what} was overwritten during the copy; the copy is discarded")
 
 
-class SegmentPin:
+class LockedMapping:
     """A version's segment used as weights: a private copy-on-write mapping (a stray write by
     the model can never reach the producer's memory) and a shared lock that keeps the producer
     from reusing the segment until `release()`."""
 
     def __init__(self, fd: int, what: str, version: int, nbytes: int, mapping: mmap.mmap | None = None) -> None:
         self.what = what
-        self.key: tuple[int, int, int] | None = None  # set by PinnedMappings: which segment file
+        self.key: tuple[int, int, int] | None = None  # set by ZeroCopyMappings: which segment file
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -189,14 +189,15 @@ class SegmentPin:
 
 
 @dataclass
-class _Kept:
+class _ReusableMapping:
     mapping: mmap.mmap
     fd: int  # open only to notice when the producer unlinks the segment
     clean: bool = False  # retired, and no page of it became a private copy
 
 
-class PinnedMappings:
-    """Zero-copy pins whose mappings outlive them, for a later version of the same segment.
+class ZeroCopyMappings:
+    """Locked mappings for zero-copy weights, kept after their lock ends for a later version of
+    the same segment.
 
     The producer reuses its few segments round-robin, so the mapping a consumer served one
     version from is the one it will serve a later version from. Keeping it keeps its page
@@ -209,13 +210,13 @@ class PinnedMappings:
     otherwise (or where pagemap cannot be read) it is dropped and mapped afresh."""
 
     def __init__(self, capacity: int = 16) -> None:
-        # Enough for a producer pool grown by consumer pins (its slots, times PINNED_GROWTH):
+        # Enough for a producer pool grown by consumers' locks (its slots, times LOCKED_GROWTH):
         # an LRU smaller than the round robin it follows would miss every time. A kept mapping
         # costs only its page tables; the segment exists anyway (unlinked ones are let go).
         self._capacity = capacity
-        self._kept: OrderedDict[tuple[int, int, int], _Kept] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int, int], _ReusableMapping] = OrderedDict()
 
-    def pin(self, name: str, version: int, nbytes: int) -> SegmentPin:
+    def lock(self, name: str, version: int, nbytes: int) -> LockedMapping:
         fd, what = _open_segment(name, version, nbytes)
         info = os.fstat(fd)
         key = (info.st_dev, info.st_ino, info.st_size)
@@ -224,27 +225,27 @@ class PinnedMappings:
         mapping = kept.mapping if kept is not None and kept.clean else None
         if kept is not None:
             os.close(kept.fd)
-        pin = SegmentPin(fd, what, version, nbytes, mapping)
-        pin.key = key
+        locked = LockedMapping(fd, what, version, nbytes, mapping)
+        locked.key = key
         try:
-            # A new open file description (not dup): the pin's flock must go when the pin closes.
-            self._kept[key] = _Kept(pin.mapping, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
+            # A new open file description (not dup): the flock must go when the locked mapping closes.
+            self._kept[key] = _ReusableMapping(locked.mapping, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
         except OSError:
-            pin.release()  # e.g. out of descriptors: never leave the producer locked out
+            locked.release()  # e.g. out of descriptors: never leave the producer locked out
             raise
         while len(self._kept) > self._capacity:
             os.close(self._kept.popitem(last=False)[1].fd)  # unmapped once no tensor views it
-        return pin
+        return locked
 
-    def retired(self, pin: SegmentPin) -> None:
-        """The pin is released and no tensor views its mapping any more: check it for reuse."""
+    def retired(self, locked: LockedMapping) -> None:
+        """The lock is released and no tensor views its mapping any more: check it for reuse."""
         self._drop_unlinked()
-        kept = self._kept.get(pin.key)
-        if kept is None or kept.mapping is not pin.mapping:
+        kept = self._kept.get(locked.key)
+        if kept is None or kept.mapping is not locked.mapping:
             return
         kept.clean = _only_shared_pages(kept.mapping)
         if not kept.clean:
-            os.close(self._kept.pop(pin.key).fd)
+            os.close(self._kept.pop(locked.key).fd)
 
     def close(self) -> None:
         for kept in self._kept.values():
@@ -288,8 +289,8 @@ def _only_shared_pages(mapping: mmap.mmap) -> bool:
 
 def _private_mapping(fd: int) -> mmap.mmap:
     """A copy-on-write mapping of the whole segment. Python's mmap keeps a dup of the fd it maps,
-    and a dup shares the flock: map through a separate open of the file, so the pin's lock goes
-    when the pin is released even while the mapping lives on."""
+    and a dup shares the flock: map through a separate open of the file, so the flock goes
+    when the lock is released even while the mapping lives on."""
     separate = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
     try:
         return mmap.mmap(separate, os.fstat(separate).st_size, flags=mmap.MAP_PRIVATE,
@@ -298,7 +299,7 @@ def _private_mapping(fd: int) -> mmap.mmap:
         os.close(separate)
 
 
-class SegmentMaps:
+class ReadOnlyMappings:
     """A consumer's read-only mappings of producer segments, kept across updates.
 
     The producer reuses a few segments round-robin (renaming them per version), so a mapping

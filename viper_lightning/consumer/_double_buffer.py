@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Lease", "ModelSlots"]
+__all__ = ["Lease", "DoubleBuffer"]
 
 
 @dataclass
-class _Slot:
+class _ModelCopy:
     model: torch.nn.Module
     version: int | None
     users: int = 0
@@ -29,12 +29,12 @@ class Lease:
     version: int | None
 
 
-class ModelSlots:
+class DoubleBuffer:
     """The active and standby copies of a model."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self._active = _Slot(model, None)
-        self._standby = _Slot(copy.deepcopy(model), None)
+        self._active = _ModelCopy(model, None)
+        self._standby = _ModelCopy(copy.deepcopy(model), None)
         self._changed = threading.Condition()
 
     @property
@@ -43,15 +43,15 @@ class ModelSlots:
 
     @contextmanager
     def lease(self) -> Iterator[Lease]:
-        """Pin the active copy for one request; a swap meanwhile does not touch it."""
+        """Hold the active copy for one request; a swap meanwhile does not touch it."""
         with self._changed:
-            slot = self._active
-            slot.users += 1
+            held = self._active
+            held.users += 1
         try:
-            yield Lease(slot.model, slot.version)
+            yield Lease(held.model, held.version)
         finally:
             with self._changed:
-                slot.users -= 1
+                held.users -= 1
                 self._changed.notify_all()
 
     def idle_standby(self, timeout: float) -> torch.nn.Module | None:

@@ -1,0 +1,75 @@
+"""RouteLoaders: for one consumer, the function that loads a version by each route, with the
+buffers those functions reuse from one update to the next."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import zmq
+
+from .._buffers import ensure_capacity
+from ..storage._pfs import FileSystemTier
+from ..storage._shm import ReadOnlyMappings
+from ..transport._protocol import Location, Notice
+from ._planner import RouteKind
+from ._routes import (ZeroCopyWeights, load_from_collective, load_from_device, load_from_files, load_from_peer,
+                      load_from_segment)
+
+__all__ = ["RouteLoaders", "Loader"]
+
+# (notice, location, standby model) -> (transfer seconds, verify seconds)
+Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
+
+
+class RouteLoaders:
+    """Loads into a model on `device` (None: split across devices); `zero_copy` serves a CPU
+    model straight from the producer's segments on the "dram-shm" route."""
+
+    def __init__(self, device: torch.device | None, pfs: FileSystemTier | None, key: bytes | None,
+                 fetch_timeout: float, nbytes: int, *, zero_copy: bool) -> None:
+        self._device, self._pfs, self._key, self._timeout, self._nbytes = device, pfs, key, fetch_timeout, nbytes
+        self.context: zmq.Context | None = None  # the subscriber's, while it runs
+        self._staging: torch.Tensor | None = None
+        self._device_staging: torch.Tensor | None = None
+        self._read_only_maps = ReadOnlyMappings()
+        self.zero_copy = ZeroCopyWeights() if zero_copy and device == torch.device("cpu") else None
+
+    def loader(self, kind: RouteKind) -> Loader:
+        if kind is RouteKind.DRAM_SHM:
+            return self.zero_copy.load if self.zero_copy is not None \
+                else functools.partial(load_from_segment, self._read_only_maps)
+        if kind is RouteKind.GPU_IPC:
+            return functools.partial(load_from_device, self.context, self._key, self._timeout)
+        if kind is RouteKind.GPU_NCCL:
+            return functools.partial(load_from_collective, self._timeout, self._device_staging_for())
+        if kind is RouteKind.DRAM_ZMQ:
+            return functools.partial(load_from_peer, self.context, self._key, self._timeout, self._staging_for())
+        if kind is RouteKind.COLLECTIVE:
+            return functools.partial(load_from_collective, self._timeout, self._staging_for())
+        return functools.partial(load_from_files, self._pfs, self._staging_for())
+
+    def before(self, kind: RouteKind, standby: torch.nn.Module) -> None:
+        """A route other than zero-copy loads into `standby`'s own memory: give it back first."""
+        if self.zero_copy is not None and kind is not RouteKind.DRAM_SHM:
+            self.zero_copy.unshare(standby)
+
+    def after_swap(self) -> None:
+        if self.zero_copy is not None:
+            self.zero_copy.reap()
+
+    def close(self) -> None:
+        if self.zero_copy is not None:
+            self.zero_copy.close()
+
+    def _staging_for(self) -> torch.Tensor:
+        # pinned only for a model on a GPU: the staged bytes go on to the device from there
+        pin = self._device is not None and self._device.type == "cuda"
+        self._staging = ensure_capacity(self._staging, self._nbytes, pin=pin)
+        return self._staging
+
+    def _device_staging_for(self) -> torch.Tensor:
+        """NCCL receives into device memory: a reused buffer on the model's GPU."""
+        self._device_staging = ensure_capacity(self._device_staging, self._nbytes, self._device)
+        return self._device_staging
