@@ -35,7 +35,7 @@ def test_lightning_cli_yaml_configures_and_runs_the_callback(tmp_path) -> None:
     cli = nt3_cli(["fit", "--config", str(path)])
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ViperCallback))
     assert isinstance(callback.schedule, EveryNSteps) and callback.schedule.n == 10
-    assert callback.keep_versions == 2 and callback.last_version == 3
+    assert callback.settings.keep_versions == 2 and callback.last_version == 3
     tier = FileSystemTier(str(pfs_root))
     assert tier.versions("nt3") == [2, 3]  # keep_versions pruned v1
     manifest = tier.read_manifest("nt3", 3, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,14 +10,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from .._errors import ConfigurationError, ViperError
 from ..schedules import EveryNSteps, PublishSchedule
-from ..transport._collective import parse_address
-from ..transport._protocol import check_endpoint, check_model_name, normalize_key
-from ._device import MAX_COPIES, parse_device
-from ._publisher import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, ModelPublisher
-from ._publisher import check_settings as check_publisher_settings
+from ._device import MAX_COPIES
+from ._publisher import ModelPublisher
+from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, PublisherSettings
 
 __all__ = ["ViperCallback"]
 
@@ -68,24 +68,18 @@ class ViperCallback(Callback):
         heartbeat_interval: float = 1.0,
         publish_on_train_end: bool = True,
     ) -> None:
-        self.model_name = check_model_name(model_name)
-        check_publisher_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, 0, dram_bytes)
-        self.endpoint = check_endpoint(endpoint)
-        self.fetch_endpoint = check_endpoint(fetch_endpoint) if fetch_endpoint is not None else None
-        self.dram_versions = dram_versions
-        self.dram_bytes = dram_bytes
-        self.gpu_device = gpu_device if gpu_device in (None, "auto") else str(parse_device(gpu_device))
-        self.collective_endpoint = collective_endpoint
-        if collective_endpoint is not None:
-            parse_address(collective_endpoint, any_port=True)
-        self.pfs_root = pfs_root
+        key = _read_key(hmac_key, hmac_key_file)
+        # Checked here, when the callback is built (not at train start); "auto" is resolved then.
+        self.settings = PublisherSettings(
+            model_name, endpoint, pfs_root, key, dram_versions=dram_versions, dram_bytes=dram_bytes,
+            gpu_device=None if gpu_device == "auto" else gpu_device, fetch_endpoint=fetch_endpoint,
+            collective_endpoint=collective_endpoint, keep_versions=keep_versions,
+            heartbeat_interval=heartbeat_interval)
+        self._auto_gpu = gpu_device == "auto"
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):
             raise ConfigurationError(f"schedule must be a viper_lightning.schedules.PublishSchedule, "
                                      f"got {type(self.schedule).__name__}")
-        self._key = normalize_key(_read_key(hmac_key, hmac_key_file))
-        self.keep_versions = keep_versions
-        self.heartbeat_interval = heartbeat_interval
         self.publish_on_train_end = publish_on_train_end
         self.last_version = 0
         self.last_step = -1
@@ -94,6 +88,11 @@ class ViperCallback(Callback):
         self._reported_commit: int | None = None
 
     @property
+    def model_name(self) -> str:
+        return self.settings.model_name
+
+    @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(model_name=self.model_name)
 
@@ -103,26 +102,24 @@ class ViperCallback(Callback):
         return self._publisher
 
     # -- Lightning hooks ---------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every strategy has restored the checkpoint by now (some only after on_fit_start),
         # so a resumed run continues its version numbers.
         if trainer.is_global_zero and self._publisher is None:
-            self._publisher = ModelPublisher(
-                self.model_name, self.endpoint, self.pfs_root, self._key,
-                dram_versions=self.dram_versions, dram_bytes=self.dram_bytes, gpu_device=self._gpu_device_for(pl_module),
-                collective_endpoint=self.collective_endpoint, fetch_endpoint=self.fetch_endpoint,
-                keep_versions=self.keep_versions, heartbeat_interval=self.heartbeat_interval,
-                resume_after=self.last_version)
+            self._publisher = ModelPublisher.from_settings(dataclasses.replace(
+                self.settings, gpu_device=self._gpu_device_for(pl_module), resume_after=self.last_version))
 
     def _gpu_device_for(self, pl_module: L.LightningModule) -> str | None:
-        device = str(pl_module.device) if self.gpu_device == "auto" and pl_module.device.type == "cuda" \
-            else None if self.gpu_device == "auto" else self.gpu_device
+        device = str(pl_module.device) if self._auto_gpu and pl_module.device.type == "cuda" \
+            else self.settings.gpu_device
         if device is not None and device != "cpu":
             megabytes = sum(t.numel() * t.element_size() for t in pl_module.state_dict().values()) / 1e6
             log.info("GPU tier on %s: up to %d copies of the weights (%.0f MB each) stay on that device; "
                      "gpu_device=None turns it off", device, MAX_COPIES, megabytes)
         return device
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -132,12 +129,14 @@ class ViperCallback(Callback):
         if self.schedule.should_publish(step, loss):
             self._publish(trainer, pl_module, loss)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._publisher is None or trainer.global_step == self.last_step:
             return
         if self.schedule.should_publish_at_epoch_end(trainer.current_epoch, trainer.global_step):
             self._publish(trainer, pl_module, None)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._publisher is None:
             return
@@ -145,11 +144,13 @@ class ViperCallback(Callback):
             self._publish(trainer, pl_module, None)
         self._publisher.flush()
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             publisher.close()  # raises a background failure here rather than losing it
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         publisher, self._publisher = self._publisher, None
@@ -159,10 +160,12 @@ class ViperCallback(Callback):
             except ViperError:
                 log.exception("the Viper publisher also failed while training was failing")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_version": self.last_version, "last_step": self.last_step,
                 "schedule": self.schedule.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_version = int(state_dict.get("last_version", 0))
         self.last_step = int(state_dict.get("last_step", -1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -22,7 +23,6 @@ from .._layout import Layout
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import CollectiveServer, parse_address
 from ..transport._fetch import FetchServer
-from ..transport._protocol import check_endpoint, check_model_name, normalize_key
 from ._announcer import Announcer
 from ._cascade import Cascade
 from ._catalog import CommitRecord, VersionCatalog, VersionRecord
@@ -32,15 +32,13 @@ from ._flusher import Flusher
 from ._health import Health
 from ._lender import MemoryLender
 from ._notices import NoticeBoard
+from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, DEFAULT_FLUSH_DELAY_S, PublisherSettings
 from ._store import TieredStore
 
 __all__ = ["ModelPublisher", "CommitRecord", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT"]
 
 log = logging.getLogger("viper_lightning.publisher")
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
-DEFAULT_FLUSH_DELAY_S = 0.05
 
 
 class ModelPublisher:
@@ -100,14 +98,13 @@ class ModelPublisher:
         resume_after: int = 0,
         host_id: str | None = None,
     ) -> None:
-        self.model_name = check_model_name(model_name)
-        check_settings(pfs_root, dram_versions, keep_versions, heartbeat_interval, resume_after, dram_bytes)
-        check_endpoint(endpoint)
-        if not (isinstance(flush_delay, (int, float)) and 0 <= flush_delay < 60):
-            raise ConfigurationError(f"flush_delay={flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
-        if fetch_endpoint is not None:
-            check_endpoint(fetch_endpoint)
-        self._key = normalize_key(hmac_key)
+        self.settings = PublisherSettings(
+            model_name, endpoint, pfs_root, hmac_key, dram_versions=dram_versions, dram_bytes=dram_bytes,
+            gpu_device=gpu_device, fetch_endpoint=fetch_endpoint, collective_endpoint=collective_endpoint,
+            keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
+            resume_after=resume_after, host_id=host_id)
+        self.model_name = model_name
+        self._key = self.settings.hmac_key
         host = host_id or socket.gethostname()
         self.producer_id = f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
@@ -168,6 +165,11 @@ class ModelPublisher:
         # A program that exits without close() still flushes, stops its threads before the
         # interpreter tears them down, and removes its segments.
         atexit.register(_close_at_exit, weakref.ref(self))
+
+    @classmethod
+    def from_settings(cls, settings: PublisherSettings) -> ModelPublisher:
+        """A publisher with these (already checked) settings."""
+        return cls(**{name.name: getattr(settings, name.name) for name in dataclasses.fields(settings)})
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -296,22 +298,3 @@ def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapp
         return source
     raise ConfigurationError(
         f"publish() takes an nn.Module or a state_dict mapping, got {type(source).__name__}")
-
-
-def check_settings(pfs_root: object, dram_versions: int, keep_versions: int | None,
-                   heartbeat_interval: float, resume_after: int, dram_bytes: int | None = None) -> None:
-    if pfs_root is None and dram_versions == 0:
-        raise ConfigurationError(
-            "with dram_versions=0 and pfs_root=None no tier would hold the published bytes; "
-            "keep the DRAM tier (dram_versions>=1) or pass pfs_root='/scratch/viper'")
-    if dram_versions < 0:
-        raise ConfigurationError(f"dram_versions={dram_versions}: use 0 (no DRAM tier) or more")
-    if dram_bytes is not None and not (isinstance(dram_bytes, int) and not isinstance(dram_bytes, bool)
-                                       and dram_bytes > 0):
-        raise ConfigurationError(f"dram_bytes={dram_bytes!r}: use a positive number of bytes, or None for no byte budget")
-    if keep_versions is not None and keep_versions < 1:
-        raise ConfigurationError(f"keep_versions={keep_versions}: keep at least 1 version, or None for all")
-    if not heartbeat_interval > 0:
-        raise ConfigurationError(f"heartbeat_interval={heartbeat_interval}: use a positive number of seconds")
-    if resume_after < 0:
-        raise ConfigurationError(f"resume_after={resume_after}: versions are non-negative")

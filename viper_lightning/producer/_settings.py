@@ -1,0 +1,79 @@
+"""PublisherSettings: a publisher's settings, checked once, in one place.
+
+ModelPublisher takes them as keyword arguments and ViperCallback as its flat constructor
+(LightningCLI reads that signature); both build this object, so every check and default lives
+here and nowhere else."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .._errors import ConfigurationError
+from ..storage._pfs import FileSystemTier
+from ..transport._collective import parse_address
+from ..transport._protocol import check_endpoint, check_model_name, normalize_key
+from ._device import parse_device
+
+__all__ = ["PublisherSettings", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT", "DEFAULT_FLUSH_DELAY_S"]
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
+DEFAULT_FLUSH_DELAY_S = 0.05
+
+
+@dataclass(frozen=True)
+class PublisherSettings:
+    """See ModelPublisher for what each setting means."""
+
+    model_name: str
+    endpoint: str = DEFAULT_ENDPOINT
+    pfs_root: str | FileSystemTier | None = None
+    hmac_key: bytes | None = None
+    dram_versions: int = 1
+    dram_bytes: int | None = None
+    gpu_device: str | None = None
+    fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT
+    collective_endpoint: str | None = None
+    keep_versions: int | None = None
+    heartbeat_interval: float = 1.0
+    flush_delay: float = DEFAULT_FLUSH_DELAY_S
+    resume_after: int = 0
+    host_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_model_name(self.model_name)
+        check_endpoint(self.endpoint)
+        if self.fetch_endpoint is not None:
+            check_endpoint(self.fetch_endpoint)
+        if self.collective_endpoint is not None:
+            parse_address(self.collective_endpoint, any_port=True)
+        if self.gpu_device is not None:
+            parse_device(self.gpu_device)
+        object.__setattr__(self, "hmac_key", normalize_key(self.hmac_key))
+        if self.pfs_root is None and self.dram_versions == 0:
+            raise ConfigurationError(
+                "with dram_versions=0 and pfs_root=None no tier would hold the published bytes; "
+                "keep the DRAM tier (dram_versions>=1) or pass pfs_root='/scratch/viper'")
+        if not _is_int(self.dram_versions) or self.dram_versions < 0:
+            raise ConfigurationError(f"dram_versions={self.dram_versions!r}: use 0 (no DRAM tier) or more")
+        if self.dram_bytes is not None and not (_is_int(self.dram_bytes) and self.dram_bytes > 0):
+            raise ConfigurationError(f"dram_bytes={self.dram_bytes!r}: use a positive number of bytes, or None "
+                                     "for no byte budget")
+        if self.keep_versions is not None and not (_is_int(self.keep_versions) and self.keep_versions >= 1):
+            raise ConfigurationError(f"keep_versions={self.keep_versions!r}: keep at least 1 version, or None for all")
+        if not (_is_number(self.heartbeat_interval) and self.heartbeat_interval > 0):
+            raise ConfigurationError(f"heartbeat_interval={self.heartbeat_interval!r}: use a positive number of "
+                                     "seconds")
+        if not (_is_number(self.flush_delay) and 0 <= self.flush_delay < 60):
+            raise ConfigurationError(f"flush_delay={self.flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
+        if not _is_int(self.resume_after) or self.resume_after < 0:
+            raise ConfigurationError(f"resume_after={self.resume_after!r}: versions are non-negative")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
