@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError, IntegrityError, ProtocolError, StorageError, TransferError, ViperError
 from ._layout import Layout, TensorSpec
-from .consumer._planner import Route, TransferPlanner
+from .consumer._planner import Route, RouteKind, TransferPlanner
 from .consumer._double_buffer import Lease
 from .consumer._stats import Refusal, SubscriberStats, UpdateRecord
 from .consumer._subscriber import ModelSubscriber
 from .producer._publisher import DEFAULT_ENDPOINT, CommitRecord, ModelPublisher
+from .producer._settings import PublisherSettings
 from .producer._snapshot import Snapshot, take_snapshot
 from .storage._pfs import FileSystemTier
 from .transport._protocol import Location, Notice
@@ -27,6 +28,8 @@ __all__ = [
     "ModelSubscriber",
     "TransferPlanner",
     "Route",
+    "RouteKind",
+    "PublisherSettings",
     "DEFAULT_ENDPOINT",
     "CommitRecord",
     "Snapshot",

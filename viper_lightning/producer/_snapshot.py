@@ -1,8 +1,8 @@
 """Snapshots: one contiguous copy of a state_dict plus its layout.
 
 The copy is the only thing the training loop waits for, so buffers are allocated once and
-reused: on this kind of machine a warm memcpy runs at ~17 GB/s while a fresh allocation runs
-at ~1 GB/s because every page faults on first touch.
+reused: a copy into fresh memory is many times slower than into warm memory, because every page
+faults on first touch (benchmarks/results has the figures).
 """
 
 from __future__ import annotations

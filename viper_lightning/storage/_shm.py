@@ -1,8 +1,8 @@
 """The DRAM tier's memory: POSIX shared-memory segments in /dev/shm.
 
 A segment is a 64-byte header followed by one snapshot's packed bytes. Segments are reused
-(renamed, then overwritten) rather than created per version, because fresh pages cost ~1 s/GB
-in page faults here while a warm copy costs ~60 ms/GB. Reuse is made safe for readers with a
+(renamed, then overwritten) rather than created per version, because faulting fresh pages in
+costs far more than a warm copy. Reuse is made safe for readers with a
 seqlock: the producer bumps `generation` and clears READY before overwriting; a reader checks
 the header before and after its copy and discards the copy if either changed.
 
@@ -201,8 +201,8 @@ class ZeroCopyMappings:
 
     The producer reuses its few segments round-robin, so the mapping a consumer served one
     version from is the one it will serve a later version from. Keeping it keeps its page
-    tables: a later version costs no page faults (about 11 ms per 256 MB and process here,
-    the bulk of an update when eight workers share two cores) and no unmapping. The producer's
+    tables: a later version costs no page faults (the bulk of an update when many workers share
+    few cores) and no unmapping. The producer's
     rewrites show through, because an untouched page of a private mapping is the segment's own
     page. A page the model wrote to, though, became a private copy that would keep its old
     bytes, so a mapping is reused only if /proc/self/pagemap showed no such page when it was
@@ -304,7 +304,7 @@ class ReadOnlyMappings:
 
     The producer reuses a few segments round-robin (renaming them per version), so a mapping
     made for one version serves later ones too: mapping afresh each time would page-fault the
-    whole model in again (~10 ms per 256 MB here)."""
+    whole model in again."""
 
     def __init__(self, capacity: int = 4) -> None:
         self._capacity = capacity
