@@ -104,12 +104,12 @@ class ModelPublisher:
             keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
             resume_after=resume_after, host_id=host_id)
         self.model_name = model_name
-        self._key = self.settings.hmac_key
+        key = self.settings.hmac_key
         host = host_id or socket.gethostname()
         self.producer_id = f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
-        first_version = max(resume_after, self._pfs.highest(self.model_name) if self._pfs else 0) + 1
-        if self._pfs is None and resume_after == 0:
+        pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
+        first_version = max(resume_after, pfs.highest(self.model_name) if pfs else 0) + 1
+        if pfs is None and resume_after == 0:
             log.warning("%s: no pfs_root and no resume_after, so versions start at 1 again; consumers that "
                         "served a previous run refuse them as older. Pass resume_after (ViperCallback does "
                         "from its checkpoint) or a pfs_root.", self.model_name)
@@ -117,7 +117,7 @@ class ModelPublisher:
         self._health = Health()
         self._closed = False
         self._device = DeviceTier(gpu_device) if gpu_device is not None else None
-        lends_device_memory = self._device is not None and self._device.on_gpu and self._key is not None
+        lends_device_memory = self._device is not None and self._device.on_gpu and key is not None
         self._context = zmq.Context()
         with contextlib.ExitStack() as resources:  # unwound here if construction fails, else by close()
             resources.callback(self._context.term)
@@ -125,31 +125,31 @@ class ModelPublisher:
                 resources.callback(self._device.close)
             self._store = TieredStore(self.model_name, host, dram_versions=dram_versions, dram_bytes=dram_bytes)
             resources.callback(self._store.close)
-            notices = NoticeBoard(self._catalog, self._store, self._device, self._key, lends_device_memory)
+            notices = NoticeBoard(self._catalog, self._store, self._device, key, lends_device_memory)
             lender = MemoryLender(self._store, self._device, self._catalog, notices,
                                   lends_device_memory=lends_device_memory)
             serves_memory = dram_versions > 0 or self._device is not None
-            self._fetch = self._start_fetch_server(fetch_endpoint, lender) \
+            fetch = self._start_fetch_server(fetch_endpoint, key, lender) \
                 if serves_memory and fetch_endpoint is not None else None
-            if self._fetch is not None:
-                resources.callback(self._fetch.close)
-                self._health.add("fetch server", self._fetch)
-            self._collective = self._start_collective(collective_endpoint, lender) \
+            if fetch is not None:
+                resources.callback(fetch.close)
+                self._health.add("fetch server", fetch)
+            collective = self._start_collective(collective_endpoint, lender) \
                 if serves_memory and collective_endpoint is not None else None
-            if self._collective is not None:
-                resources.callback(self._collective.close)
-                self._health.add("collective server", self._collective)
-            self.fetch_endpoint = self._fetch.endpoint if self._fetch else None
-            self.collective_endpoint = self._collective.address if self._collective else None
-            notices.serve_from(self.fetch_endpoint, self._collective)
+            if collective is not None:
+                resources.callback(collective.close)
+                self._health.add("collective server", collective)
+            self.fetch_endpoint = fetch.endpoint if fetch else None
+            self.collective_endpoint = collective.address if collective else None
+            notices.serve_from(self.fetch_endpoint, collective)
             self._announcer = Announcer(self._context, endpoint, self.model_name, heartbeat_interval, notices,
                                         self._catalog, self._health)
             resources.callback(self._announcer.close)
             self._health.add("announcer")
-            self._flusher = Flusher(self._pfs, self.model_name, self._key, keep_versions, notices=notices,
+            self._flusher = Flusher(pfs, self.model_name, key, keep_versions, notices=notices,
                                     catalog=self._catalog, store=self._store, announcer=self._announcer,
                                     health=self._health, delay_s=flush_delay if serves_memory else 0.0) \
-                if self._pfs else None
+                if pfs else None
             if self._flusher is not None:
                 resources.callback(self._flusher.close)
                 self._health.add("flusher")
@@ -269,8 +269,8 @@ class ModelPublisher:
         self._demoter.submit(version, copy, release)
         return version
 
-    def _start_fetch_server(self, endpoint: str, lender: MemoryLender) -> FetchServer:
-        server = FetchServer(self._context, endpoint, self.model_name, self._key, lender)
+    def _start_fetch_server(self, endpoint: str, key: bytes | None, lender: MemoryLender) -> FetchServer:
+        server = FetchServer(self._context, endpoint, self.model_name, key, lender)
         server.start()
         return server
 
