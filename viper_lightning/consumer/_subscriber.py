@@ -21,10 +21,9 @@ import zmq
 from .._buffers import ensure_capacity
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from .._layout import Layout, check_compatible
-from ..producer._publisher import DEFAULT_ENDPOINT
 from ..storage._pfs import FileSystemTier
 from ..storage._shm import SegmentMaps
-from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
+from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._planner import Route, TransferPlanner, explain
 from ._routes import (

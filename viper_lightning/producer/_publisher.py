@@ -24,7 +24,7 @@ from ..storage._pfs import FileSystemTier
 from ..transport._collective import BACKENDS, CollectiveServer, parse_address
 from ..transport._cuda_ipc import export_cuda_tensor
 from ..transport._fetch import FetchServer, Readable, Shared
-from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
+from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ._announcer import Announcer
 from ._demoter import Demoter
 from ._device import BusyError, DeviceCopy, DeviceTier
@@ -35,7 +35,6 @@ __all__ = ["ModelPublisher", "CommitRecord", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_
 
 log = logging.getLogger("viper_lightning.publisher")
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
 _HISTORY = 64  # versions whose metadata is kept for re-announcing
 _DIGEST_WAIT_S = 30.0

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field, replace
 from .._errors import ConfigurationError, ProtocolError
 from .._layout import Layout, canonical_json
 
-__all__ = ["PROTO", "TIERS", "Location", "Notice", "check_model_name", "check_endpoint", "normalize_key", "sign", "verify_mac"]
+__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "Location", "Notice", "check_model_name", "check_endpoint",
+           "normalize_key", "sign", "verify_mac"]
 
 PROTO = 1
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # where notices are published unless configured otherwise
 TIERS = ("gpu", "dram", "pfs")
 MAX_NOTICE_BYTES = 64 * 1024 * 1024
 MIN_KEY_BYTES = 16
