@@ -30,8 +30,8 @@ import zmq
 
 from .._digest import Digester
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
-from .._layout import canonical_json
-from ._protocol import PROTO, sign, verify_mac
+from ._messages import canonical_json, count, load_object, raise_for_answer, refusal
+from ._protocol import PROTO, check_proto, sign, verify_mac
 
 __all__ = ["FetchServer", "FetchClient", "Readable", "Shared", "CHUNK_BYTES", "LEASE_S"]
 
@@ -42,6 +42,7 @@ WINDOW = 4  # chunk reads in flight: enough to keep loopback TCP busy, little me
 _POLL_MS = 50
 LEASE_S = 30.0  # how long a CUDA IPC import may take before the producer reuses the copy
 MAX_LEASES = 64
+MAX_REQUEST_BYTES = 1 << 20  # the server socket's MAXMSGSIZE: requests are small
 
 
 @dataclass
@@ -138,7 +139,7 @@ class FetchServer:
         except zmq.ZMQError as exc:
             log.warning("fetch peer went away before its answer was sent: %s", exc)
         except Exception as exc:  # noqa: BLE001 - a bad request is answered, never fatal to the server
-            self._reply(peer, {"status": "error", "reason": str(exc)})
+            self._reply(peer, refusal(exc))
 
     def _open(self, peer: bytes, request: dict) -> None:
         readable = self._pinned(peer, request)
@@ -178,9 +179,10 @@ class FetchServer:
         version = _count(request, "version")
         if self._share is None:
             raise ProtocolError("this producer lends no device memory: that needs a GPU tier on CUDA and an "
-                                "hmac_key (an IPC mapping is writable); fetch the dram or pfs tier instead")
+                                "hmac_key (an IPC mapping is writable); fetch the dram or pfs tier instead",
+                                code="no-ipc")
         if len(self._leases) >= MAX_LEASES:
-            raise TransferError(f"{MAX_LEASES} IPC leases are outstanding; retry once some are released")
+            raise TransferError(f"{MAX_LEASES} IPC leases are outstanding; retry once some are released", code="busy")
         shared = self._share(version)
         if shared is None:
             self._reply(peer, {"status": "gone", "version": version, "tiers": self._tiers_of(version)})
@@ -335,27 +337,14 @@ class FetchClient:
 
 
 def _load_answer(raw: bytes, version: int | None) -> dict:
-    try:
-        answer = json.loads(raw)
-    except ValueError:
-        raise ProtocolError("fetch answer is not JSON") from None
-    if not isinstance(answer, dict):
-        raise ProtocolError("fetch answer is not a JSON object")
-    if answer.get("status") == "gone":
-        raise TransferError(f"version {version} is no longer in the producer's memory; "
-                            f"it still lives in: {', '.join(answer.get('tiers') or []) or 'no tier'}")
-    if answer.get("status") != "ok":
-        raise TransferError(f"producer refused the fetch: {answer.get('reason', answer)}")
+    answer = load_object(raw, "fetch answer", limit=None, invalid="is not JSON")
+    raise_for_answer(answer, version, holder="the producer", refused="producer refused the fetch")
     return answer
 
 
 def _parse_request(raw: bytes, key: bytes | None, model: str) -> dict:
-    try:
-        request = json.loads(raw)
-    except ValueError:
-        raise ProtocolError("fetch request is not JSON") from None
-    if not isinstance(request, dict) or request.get("proto") != PROTO:
-        raise ProtocolError("fetch request is not a protocol-1 JSON object")
+    request = load_object(raw, "fetch request", limit=MAX_REQUEST_BYTES, invalid="is not JSON")
+    check_proto(request, "fetch request")
     verify_mac(request, key, "fetch request")
     if request.get("model") != model:
         raise ProtocolError(f"this endpoint serves {model!r}, not {request.get('model')!r}")
@@ -363,7 +352,4 @@ def _parse_request(raw: bytes, key: bytes | None, model: str) -> dict:
 
 
 def _count(request: dict, key: str) -> int:
-    value = request.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"fetch request field {key!r} must be a non-negative integer")
-    return value
+    return count(request, key, "fetch request")
