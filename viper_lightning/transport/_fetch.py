@@ -239,9 +239,7 @@ class FetchClient:
 
     def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
         """Stream `version` into `buffer`, verifying its digest; returns (digest, digest seconds)."""
-        with self._context.socket(zmq.DEALER) as socket:
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self._endpoint)
+        with self._dealer() as socket:
             opened = self._ask(socket, {"op": "open", "version": version})
             self._check_answer(opened, version, nbytes)
             digest_s = self._stream(socket, version, buffer, nbytes, opened["digest"])
@@ -251,9 +249,7 @@ class FetchClient:
     def borrow_device_copy(self, version: int, nbytes: int) -> Iterator[dict[str, object]]:
         """Lease the GPU tier's copy of `version`: yields its CUDA IPC description (import it
         once, copy, synchronise); the lease is released on exit."""
-        with self._context.socket(zmq.DEALER) as socket:
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self._endpoint)
+        with self._dealer() as socket:
             lent = self._ask(socket, {"op": "ipc", "version": version})
             self._check_answer(lent, version, nbytes)
             if not isinstance(lent.get("ipc"), dict) or not isinstance(lent.get("lease"), str):
@@ -286,9 +282,7 @@ class FetchClient:
                                  f"the notice announced {nbytes}")
 
     def latest_notice(self) -> bytes | None:
-        with self._context.socket(zmq.DEALER) as socket:
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self._endpoint)
+        with self._dealer() as socket:
             notice = self._ask(socket, {"op": "latest"}).get("notice")
             return notice.encode() if isinstance(notice, str) else None
 
@@ -318,6 +312,17 @@ class FetchClient:
         got = socket.recv_into(target)
         if got != len(target):
             raise TransferError(f"chunk at byte {offset} of version {version} has {got} bytes, expected {len(target)}")
+
+    def _dealer(self) -> zmq.Socket:
+        """A socket of this fetch alone (use it in a with block: it is closed at the end)."""
+        socket = self._context.socket(zmq.DEALER)
+        try:
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self._endpoint)
+        except BaseException:
+            socket.close(0)
+            raise
+        return socket
 
     def _ask(self, socket: zmq.Socket, request: dict) -> dict:
         self._send(socket, request)
