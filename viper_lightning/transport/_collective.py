@@ -17,7 +17,7 @@ Requests go through the store, as JSON (nothing is ever pickled). Tickets are se
             {"proto": 1, "status": "ok", "nbytes", "digest", "chunk_bytes"}
             | {"status": "gone", "tiers": [...]}        (evicted: where it still lives)
             | {"status": "mismatch", "nbytes": <actual>} (the consumer expects another size)
-            | {"status": "error", "reason": str}
+            | {"status": "error", "code": str, "reason": str}  (codes: see viper_lightning._errors)
   then both build the group on PrefixStore("viper/<t>") and the producer sends the bytes in
   chunks of `chunk_bytes` (tag = chunk index), a small window of them in flight.
 Claiming with one compare_set (rather than a ticket counter, then a request) means a consumer

@@ -7,7 +7,8 @@ Requests (JSON, signed when a key is configured):
   {"op": "ipc", "model", "version"}   -> {"status": "ok", "nbytes", "ipc": <CUDA IPC description>,
                                           "lease", "lease_s"}   (the GPU tier, same host only)
   {"op": "release", "model", "lease"} -> {"status": "ok"}
-An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives.
+An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives, a
+refused request {"status": "error", "code", "reason"} (codes: see viper_lightning._errors).
 The client keeps a small window of chunk reads in flight, receives each data frame straight
 into its buffer (no intermediate copy) and digests it as it lands. A CUDA IPC lease keeps the
 producer from reusing its device copy while the consumer copies from it; a consumer that never
