@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from viper_lightning import ConfigurationError, DEFAULT_ENDPOINT
+from viper_lightning import ConfigurationError
+from viper_lightning.transport._protocol import DEFAULT_ENDPOINT
 
 __all__ = ["ViperSettings"]
 

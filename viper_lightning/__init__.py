@@ -13,11 +13,11 @@ from .consumer._planner import Route, RouteKind, TransferPlanner
 from .consumer._double_buffer import Lease
 from .consumer._stats import Refusal, SubscriberStats, UpdateRecord
 from .consumer._subscriber import ModelSubscriber
-from .producer._publisher import DEFAULT_ENDPOINT, CommitRecord, ModelPublisher
+from .producer._publisher import CommitRecord, ModelPublisher
 from .producer._settings import PublisherSettings
 from .producer._snapshot import Snapshot, take_snapshot
 from .storage._pfs import FileSystemTier
-from .transport._protocol import Location, Notice
+from .transport._protocol import DEFAULT_ENDPOINT, Location, Notice
 
 if TYPE_CHECKING:
     from .producer._callback import ViperCallback

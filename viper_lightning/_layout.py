@@ -9,7 +9,6 @@ one sequential write and reads it back with one read.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 
 from ._errors import IntegrityError, ProtocolError
 
-__all__ = ["TensorSpec", "Layout", "DTYPES", "dtype_code", "check_compatible", "canonical_json"]
+__all__ = ["TensorSpec", "Layout", "DTYPES", "dtype_code", "check_compatible"]
 
 # safetensors dtype codes, the names used everywhere on the wire and on disk.
 DTYPES: dict[str, torch.dtype] = {
@@ -228,9 +227,3 @@ def _parse_spec(entry: object, index: int) -> TensorSpec:
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def canonical_json(obj: object) -> bytes:
-    """The one JSON encoding used for MACs and on disk: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode()

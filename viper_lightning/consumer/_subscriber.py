@@ -19,9 +19,8 @@ import zmq
 
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from .._layout import Layout, check_compatible
-from ..producer._publisher import DEFAULT_ENDPOINT
 from ..storage._pfs import FileSystemTier
-from ..transport._protocol import Location, Notice, check_endpoint, check_model_name, normalize_key
+from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._loaders import RouteLoaders
 from ._planner import Route, TransferPlanner, explain

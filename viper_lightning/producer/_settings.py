@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from .._errors import ConfigurationError
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import parse_address
-from ..transport._protocol import check_endpoint, check_model_name, normalize_key
+from ..transport._protocol import DEFAULT_ENDPOINT, check_endpoint, check_model_name, normalize_key
 from ._device import parse_device
 
 __all__ = ["PublisherSettings", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT", "DEFAULT_FLUSH_DELAY_S"]
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
 DEFAULT_FLUSH_DELAY_S = 0.05
 

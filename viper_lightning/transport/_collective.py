@@ -17,7 +17,7 @@ Requests go through the store, as JSON (nothing is ever pickled). Tickets are se
             {"proto": 1, "status": "ok", "nbytes", "digest", "chunk_bytes"}
             | {"status": "gone", "tiers": [...]}        (evicted: where it still lives)
             | {"status": "mismatch", "nbytes": <actual>} (the consumer expects another size)
-            | {"status": "error", "reason": str}
+            | {"status": "error", "code": str, "reason": str}  (codes: see viper_lightning._errors)
   then both build the group on PrefixStore("viper/<t>") and the producer sends the bytes in
   chunks of `chunk_bytes` (tag = chunk index), a small window of them in flight.
 Claiming with one compare_set (rather than a ticket counter, then a request) means a consumer
@@ -37,6 +37,8 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -46,7 +48,8 @@ import torch.distributed as dist
 from .._digest import ALGORITHM, Digester
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from ._loans import Lender, MemoryLoan
-from ._protocol import PROTO
+from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
+from ._protocol import PROTO, check_proto
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -122,10 +125,8 @@ class CollectiveServer:
         group = self._group
         if group is not None:
             _abort(group)
-        try:
+        with _torch_errors(lambda why: f"could not wake the collective server thread: {why}"):
             self._waker.set(_request_key(self._ticket), b"")  # wakes the thread's store wait
-        except RuntimeError as exc:
-            log.debug("could not wake the collective server thread: %s", exc)
         self._thread.join(self._timeout + 5.0)  # a transfer being set up may take one timeout
         if self._thread.is_alive():
             log.warning("collective server %s: its thread did not stop; it is left to end on its own",
@@ -173,7 +174,7 @@ class CollectiveServer:
             request = _parse_request(raw)
             self._nonce = request["nonce"]
         except ProtocolError as exc:
-            self._answer(ticket, {"status": "error", "reason": str(exc)})
+            self._answer(ticket, refusal(exc))
             return
         version = request["version"]
         try:
@@ -209,22 +210,23 @@ class CollectiveServer:
     def _send(self, ticket: int, version: int, data: torch.Tensor) -> None:
         """Send `data` to the consumer of `ticket`; a failure is the consumer's, so it is logged."""
         sent, done = 0, False
+
+        def failed(why: str) -> str | None:  # nothing to say when the server is closing
+            return None if self._stop.is_set() else (f"{self.address}: transfer of version {version} (ticket "
+                                                     f"{ticket}) failed after {sent} of {data.numel()} bytes: {why}")
         try:
-            self._group = _new_group(self._backend, self._store, ticket, 0, self._timeout, self._host)
-            pending: deque[tuple[dist.Work, int]] = deque()
-            for index, (offset, length) in enumerate(_spans(data.numel(), self._chunk_bytes)):
-                if self._stop.is_set():
-                    raise RuntimeError("the server is closing")
-                pending.append((self._group.send([data[offset:offset + length]], 1, index), length))
-                if len(pending) >= WINDOW:
+            with _torch_errors(failed, level=logging.WARNING):
+                self._group = _new_group(self._backend, self._store, ticket, 0, self._timeout, self._host)
+                pending: deque[tuple[dist.Work, int]] = deque()
+                for index, (offset, length) in enumerate(_spans(data.numel(), self._chunk_bytes)):
+                    if self._stop.is_set():
+                        raise RuntimeError("the server is closing")
+                    pending.append((self._group.send([data[offset:offset + length]], 1, index), length))
+                    if len(pending) >= WINDOW:
+                        sent += _finish(pending.popleft(), self._timeout)
+                while pending:
                     sent += _finish(pending.popleft(), self._timeout)
-            while pending:
-                sent += _finish(pending.popleft(), self._timeout)
-            done = True
-        except RuntimeError as exc:
-            if not self._stop.is_set():
-                log.warning("%s: transfer of version %d (ticket %d) failed after %d of %d bytes: %s",
-                            self.address, version, ticket, sent, data.numel(), _first_line(exc))
+                done = True
         finally:
             group, self._group = self._group, None
             _release(group, done)
@@ -235,10 +237,9 @@ class CollectiveServer:
 
     def _answer_failure(self, ticket: int, exc: BaseException) -> None:
         """Tell the consumer at once, rather than letting it wait out its timeout."""
-        try:
-            self._answer(ticket, {"status": "error", "reason": f"producer error: {_first_line(exc)}"})
-        except RuntimeError:
-            pass
+        with _torch_errors(lambda why: f"{self.address}: could not tell ticket {ticket} of a failure: {why}"):
+            self._answer(ticket, {"status": "error", "code": "server-error",
+                                  "reason": f"producer error: {first_line(exc)}"})
 
     def _forget(self, ticket: int) -> None:
         """Drop the ticket's keys (the answer is the consumer's to delete, once read)."""
@@ -277,20 +278,20 @@ class CollectiveClient:
         return digest, self._receive(store, ticket, version, buffer[:nbytes], chunk_bytes, digest)
 
     def _connect(self) -> dist.TCPStore:
-        try:
+        with _torch_errors(lambda why: f"cannot reach the collective server at {self.address} within "
+                                       f"{self._timeout:g} s ({why}); the producer is gone or the address "
+                                       "is wrong; 0 bytes received", TransferError):
             return dist.TCPStore(self._host.strip("[]"), self._port, None, False,
                                  timedelta(seconds=self._timeout), wait_for_workers=False)
-        except RuntimeError as exc:
-            raise TransferError(f"cannot reach the collective server at {self.address} within "
-                                f"{self._timeout:g} s ({_first_line(exc)}); the producer is gone or the "
-                                "address is wrong; 0 bytes received") from None
 
     def _claim(self, store: dist.TCPStore, version: int, nbytes: int) -> tuple[int, str]:
         """Claim a ticket the server will read, with our request in it (see the module doc);
         returns (ticket, nonce)."""
         nonce = os.urandom(8).hex()
         request = json.dumps({"proto": PROTO, "version": version, "nbytes": nbytes, "nonce": nonce}).encode()
-        try:
+        with _torch_errors(lambda why: f"{self.address} did not take the request for version {version} within "
+                                       f"{self._timeout:g} s ({why}); producer gone or busy; 0 bytes received",
+                           TransferError):
             ticket = _next_ticket(store)
             for _ in range(_MAX_CLAIM_TRIES):
                 if store.compare_set(_request_key(ticket), b"", request) != request:
@@ -300,42 +301,35 @@ class CollectiveClient:
                 else:  # written after the server had passed (and removed) this ticket: never read
                     store.delete_key(_request_key(ticket))
                     ticket = _next_ticket(store)
-        except RuntimeError as exc:
-            raise TransferError(f"{self.address} did not take the request for version {version} within "
-                                f"{self._timeout:g} s ({_first_line(exc)}); producer gone or busy; "
-                                "0 bytes received") from None
         raise TransferError(f"{self.address}: no free ticket after {_MAX_CLAIM_TRIES} tries; too many "
                             "consumers at once, retry later")
 
     def _await_answer(self, store: dist.TCPStore, ticket: int, version: int) -> dict:
         key = _answer_key(ticket)
-        try:
+        with _torch_errors(lambda why: f"{self.address} did not answer the request for version {version} within "
+                                       f"{self._timeout:g} s ({why}); producer gone or busy; 0 bytes received",
+                           TransferError):
             store.wait([key], timedelta(seconds=self._timeout))
             raw = store.get(key)
             store.delete_key(key)
-        except RuntimeError as exc:
-            raise TransferError(f"{self.address} did not answer the request for version {version} within "
-                                f"{self._timeout:g} s ({_first_line(exc)}); producer gone or busy; "
-                                "0 bytes received") from None
-        return _load_json(raw, "collective answer")
+        return load_object(raw, "collective answer", limit=_MAX_JSON_BYTES, invalid="is not JSON")
 
     def _receive(self, store: dist.TCPStore, ticket: int, version: int, target: torch.Tensor,
                  chunk_bytes: int, expected: str) -> float:
         digester = Digester() if target.device.type == "cpu" else None
         digest_s, received, group, done = 0.0, 0, None, False
         try:
-            group = _new_group(self._backend, store, ticket, 1, self._timeout,
-                               _local_host_towards(self._host, self._port))
-            for offset, length in _landed(group, target, chunk_bytes, self._timeout):
-                received += length
-                if digester is not None:
-                    started = time.perf_counter()
-                    digester.update(target[offset:offset + length])
-                    digest_s += time.perf_counter() - started
-            done = True
-        except RuntimeError as exc:
-            raise TransferError(f"transfer of version {version} from {self.address} failed after {received} "
-                                f"of {target.numel()} bytes: {_first_line(exc)}") from None
+            with _torch_errors(lambda why: f"transfer of version {version} from {self.address} failed after "
+                                           f"{received} of {target.numel()} bytes: {why}", TransferError):
+                group = _new_group(self._backend, store, ticket, 1, self._timeout,
+                                   _local_host_towards(self._host, self._port))
+                for offset, length in _landed(group, target, chunk_bytes, self._timeout):
+                    received += length
+                    if digester is not None:
+                        started = time.perf_counter()
+                        digester.update(target[offset:offset + length])
+                        digest_s += time.perf_counter() - started
+                done = True
         finally:
             _release(group, done)
         if digester is not None and digester.hexdigest() != expected:
@@ -402,10 +396,8 @@ def _finish(item: tuple[dist.Work, int], timeout: float) -> int:
 
 def _abort(group: _Group) -> None:
     """Cancel what is in flight so neither side waits out its timeout (callable from any thread)."""
-    try:
+    with _torch_errors(lambda why: f"aborting a transfer group failed: {why}"):
         group.abort()
-    except RuntimeError as exc:
-        log.debug("aborting a transfer group failed: %s", exc)
 
 
 def _release(group: _Group | None, done: bool) -> None:
@@ -416,15 +408,14 @@ def _release(group: _Group | None, done: bool) -> None:
     if not done:
         _abort(group)
         return
-    try:
+    # AttributeError: torch builds without Backend.shutdown
+    with _torch_errors(lambda why: f"shutting a transfer group down failed: {why}", also=(AttributeError,)):
         group.shutdown()
-    except (RuntimeError, AttributeError) as exc:  # torch builds without Backend.shutdown
-        log.debug("shutting a transfer group down failed: %s", exc)
 
 
 def _listen(host: str, port: int, timeout: float) -> dist.TCPStore:
     """A master TCPStore listening on host:port only (TCPStore alone listens on every interface)."""
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+    if not is_count(port) or port > 65535:
         raise ConfigurationError(f"port {port!r} is not valid: use 0 (any free port) or 1-65535")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
@@ -440,12 +431,11 @@ def _listen(host: str, port: int, timeout: float) -> dist.TCPStore:
         raise ConfigurationError(f"cannot listen on {host!r} port {port}: {exc}; pick a free port, or 0 to "
                                  "let the system choose one, and a host that names this machine") from None
     bound_port = listener.getsockname()[1]
-    try:  # the store owns the descriptor from here on and closes it when it stops
+    # the store owns the descriptor from here on and closes it when it stops
+    with _torch_errors(lambda why: f"cannot start a TCPStore on {host!r} port {bound_port}: {why}",
+                       ConfigurationError):
         return dist.TCPStore(host or "127.0.0.1", bound_port, None, True, timedelta(seconds=timeout),
                              wait_for_workers=False, master_listen_fd=listener.detach())
-    except RuntimeError as exc:
-        raise ConfigurationError(f"cannot start a TCPStore on {host!r} port {bound_port}: "
-                                 f"{_first_line(exc)}") from None
 
 
 def _local_host_towards(host: str, port: int) -> str:
@@ -502,7 +492,7 @@ def _check_timeout(timeout: object) -> float:
 
 
 def _check_chunk_bytes(chunk_bytes: object) -> int:
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+    if not is_count(chunk_bytes) or not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise ConfigurationError(f"chunk_bytes {chunk_bytes!r} is not valid: use an integer in "
                                  f"1-{MAX_CHUNK_BYTES}, for example {CHUNK_BYTES} (64 MiB)")
     return chunk_bytes
@@ -510,14 +500,13 @@ def _check_chunk_bytes(chunk_bytes: object) -> int:
 
 def _check_request(version: object, nbytes: object) -> None:
     for name, value in (("version", version), ("nbytes", nbytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_count(value):
             raise ConfigurationError(f"{name} {value!r} is not valid: use a non-negative integer")
 
 
 def _check_buffer(buffer: object, nbytes: int, backend: str) -> None:
     device_type = BACKENDS[backend]
-    if (not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1
-            or not buffer.is_contiguous() or buffer.device.type != device_type):
+    if not _flat_bytes(buffer, device_type):
         raise ConfigurationError(f"the {backend} path receives into a contiguous 1-D uint8 {device_type} tensor; "
                                  f"got {_describe(buffer)}")
     if buffer.numel() < nbytes:
@@ -528,11 +517,16 @@ def _check_buffer(buffer: object, nbytes: int, backend: str) -> None:
 def _check_served(data: object, backend: str, version: int) -> torch.Tensor:
     """The store must hand over a flat uint8 tensor on the backend's device: a bug otherwise."""
     device_type = BACKENDS[backend]
-    if (not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1
-            or not data.is_contiguous() or data.device.type != device_type):
+    if not _flat_bytes(data, device_type):
         raise ConfigurationError(f"lookup({version}) returned {_describe(data)}; the {backend} server sends "
                                  f"contiguous 1-D uint8 {device_type} tensors")
     return data
+
+
+def _flat_bytes(value: object, device_type: str) -> bool:
+    """A contiguous 1-D uint8 tensor on a device of `device_type`: what both sides move."""
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+            and value.is_contiguous() and value.device.type == device_type)
 
 
 def _describe(value: object) -> str:
@@ -542,11 +536,10 @@ def _describe(value: object) -> str:
 
 
 def _parse_request(raw: bytes) -> dict:
-    request = _load_json(raw, "collective request")
-    if request.get("proto") != PROTO:
-        raise ProtocolError(f"collective request has proto {request.get('proto')!r}; this server speaks {PROTO}")
+    request = load_object(raw, "collective request", limit=_MAX_JSON_BYTES, invalid="is not JSON")
+    check_proto(request, "collective request")
     for key in ("version", "nbytes"):
-        _field_count(request, key, "collective request")
+        count(request, key, "collective request")
     nonce = request.get("nonce")
     if not isinstance(nonce, str) or not _NONCE.match(nonce):
         raise ProtocolError(f"collective request field 'nonce' must be 16-64 hex digits, got {nonce!r:.80}")
@@ -555,48 +548,18 @@ def _parse_request(raw: bytes) -> dict:
 
 def _accept(answer: dict, version: int, nbytes: int, address: str) -> tuple[str, int]:
     """Check the server's answer; returns (digest, chunk_bytes) or raises what the answer means."""
-    status = answer.get("status")
-    if status == "gone":
-        tiers = answer.get("tiers")
-        named = ", ".join(t for t in tiers if isinstance(t, str)) if isinstance(tiers, list) else ""
-        raise TransferError(f"version {version} is no longer in {address}'s memory; it still lives in: "
-                            f"{named or 'no tier'}")
-    if status == "mismatch":
+    if answer.get("status") == "mismatch":
         raise IntegrityError(f"{address} serves {answer.get('nbytes')!r} bytes for version {version}, the "
-                             f"notice announced {nbytes}")
-    if status != "ok":
-        raise TransferError(f"{address} refused the request for version {version}: "
-                            f"{answer.get('reason', answer)!s:.300}")
-    if answer.get("proto") != PROTO or _field_count(answer, "nbytes", "collective answer") != nbytes:
+                             f"notice announced {nbytes}", code="mismatch")
+    raise_for_answer(answer, version, holder=address, refused=f"{address} refused the request for version {version}")
+    if answer.get("proto") != PROTO or count(answer, "nbytes", "collective answer") != nbytes:
         raise ProtocolError(f"{address} answered version {version} with proto {answer.get('proto')!r} and "
                             f"nbytes {answer.get('nbytes')!r}; expected proto {PROTO} and {nbytes}")
     digest = answer.get("digest")
     if not isinstance(digest, str) or not digest.startswith(f"{ALGORITHM}:"):
         raise ProtocolError(f"{address} answered version {version} with digest {digest!r:.100}; expected "
                             f"'{ALGORITHM}:<hex>'")
-    chunk_bytes = _field_count(answer, "chunk_bytes", "collective answer")
-    if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ProtocolError(f"{address} announced chunk_bytes {chunk_bytes}; expected 1-{MAX_CHUNK_BYTES}")
-    return digest, chunk_bytes
-
-
-def _load_json(raw: bytes, what: str) -> dict:
-    if len(raw) > _MAX_JSON_BYTES:
-        raise ProtocolError(f"{what} is {len(raw)} bytes; at most {_MAX_JSON_BYTES} are accepted")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        raise ProtocolError(f"{what} is not JSON") from None
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{what} is not a JSON object")
-    return value
-
-
-def _field_count(message: dict, key: str, what: str) -> int:
-    value = message.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ProtocolError(f"{what} field {key!r} must be a non-negative integer, got {value!r:.50}")
-    return value
+    return digest, count(answer, "chunk_bytes", "collective answer", minimum=1, maximum=MAX_CHUNK_BYTES)
 
 
 def _next_ticket(store: dist.Store) -> int:
@@ -615,8 +578,8 @@ def _answered(store: dist.Store, ticket: int, nonce: str) -> bool:
     if raw == _ABSENT:
         return False
     try:
-        return json.loads(raw).get("nonce") == nonce
-    except (ValueError, AttributeError):
+        return load_object(raw, "collective answer", limit=_MAX_JSON_BYTES).get("nonce") == nonce
+    except ProtocolError:
         return False
 
 
@@ -632,6 +595,17 @@ def _answer_key(ticket: int) -> str:
     return f"viper/ans/{ticket}"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
+@contextmanager
+def _torch_errors(describe: Callable[[str], str | None], raise_as: type[ViperError] | None = None, *,
+                  level: int = logging.DEBUG, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Map what torch.distributed raises (a RuntimeError: store timeout, peer gone, Gloo or NCCL
+    failure) inside the block: raise `raise_as(describe(first line of the error))`, or without
+    `raise_as` log that message at `level` and go on (nothing is logged for None)."""
+    try:
+        yield
+    except (RuntimeError, *also) as exc:
+        message = describe(first_line(exc))
+        if raise_as is not None:
+            raise raise_as(message) from None
+        if message is not None:
+            log.log(level, message)

@@ -28,6 +28,7 @@ import torch
 
 from .._errors import ConfigurationError, ProtocolError, TransferError
 from .._layout import DTYPES
+from ._messages import count, first_line, is_count, object_of
 from ._protocol import PROTO
 
 __all__ = ["IPC_KIND", "export_cuda_tensor", "import_cuda_tensor"]
@@ -42,8 +43,9 @@ _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _HEX = re.compile(r"^(?:[0-9a-f]{2})+$")
 _MAX_HANDLE_BYTES = 1 << 20  # expandable segments put one handle per mapped page in the string
 _MAX_DIMS = 64
-_MAX_DEVICE = 1 << 16
-_MAX_BYTES = 1 << 56
+_MAX_DEVICE = (1 << 16) - 1
+_MAX_PID = (1 << 32) - 1
+_MAX_BYTES = (1 << 56) - 1  # sizes, offsets, shapes and strides
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def export_cuda_tensor(tensor: torch.Tensor) -> dict[str, object]:
         (device, handle, size_bytes, offset_bytes, ref_counter, ref_counter_offset,
          event_handle, event_sync_required) = tensor.untyped_storage()._share_cuda_()
     except RuntimeError as exc:
-        raise ConfigurationError(f"cannot export this CUDA tensor: {_first_line(exc)}; a tensor imported "
+        raise ConfigurationError(f"cannot export this CUDA tensor: {first_line(exc)}; a tensor imported "
                                  "from another process must be cloned before it is exported") from None
     return {
         "proto": PROTO, "kind": IPC_KIND, "pid": os.getpid(), "device": int(device),
@@ -117,7 +119,7 @@ def _rebuild(spec: _Description) -> torch.Tensor:
             spec.event_sync_required)
     except RuntimeError as exc:
         raise TransferError(f"CUDA refused the IPC handle of device {spec.device} from process {spec.pid}: "
-                            f"{_first_line(exc)}; the producer may have exited or run on another host") from None
+                            f"{first_line(exc)}; the producer may have exited or run on another host") from None
 
 
 def _check_exportable(tensor: object) -> None:
@@ -135,8 +137,7 @@ def _check_exportable(tensor: object) -> None:
 
 def _validate(description: object) -> _Description:
     """Check every field before anything reaches CUDA: a bad handle there is a crash, not an error."""
-    if not isinstance(description, dict):
-        raise ProtocolError(f"a cuda_ipc description is a JSON object, got {type(description).__name__}")
+    description = object_of(description, "cuda_ipc description")
     missing, unknown = _FIELDS - description.keys(), description.keys() - _FIELDS
     if missing or unknown:
         raise ProtocolError(f"cuda_ipc description: missing field(s) {sorted(missing)}, unknown field(s) "
@@ -144,7 +145,7 @@ def _validate(description: object) -> _Description:
     if description["proto"] != PROTO or description["kind"] != IPC_KIND:
         raise ProtocolError(f"cuda_ipc fields 'proto'/'kind' are {description['proto']!r}/{description['kind']!r}; "
                             f"expected {PROTO}/{IPC_KIND!r}")
-    size = _count(description, "storage_size_bytes", _MAX_BYTES)
+    size = _count(description, "storage_size_bytes")
     dtype = _dtype(description)
     shape, stride, offset = _geometry(description, size, dtype)
     sync = description["event_sync_required"]
@@ -152,12 +153,12 @@ def _validate(description: object) -> _Description:
         raise ProtocolError(f"cuda_ipc field 'event_sync_required' must be true or false, got {sync!r:.40}")
     return _Description(
         device=_count(description, "device", _MAX_DEVICE), handle=_bytes(description, "handle", size > 0),
-        storage_size_bytes=size, storage_offset_bytes=_count(description, "storage_offset_bytes", _MAX_BYTES),
+        storage_size_bytes=size, storage_offset_bytes=_count(description, "storage_offset_bytes"),
         ref_counter_handle=_bytes(description, "ref_counter_handle", size > 0),
-        ref_counter_offset=_count(description, "ref_counter_offset", _MAX_BYTES),
+        ref_counter_offset=_count(description, "ref_counter_offset"),
         event_handle=_bytes(description, "event_handle", sync and size > 0) or b"",
         event_sync_required=sync, dtype=dtype, shape=shape, stride=stride, offset=offset,
-        pid=_count(description, "pid", 1 << 32, minimum=1))
+        pid=_count(description, "pid", _MAX_PID, minimum=1))
 
 
 def _geometry(description: dict, size: int, dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[int, ...], int]:
@@ -165,12 +166,12 @@ def _geometry(description: dict, size: int, dtype: torch.dtype) -> tuple[tuple[i
     shape, stride = description["shape"], description["stride"]
     for name, value in (("shape", shape), ("stride", stride)):
         if (not isinstance(value, list) or len(value) > _MAX_DIMS
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_BYTES for v in value)):
+                or not all(is_count(v) and v <= _MAX_BYTES for v in value)):
             raise ProtocolError(f"cuda_ipc field {name!r} must be a list of at most {_MAX_DIMS} non-negative "
                                 f"integers, got {value!r:.80}")
     if len(stride) != len(shape):
         raise ProtocolError(f"cuda_ipc field 'stride' has {len(stride)} entries for a {len(shape)}-D 'shape'")
-    offset = _count(description, "offset", _MAX_BYTES)
+    offset = _count(description, "offset")
     if all(shape):  # an empty tensor reads nothing, wherever it points
         end = (offset + sum((d - 1) * s for d, s in zip(shape, stride)) + 1) * dtype.itemsize
         if end > size:
@@ -186,11 +187,8 @@ def _dtype(description: dict) -> torch.dtype:
     return DTYPES[code]
 
 
-def _count(description: dict, key: str, maximum: int, minimum: int = 0) -> int:
-    value = description[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < maximum:
-        raise ProtocolError(f"cuda_ipc field {key!r} must be an integer in [{minimum}, {maximum}), got {value!r:.40}")
-    return value
+def _count(description: dict, key: str, maximum: int = _MAX_BYTES, minimum: int = 0) -> int:
+    return count(description, key, "cuda_ipc", minimum=minimum, maximum=maximum)
 
 
 def _bytes(description: dict, key: str, required: bool) -> bytes | None:
@@ -207,7 +205,3 @@ def _bytes(description: dict, key: str, required: bool) -> bytes | None:
 def _hex_or_none(value: bytes | None) -> str | None:
     return None if value is None else bytes(value).hex()
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]

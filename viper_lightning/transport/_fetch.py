@@ -7,7 +7,8 @@ Requests (JSON, signed when a key is configured):
   {"op": "ipc", "model", "version"}   -> {"status": "ok", "nbytes", "ipc": <CUDA IPC description>,
                                           "lease", "lease_s"}   (the GPU tier, same host only)
   {"op": "release", "model", "lease"} -> {"status": "ok"}
-An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives.
+An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives, a
+refused request {"status": "error", "code", "reason"} (codes: see viper_lightning._errors).
 The client keeps a small window of chunk reads in flight, receives each data frame straight
 into its buffer (no intermediate copy) and digests it as it lands. A CUDA IPC lease keeps the
 producer from reusing its device copy while the consumer copies from it; a consumer that never
@@ -29,9 +30,9 @@ import zmq
 
 from .._digest import Digester
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
-from .._layout import canonical_json
 from ._loans import IpcLoan, Lender, MemoryLoan
-from ._protocol import PROTO, sign, verify_mac
+from ._messages import canonical_json, count, load_object, raise_for_answer, refusal
+from ._protocol import PROTO, check_proto, sign, verify_mac
 
 __all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES", "LEASE_S"]
 
@@ -42,6 +43,7 @@ WINDOW = 4  # chunk reads in flight: enough to keep loopback TCP busy, little me
 _POLL_MS = 50
 LEASE_S = 30.0  # how long a CUDA IPC import may take before the producer reuses the copy
 MAX_LEASES = 64
+MAX_REQUEST_BYTES = 1 << 20  # the server socket's MAXMSGSIZE: requests are small
 
 
 class FetchServer:
@@ -116,7 +118,7 @@ class FetchServer:
         except zmq.ZMQError as exc:
             log.warning("fetch peer went away before its answer was sent: %s", exc)
         except Exception as exc:  # noqa: BLE001 - a bad request is answered, never fatal to the server
-            self._reply(peer, {"status": "error", "reason": str(exc)})
+            self._reply(peer, refusal(exc))
 
     def _open(self, peer: bytes, request: dict) -> None:
         loan = self._borrowed(peer, request)
@@ -156,9 +158,10 @@ class FetchServer:
         version = _count(request, "version")
         if not self._lender.lends_device_memory:
             raise ProtocolError("this producer lends no device memory: that needs a GPU tier on CUDA and an "
-                                "hmac_key (an IPC mapping is writable); fetch the dram or pfs tier instead")
+                                "hmac_key (an IPC mapping is writable); fetch the dram or pfs tier instead",
+                                code="no-ipc")
         if len(self._leases) >= MAX_LEASES:
-            raise TransferError(f"{MAX_LEASES} IPC leases are outstanding; retry once some are released")
+            raise TransferError(f"{MAX_LEASES} IPC leases are outstanding; retry once some are released", code="busy")
         export = self._lender.lend_ipc(version)
         if export is None:
             self._reply(peer, {"status": "gone", "version": version, "tiers": self._lender.tiers_of(version)})
@@ -215,9 +218,7 @@ class FetchClient:
 
     def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
         """Stream `version` into `buffer`, verifying its digest; returns (digest, digest seconds)."""
-        with self._context.socket(zmq.DEALER) as socket:
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self._endpoint)
+        with self._dealer() as socket:
             opened = self._ask(socket, {"op": "open", "version": version})
             self._check_answer(opened, version, nbytes)
             digest_s = self._stream(socket, version, buffer, nbytes, opened["digest"])
@@ -227,9 +228,7 @@ class FetchClient:
     def borrow_device_copy(self, version: int, nbytes: int) -> Iterator[dict[str, object]]:
         """Lease the GPU tier's copy of `version`: yields its CUDA IPC description (import it
         once, copy, synchronise); the lease is released on exit."""
-        with self._context.socket(zmq.DEALER) as socket:
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self._endpoint)
+        with self._dealer() as socket:
             lent = self._ask(socket, {"op": "ipc", "version": version})
             self._check_answer(lent, version, nbytes)
             if not isinstance(lent.get("ipc"), dict) or not isinstance(lent.get("lease"), str):
@@ -262,9 +261,7 @@ class FetchClient:
                                  f"the notice announced {nbytes}")
 
     def latest_notice(self) -> bytes | None:
-        with self._context.socket(zmq.DEALER) as socket:
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self._endpoint)
+        with self._dealer() as socket:
             notice = self._ask(socket, {"op": "latest"}).get("notice")
             return notice.encode() if isinstance(notice, str) else None
 
@@ -295,6 +292,17 @@ class FetchClient:
         if got != len(target):
             raise TransferError(f"chunk at byte {offset} of version {version} has {got} bytes, expected {len(target)}")
 
+    def _dealer(self) -> zmq.Socket:
+        """A socket of this fetch alone (use it in a with block: it is closed at the end)."""
+        socket = self._context.socket(zmq.DEALER)
+        try:
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self._endpoint)
+        except BaseException:
+            socket.close(0)
+            raise
+        return socket
+
     def _ask(self, socket: zmq.Socket, request: dict) -> dict:
         self._send(socket, request)
         return _load_answer(self._recv(socket, request["op"]), request.get("version"))
@@ -313,27 +321,14 @@ class FetchClient:
 
 
 def _load_answer(raw: bytes, version: int | None) -> dict:
-    try:
-        answer = json.loads(raw)
-    except ValueError:
-        raise ProtocolError("fetch answer is not JSON") from None
-    if not isinstance(answer, dict):
-        raise ProtocolError("fetch answer is not a JSON object")
-    if answer.get("status") == "gone":
-        raise TransferError(f"version {version} is no longer in the producer's memory; "
-                            f"it still lives in: {', '.join(answer.get('tiers') or []) or 'no tier'}")
-    if answer.get("status") != "ok":
-        raise TransferError(f"producer refused the fetch: {answer.get('reason', answer)}")
+    answer = load_object(raw, "fetch answer", limit=None, invalid="is not JSON")
+    raise_for_answer(answer, version, holder="the producer", refused="producer refused the fetch")
     return answer
 
 
 def _parse_request(raw: bytes, key: bytes | None, model: str) -> dict:
-    try:
-        request = json.loads(raw)
-    except ValueError:
-        raise ProtocolError("fetch request is not JSON") from None
-    if not isinstance(request, dict) or request.get("proto") != PROTO:
-        raise ProtocolError("fetch request is not a protocol-1 JSON object")
+    request = load_object(raw, "fetch request", limit=MAX_REQUEST_BYTES, invalid="is not JSON")
+    check_proto(request, "fetch request")
     verify_mac(request, key, "fetch request")
     if request.get("model") != model:
         raise ProtocolError(f"this endpoint serves {model!r}, not {request.get('model')!r}")
@@ -341,7 +336,4 @@ def _parse_request(raw: bytes, key: bytes | None, model: str) -> dict:
 
 
 def _count(request: dict, key: str) -> int:
-    value = request.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"fetch request field {key!r} must be a non-negative integer")
-    return value
+    return count(request, key, "fetch request")

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import re
 import time
 from dataclasses import dataclass, field, replace
 
 from .._errors import ConfigurationError, ProtocolError
-from .._layout import Layout, canonical_json
+from .._layout import Layout
+from ._messages import canonical_json, count, load_object, object_of
 
-__all__ = ["PROTO", "TIERS", "Location", "Notice", "check_model_name", "check_endpoint", "normalize_key", "sign", "verify_mac"]
+__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "Location", "Notice", "check_model_name", "check_endpoint",
+           "check_proto", "normalize_key", "sign", "verify_mac"]
 
 PROTO = 1
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # where notices are published unless configured otherwise
 TIERS = ("gpu", "dram", "pfs")
 MAX_NOTICE_BYTES = 64 * 1024 * 1024
 MIN_KEY_BYTES = 16
@@ -63,15 +65,22 @@ def sign(payload: dict[str, object], key: bytes) -> str:
 
 
 def verify_mac(payload: dict[str, object], key: bytes | None, what: str) -> None:
-    """With a key configured, a missing or wrong MAC is a forgery and is refused."""
+    """With a key configured, a missing or wrong MAC is a forgery and is refused (code "forged")."""
     if key is None:
         return
     mac = payload.get("mac")
     if not isinstance(mac, str):
-        raise ProtocolError(f"{what} carries no MAC but a shared key is configured; refusing it")
+        raise ProtocolError(f"{what} carries no MAC but a shared key is configured; refusing it", code="forged")
     unsigned = {k: v for k, v in payload.items() if k != "mac"}
     if not hmac.compare_digest(mac, sign(unsigned, key)):
-        raise ProtocolError(f"{what} has a wrong MAC: it was forged, altered, or signed with another key")
+        raise ProtocolError(f"{what} has a wrong MAC: it was forged, altered, or signed with another key",
+                            code="forged")
+
+
+def check_proto(message: dict[str, object], what: str) -> None:
+    """Every message names the protocol version it speaks; only this one is understood."""
+    if message.get("proto") != PROTO:
+        raise ProtocolError(f"{what}: protocol {message.get('proto')!r} is not supported (this side speaks {PROTO})")
 
 
 @dataclass(frozen=True)
@@ -89,16 +98,13 @@ class Location:
 
     @classmethod
     def from_json(cls, entry: object) -> Location:
-        if not isinstance(entry, dict):
-            raise ProtocolError("each entry of 'locations' must be an object")
+        entry = object_of(entry, "each entry of 'locations'")
         tier, host, address = (entry.get(k) for k in ("tier", "host", "address"))
         if tier not in TIERS:
             raise ProtocolError(f"location tier {tier!r} is unknown (known: {', '.join(TIERS)})")
         if not isinstance(host, str) or not isinstance(address, str) or not address:
             raise ProtocolError(f"{tier} location needs string 'host' and non-empty 'address'")
-        load = entry.get("load", 0)
-        if not isinstance(load, int) or isinstance(load, bool) or load < 0:
-            raise ProtocolError(f"{tier} location 'load' must be a non-negative integer, got {load!r}")
+        load = count(entry, "load", f"{tier} location") if "load" in entry else 0
         return cls(tier, host, address, load)
 
 
@@ -139,14 +145,13 @@ class Notice:
     @classmethod
     def decode(cls, data: bytes, key: bytes | None = None, *, what: str = "notice") -> Notice:
         """Parse, authenticate and validate a notice (or a manifest, which lacks locations)."""
-        payload = _load_json_object(data, what)
-        if payload.get("proto") != PROTO:
-            raise ProtocolError(f"{what}: protocol {payload.get('proto')!r} is not supported (this side speaks {PROTO})")
+        payload = load_object(data, what, limit=MAX_NOTICE_BYTES)
+        check_proto(payload, what)
         verify_mac(payload, key, what)
         return cls(
             model=_model_field(payload, what),
-            version=_positive_int(payload, "version", what),
-            nbytes=_count(payload, "nbytes", what),
+            version=count(payload, "version", what, minimum=1),
+            nbytes=count(payload, "nbytes", what),
             digest=_digest_field(payload, what),
             layout=Layout.from_json(payload.get("layout"), payload.get("nbytes")),
             producer=_string(payload, "producer", what),
@@ -158,22 +163,6 @@ class Notice:
 
     def with_locations(self, locations: tuple[Location, ...]) -> Notice:
         return replace(self, locations=locations)
-
-
-def _load_json_object(data: bytes, what: str) -> dict[str, object]:
-    if len(data) > MAX_NOTICE_BYTES:
-        raise ProtocolError(f"{what} is {len(data)} bytes, over the {MAX_NOTICE_BYTES}-byte limit")
-    try:
-        payload = json.loads(data, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ProtocolError(f"{what} must be a JSON object, got {type(payload).__name__}")
-    return payload
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not allowed (canonical JSON has no NaN or Infinity)")
 
 
 def _model_field(payload: dict[str, object], what: str) -> str:
@@ -200,22 +189,8 @@ def _digest_field(payload: dict[str, object], what: str) -> str | None:
     return _string(payload, "digest", what)
 
 
-def _count(payload: dict[str, object], key: str, what: str) -> int:
-    value = payload.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"{what}: '{key}' must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _positive_int(payload: dict[str, object], key: str, what: str) -> int:
-    value = _count(payload, key, what)
-    if value < 1:
-        raise ProtocolError(f"{what}: '{key}' must be at least 1, got {value}")
-    return value
-
-
 def _optional_count(payload: dict[str, object], key: str, what: str) -> int | None:
-    return None if payload.get(key) is None else _count(payload, key, what)
+    return None if payload.get(key) is None else count(payload, key, what)
 
 
 def _timestamp(payload: dict[str, object], what: str) -> float:

@@ -4,10 +4,14 @@ not thread-safe), closed with linger=0 so shutdown never blocks on unsent notice
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import zmq
 
 from .._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = ["NoticeBroadcaster", "NoticeListener"]
 
@@ -16,7 +20,22 @@ NOTICE_HWM = 1_000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a notice for 100k tensors is ~10 MB; larger is hostile
 
 
-class NoticeBroadcaster:
+class _OwnedSocket:
+    """One ZeroMQ socket, closed at once (linger 0) by close() or at the end of a with block."""
+
+    _socket: zmq.Socket
+
+    def close(self) -> None:
+        self._socket.close(0)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class NoticeBroadcaster(_OwnedSocket):
     """The producer's XPUB socket. XPUB (not PUB) reports every subscription, so a late joiner
     can be sent the latest notice the moment it subscribes instead of waiting for the next one."""
 
@@ -45,17 +64,8 @@ class NoticeBroadcaster:
             joined += message[:1] == b"\x01"
         return joined
 
-    def close(self) -> None:
-        self._socket.close(0)
 
-    def __enter__(self) -> NoticeBroadcaster:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class NoticeListener:
+class NoticeListener(_OwnedSocket):
     """A consumer's SUB socket, filtered to one model's topic."""
 
     def __init__(self, context: zmq.Context, endpoint: str, topic: str) -> None:
@@ -84,12 +94,3 @@ class NoticeListener:
             frames = self._socket.recv_multipart()
             if frames[0] == self._topic:
                 yield frames[1] if len(frames) == 2 else b""
-
-    def close(self) -> None:
-        self._socket.close(0)
-
-    def __enter__(self) -> NoticeListener:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
