@@ -79,9 +79,11 @@ class Fixed(_PredictiveSchedule):
         warmup_on_improvement: bool = False,
         max_interval: int = 0,
     ) -> None:
-        super().__init__(request_rate, total_requests, warmup_steps, fallback_interval, refit_every, refit_error,
-                         fit_window, step_time_s, stall_s, load_time_s, staleness_per_step, probe_every,
-                         predictor, history, warmup_on_improvement, max_interval)
+        super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
+                         fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
+                         fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
+                         staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
+                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval)
         self._interval: int | None = None
 
     @property
@@ -110,7 +112,3 @@ class Fixed(_PredictiveSchedule):
         super().load_state_dict(state)
         interval = state.get("interval")
         self._interval = None if interval is None else int(interval)
-
-    def __repr__(self) -> str:
-        refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
-        return f"Fixed(warmup_steps={self.warmup_steps}{refit})"

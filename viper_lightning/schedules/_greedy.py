@@ -75,9 +75,11 @@ class Greedy(_PredictiveSchedule):
         warmup_on_improvement: bool = False,
         max_interval: int = 0,
     ) -> None:
-        super().__init__(request_rate, total_requests, warmup_steps, fallback_interval, refit_every, refit_error,
-                         fit_window, step_time_s, stall_s, load_time_s, staleness_per_step, probe_every,
-                         predictor, history, warmup_on_improvement, max_interval)
+        super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
+                         fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
+                         fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
+                         staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
+                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval)
         if threshold is not None and not threshold >= 0:
             raise ConfigurationError(f"threshold={threshold!r}: use a loss difference >= 0, or None to take "
                                      "it from the warm-up")
@@ -138,8 +140,7 @@ class Greedy(_PredictiveSchedule):
         self._threshold = self.configured_threshold if threshold is None else float(threshold)
         self._base_threshold = self._threshold if base is None else float(base)
 
-    def __repr__(self) -> str:
-        refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
+    def _repr_extra(self) -> str:
         tune = ", tune_threshold=True" if self.tune_threshold else ""
         follow = ", follow_losses=True" if self.follow_losses else ""
-        return f"Greedy(warmup_steps={self.warmup_steps}{refit}{tune}{follow})"
+        return tune + follow

@@ -19,6 +19,7 @@ import logging
 import math
 import statistics
 import time
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -53,7 +54,7 @@ class _PredictiveSchedule(PublishSchedule):
 
     needs_loss = True
 
-    def __init__(self, request_rate: float, total_requests: int, warmup_steps: int, fallback_interval: int,
+    def __init__(self, *, request_rate: float, total_requests: int, warmup_steps: int, fallback_interval: int,
                  refit_every: int, refit_error: float, fit_window: int, step_time_s: float | None,
                  stall_s: float, load_time_s: float, staleness_per_step: float, probe_every: int,
                  predictor: LossPredictor | None, history: int, warmup_on_improvement: bool = False,
@@ -179,13 +180,14 @@ class _PredictiveSchedule(PublishSchedule):
                             _median(self._commits, 0.0))
 
     # -- subclass hooks ----------------------------------------------------------------------------
+    @abstractmethod
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
         """Choose what to do from now on (or, with `keep_choice`, apply the choice already made:
         after a restore, or to plan further ahead); return the predicted CIL of that choice."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _decide(self, step: int) -> bool:
-        raise NotImplementedError
+        """Whether the plan publishes after `step` (once a curve is fitted)."""
 
     def _after_first_fit(self, warmup_losses: list[float]) -> None:
         """Hook run once, with the first curve; raising `FitError` keeps the schedule on its fallback."""
@@ -359,6 +361,10 @@ class _PredictiveSchedule(PublishSchedule):
     def _plan_summary(self) -> str:
         return f"predicted CIL {self.predicted_cil:.4g}"
 
+    def _repr_extra(self) -> str:
+        """What a subclass adds to the repr's arguments."""
+        return ""
+
     def _max_loss(self) -> float:
         """A served version is predicted to answer no worse than the worst training loss seen
         (typically the untrained model's) plus as much again: staleness is extrapolated from
@@ -445,6 +451,10 @@ class _PredictiveSchedule(PublishSchedule):
         # next step refits, and a fit-once schedule refits exactly its original data.
         self._fits, self._fit_step = int(state.get("fits", 0)), int(state.get("fit_step", 0))
         self._pending_restore = self._fits > 0
+
+    def __repr__(self) -> str:
+        refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
+        return f"{type(self).__name__}(warmup_steps={self.warmup_steps}{refit}{self._repr_extra()})"
 
 
 def _checked(curve: LossCurve, steps: np.ndarray, step: int) -> LossCurve:
