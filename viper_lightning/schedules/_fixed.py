@@ -89,7 +89,7 @@ class Fixed(_PredictiveSchedule):
     @property
     def interval(self) -> int | None:
         """The chosen interval; None before the first fit, or when no further publish pays."""
-        return self._interval if self._fits else None
+        return self._interval if self._fit.fits else None
 
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
         if keep_choice:
@@ -99,7 +99,7 @@ class Fixed(_PredictiveSchedule):
         return choice.prediction
 
     def _decide(self, step: int) -> bool:
-        return self._interval is not None and step >= self._last_published + self._interval
+        return self._interval is not None and step >= self._losses.last_published + self._interval
 
     def _plan_summary(self) -> str:
         every = "never again" if self._interval is None else f"every {self._interval} steps"

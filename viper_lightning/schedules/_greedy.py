@@ -102,8 +102,9 @@ class Greedy(_PredictiveSchedule):
 
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
         if self.follow_losses:  # the plan is only the forecast: decisions follow the losses
+            watch = self._losses.watch
             self._plan_until = context.end_step
-            return greedy_prediction(context, significant_drop_plan(context, self._watch.levels(), self._watch.z))
+            return greedy_prediction(context, significant_drop_plan(context, watch.levels(), watch.z))
         retune = self.tune_threshold and not keep_choice
         self._plan_until = context.now_step + PLAN_WINDOW
         if retune and self._base_threshold > 0:
@@ -115,12 +116,13 @@ class Greedy(_PredictiveSchedule):
 
     def _decide(self, step: int) -> bool:
         if self.follow_losses:
-            age = step - self._last_published  # plain floats: this runs every step
-            return self._watch.significant(self._staleness.linear * age + self._staleness.quadratic * age * age)
+            age = step - self._losses.last_published  # plain floats: this runs every step
+            staleness = self._fit.staleness
+            return self._losses.watch.significant(staleness.linear * age + staleness.quadratic * age * age)
         # The plan is the rule run forward on the same curve, so following it is the rule itself,
         # at O(1) per step. A planned step that was not offered (skipped steps) is published late.
         if step > self._plan_until:
-            self._replan(step, self._elapsed(), keep_choice=True)  # run the rule further ahead
+            self._replan(step, self._meter.elapsed(), keep_choice=True)  # run the rule further ahead
         due = bool(self._planned) and self._planned[0] <= step
         while self._planned and self._planned[0] <= step:
             self._planned.pop(0)
@@ -128,7 +130,8 @@ class Greedy(_PredictiveSchedule):
 
     def _plan_summary(self) -> str:
         if self.follow_losses:
-            return f"following the losses (noise {self._watch.noise:.4g}), predicted CIL {self.predicted_cil:.4g}"
+            noise = self._losses.watch.noise
+            return f"following the losses (noise {noise:.4g}), predicted CIL {self.predicted_cil:.4g}"
         return f"threshold {self._threshold:.4g}, predicted CIL {self.predicted_cil:.4g}"
 
     def state_dict(self) -> dict[str, Any]:
