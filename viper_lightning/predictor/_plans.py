@@ -21,16 +21,16 @@ from ._cil import CILPrediction, InferenceLoad, PublishCosts, VersionLoss, predi
 from ._curves import FitError
 from ._staleness import StalenessModel
 
-__all__ = ["PlanContext", "FixedChoice", "GreedyChoice", "PLAN_WINDOW", "fixed_plan", "fixed_prediction",
-           "fixed_choice", "LossLevels", "significant_drop_plan", "candidate_intervals", "best_fixed_interval", "greedy_threshold", "greedy_gain", "greedy_plan",
-           "greedy_prediction", "best_greedy_threshold"]
+__all__ = ["PlanContext", "PLAN_WINDOW", "fixed_plan", "fixed_prediction", "best_fixed_interval", "greedy_threshold",
+           "greedy_gain", "greedy_plan", "greedy_prediction", "best_greedy_threshold", "LossLevels",
+           "significant_drop_plan"]
 
 _DENSE_UP_TO = 8  # every interval up to this is tried, then ~30% apart, then the best bracket refined
 _GROWTH = 1.3
 _REFINE = 6  # extra intervals tried between the coarse winner's neighbours
 PLAN_WINDOW = 5000  # greedy decides step by step this far ahead, then repeats its last interval
 PLAN_POINTS = 5000  # requests evaluated per prediction when planning (more are subsampled, weighted)
-THRESHOLD_SCALES = tuple(2.0**k for k in range(-5, 3))  # multiples of the warm-up threshold tried
+_THRESHOLD_SCALES = tuple(2.0**k for k in range(-5, 3))  # multiples of the warm-up threshold tried
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def fixed_plan(last_published: int, interval: int, now_step: int, end_step: int)
     return range(first, end_step + 1, interval)
 
 
-def candidate_intervals(span: int) -> list[int]:
+def _candidate_intervals(span: int) -> list[int]:
     """Intervals worth trying over `span` steps: all short ones, then geometrically spaced."""
     intervals = list(range(1, min(span, _DENSE_UP_TO) + 1))
     value = float(_DENSE_UP_TO)
@@ -99,9 +99,9 @@ def best_fixed_interval(context: PlanContext) -> FixedChoice:
     """
     span = max(context.end_step - context.now_step, 1)
     cap = context.max_interval
-    coarse = [i for i in candidate_intervals(span) if cap is None or i <= cap] or [cap]
+    coarse = [i for i in _candidate_intervals(span) if cap is None or i <= cap] or [cap]
     never = FixedChoice(None, context.predict([]))  # never again is a candidate, unless capped
-    best = _best_of(context, coarse, never if cap is None else fixed_choice(context, coarse[-1]))
+    best = _best_of(context, coarse, never if cap is None else _fixed_choice(context, coarse[-1]))
     if best.interval is not None and best.interval > _DENSE_UP_TO:
         index = coarse.index(best.interval)
         low, high = coarse[index - 1], coarse[min(index + 1, len(coarse) - 1)]
@@ -110,7 +110,7 @@ def best_fixed_interval(context: PlanContext) -> FixedChoice:
     return best
 
 
-def fixed_choice(context: PlanContext, interval: int) -> FixedChoice:
+def _fixed_choice(context: PlanContext, interval: int) -> FixedChoice:
     """Publishing every `interval` steps, with its prediction."""
     return FixedChoice(interval, fixed_prediction(context, interval))
 
@@ -227,7 +227,7 @@ class GreedyChoice:
 
 
 def best_greedy_threshold(context: PlanContext, base: float,
-                          scales: Sequence[float] = THRESHOLD_SCALES) -> GreedyChoice:
+                          scales: Sequence[float] = _THRESHOLD_SCALES) -> GreedyChoice:
     """Algorithm 3 with its threshold chosen by Algorithm 1: of `base` × each scale, the one
     whose greedy plan has the lowest predicted CIL (ties go to the larger threshold: fewer
     publishes). The warm-up's mean + std sets the scale of the search, not the answer."""
