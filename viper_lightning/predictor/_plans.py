@@ -125,7 +125,7 @@ def fixed_prediction(context: PlanContext, interval: int) -> CILPrediction:
 def _best_of(context: PlanContext, intervals: list[int], best: FixedChoice) -> FixedChoice:
     for interval in sorted(intervals, reverse=True):
         prediction = fixed_prediction(context, interval)
-        if prediction.cil < best.prediction.cil * (1 - 1e-9) - 1e-12 or (
+        if _clearly_below(prediction.cil, best.prediction.cil) or (
                 prediction.cil <= best.prediction.cil and best.interval is not None and interval > best.interval):
             best = FixedChoice(interval, prediction)
     return best
@@ -156,7 +156,7 @@ def greedy_gain(version_loss: VersionLoss, staleness: StalenessModel, step: int,
 def greedy_plan(context: PlanContext, threshold: float) -> list[int]:
     """Algorithm 3 run forward on the predicted curve: the steps where greedy would publish,
     up to `PLAN_WINDOW` steps ahead."""
-    steps = np.arange(context.now_step, min(context.end_step, context.now_step + PLAN_WINDOW) + 1)
+    steps = np.arange(context.now_step, _window_end(context) + 1)
     if len(steps) == 0:
         return []
     predicted = np.asarray(context.version_loss(steps.astype(np.float64)), dtype=np.float64)
@@ -192,7 +192,7 @@ def significant_drop_plan(context: PlanContext, levels: LossLevels, z: float) ->
     curve: the mean loss since the last publish has fallen below the serving weights' level,
     plus their predicted staleness, by more than `z` standard errors; or `max_interval` is up.
     Up to `PLAN_WINDOW` steps ahead."""
-    steps = np.arange(context.now_step + 1, min(context.end_step, context.now_step + PLAN_WINDOW) + 1)
+    steps = np.arange(context.now_step + 1, _window_end(context) + 1)
     if len(steps) == 0:
         return []
     logged = np.asarray(context.version_loss(steps.astype(np.float64) - 1.0), dtype=np.float64)  # loss at step s
@@ -212,8 +212,7 @@ def significant_drop_plan(context: PlanContext, levels: LossLevels, z: float) ->
 def greedy_prediction(context: PlanContext, plan: list[int]) -> CILPrediction:
     """Algorithm 1 for a greedy plan; beyond the plan window its last interval is assumed to go
     on (on a flat curve under steady drift the rule does publish periodically)."""
-    window_end = min(context.end_step, context.now_step + PLAN_WINDOW)
-    repeat = plan[-1] - plan[-2] if len(plan) >= 2 and window_end < context.end_step else None
+    repeat = plan[-1] - plan[-2] if len(plan) >= 2 and _window_end(context) < context.end_step else None
     return context.predict(plan, repeat_every=repeat)
 
 
@@ -237,6 +236,16 @@ def best_greedy_threshold(context: PlanContext, base: float,
     for threshold in sorted((base * scale for scale in scales), reverse=True):
         plan = greedy_plan(context, threshold)
         prediction = greedy_prediction(context, plan)
-        if best is None or prediction.cil < best.prediction.cil * (1 - 1e-9) - 1e-12:
+        if best is None or _clearly_below(prediction.cil, best.prediction.cil):
             best = GreedyChoice(threshold, plan, prediction)
     return best
+
+
+def _window_end(context: PlanContext) -> int:
+    """The last step a greedy plan decides step by step (`PLAN_WINDOW` ahead, within the horizon)."""
+    return min(context.end_step, context.now_step + PLAN_WINDOW)
+
+
+def _clearly_below(cil: float, best: float) -> bool:
+    """Whether a predicted CIL beats the best so far by more than rounding (ties keep the best)."""
+    return cil < best * (1 - 1e-9) - 1e-12
