@@ -9,20 +9,15 @@
   decides); the schedules `viper_lightning.schedules.Fixed` and `Greedy` run them during training.
 """
 
-from ._cil import CILPrediction, InferenceLoad, PublishCosts, VersionLoss, predict_cil
+from ._cil import CILPrediction, InferenceLoad, PublishCosts, predict_cil
 from ._curves import CURVE_FAMILIES, FitError, LearningCurve, LearningCurveFitter, LossCurve, LossPredictor
 from ._plans import (
     PLAN_WINDOW,
-    THRESHOLD_SCALES,
-    FixedChoice,
-    GreedyChoice,
     LossLevels,
     PlanContext,
     best_fixed_interval,
     best_greedy_threshold,
-    candidate_intervals,
     fixed_plan,
-    fixed_choice,
     fixed_prediction,
     greedy_gain,
     greedy_plan,
@@ -42,25 +37,19 @@ __all__ = [
     "InferenceLoad",
     "PublishCosts",
     "CILPrediction",
-    "VersionLoss",
     "predict_cil",
     "StalenessModel",
     "fit_staleness",
     "PlanContext",
-    "FixedChoice",
     "fixed_plan",
     "fixed_prediction",
     "greedy_prediction",
     "PLAN_WINDOW",
-    "candidate_intervals",
     "best_fixed_interval",
     "greedy_threshold",
     "greedy_gain",
     "greedy_plan",
-    "GreedyChoice",
-    "THRESHOLD_SCALES",
     "best_greedy_threshold",
-    "fixed_choice",
     "LossLevels",
     "significant_drop_plan",
 ]

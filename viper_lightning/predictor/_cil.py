@@ -23,7 +23,7 @@ import numpy as np
 from .._errors import ConfigurationError
 from ._staleness import StalenessModel
 
-__all__ = ["InferenceLoad", "PublishCosts", "CILPrediction", "VersionLoss", "predict_cil"]
+__all__ = ["InferenceLoad", "PublishCosts", "CILPrediction", "predict_cil"]
 
 VersionLoss = Callable[[np.ndarray], np.ndarray]
 """Predicted loss of the version published after each of these steps (step 0: initial weights)."""

@@ -3,8 +3,8 @@
 Four families from the Viper paper are fitted and the one with the lowest mean squared error
 wins. For a fixed decay rate every family is linear in its other parameters, so a grid of rates
 solved in closed form gives each family a near-optimal, in-bounds start; `scipy.optimize.
-curve_fit` (Levenberg-Marquardt, analytic Jacobians) then polishes it. That keeps a fit at a
-few milliseconds, which matters because a refit runs on the training thread. The step axis is
+curve_fit` (Levenberg-Marquardt, analytic Jacobians) then polishes it. That keeps a fit cheap,
+which matters because a refit runs on the training thread. The step axis is
 shifted and scaled to [0, 1] over the fitted window, so the rates stay well conditioned
 whatever the step numbers are (steps 10_000..10_200 behave like 0..200).
 """

@@ -21,16 +21,16 @@ from ._cil import CILPrediction, InferenceLoad, PublishCosts, VersionLoss, predi
 from ._curves import FitError
 from ._staleness import StalenessModel
 
-__all__ = ["PlanContext", "FixedChoice", "GreedyChoice", "PLAN_WINDOW", "fixed_plan", "fixed_prediction",
-           "fixed_choice", "LossLevels", "significant_drop_plan", "candidate_intervals", "best_fixed_interval", "greedy_threshold", "greedy_gain", "greedy_plan",
-           "greedy_prediction", "best_greedy_threshold"]
+__all__ = ["PlanContext", "PLAN_WINDOW", "fixed_plan", "fixed_prediction", "best_fixed_interval", "greedy_threshold",
+           "greedy_gain", "greedy_plan", "greedy_prediction", "best_greedy_threshold", "LossLevels",
+           "significant_drop_plan"]
 
 _DENSE_UP_TO = 8  # every interval up to this is tried, then ~30% apart, then the best bracket refined
 _GROWTH = 1.3
 _REFINE = 6  # extra intervals tried between the coarse winner's neighbours
 PLAN_WINDOW = 5000  # greedy decides step by step this far ahead, then repeats its last interval
 PLAN_POINTS = 5000  # requests evaluated per prediction when planning (more are subsampled, weighted)
-THRESHOLD_SCALES = tuple(2.0**k for k in range(-5, 3))  # multiples of the warm-up threshold tried
+_THRESHOLD_SCALES = tuple(2.0**k for k in range(-5, 3))  # multiples of the warm-up threshold tried
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def fixed_plan(last_published: int, interval: int, now_step: int, end_step: int)
     return range(first, end_step + 1, interval)
 
 
-def candidate_intervals(span: int) -> list[int]:
+def _candidate_intervals(span: int) -> list[int]:
     """Intervals worth trying over `span` steps: all short ones, then geometrically spaced."""
     intervals = list(range(1, min(span, _DENSE_UP_TO) + 1))
     value = float(_DENSE_UP_TO)
@@ -99,9 +99,9 @@ def best_fixed_interval(context: PlanContext) -> FixedChoice:
     """
     span = max(context.end_step - context.now_step, 1)
     cap = context.max_interval
-    coarse = [i for i in candidate_intervals(span) if cap is None or i <= cap] or [cap]
+    coarse = [i for i in _candidate_intervals(span) if cap is None or i <= cap] or [cap]
     never = FixedChoice(None, context.predict([]))  # never again is a candidate, unless capped
-    best = _best_of(context, coarse, never if cap is None else fixed_choice(context, coarse[-1]))
+    best = _best_of(context, coarse, never if cap is None else _fixed_choice(context, coarse[-1]))
     if best.interval is not None and best.interval > _DENSE_UP_TO:
         index = coarse.index(best.interval)
         low, high = coarse[index - 1], coarse[min(index + 1, len(coarse) - 1)]
@@ -110,7 +110,7 @@ def best_fixed_interval(context: PlanContext) -> FixedChoice:
     return best
 
 
-def fixed_choice(context: PlanContext, interval: int) -> FixedChoice:
+def _fixed_choice(context: PlanContext, interval: int) -> FixedChoice:
     """Publishing every `interval` steps, with its prediction."""
     return FixedChoice(interval, fixed_prediction(context, interval))
 
@@ -125,7 +125,7 @@ def fixed_prediction(context: PlanContext, interval: int) -> CILPrediction:
 def _best_of(context: PlanContext, intervals: list[int], best: FixedChoice) -> FixedChoice:
     for interval in sorted(intervals, reverse=True):
         prediction = fixed_prediction(context, interval)
-        if prediction.cil < best.prediction.cil * (1 - 1e-9) - 1e-12 or (
+        if _clearly_below(prediction.cil, best.prediction.cil) or (
                 prediction.cil <= best.prediction.cil and best.interval is not None and interval > best.interval):
             best = FixedChoice(interval, prediction)
     return best
@@ -156,7 +156,7 @@ def greedy_gain(version_loss: VersionLoss, staleness: StalenessModel, step: int,
 def greedy_plan(context: PlanContext, threshold: float) -> list[int]:
     """Algorithm 3 run forward on the predicted curve: the steps where greedy would publish,
     up to `PLAN_WINDOW` steps ahead."""
-    steps = np.arange(context.now_step, min(context.end_step, context.now_step + PLAN_WINDOW) + 1)
+    steps = np.arange(context.now_step, _window_end(context) + 1)
     if len(steps) == 0:
         return []
     predicted = np.asarray(context.version_loss(steps.astype(np.float64)), dtype=np.float64)
@@ -192,7 +192,7 @@ def significant_drop_plan(context: PlanContext, levels: LossLevels, z: float) ->
     curve: the mean loss since the last publish has fallen below the serving weights' level,
     plus their predicted staleness, by more than `z` standard errors; or `max_interval` is up.
     Up to `PLAN_WINDOW` steps ahead."""
-    steps = np.arange(context.now_step + 1, min(context.end_step, context.now_step + PLAN_WINDOW) + 1)
+    steps = np.arange(context.now_step + 1, _window_end(context) + 1)
     if len(steps) == 0:
         return []
     logged = np.asarray(context.version_loss(steps.astype(np.float64) - 1.0), dtype=np.float64)  # loss at step s
@@ -212,8 +212,7 @@ def significant_drop_plan(context: PlanContext, levels: LossLevels, z: float) ->
 def greedy_prediction(context: PlanContext, plan: list[int]) -> CILPrediction:
     """Algorithm 1 for a greedy plan; beyond the plan window its last interval is assumed to go
     on (on a flat curve under steady drift the rule does publish periodically)."""
-    window_end = min(context.end_step, context.now_step + PLAN_WINDOW)
-    repeat = plan[-1] - plan[-2] if len(plan) >= 2 and window_end < context.end_step else None
+    repeat = plan[-1] - plan[-2] if len(plan) >= 2 and _window_end(context) < context.end_step else None
     return context.predict(plan, repeat_every=repeat)
 
 
@@ -227,7 +226,7 @@ class GreedyChoice:
 
 
 def best_greedy_threshold(context: PlanContext, base: float,
-                          scales: Sequence[float] = THRESHOLD_SCALES) -> GreedyChoice:
+                          scales: Sequence[float] = _THRESHOLD_SCALES) -> GreedyChoice:
     """Algorithm 3 with its threshold chosen by Algorithm 1: of `base` × each scale, the one
     whose greedy plan has the lowest predicted CIL (ties go to the larger threshold: fewer
     publishes). The warm-up's mean + std sets the scale of the search, not the answer."""
@@ -237,6 +236,16 @@ def best_greedy_threshold(context: PlanContext, base: float,
     for threshold in sorted((base * scale for scale in scales), reverse=True):
         plan = greedy_plan(context, threshold)
         prediction = greedy_prediction(context, plan)
-        if best is None or prediction.cil < best.prediction.cil * (1 - 1e-9) - 1e-12:
+        if best is None or _clearly_below(prediction.cil, best.prediction.cil):
             best = GreedyChoice(threshold, plan, prediction)
     return best
+
+
+def _window_end(context: PlanContext) -> int:
+    """The last step a greedy plan decides step by step (`PLAN_WINDOW` ahead, within the horizon)."""
+    return min(context.end_step, context.now_step + PLAN_WINDOW)
+
+
+def _clearly_below(cil: float, best: float) -> bool:
+    """Whether a predicted CIL beats the best so far by more than rounding (ties keep the best)."""
+    return cil < best * (1 - 1e-9) - 1e-12

@@ -79,15 +79,17 @@ class Fixed(_PredictiveSchedule):
         warmup_on_improvement: bool = False,
         max_interval: int = 0,
     ) -> None:
-        super().__init__(request_rate, total_requests, warmup_steps, fallback_interval, refit_every, refit_error,
-                         fit_window, step_time_s, stall_s, load_time_s, staleness_per_step, probe_every,
-                         predictor, history, warmup_on_improvement, max_interval)
+        super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
+                         fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
+                         fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
+                         staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
+                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval)
         self._interval: int | None = None
 
     @property
     def interval(self) -> int | None:
         """The chosen interval; None before the first fit, or when no further publish pays."""
-        return self._interval if self._fits else None
+        return self._interval if self._fit.fits else None
 
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
         if keep_choice:
@@ -97,7 +99,7 @@ class Fixed(_PredictiveSchedule):
         return choice.prediction
 
     def _decide(self, step: int) -> bool:
-        return self._interval is not None and step >= self._last_published + self._interval
+        return self._interval is not None and step >= self._losses.last_published + self._interval
 
     def _plan_summary(self) -> str:
         every = "never again" if self._interval is None else f"every {self._interval} steps"
@@ -110,7 +112,3 @@ class Fixed(_PredictiveSchedule):
         super().load_state_dict(state)
         interval = state.get("interval")
         self._interval = None if interval is None else int(interval)
-
-    def __repr__(self) -> str:
-        refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
-        return f"Fixed(warmup_steps={self.warmup_steps}{refit})"

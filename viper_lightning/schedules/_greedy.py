@@ -75,9 +75,11 @@ class Greedy(_PredictiveSchedule):
         warmup_on_improvement: bool = False,
         max_interval: int = 0,
     ) -> None:
-        super().__init__(request_rate, total_requests, warmup_steps, fallback_interval, refit_every, refit_error,
-                         fit_window, step_time_s, stall_s, load_time_s, staleness_per_step, probe_every,
-                         predictor, history, warmup_on_improvement, max_interval)
+        super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
+                         fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
+                         fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
+                         staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
+                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval)
         if threshold is not None and not threshold >= 0:
             raise ConfigurationError(f"threshold={threshold!r}: use a loss difference >= 0, or None to take "
                                      "it from the warm-up")
@@ -100,8 +102,9 @@ class Greedy(_PredictiveSchedule):
 
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
         if self.follow_losses:  # the plan is only the forecast: decisions follow the losses
+            watch = self._losses.watch
             self._plan_until = context.end_step
-            return greedy_prediction(context, significant_drop_plan(context, self._watch.levels(), self._watch.z))
+            return greedy_prediction(context, significant_drop_plan(context, watch.levels(), watch.z))
         retune = self.tune_threshold and not keep_choice
         self._plan_until = context.now_step + PLAN_WINDOW
         if retune and self._base_threshold > 0:
@@ -113,12 +116,13 @@ class Greedy(_PredictiveSchedule):
 
     def _decide(self, step: int) -> bool:
         if self.follow_losses:
-            age = step - self._last_published  # plain floats: this runs every step
-            return self._watch.significant(self._staleness.linear * age + self._staleness.quadratic * age * age)
+            age = step - self._losses.last_published  # plain floats: this runs every step
+            staleness = self._fit.staleness
+            return self._losses.watch.significant(staleness.linear * age + staleness.quadratic * age * age)
         # The plan is the rule run forward on the same curve, so following it is the rule itself,
         # at O(1) per step. A planned step that was not offered (skipped steps) is published late.
         if step > self._plan_until:
-            self._replan(step, self._elapsed(), keep_choice=True)  # run the rule further ahead
+            self._replan(step, self._meter.elapsed(), keep_choice=True)  # run the rule further ahead
         due = bool(self._planned) and self._planned[0] <= step
         while self._planned and self._planned[0] <= step:
             self._planned.pop(0)
@@ -126,7 +130,8 @@ class Greedy(_PredictiveSchedule):
 
     def _plan_summary(self) -> str:
         if self.follow_losses:
-            return f"following the losses (noise {self._watch.noise:.4g}), predicted CIL {self.predicted_cil:.4g}"
+            noise = self._losses.watch.noise
+            return f"following the losses (noise {noise:.4g}), predicted CIL {self.predicted_cil:.4g}"
         return f"threshold {self._threshold:.4g}, predicted CIL {self.predicted_cil:.4g}"
 
     def state_dict(self) -> dict[str, Any]:
@@ -138,8 +143,7 @@ class Greedy(_PredictiveSchedule):
         self._threshold = self.configured_threshold if threshold is None else float(threshold)
         self._base_threshold = self._threshold if base is None else float(base)
 
-    def __repr__(self) -> str:
-        refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
+    def _repr_extra(self) -> str:
         tune = ", tune_threshold=True" if self.tune_threshold else ""
         follow = ", follow_losses=True" if self.follow_losses else ""
-        return f"Greedy(warmup_steps={self.warmup_steps}{refit}{tune}{follow})"
+        return tune + follow

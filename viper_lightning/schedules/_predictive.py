@@ -10,42 +10,84 @@ warm-up when the training loss has dropped significantly (`ImprovementWatch`), `
 caps the gap between publishes whatever the curve predicts, and `observe_commit_time` lets
 plans count the wait for the publisher's writer. Everything here runs on the training thread,
 so the per-step path is O(1) in plain floats and the numpy work is left to the (re)fits.
+
+The schedule keeps its settings and three parts, each with its own state round trip: the
+costs it measures (`CostMeter`), the losses and versions it has seen (`LossHistory`), and
+where its curve and plan stand (`FitState`). A checkpoint is the union of their state dicts.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import statistics
-import time
-from collections import deque
+from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from .._errors import ConfigurationError
 from ..predictor._cil import CILPrediction, InferenceLoad, PublishCosts
-from ..predictor._curves import FitError, LearningCurveFitter, LossCurve, LossPredictor, finite_points
+from ..predictor._curves import FitError, LearningCurveFitter, LossCurve, LossPredictor
 from ..predictor._plans import PlanContext
 from ..predictor._staleness import StalenessModel, fit_staleness
 from ._base import PublishSchedule
-from ._improvement import ImprovementWatch
+from ._costs import CostMeter
+from ._history import LossHistory
 
 log = logging.getLogger("viper_lightning.predictor")
 
-_RECENT = 64  # cost estimates are medians over this many measurements
-_KEEP_PUBLISHED = 256  # versions remembered: which one serves, and older ones to probe staleness with
-_PROBE_AGES = (5, 10, 20, 40, 80)
-_KEEP_SERVED = 512  # served-loss observations kept for the staleness fit
 _MIN_REFIT_GAP = 10  # steps between error-triggered refits, so a poor fit is not refitted every step
 _ERROR_WINDOW = 20  # recent losses compared with the curve to decide an error-triggered refit
 _ERROR_CHECK_EVERY = 10  # steps between those comparisons (each costs a curve evaluation)
 _STALENESS_WINDOWS = 3  # refits learn staleness from served losses of the last 3 fit windows
 _NEAR = 5  # versions older than the fit window are scored by their observed loss ± this many steps
-_UNKNOWN_STEP_TIME_S = 1.0  # only until the first two steps have been timed
 _FIT_ERRORS = (FitError, ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
+
+
+@dataclass
+class FitState:
+    """Where the learning curve stands: the last fit (its curve, the staleness learnt with it,
+    the steps it covered), why there is none yet, the plan's prediction and the CIL accounted
+    for the requests before that prediction."""
+
+    prior: StalenessModel  # the configured staleness, until served losses teach another
+    curve: LossCurve | None = None
+    staleness: StalenessModel = field(init=False)
+    fits: int = 0
+    step: int = 0  # the last step of the last fit's data
+    start: int = 0  # its first
+    next_attempt: int = 0  # without a curve, the step at which fitting is retried
+    failure: str | None = None  # why there is no curve
+    fallback_reason: str | None = None  # the reason last logged for publishing on the fallback
+    restoring: bool = False  # restored from a checkpoint: the next fit repeats the saved one
+    prediction: CILPrediction | None = None
+    cil_done: float = 0.0  # predicted CIL of the requests before `prediction.since_s`
+
+    def __post_init__(self) -> None:
+        self.staleness = self.prior
+
+    @property
+    def predicted_cil(self) -> float | None:
+        return None if self.prediction is None else self.cil_done + self.prediction.cil
+
+    def state_dict(self, elapsed_s: float) -> dict[str, Any]:
+        """The fit count and step, and the CIL of the requests before `elapsed_s` (the plan that
+        predicts the rest is made again after a restore)."""
+        cil_done = self.cil_done
+        if self.prediction is not None:
+            cil_done += self.prediction.between(self.prediction.since_s, elapsed_s)
+        return {"fits": self.fits, "fit_step": self.step, "cil_done": cil_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Curves are not saved (a user's predictor may not know how to serialise its own): the
+        # next step refits, and a fit-once schedule refits exactly its original data.
+        self.curve, self.staleness, self.prediction = None, self.prior, None
+        self.start, self.next_attempt, self.failure, self.fallback_reason = 0, 0, None, None
+        self.fits, self.step = int(state.get("fits", 0)), int(state.get("fit_step", 0))
+        self.cil_done = float(state.get("cil_done", 0.0))
+        self.restoring = self.fits > 0
 
 
 class _PredictiveSchedule(PublishSchedule):
@@ -53,7 +95,7 @@ class _PredictiveSchedule(PublishSchedule):
 
     needs_loss = True
 
-    def __init__(self, request_rate: float, total_requests: int, warmup_steps: int, fallback_interval: int,
+    def __init__(self, *, request_rate: float, total_requests: int, warmup_steps: int, fallback_interval: int,
                  refit_every: int, refit_error: float, fit_window: int, step_time_s: float | None,
                  stall_s: float, load_time_s: float, staleness_per_step: float, probe_every: int,
                  predictor: LossPredictor | None, history: int, warmup_on_improvement: bool = False,
@@ -67,20 +109,17 @@ class _PredictiveSchedule(PublishSchedule):
         if step_time_s is not None and not (math.isfinite(step_time_s) and step_time_s > 0):
             raise ConfigurationError(f"step_time_s={step_time_s!r}: use a positive number of seconds, or "
                                      "None to measure it")
-        self.step_time_s = step_time_s
-        self.stall_s = _seconds_or_ratio("stall_s", stall_s)
-        self.load_time_s = _seconds_or_ratio("load_time_s", load_time_s)
-        self.staleness_per_step = _seconds_or_ratio("staleness_per_step", staleness_per_step)
+        self._meter = CostMeter(step_time_s, _seconds_or_ratio("stall_s", stall_s),
+                                _seconds_or_ratio("load_time_s", load_time_s))
+        self._fit = FitState(StalenessModel(linear=_seconds_or_ratio("staleness_per_step", staleness_per_step)))
         self.probe_every = _count("probe_every", probe_every, 0)
-        self.history = _count("history", history, 16)
+        self._losses = LossHistory(_count("history", history, 16))
         self.warmup_on_improvement = bool(warmup_on_improvement)
         self.max_interval = _count("max_interval", max_interval, 0)
         self.predictor = predictor if predictor is not None else LearningCurveFitter()
         if not isinstance(self.predictor, LossPredictor):
             raise ConfigurationError(f"predictor must be a viper_lightning.predictor.LossPredictor, "
                                      f"got {type(self.predictor).__name__}")
-        self._clock: Callable[[], float] = time.perf_counter
-        self._reset()
 
     @property
     def refitting(self) -> bool:
@@ -91,20 +130,16 @@ class _PredictiveSchedule(PublishSchedule):
     def set_clock(self, clock: Callable[[], float]) -> None:
         """Use `clock` (monotonic seconds) instead of `time.perf_counter`: for simulations and
         tests. The time since training started carries on from where the old clock left it."""
-        if self._started_at is not None:
-            self._elapsed_before = self._elapsed()
-        self._clock, self._started_at = clock, None
+        self._meter.set_clock(clock)
 
     def observe_commit_time(self, seconds: float) -> None:
         """A measured background-writer time per version (the publisher's `last_commit`): plans
         then count the wait for a snapshot buffer when they publish faster than it writes."""
-        if math.isfinite(seconds) and seconds >= 0:
-            self._commits.append(float(seconds))
+        self._meter.observe_commit_time(seconds)
 
     def observe_load_time(self, seconds: float) -> None:
         """A measured publish-to-serving latency from the consumer (e.g. `UpdateRecord.latency_s`)."""
-        if math.isfinite(seconds) and seconds >= 0:
-            self._loads.append(float(seconds))
+        self._meter.observe_load_time(seconds)
 
     def observe_served_loss(self, version_step: int, loss: float) -> None:
         """The loss of the version published after `version_step`, measured on labelled data of
@@ -114,9 +149,7 @@ class _PredictiveSchedule(PublishSchedule):
         on): the schedule then compares the two losses of the same batch, which cancels most of
         the batch-to-batch noise. Ground truth that reaches a consumer later works too, noisier.
         """
-        if math.isfinite(loss) and 0 <= version_step <= self._last_step:
-            paired = self._last_loss if self._last_loss_step == self._last_step else math.nan
-            self._served.append((self._last_step, int(version_step), float(loss), paired))
+        self._losses.observe_served(version_step, loss)
 
     def probe_versions(self, step: int) -> list[int]:
         """The published version whose loss on this step's batch the schedule would like, via
@@ -125,136 +158,86 @@ class _PredictiveSchedule(PublishSchedule):
         measured at the ages a plan can produce, not only at the short ones that frequent
         publishing leaves the served version at."""
         due = self.probe_every > 0 and step > 0 and step % self.probe_every == 0
-        if not due or not (self.refitting or self._fits == 0):
+        if not due or not (self.refitting or self._fit.fits == 0):
             return []
-        target = step - _PROBE_AGES[(step // self.probe_every) % len(_PROBE_AGES)]
-        candidates = [s for s, _ in self._published if s <= target] or [self._last_published]
-        return [max(candidates)]
+        return [self._losses.probe_version(step, self.probe_every)]
 
     # -- the schedule interface ------------------------------------------------------------------
     def should_publish(self, step: int, loss: float | None = None) -> bool:
-        now_s = self._tick(step)
+        now_s = self._meter.tick(step)
         self._observe(step, loss)
         if step <= self.warmup_steps:
-            return step % self.fallback_interval == 0 or (self.warmup_on_improvement and self._watch.significant())
+            return step % self.fallback_interval == 0 or (self.warmup_on_improvement
+                                                           and self._losses.watch.significant())
         if now_s >= self.load.horizon_s:
             return self._fallback(step, "past the last expected request")
         if self._fit_due(step):
-            self._fit(step, now_s)
-        if self._curve is None:
-            return self._fallback(step, self._fit_failure or "no loss curve yet")
-        overdue = bool(self.max_interval) and step - self._last_published >= self.max_interval
+            self._fit_curve(step, now_s)
+        if self._fit.curve is None:
+            return self._fallback(step, self._fit.failure or "no loss curve yet")
+        overdue = bool(self.max_interval) and step - self._losses.last_published >= self.max_interval
         return self._decide(step) or overdue
 
     def published(self, step: int, loss: float | None, stall_s: float) -> None:
-        stall_s = float(stall_s) if math.isfinite(stall_s) and stall_s >= 0 else 0.0
-        self._stalls.append(stall_s)
-        self._stall_since_tick += stall_s
-        started_s = self._elapsed() - stall_s  # the consumer's latency counts from the publish call
-        self._published.append((int(step), started_s + self._load_time()))
-        self._last_published = int(step)
-        self._publishes += 1
-        self._watch.published()
+        self._losses.record_publish(step, self._meter.published(stall_s))
 
     @property
     def predicted_cil(self) -> float | None:
         """The predicted CIL of the whole run: each request as predicted by the last plan made
         before it arrived (so a refitting schedule's number is a chain of forecasts), plus the
         current plan's forecast for the requests still to come. None before the first fit."""
-        if self._prediction is None:
-            return None
-        return self._cil_done + self._prediction.cil
+        return self._fit.predicted_cil
 
     @property
     def curve(self) -> LossCurve | None:
-        return self._curve
+        return self._fit.curve
 
     @property
     def staleness(self) -> StalenessModel:
-        return self._staleness
+        return self._fit.staleness
 
     def costs(self) -> PublishCosts:
         """The costs the next plan will use: measured medians, else the configured estimates."""
-        return PublishCosts(self._step_time(), _median(self._stalls, self.stall_s), self._load_time(),
-                            _median(self._commits, 0.0))
+        return self._meter.costs()
 
     # -- subclass hooks ----------------------------------------------------------------------------
+    @abstractmethod
     def _plan(self, context: PlanContext, keep_choice: bool) -> CILPrediction:
         """Choose what to do from now on (or, with `keep_choice`, apply the choice already made:
         after a restore, or to plan further ahead); return the predicted CIL of that choice."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _decide(self, step: int) -> bool:
-        raise NotImplementedError
+        """Whether the plan publishes after `step` (once a curve is fitted)."""
 
     def _after_first_fit(self, warmup_losses: list[float]) -> None:
         """Hook run once, with the first curve; raising `FitError` keeps the schedule on its fallback."""
 
-    # -- time and costs ----------------------------------------------------------------------------
-    def _elapsed(self) -> float:
-        if self._started_at is None:
-            self._started_at = self._clock() - self._elapsed_before
-        return self._clock() - self._started_at
+    def _plan_summary(self) -> str:
+        return f"predicted CIL {self.predicted_cil:.4g}"
 
-    def _tick(self, step: int) -> float:
-        """Record the time per step (stalls excluded) and return the time since training started."""
-        now_s = self._elapsed()
-        if self._last_tick is not None and step > self._last_tick[0]:
-            spent = now_s - self._last_tick[1] - self._stall_since_tick
-            self._step_times.append(max(spent, 0.0) / (step - self._last_tick[0]))
-        self._last_tick = (step, now_s)
-        self._stall_since_tick = 0.0
-        return now_s
-
-    def _step_time(self) -> float:
-        if self.step_time_s is not None:
-            return self.step_time_s
-        measured = _median(self._step_times, 0.0)
-        return measured if measured > 0 else _UNKNOWN_STEP_TIME_S
-
-    def _load_time(self) -> float:
-        return _median(self._loads, self.load_time_s)
+    def _repr_extra(self) -> str:
+        """What a subclass adds to the repr's arguments."""
+        return ""
 
     # -- losses ------------------------------------------------------------------------------------
     def _observe(self, step: int, loss: float | None) -> None:
-        self._last_step = step
-        if loss is None:
-            return
-        if not math.isfinite(loss):
-            self._nonfinite += 1
-            if self._nonfinite in (1, 10, 100, 1000):
-                log.warning("%r: ignoring non-finite training loss %r at step %d (%d so far)", self, loss,
-                            step, self._nonfinite)
-            return
-        self._observed.append((int(step), float(loss)))
-        self._watch.observe(float(loss))
-        self._last_loss, self._last_loss_step = float(loss), int(step)
-        self._worst_loss = max(self._worst_loss, float(loss))
-        self._best_loss = min(self._best_loss, float(loss))
-        if step <= self.warmup_steps:
-            self._warmup.append((int(step), float(loss)))
-
-    def _fit_data(self, until: int, first: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The losses to fit: for a first (or only) fit everything up to `until`, the warm-up
-        included even if the bounded history has dropped it; later, the last `fit_window`."""
-        points = [point for point in self._observed if point[0] <= until]
-        if first:
-            oldest = points[0][0] if points else until + 1
-            points = [point for point in self._warmup if point[0] < oldest] + points
-        elif self.fit_window:
-            points = points[-self.fit_window:]
-        steps, losses = zip(*points) if points else ((), ())
-        return finite_points(steps, losses)
+        if not self._losses.observe(step, loss, warmup=step <= self.warmup_steps):
+            count = self._losses.nonfinite
+            if count in (1, 10, 100, 1000):
+                log.warning("%r: ignoring non-finite training loss %r at step %d (%d so far)", self, loss, step,
+                            count)
 
     # -- fitting -----------------------------------------------------------------------------------
     def _fit_due(self, step: int) -> bool:
-        if self._pending_restore:
+        fit = self._fit
+        if fit.restoring:
             return True
-        if self._curve is None:
-            return step >= self._next_fit_attempt and (self._fits == 0 or self.refitting)
+        if fit.curve is None:
+            return step >= fit.next_attempt and (fit.fits == 0 or self.refitting)
         if not self.refitting:
             return False
-        since = step - self._fit_step
+        since = step - fit.step
         if self.refit_every and since >= self.refit_every:
             return True
         checked = since >= _MIN_REFIT_GAP and since % _ERROR_CHECK_EVERY == 0  # checking costs a curve evaluation
@@ -264,12 +247,11 @@ class _PredictiveSchedule(PublishSchedule):
         """Relative gap between the recent mean loss and what the curve predicted for it; 0 when
         the gap is within the noise (under 3 standard errors), so a noisy loss alone does not
         keep triggering refits."""
-        newest = itertools.islice(reversed(self._observed), _ERROR_WINDOW)
-        recent = [(s, v) for s, v in newest if s > self._fit_step]
+        recent = self._losses.newest(_ERROR_WINDOW, after=self._fit.step)
         if len(recent) < 5:
             return 0.0
         steps, losses = zip(*recent)
-        predicted = self._curve(np.asarray(steps, dtype=np.float64)).tolist()  # one curve call; the rest is floats
+        predicted = self._fit.curve(np.asarray(steps, dtype=np.float64)).tolist()  # one curve call; the rest is floats
         residuals = [loss - guess for loss, guess in zip(losses, predicted)]
         count = len(residuals)
         mean = math.fsum(residuals) / count
@@ -278,23 +260,25 @@ class _PredictiveSchedule(PublishSchedule):
             return 0.0
         return abs(mean) / max(abs(math.fsum(predicted) / count), 1e-12)
 
-    def _fit(self, step: int, now_s: float) -> None:
+    def _fit_curve(self, step: int, now_s: float) -> None:
         # A restored schedule refits exactly the data of its last fit, so it predicts as before.
-        restoring = self._pending_restore
-        until = self._fit_step if restoring else step
-        steps, losses = self._fit_data(until, first=self._fits == 0 or (restoring and not self.refitting))
+        fit = self._fit
+        restoring = fit.restoring
+        until = fit.step if restoring else step
+        steps, losses = self._losses.fit_points(until, first=fit.fits == 0 or (restoring and not self.refitting),
+                                                window=self.fit_window)
         try:
             curve = _checked(self.predictor.fit(steps, losses), steps, step)
-            if not restoring and self._fits == 0:
-                self._after_first_fit([loss for _, loss in self._warmup])
+            if not restoring and fit.fits == 0:
+                self._after_first_fit([loss for _, loss in self._losses.warmup])
         except _FIT_ERRORS as exc:
             self._fit_failed(step, exc)
             return
-        self._fits += 0 if restoring else 1
-        self._curve, self._fit_step, self._fit_start = curve, until, int(steps.min())
-        self._history_arrays = None  # rebuilt on demand from the losses seen up to this fit
-        self._fit_failure, self._pending_restore = None, False
-        self._staleness = self._fit_staleness(until)
+        fit.fits += 0 if restoring else 1
+        fit.curve, fit.step, fit.start = curve, until, int(steps.min())
+        self._losses.forget_arrays()  # versions before the fit are scored on the losses seen up to it
+        fit.failure, fit.restoring = None, False
+        fit.staleness = self._fit_staleness(until)
         self._replan(step, now_s, restoring)
         if log.isEnabledFor(logging.INFO):
             log.info("%r at step %d: %s; %s", self, step, curve.describe(), self._plan_summary())
@@ -302,18 +286,18 @@ class _PredictiveSchedule(PublishSchedule):
     def _fit_failed(self, step: int, exc: BaseException) -> None:
         """Keep the last good curve if there is one (a refit can fail on a bad window); without
         one, fall back to the default schedule and retry `fallback_interval` steps later."""
-        self._pending_restore = False
-        if self._curve is not None:
+        self._fit.restoring = False
+        if self._fit.curve is not None:
             log.warning("%r at step %d: refit failed (%s); keeping the previous curve", self, step, exc)
-            self._fit_step = step
+            self._fit.step = step
             return
-        self._fit_failure = f"cannot fit the loss curve ({exc})"
-        self._next_fit_attempt = step + self.fallback_interval
+        self._fit.failure = f"cannot fit the loss curve ({exc})"
+        self._fit.next_attempt = step + self.fallback_interval
 
     def _fit_staleness(self, until: int) -> StalenessModel:
-        prior = StalenessModel(linear=self.staleness_per_step)
+        prior = self._fit.prior
         oldest = until - _STALENESS_WINDOWS * self.fit_window if self.refitting and self.fit_window else -1
-        served = [o for o in self._served if oldest < o[0] <= until]  # staleness changes as training goes on
+        served = self._losses.served_between(oldest, until)  # staleness changes as training goes on
         if not served:
             return prior
         steps, versions, losses, paired = (np.array(column, dtype=np.float64) for column in zip(*served))
@@ -329,122 +313,52 @@ class _PredictiveSchedule(PublishSchedule):
         that of the weights after step s; versions older than the fit window are scored by the
         losses observed around them, since the curve was not fitted there."""
         steps = np.asarray(steps, dtype=np.float64)
-        values = np.array(self._curve(steps + 1.0), dtype=np.float64)
-        early = steps + 1.0 < self._fit_start
-        if np.any(early) and self._observed:
-            if self._history_arrays is None:
-                self._history_arrays = finite_points(*zip(*self._observed))
-            values[early] = _mean_near(*self._history_arrays, steps[early] + 1.0, _NEAR, values[early])
+        values = np.array(self._fit.curve(steps + 1.0), dtype=np.float64)
+        early = steps + 1.0 < self._fit.start
+        if np.any(early) and self._losses.observed:
+            values[early] = self._losses.loss_near(steps[early] + 1.0, _NEAR, values[early])
         return values
 
     # -- planning and accounting -------------------------------------------------------------------
     def _replan(self, step: int, now_s: float, keep_choice: bool = False) -> None:
-        context = PlanContext(self._version_loss, self.load, self.costs(), self._staleness, step, now_s,
-                              self._last_published, ((0, 0.0), *self._published), max_loss=self._max_loss(),
+        fit = self._fit
+        context = PlanContext(self._version_loss, self.load, self.costs(), fit.staleness, step, now_s,
+                              self._losses.last_published, self._losses.live(), max_loss=self._losses.max_loss(),
                               max_interval=self.max_interval or None)
         prediction = self._plan(context, keep_choice)
-        if self._prediction is not None:
-            self._cil_done += self._prediction.between(self._prediction.since_s, now_s)
+        if fit.prediction is not None:
+            fit.cil_done += fit.prediction.between(fit.prediction.since_s, now_s)
         elif not keep_choice:  # restored: cil_done already counts everything before now
-            self._cil_done = self._hindcast(context)
-        self._prediction = prediction
-
-    def _hindcast(self, context: PlanContext) -> float:
-        """Requests before the first plan, scored with the first curve and the versions that were
-        actually live (the warm-up has no forecast of its own)."""
-        past = PlanContext(context.version_loss, context.load, context.costs, context.staleness, 0, 0.0, 0,
-                           context.live, max_loss=context.max_loss, max_interval=context.max_interval)
-        return past.predict([]).between(0.0, context.now_s)
-
-    def _plan_summary(self) -> str:
-        return f"predicted CIL {self.predicted_cil:.4g}"
-
-    def _max_loss(self) -> float:
-        """A served version is predicted to answer no worse than the worst training loss seen
-        (typically the untrained model's) plus as much again: staleness is extrapolated from
-        short ages and must not run away, but a stale model may well be worse than a new one."""
-        if self._worst_loss == -math.inf:
-            return math.inf
-        return self._worst_loss + max(self._worst_loss - self._best_loss, abs(self._worst_loss))
+            fit.cil_done = _hindcast(context)
+        fit.prediction = prediction
 
     def _fallback(self, step: int, reason: str) -> bool:
-        if reason != self._fallback_reason:
+        if reason != self._fit.fallback_reason:
             log.warning("%r at step %d: %s; publishing every %d steps (the fallback) until that changes",
                         self, step, reason, self.fallback_interval)
-            self._fallback_reason = reason
+            self._fit.fallback_reason = reason
         return step % self.fallback_interval == 0
 
     # -- state -------------------------------------------------------------------------------------
-    def _reset(self) -> None:
-        self._observed: deque[tuple[int, float]] = deque(maxlen=self.history)
-        self._warmup: list[tuple[int, float]] = []
-        self._served: deque[tuple[int, int, float, float]] = deque(maxlen=_KEEP_SERVED)
-        self._last_loss, self._last_loss_step = math.nan, -1
-        self._stalls: deque[float] = deque(maxlen=_RECENT)
-        self._loads: deque[float] = deque(maxlen=_RECENT)
-        self._commits: deque[float] = deque(maxlen=_RECENT)
-        self._step_times: deque[float] = deque(maxlen=_RECENT)
-        self._published: deque[tuple[int, float]] = deque(maxlen=_KEEP_PUBLISHED)
-        self._last_published, self._publishes, self._last_step, self._nonfinite = 0, 0, 0, 0
-        self._worst_loss, self._best_loss = -math.inf, math.inf
-        self._started_at: float | None = None
-        self._elapsed_before = 0.0
-        self._last_tick: tuple[int, float] | None = None
-        self._stall_since_tick = 0.0
-        self._curve: LossCurve | None = None
-        self._fits, self._fit_step, self._fit_start, self._next_fit_attempt = 0, 0, 0, 0
-        self._history_arrays: tuple[np.ndarray, np.ndarray] | None = None
-        self._staleness = StalenessModel(linear=self.staleness_per_step)
-        self._fit_failure: str | None = None
-        self._fallback_reason: str | None = None
-        self._prediction: CILPrediction | None = None
-        self._cil_done = 0.0
-        self._pending_restore = False
-        self._watch = ImprovementWatch()
-
     def state_dict(self) -> dict[str, Any]:
-        elapsed_s = self._elapsed() if self._started_at is not None else self._elapsed_before
-        cil_done = self._cil_done
-        if self._prediction is not None:
-            cil_done += self._prediction.between(self._prediction.since_s, elapsed_s)
-        return {
-            "observed": [list(p) for p in self._observed], "warmup": [list(p) for p in self._warmup],
-            "served": [[k, v, loss, None if math.isnan(paired) else paired] for k, v, loss, paired in self._served],
-            "stalls": list(self._stalls),
-            "loads": list(self._loads), "commits": list(self._commits), "step_times": list(self._step_times),
-            "published": [list(p) for p in self._published], "last_published": self._last_published,
-            "publishes": self._publishes, "last_step": self._last_step, "nonfinite": self._nonfinite,
-            "elapsed_s": elapsed_s, "fits": self._fits, "fit_step": self._fit_step, "cil_done": cil_done,
-            "worst_loss": self._worst_loss if math.isfinite(self._worst_loss) else None,
-            "best_loss": self._best_loss if math.isfinite(self._best_loss) else None,
-            "warmup_watch": self._watch.state_dict(),
-        }
+        costs = self._meter.state_dict()
+        return {**costs, **self._losses.state_dict(), **self._fit.state_dict(costs["elapsed_s"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._reset()
-        self._observed.extend((int(s), float(v)) for s, v in state.get("observed", []))
-        self._warmup = [(int(s), float(v)) for s, v in state.get("warmup", [])]
-        self._served.extend((int(k), int(v), float(loss), math.nan if paired is None else float(paired))
-                            for k, v, loss, paired in state.get("served", []))
-        self._stalls.extend(float(v) for v in state.get("stalls", []))
-        self._loads.extend(float(v) for v in state.get("loads", []))
-        self._commits.extend(float(v) for v in state.get("commits", []))
-        self._step_times.extend(float(v) for v in state.get("step_times", []))
-        self._published.extend((int(s), float(t)) for s, t in state.get("published", []))
-        self._last_published = int(state.get("last_published", 0))
-        self._publishes = int(state.get("publishes", 0))
-        self._last_step = int(state.get("last_step", 0))
-        self._nonfinite = int(state.get("nonfinite", 0))
-        self._elapsed_before = float(state.get("elapsed_s", 0.0))
-        self._cil_done = float(state.get("cil_done", 0.0))
-        self._watch = ImprovementWatch.from_state(state.get("warmup_watch", {}), self._watch.z)
-        worst, best = state.get("worst_loss"), state.get("best_loss")
-        self._worst_loss = -math.inf if worst is None else float(worst)
-        self._best_loss = math.inf if best is None else float(best)
-        # Curves are not saved (a user's predictor may not know how to serialise its own): the
-        # next step refits, and a fit-once schedule refits exactly its original data.
-        self._fits, self._fit_step = int(state.get("fits", 0)), int(state.get("fit_step", 0))
-        self._pending_restore = self._fits > 0
+        self._meter.load_state_dict(state)
+        self._losses.load_state_dict(state)
+        self._fit.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
+        return f"{type(self).__name__}(warmup_steps={self.warmup_steps}{refit}{self._repr_extra()})"
+
+
+def _hindcast(context: PlanContext) -> float:
+    """Requests before the first plan, scored with the first curve and the versions that were
+    actually live (the warm-up has no forecast of its own)."""
+    past = replace(context, now_step=0, now_s=0.0, last_published=0)
+    return past.predict([]).between(0.0, context.now_s)
 
 
 def _checked(curve: LossCurve, steps: np.ndarray, step: int) -> LossCurve:
@@ -464,20 +378,3 @@ def _seconds_or_ratio(name: str, value: float) -> float:
             and value >= 0):
         raise ConfigurationError(f"{name}={value!r}: use a finite number >= 0")
     return float(value)
-
-
-def _median(values: deque[float], default: float) -> float:
-    return statistics.median(values) if values else default
-
-
-def _mean_near(steps: np.ndarray, losses: np.ndarray, at: np.ndarray, radius: float,
-               default: np.ndarray) -> np.ndarray:
-    """Mean observed loss within ±radius steps of each of `at` (default where none was seen)."""
-    order = np.argsort(steps, kind="stable")
-    steps, losses = steps[order], losses[order]
-    sums = np.concatenate([[0.0], np.cumsum(losses)])
-    low = np.searchsorted(steps, at - radius, side="left")
-    high = np.searchsorted(steps, at + radius, side="right")
-    counts = high - low
-    means = (sums[high] - sums[low]) / np.maximum(counts, 1)
-    return np.where(counts > 0, means, default)
