@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from viper_lightning._digest import digest_buffer
-from viper_lightning._errors import ConfigurationError, IntegrityError, TransferError
+from viper_lightning import ConfigurationError, IntegrityError, TransferError
 from viper_lightning.transport import _collective
 from viper_lightning.transport._collective import CollectiveClient, CollectiveServer
 from viper_lightning.transport._loans import MemoryLoan

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from viper_lightning._errors import ConfigurationError, ProtocolError
+from viper_lightning import ConfigurationError, ProtocolError
 from viper_lightning.transport._cuda_ipc import _validate, export_cuda_tensor, import_cuda_tensor
 
 WAIT_S = 60.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import threading
 
 import pytest
@@ -16,10 +17,8 @@ import safetensors.torch
 import torch
 import zmq
 
-from viper_lightning import (ConfigurationError, FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice,
-                             TransferError)
-from viper_lightning._layout import Layout
-from viper_lightning.consumer._planner import TransferPlanner
+from viper_lightning import (ConfigurationError, FileSystemTier, Layout, Location, ModelPublisher, ModelSubscriber,
+                             Notice, TransferError, TransferPlanner)
 from viper_lightning.producer._catalog import VersionCatalog, VersionRecord
 from viper_lightning.producer._demoter import Demoter
 from viper_lightning.producer._device import DeviceTier
@@ -314,3 +313,16 @@ def test_collective_answers_carry_each_versions_own_digest(model_name, pfs_root)
         digest, _ = CollectiveClient(publisher.collective_endpoint, WAIT_S).fetch_into(versions[-1], staging, notice.nbytes)
         stored = FileSystemTier(pfs_root).read_manifest(model_name, versions[-1], None)
         assert digest == stored.digest == notice.digest
+
+
+def test_a_wildcard_collective_keeps_announcing_whatever_the_host_name(model_name, events, monkeypatch) -> None:
+    """A collective bound to 0.0.0.0 advertises the host name, which need not parse as an
+    address (underscores): the notices must not depend on re-reading it."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "build_node01")
+    producer = perturbed(TinyNet(), 5)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY, gpu_device="cpu", host_id="here",
+                        collective_endpoint="gloo://0.0.0.0:0") as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, hmac_key=KEY, host_id="here", routes=["dram-shm"],
+                         load_latest=False, on_update=events.on_update) as subscriber:
+        assert publish_and_check(publisher, subscriber, producer, events).route == "dram-shm"
+        assert publisher.health["announcer"] == "ok"

@@ -66,3 +66,17 @@ def test_viper_section_key_file_is_read(tmp_path) -> None:
 def test_viper_section_errors_name_the_key_and_the_fix(config, message) -> None:
     with pytest.raises(ConfigurationError, match=message):
         ViperSettings.from_config(config)
+
+
+def test_the_key_never_shows_in_a_repr(model_name) -> None:
+    callback = ViperCallback(model_name, LOOPBACK_ANY_PORT, hmac_key="a secret key, 16+ bytes")
+    assert "secret" not in repr(callback.settings)
+
+
+def test_settings_are_normalised_once(model_name) -> None:
+    import numpy
+    import torch
+
+    callback = ViperCallback(model_name, LOOPBACK_ANY_PORT, gpu_device=torch.device("cpu"),
+                             keep_versions=numpy.int64(2))
+    assert callback.settings.gpu_device == "cpu" and callback.settings.keep_versions == 2

@@ -36,7 +36,8 @@ class RouteLoaders:
         self._read_only_maps = ReadOnlyMappings()
         self.zero_copy = ZeroCopyWeights() if zero_copy and device == torch.device("cpu") else None
 
-    def loader(self, kind: RouteKind) -> Loader:
+    def loader(self, kind: RouteKind | str) -> Loader:
+        kind = RouteKind(kind)
         if kind is RouteKind.DRAM_SHM:
             return self.zero_copy.load if self.zero_copy is not None \
                 else functools.partial(load_from_segment, self._read_only_maps)
@@ -50,9 +51,9 @@ class RouteLoaders:
             return functools.partial(load_from_collective, self._timeout, self._staging_for())
         return functools.partial(load_from_files, self._pfs, self._staging_for())
 
-    def before(self, kind: RouteKind, standby: torch.nn.Module) -> None:
+    def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:
         """A route other than zero-copy loads into `standby`'s own memory: give it back first."""
-        if self.zero_copy is not None and kind is not RouteKind.DRAM_SHM:
+        if self.zero_copy is not None and RouteKind(kind) is not RouteKind.DRAM_SHM:
             self.zero_copy.unshare(standby)
 
     def after_swap(self) -> None:

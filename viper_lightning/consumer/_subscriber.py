@@ -260,8 +260,9 @@ class ModelSubscriber:
         check_compatible(self._expected, notice.layout)
         routes = self._planner.routes(notice)
         if not routes:
-            raise TransferError(f"none of its locations is reachable over the allowed routes "
-                                f"{list(self._planner.allowed)}: {[loc.to_json() for loc in notice.locations]}")
+            allowed = [str(kind) for kind in self._planner.allowed]
+            raise TransferError(f"none of its locations is reachable over the allowed routes {allowed}: "
+                                f"{[loc.to_json() for loc in notice.locations]}")
         standby = self._wait_for_idle_standby()
         route, why, transfer_s, verify_s = self._load(notice, routes, standby)
         swap_started = time.perf_counter()

@@ -3,7 +3,7 @@ that hold the version at this moment (tiers change as versions are demoted, flus
 
 from __future__ import annotations
 
-from ..transport._collective import BACKENDS, CollectiveServer, parse_address
+from ..transport._collective import BACKENDS, CollectiveServer
 from ..transport._protocol import Location, Notice
 from ._catalog import VersionCatalog
 from ._device import DeviceTier
@@ -48,18 +48,17 @@ class NoticeBoard:
         if self._device is not None and self._device.holds(version):
             if self._lends_device_memory and self._fetch_endpoint:
                 locations.append(Location("gpu", host, self._fetch_endpoint))
-            if collective is not None and serves_device(collective.address, self._device):
+            if collective is not None and serves_device(collective.backend, self._device):
                 locations.append(Location("gpu", host, collective.address, collective.load))
                 collective = None  # listed once: it serves the DRAM copy only as a fallback
         dram = self._store.memory_locations(version, self._fetch_endpoint)
         locations += dram
-        if dram and collective is not None and not collective.address.startswith("nccl://"):
+        if dram and collective is not None and collective.backend != "nccl":
             locations.append(Location("dram", host, collective.address, collective.load))
         return tuple(locations)
 
 
-def serves_device(collective_address: str, device: DeviceTier | None) -> bool:
-    """Whether a collective at this address moves the GPU tier's tensors (NCCL for CUDA, Gloo
+def serves_device(backend: str, device: DeviceTier | None) -> bool:
+    """Whether a collective of this backend moves the GPU tier's tensors (NCCL for CUDA, Gloo
     for the tier kept in host memory)."""
-    backend = parse_address(collective_address)[0]
     return device is not None and device.device.type == BACKENDS[backend]

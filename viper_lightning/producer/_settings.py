@@ -7,7 +7,8 @@ here and nowhere else."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
 from .._errors import ConfigurationError
 from ..storage._pfs import FileSystemTier
@@ -28,10 +29,10 @@ class PublisherSettings:
     model_name: str
     endpoint: str = DEFAULT_ENDPOINT
     pfs_root: str | FileSystemTier | None = None
-    hmac_key: bytes | None = None
+    hmac_key: bytes | None = field(default=None, repr=False)  # never in a log or a traceback
     dram_versions: int = 1
     dram_bytes: int | None = None
-    gpu_device: str | None = None
+    gpu_device: str | None = None  # normalised: "cuda", "cuda:N" or "cpu" (the tier in host memory)
     fetch_endpoint: str | None = DEFAULT_FETCH_ENDPOINT
     collective_endpoint: str | None = None
     keep_versions: int | None = None
@@ -48,7 +49,7 @@ class PublisherSettings:
         if self.collective_endpoint is not None:
             parse_address(self.collective_endpoint, any_port=True)
         if self.gpu_device is not None:
-            parse_device(self.gpu_device)
+            object.__setattr__(self, "gpu_device", str(parse_device(self.gpu_device)))
         object.__setattr__(self, "hmac_key", normalize_key(self.hmac_key))
         if self.pfs_root is None and self.dram_versions == 0:
             raise ConfigurationError(
@@ -71,8 +72,9 @@ class PublisherSettings:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Integers of any kind (numpy's too), but not booleans nor floats like 2.5."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

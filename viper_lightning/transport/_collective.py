@@ -109,6 +109,11 @@ class CollectiveServer:
         self._thread.start()
 
     @property
+    def backend(self) -> str:
+        """"gloo" or "nccl"."""
+        return self._backend
+
+    @property
     def load(self) -> int:
         """Transfers in flight (0 or 1), reported to consumers so they can pick a less busy path."""
         return 0 if self._group is None else 1

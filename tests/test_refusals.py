@@ -12,7 +12,7 @@ import pytest
 import torch
 import zmq
 
-from viper_lightning import FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice
+from viper_lightning import FileSystemTier, Location, ModelPublisher, ModelSubscriber
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed
 

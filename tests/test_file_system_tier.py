@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 
-from viper_lightning import FileSystemTier, IntegrityError, ModelPublisher, StorageError, take_snapshot
+from viper_lightning import FileSystemTier, IntegrityError, ModelPublisher, Notice, StorageError, take_snapshot
 from viper_lightning._buffers import allocate_buffer
 from viper_lightning._digest import digest_buffer
-from viper_lightning.transport._protocol import Notice
 
 from .conftest import LOOPBACK_ANY_PORT, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
 

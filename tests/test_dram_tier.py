@@ -1,0 +1,145 @@
+"""The DRAM tier: private segments, eviction and byte budgets, cleanup at exit and after a crash,
+and the burst buffer draining to the file system behind it."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import zmq
+
+from viper_lightning import (ConfigurationError, FileSystemTier, ModelPublisher, ModelSubscriber, StorageError,
+                             TransferError, take_snapshot)
+from viper_lightning.storage._shm import HEADER, HEADER_BYTES, MAGIC, SHM_DIR, READY
+from viper_lightning.transport._fetch import FetchClient
+
+from .conftest import LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
+
+
+def segments(model: str) -> list[str]:
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"viper.{model}."))
+
+
+def test_segments_are_private_evicted_and_removed_at_exit(model_name, pfs_root) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1) as publisher:
+        publisher.publish(perturbed(TinyNet(), 1))
+        publisher.publish(perturbed(TinyNet(), 2))
+        publisher.flush(WAIT_S)
+        named = [s for s in segments(model_name) if ".v" in s]
+        assert named == [f"viper.{model_name}.v2"]  # v1 left memory; it lives on in the pfs tier
+        mode = stat.S_IMODE(os.stat(os.path.join(SHM_DIR, named[0])).st_mode)
+        assert mode == 0o600
+        client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, None, WAIT_S)
+        with pytest.raises(TransferError, match="still lives in: pfs"):
+            client.fetch_into(1, torch.empty(1 << 20, dtype=torch.uint8), 1)
+    assert segments(model_name) == []
+
+
+def test_memory_only_publisher_needs_no_file_system(model_name, events) -> None:
+    producer = perturbed(TinyNet(), 5)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, routes=["dram-zmq"]) as subscriber:
+        version = publisher.publish(producer)
+        assert subscriber.wait_for_version(version, WAIT_S)
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+
+
+@needs_dev_full
+def test_full_disk_during_flush_surfaces_while_memory_keeps_serving(model_name, tmp_path, events) -> None:
+    tier = FileSystemTier(str(tmp_path), files=FullDisk())
+    producer = perturbed(TinyNet(), 6)
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, tier)
+    with ModelSubscriber(TinyNet(), model_name, publisher.endpoint, load_latest=False) as subscriber:
+        version = publisher.publish(producer)
+        assert subscriber.wait_for_version(version, WAIT_S)  # served from memory regardless
+        with pytest.raises(StorageError, match="disk full"):
+            publisher.flush(WAIT_S)
+        with pytest.raises(StorageError, match="disk full"):
+            publisher.publish(producer)
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+    with pytest.raises(StorageError, match="disk full"):
+        publisher.close()
+    assert segments(model_name) == []
+
+
+def test_stale_segments_of_a_dead_producer_are_reclaimed(model_name) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = os.path.join(SHM_DIR, f"viper.{model_name}.v7")
+    with open(path, "wb") as handle:
+        handle.write(HEADER.pack(MAGIC, 7, READY, 0, 1, dead.pid).ljust(HEADER_BYTES, b"\0"))
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT):
+        assert not os.path.exists(path)
+
+
+def test_segments_are_removed_when_a_producer_exits_without_close(model_name) -> None:
+    script = (f"import torch\nfrom viper_lightning import ModelPublisher\n"
+              f"publisher = ModelPublisher({model_name!r}, 'tcp://127.0.0.1:*')\n"
+              f"publisher.publish(torch.nn.Linear(64, 64))\npublisher.flush(60)\n"
+              f"import os; print(sorted(n for n in os.listdir('/dev/shm') if n.startswith('viper.')))\n")
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert f"viper.{model_name}.v1" in finished.stdout  # it existed while the producer ran
+    assert segments(model_name) == []
+
+
+def test_dram_byte_budget_keeps_only_what_fits(model_name, pfs_root) -> None:
+    nbytes = take_snapshot(TinyNet().state_dict()).layout.nbytes
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=10,
+                        dram_bytes=int(2.5 * nbytes)) as publisher:
+        for seed in range(5):
+            publisher.publish(perturbed(TinyNet(), seed))
+        assert publisher.flush(WAIT_S)
+        assert [s for s in segments(model_name) if ".v" in s] == [f"viper.{model_name}.v4", f"viper.{model_name}.v5"]
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_bytes=1) as publisher:
+        version = publisher.publish(TinyNet())  # bigger than the budget: the newest stays anyway
+        assert publisher.flush(WAIT_S)
+        assert f"viper.{model_name}.v{version}" in segments(model_name)
+    with pytest.raises(ConfigurationError, match="dram_bytes=0"):
+        ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_bytes=0)
+
+
+def test_the_newest_version_stays_in_memory_while_an_older_one_is_borrowed(model_name) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1) as publisher:
+        first = publisher.publish(perturbed(TinyNet(), 1))
+        held = publisher._store.borrow(first)  # e.g. a remote transfer still reading it
+        second = publisher.publish(perturbed(TinyNet(), 2))
+        assert publisher._store.borrow(second) is not None
+        publisher._store.give_back(held)
+        assert f"viper.{model_name}.v{second}" in segments(model_name)
+        assert f"viper.{model_name}.v{first}" not in segments(model_name)
+
+
+def test_flush_delay_holds_the_write_back_but_never_flush_or_close(model_name, pfs_root) -> None:
+    for finish in (lambda publisher: publisher.flush(WAIT_S), lambda publisher: publisher.close()):
+        publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59)
+        version = publisher.publish(perturbed(TinyNet(), 1))
+        assert FileSystemTier(pfs_root).latest(model_name) == (version - 1 or None)  # in memory; the write waits
+        finish(publisher)  # drains at once
+        assert FileSystemTier(pfs_root).latest(model_name) == version
+        publisher.close()
+    with pytest.raises(ConfigurationError, match="flush_delay=-1"):
+        ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=-1)
+
+
+def test_a_producer_waiting_for_a_slot_cuts_the_flush_delay_short(model_name, pfs_root) -> None:
+    """With every slot held by the delayed drain, the next publish would wait out the delay:
+    instead it makes the flusher drain at once (no timing: the delay is a minute)."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59) as publisher:
+        published = threading.Event()
+
+        def publish_more_than_the_pool_holds() -> None:  # 4 slots
+            for seed in range(8):
+                publisher.publish(perturbed(TinyNet(), seed))
+            published.set()
+
+        threading.Thread(target=publish_more_than_the_pool_holds, daemon=True).start()
+        assert published.wait(WAIT_S)  # not 59 s per slot
+        assert FileSystemTier(pfs_root).latest(model_name) >= 4  # drained to free the slots
