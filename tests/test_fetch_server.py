@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+
 import pytest
 import torch
 import zmq
@@ -66,3 +70,56 @@ def test_unsigned_fetch_answers_are_refused_when_keyed(model_name, zmq_context) 
         client.fetch_into(version, buffer, nbytes)  # without a key, the digest is all there is
         with pytest.raises(ProtocolError, match="fetch answer .* carries no MAC"):
             keyed.fetch_into(version, buffer, nbytes)
+
+
+def fetched_exactly(publisher: ModelPublisher, version: int, model: torch.nn.Module) -> bool:
+    """An honest consumer's fetch of `version`, compared byte for byte with `model`'s snapshot."""
+    expected = take_snapshot(model.state_dict()).data
+    client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, publisher.model_name, None, WAIT_S)
+    received = torch.empty(expected.numel(), dtype=torch.uint8)
+    client.fetch_into(version, received, expected.numel())
+    return torch.equal(received, expected)
+
+
+def test_garbage_from_peers_that_vanish_never_stops_the_fetch_server(model_name, zmq_context) -> None:
+    """Each answer goes to a peer that has already gone (EHOSTUNREACH under ROUTER_MANDATORY)."""
+    model = TinyNet()
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher:
+        version = publisher.publish(model)
+        for garbage in [b"\xff" * 64, b"{", b'{"proto": 1}', b"[]"] * 25:
+            with zmq_context.socket(zmq.DEALER) as peer:
+                peer.setsockopt(zmq.LINGER, 100)  # the garbage goes out, then the peer is gone
+                peer.connect(publisher.fetch_endpoint)
+                peer.send(garbage)
+        assert fetched_exactly(publisher, version, model)
+        assert publisher.publish(TinyNet()) == version + 1  # the next publish does not raise
+        assert publisher.health["fetch server"] == "ok"
+
+
+def test_a_peer_that_never_reads_costs_only_itself(model_name, zmq_context) -> None:
+    """More chunk reads than zmq queues for one peer (its send high-water mark), none read."""
+    model = torch.nn.Linear(2048, 2048)  # 16 MB: reads of 8 MB chunks
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT)
+    hog = zmq_context.socket(zmq.DEALER)
+    try:
+        version = publisher.publish(model)
+        hog.setsockopt(zmq.LINGER, 0)
+        hog.setsockopt(zmq.RCVHWM, 1)
+        hog.setsockopt(zmq.RCVBUF, 4096)
+        hog.setsockopt(zmq.SNDHWM, 0)  # every request goes out
+        hog.connect(publisher.fetch_endpoint)
+        read = json.dumps({"proto": 1, "model": model_name, "op": "read", "version": version, "offset": 0,
+                           "length": 8 << 20}).encode()
+        for _ in range(3000):  # and never reads an answer
+            hog.send(read)
+        # honest fetches keep succeeding while the server works through the hog's backlog
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            assert fetched_exactly(publisher, version, model)
+        assert publisher.publish(torch.nn.Linear(2048, 2048)) == version + 1
+    finally:
+        hog.close()
+        closed = threading.Thread(target=publisher.close, daemon=True)  # bounded even if it hangs
+        closed.start()
+        closed.join(WAIT_S)
+    assert not closed.is_alive(), "close() hung on a peer that never read"

@@ -13,6 +13,11 @@ The client keeps a small window of chunk reads in flight, receives each data fra
 into its buffer (no intermediate copy) and digests it as it lands. A CUDA IPC lease keeps the
 producer from reusing its device copy while the consumer copies from it; a consumer that never
 releases loses the lease after `lease_s`, so a crashed consumer cannot pin the copy forever.
+
+Every peer is untrusted: the server never blocks on a send (an answer to a peer that has gone,
+or that stops reading, is dropped), a peer may have only a few chunk reads in flight, and a
+chunk zeroMQ has not sent within `lease_s` gives its bytes back to the producer (the late
+bytes then fail the peer's digest check). A slow or hostile peer costs only itself.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ WINDOW = 4  # chunk reads in flight: enough to keep loopback TCP busy, little me
 _POLL_MS = 50
 LEASE_S = 30.0  # how long a CUDA IPC import may take before the producer reuses the copy
 MAX_LEASES = 64
+MAX_READS_PER_PEER = 2 * WINDOW  # chunk reads one peer may have queued and unsent
 MAX_REQUEST_BYTES = 1 << 20  # the server socket's MAXMSGSIZE: requests are small
 
 
@@ -67,7 +73,8 @@ class FetchServer:
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._model, self._key = model, key
         self._lender = lender
-        self._in_flight: list[tuple[zmq.MessageTracker, MemoryLoan]] = []  # until zmq has sent the bytes
+        # (peer, tracker, loan, deadline): chunks zmq is still sending, their bytes kept in place
+        self._in_flight: list[tuple[bytes, zmq.MessageTracker, MemoryLoan, float]] = []
         self._lease_s = lease_s
         self._leases: dict[str, tuple[IpcLoan, float]] = {}  # lease -> (export, deadline)
         self._stop = threading.Event()
@@ -82,7 +89,7 @@ class FetchServer:
         if self._thread.is_alive():
             self._thread.join()
         self._socket.close(0)
-        for _, loan in self._in_flight:
+        for _, _, loan, _ in self._in_flight:
             loan.release()
         self._in_flight.clear()
         for export, _ in self._leases.values():
@@ -133,7 +140,10 @@ class FetchServer:
                 loan.release()
 
     def _read(self, peer: bytes, request: dict) -> None:
-        offset, length = _count(request, "offset"), _count(request, "length")  # before pinning anything
+        offset, length = _count(request, "offset"), _count(request, "length")  # before borrowing anything
+        if sum(1 for item in self._in_flight if item[0] == peer) >= MAX_READS_PER_PEER:
+            raise TransferError(f"{MAX_READS_PER_PEER} chunk reads of this peer are still unsent; read the "
+                                "answers before asking for more", code="busy")
         loan = self._borrowed(peer, request)
         if loan is None:
             return
@@ -143,11 +153,15 @@ class FetchServer:
         chunk = memoryview(loan.data.numpy())[offset:offset + length]
         header = json.dumps({"status": "ok", "offset": offset}).encode()
         try:
-            tracker = self._socket.send_multipart([peer, header, chunk], copy=False, track=True)
+            tracker = self._socket.send_multipart([peer, header, chunk], zmq.NOBLOCK, copy=False, track=True)
+        except zmq.ZMQError as exc:  # gone, or not reading: its problem, not the server's
+            loan.release()
+            log.debug("dropped a chunk for a fetch peer that is gone or not reading: %s", exc)
+            return
         except BaseException:
             loan.release()
             raise
-        self._in_flight.append((tracker, loan))  # the bytes stay pinned until zmq is done
+        self._in_flight.append((peer, tracker, loan, time.monotonic() + self._lease_s))
 
     def _latest(self, peer: bytes, request: dict) -> None:
         notice = self._lender.latest_notice()
@@ -196,15 +210,21 @@ class FetchServer:
         return loan
 
     def _reply(self, peer: bytes, answer: dict) -> None:
-        self._socket.send_multipart([peer, json.dumps(answer).encode()])
+        """Send an answer without ever blocking: one to a peer that has gone or stopped reading is dropped."""
+        try:
+            self._socket.send_multipart([peer, json.dumps(answer).encode()], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("dropped an answer to a fetch peer that is gone or not reading: %s", exc)
 
     def _release_sent(self) -> None:
-        still = []
-        for tracker, loan in self._in_flight:
-            if tracker.done:
+        """Give back the bytes of chunks zmq has sent, and of those stuck past their deadline."""
+        now, still = time.monotonic(), []
+        for item in self._in_flight:
+            _, tracker, loan, deadline = item
+            if tracker.done or now > deadline:
                 loan.release()
             else:
-                still.append((tracker, loan))
+                still.append(item)
         self._in_flight = still
 
 
