@@ -247,3 +247,19 @@ def test_lag_counts_versions_announced_but_not_serving(stored_versions, pfs_root
         forged.send(signed_notice(pfs_root, 3))
         events.wait_for_refusals(1)
         assert subscriber.lag == 2  # v3 was announced; v1 still serves
+
+
+def test_a_signed_notice_for_another_model_is_refused(stored_versions, pfs_root, forged, events) -> None:
+    """Two models share a key (and an architecture): a notice naming the other one, sent on this
+    model's topic, must not be applied (issue 11, defect 11)."""
+    with ModelPublisher("other", LOOPBACK_ANY_PORT, pfs_root, KEY) as other:
+        for seed in (7, 8):
+            version = other.publish(perturbed(TinyNet(), seed))
+    tier = FileSystemTier(pfs_root)
+    notice = tier.read_manifest("other", version, KEY)
+    foreign = notice.with_locations((Location("pfs", "host", tier.address("other", version)),)).encode(KEY)
+    with serving_v1(forged, pfs_root, events) as subscriber:
+        forged.send(foreign)
+        refusal = events.wait_for_refusals(1)[0]
+        assert "'other'" in refusal.reason and "'tiny'" in refusal.reason
+        assert subscriber.version == 1

@@ -227,6 +227,11 @@ class ModelSubscriber:
             self._remember_refused(fingerprint)
             self._refuse(None, f"refused a notice: {exc}")
             return None
+        if notice.model != self.model_name:  # a key shared between models must not cross them
+            self._remember_refused(fingerprint)
+            self._refuse(notice.version, f"refused a notice for model {notice.model!r}: this subscriber serves "
+                                         f"{self.model_name!r}")
+            return None
         self._newest_announced = max(self._newest_announced, notice.version)
         current = self.version or 0
         if notice.version < current:
