@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
 
-from viper_lightning import FileSystemTier, IntegrityError, ModelPublisher, Notice, StorageError, take_snapshot
+from viper_lightning import (ConfigurationError, FileSystemTier, IntegrityError, ModelPublisher, Notice, StorageError,
+                             take_snapshot)
 from viper_lightning._buffers import allocate_buffer
 from viper_lightning._digest import digest_buffer
 
-from .conftest import LOOPBACK_ANY_PORT, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
+from .conftest import LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
 
 
 def write_version(tier: FileSystemTier, model: torch.nn.Module, version: int) -> Notice:
@@ -125,3 +127,48 @@ def test_full_disk_is_a_storage_error_and_leaves_no_partial_version(tmp_path) ->
     with pytest.raises(StorageError, match="disk full"):
         write_version(tier, TinyNet(), 1)
     assert os.listdir(tmp_path / "tiny") == []
+
+
+def test_the_highest_version_a_producer_can_write_is_one_its_reader_reads(pfs_root) -> None:
+    """LATEST holds at most 18 digits: a producer must never write a number its own reader
+    rejects (issue 11, defect 15)."""
+    with pytest.raises(ConfigurationError, match="resume_after=1000000000000000000"):
+        ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root, resume_after=10**18)
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root, resume_after=10**18 - 2) as publisher:
+        last = publisher.publish(TinyNet())
+        assert publisher.flush(WAIT_S)
+        with pytest.raises(ConfigurationError, match="used up"):
+            publisher.publish(TinyNet())
+    assert FileSystemTier(pfs_root).latest("tiny") == last == 10**18 - 1
+
+
+def test_a_named_pipe_is_refused_rather_than_waited_on(pfs_root) -> None:
+    """A forged notice or a hostile user can name a FIFO: reading it would block the subscriber
+    thread for ever (issue 11, defect 12)."""
+    directory = os.path.join(pfs_root, "tiny", "v1")
+    os.makedirs(directory)
+    os.mkfifo(os.path.join(directory, "manifest.json"))
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            FileSystemTier(pfs_root).read_manifest("tiny", 1, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(WAIT_S)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert isinstance(outcome[0], StorageError) and "not a regular file" in str(outcome[0])
+
+
+def test_leftovers_of_crashed_writes_are_removed_at_the_next_start(pfs_root) -> None:
+    """Issue 11, defect 14."""
+    model_dir = os.path.join(pfs_root, "tiny")
+    os.makedirs(os.path.join(model_dir, ".v3.tmp-" + "a" * 32))
+    open(os.path.join(model_dir, ".LATEST.tmp-" + "b" * 32), "w").close()
+    os.makedirs(os.path.join(model_dir, ".keep-me"))
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root):
+        pass
+    assert sorted(os.listdir(model_dir)) == [".keep-me"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from viper_lightning import ConfigurationError, Location, Notice, ProtocolError, take_snapshot
+from viper_lightning import ConfigurationError, Layout, Location, Notice, ProtocolError, take_snapshot
 from viper_lightning._digest import digest_buffer
 
 from .conftest import TinyNet
@@ -70,3 +70,18 @@ def test_short_keys_are_a_configuration_error() -> None:
     from viper_lightning.transport._protocol import normalize_key
     with pytest.raises(ConfigurationError, match="at least 16"):
         normalize_key("short")
+
+
+@pytest.mark.parametrize("shape, message", [
+    ([10**3000] * 300, "at most 64 dimensions"),  # once minutes of big-integer arithmetic
+    ([10**3000], "integers of at most"),
+    ([-1], "integers of at most"),
+])
+def test_forged_shapes_are_refused_before_any_arithmetic(shape, message) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        Layout.from_json([{"name": "w", "dtype": "F32", "shape": shape, "offset": 0}], 4)
+
+
+def test_a_huge_layout_size_is_refused_and_described_briefly() -> None:
+    with pytest.raises(ProtocolError, match="got an integer of 9966 bits"):
+        Layout.from_json([], 10**3000)

@@ -39,6 +39,8 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
 _CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 
 MAX_TENSORS = 1_000_000
+MAX_DIMS = 64  # torch itself allows no more
+MAX_EXTENT = 2**53  # bytes, elements per dimension: far beyond any real model, small enough to compute with
 
 
 def dtype_code(dtype: torch.dtype, name: str = "?") -> str:
@@ -116,8 +118,9 @@ class Layout:
     @classmethod
     def from_json(cls, entries: object, nbytes: object) -> Layout:
         """Parse and validate a layout that came from the wire or from storage."""
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            raise ProtocolError(f"layout size 'nbytes' must be a non-negative integer, got {nbytes!r}")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 <= nbytes <= MAX_EXTENT:
+            raise ProtocolError(f"layout size 'nbytes' must be a non-negative integer of at most {MAX_EXTENT}, "
+                                f"got {_describe(nbytes)}")
         if not isinstance(entries, list) or len(entries) > MAX_TENSORS:
             raise ProtocolError("'layout' must be a list of tensor entries")
         layout = cls(tuple(_parse_spec(entry, index) for index, entry in enumerate(entries)), nbytes)
@@ -218,11 +221,21 @@ def _parse_spec(entry: object, index: int) -> TensorSpec:
         raise ProtocolError(f"layout entry {index}: 'name' must be a non-empty string")
     if dtype not in DTYPES:
         raise ProtocolError(f"tensor {name!r}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise ProtocolError(f"tensor {name!r}: 'shape' must be a list of non-negative integers")
-    if not _is_count(offset):
-        raise ProtocolError(f"tensor {name!r}: 'offset' must be a non-negative integer")
+    # Bounded before any arithmetic: a forged shape of huge integers would cost minutes of CPU.
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise ProtocolError(f"tensor {name!r}: 'shape' must be a list of at most {MAX_DIMS} dimensions")
+    if not all(_is_count(d) and d <= MAX_EXTENT for d in shape):
+        raise ProtocolError(f"tensor {name!r}: 'shape' must hold non-negative integers of at most {MAX_EXTENT}")
+    if not _is_count(offset) or offset > MAX_EXTENT:
+        raise ProtocolError(f"tensor {name!r}: 'offset' must be a non-negative integer of at most {MAX_EXTENT}")
     return TensorSpec(name, dtype, tuple(shape), offset)
+
+
+def _describe(value: object) -> str:
+    """A short, safe description of a bad value (repr of a huge integer raises, or floods a log)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)[:60]
 
 
 def _is_count(value: object) -> bool:

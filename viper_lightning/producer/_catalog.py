@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .._errors import TransferError
+from .._errors import ConfigurationError, TransferError
 from .._layout import Layout
-from ..transport._protocol import Location, Notice
+from ..transport._protocol import MAX_VERSION, Location, Notice
 from ._store import HostCopy
 
 __all__ = ["VersionCatalog", "VersionRecord", "CommitRecord"]
@@ -65,6 +65,9 @@ class VersionCatalog:
         """Number a new version and keep its record (the oldest beyond HISTORY are forgotten)."""
         with self._changed:
             version = self._next
+            if version > MAX_VERSION:
+                raise ConfigurationError(f"version numbers of {self.model!r} are used up at {MAX_VERSION}; "
+                                         "publish under a new model name")
             self._next += 1
             self._in_progress += 1
             self._records[version] = record

@@ -108,6 +108,8 @@ class ModelPublisher:
         host = host_id or socket.gethostname()
         self.producer_id = f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
+        if pfs is not None:
+            _remove_temporaries(pfs, self.model_name)
         first_version = max(resume_after, pfs.highest(self.model_name) if pfs else 0) + 1
         if pfs is None and resume_after == 0:
             log.warning("%s: no pfs_root and no resume_after, so versions start at 1 again; consumers that "
@@ -289,6 +291,17 @@ def _close_at_exit(reference: weakref.ref) -> None:
             publisher.close()
         except Exception:  # noqa: BLE001 - at exit there is no caller left to raise to
             log.exception("closing the publisher of %r at exit failed", publisher.model_name)
+
+
+def _remove_temporaries(pfs: FileSystemTier, model: str) -> None:
+    """What crashed flushes left behind; best effort, since it is only clutter."""
+    try:
+        removed = pfs.remove_temporaries(model)
+    except OSError as exc:
+        log.warning("%s: could not remove leftovers of crashed writes under %s: %s", model, pfs.root, exc)
+        return
+    if removed:
+        log.info("%s: removed %d leftovers of crashed writes under %s", model, len(removed), pfs.root)
 
 
 def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:

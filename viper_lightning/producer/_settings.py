@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .._errors import ConfigurationError
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import parse_address
-from ..transport._protocol import DEFAULT_ENDPOINT, check_endpoint, check_model_name, normalize_key
+from ..transport._protocol import DEFAULT_ENDPOINT, MAX_VERSION, check_endpoint, check_model_name, normalize_key
 from ._device import parse_device
 
 __all__ = ["PublisherSettings", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT", "DEFAULT_FLUSH_DELAY_S"]
@@ -67,8 +67,8 @@ class PublisherSettings:
                                      "seconds")
         if not (_is_number(self.flush_delay) and 0 <= self.flush_delay < 60):
             raise ConfigurationError(f"flush_delay={self.flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
-        if not _is_int(self.resume_after) or self.resume_after < 0:
-            raise ConfigurationError(f"resume_after={self.resume_after!r}: versions are non-negative")
+        if not _is_int(self.resume_after) or not 0 <= self.resume_after < MAX_VERSION:
+            raise ConfigurationError(f"resume_after={self.resume_after!r}: versions run from 0 to {MAX_VERSION}")
 
 
 def _is_int(value: object) -> bool:

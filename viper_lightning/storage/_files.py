@@ -4,13 +4,17 @@ local paths; object stores such as s3:// go through fsspec)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import stat
 from collections.abc import Iterable
 from typing import BinaryIO, Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from .._errors import StorageError
 
 __all__ = ["Files", "LocalFiles", "FsspecFiles", "files_for"]
 
@@ -55,7 +59,17 @@ class LocalFiles:
         _fsync_dir(os.path.dirname(dst))
 
     def open_read(self, path: str) -> BinaryIO:
-        return open(path, "rb")
+        """Regular files only: a FIFO or device named by a forged notice would block or never end."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise StorageError(f"{path} is not a regular file (mode {stat.filemode(mode)}); refusing to read it")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def size(self, path: str) -> int:
         return os.stat(path).st_size
@@ -67,7 +81,11 @@ class LocalFiles:
         return os.path.exists(path)
 
     def remove_tree(self, path: str) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+        """A directory with all it holds, or a single file; nothing there is no error."""
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
 
     def uri(self, path: str) -> str:
         return path

@@ -20,7 +20,7 @@ import torch
 from .._digest import Digester
 from .._errors import IntegrityError, StorageError
 from .._layout import Layout
-from ..transport._protocol import Notice
+from ..transport._protocol import MAX_VERSION, Notice
 from ._files import Files, files_for
 
 __all__ = ["FileSystemTier", "safetensors_header"]
@@ -32,6 +32,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 64 * 1024 * 1024
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
+_TEMPORARY = re.compile(r"^\.(v[0-9]+|LATEST)\.tmp-[0-9a-f]{32}$")
 
 
 def safetensors_header(layout: Layout, metadata: dict[str, str]) -> bytes:
@@ -79,9 +80,18 @@ class FileSystemTier:
             return None
         with self._files.open_read(path) as handle:
             text = handle.read(64).decode(errors="replace").strip()
-        if not re.fullmatch(r"[0-9]{1,18}", text):
+        if not re.fullmatch(r"[0-9]+", text) or len(text) > len(str(MAX_VERSION)):
             raise StorageError(f"{path} holds {text!r}, not a version number; delete it or rewrite it")
         return int(text)
+
+    def remove_temporaries(self, model: str) -> list[str]:
+        """Remove what crashed writes left (`.v<N>.tmp-*`, `.LATEST.tmp-*`); returns their names.
+        Only for a producer starting up: it is the model's one writer."""
+        directory = self._model_dir(model)
+        found = [name for name in self._files.listdir(directory) if _TEMPORARY.match(name)]
+        for name in found:
+            self._files.remove_tree(self._files.join(directory, name))
+        return found
 
     def highest(self, model: str) -> int:
         """The highest version ever written (0 if none): a restarted producer continues after it."""

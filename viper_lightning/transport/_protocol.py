@@ -17,11 +17,12 @@ from .._errors import ConfigurationError, ProtocolError
 from .._layout import Layout
 from ._messages import canonical_json, count, load_object, object_of
 
-__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "Location", "Notice", "check_model_name", "check_endpoint",
+__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "MAX_VERSION", "Location", "Notice", "check_model_name", "check_endpoint",
            "check_proto", "normalize_key", "sign", "verify_mac"]
 
 PROTO = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # where notices are published unless configured otherwise
+MAX_VERSION = 10**18 - 1  # version numbers fit 18 digits (LATEST) and every integer type on the way
 TIERS = ("gpu", "dram", "pfs")
 MAX_NOTICE_BYTES = 64 * 1024 * 1024
 MIN_KEY_BYTES = 16
@@ -150,7 +151,7 @@ class Notice:
         verify_mac(payload, key, what)
         return cls(
             model=_model_field(payload, what),
-            version=count(payload, "version", what, minimum=1),
+            version=count(payload, "version", what, minimum=1, maximum=MAX_VERSION),
             nbytes=count(payload, "nbytes", what),
             digest=_digest_field(payload, what),
             layout=Layout.from_json(payload.get("layout"), payload.get("nbytes")),
