@@ -88,7 +88,8 @@ def test_resumed_run_continues_version_numbers(tmp_path) -> None:
 def test_publisher_failure_surfaces_in_training(tmp_path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the model directory should go")
-    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, str(blocker), schedule=EveryNSteps(10))
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, str(blocker), schedule=EveryNSteps(10),
+                             on_tier_error="raise")
     trainer = make_trainer(tmp_path, callback, max_steps=60, enable_checkpointing=False)
     with pytest.raises(Exception, match="while writing version 1 of 'regressor'"):
         trainer.fit(Regressor())
@@ -182,3 +183,15 @@ def test_schedule_learns_the_background_writer_time(tmp_path, pfs_root) -> None:
     assert callback.last_version == 10
     assert schedule.commit_times and all(seconds > 0 for seconds in schedule.commit_times)
     assert len(schedule.commit_times) <= 10  # each completed write reported once
+
+
+def test_a_failing_file_system_tier_never_stops_training(tmp_path) -> None:
+    """Issue 11, defect 10: the default policy. A file where the model directory should go makes
+    every write fail; training finishes every step and the logger hears of the degraded tier."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the model directory should go")
+    callback = ViperCallback("regressor", LOOPBACK_ANY_PORT, str(blocker), schedule=EveryNSteps(10))
+    trainer = make_trainer(tmp_path, callback, max_steps=60, enable_checkpointing=False)
+    trainer.fit(Regressor())
+    assert trainer.global_step == 60 and callback.last_version == 6
+    assert trainer.callback_metrics["viper/degraded_tiers"] == 1

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -52,9 +53,10 @@ def test_memory_only_publisher_needs_no_file_system(model_name, events) -> None:
 
 @needs_dev_full
 def test_full_disk_during_flush_surfaces_while_memory_keeps_serving(model_name, tmp_path, events) -> None:
+    """The strict mode (on_tier_error="raise"): the write's failure is raised on the caller."""
     tier = FileSystemTier(str(tmp_path), files=FullDisk())
     producer = perturbed(TinyNet(), 6)
-    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, tier)
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, tier, on_tier_error="raise")
     with ModelSubscriber(TinyNet(), model_name, publisher.endpoint, load_latest=False) as subscriber:
         version = publisher.publish(producer)
         assert subscriber.wait_for_version(version, WAIT_S)  # served from memory regardless
@@ -143,3 +145,44 @@ def test_a_producer_waiting_for_a_slot_cuts_the_flush_delay_short(model_name, pf
         threading.Thread(target=publish_more_than_the_pool_holds, daemon=True).start()
         assert published.wait(WAIT_S)  # not 59 s per slot
         assert FileSystemTier(pfs_root).latest(model_name) >= 4  # drained to free the slots
+
+
+@needs_dev_full
+def test_a_full_disk_degrades_the_file_system_tier_and_training_goes_on(model_name, tmp_path, events) -> None:
+    """Issue 11, defect 10: the default policy reports a failed write, keeps the version in
+    memory, and retries the tier with backoff until the disk has room again."""
+    disk = FullDisk()
+    tier = FileSystemTier(str(tmp_path), files=disk)
+    producer = perturbed(TinyNet(), 7)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, tier) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, load_latest=False) as subscriber:
+        first = publisher.publish(producer)
+        assert publisher.flush(WAIT_S)  # no raise: the tier is degraded, not the publisher
+        assert publisher.health["flusher"].startswith("degraded: ") and "disk full" in publisher.health["flusher"]
+        assert subscriber.wait_for_version(first, WAIT_S)  # memory keeps serving
+        second = publisher.publish(perturbed(producer, 8))  # training goes on
+        assert subscriber.wait_for_version(second, WAIT_S)
+        disk.full = False
+        deadline = time.monotonic() + WAIT_S  # the tier is retried after its backoff
+        while publisher.health["flusher"] != "ok" and time.monotonic() < deadline:
+            latest = publisher.publish(perturbed(producer, 9))
+            publisher.flush(WAIT_S)
+        assert publisher.health["flusher"] == "ok"
+        assert tier.latest(model_name) == latest and first not in tier.versions(model_name)
+
+
+def test_a_stray_version_directory_costs_one_version_not_the_run(model_name, pfs_root) -> None:
+    """Issue 11, defect 10: another writer's directory where the next version goes."""
+    tier = FileSystemTier(pfs_root)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=0) as publisher:
+        first = publisher.publish(TinyNet())
+        assert publisher.flush(WAIT_S)
+        os.makedirs(tier.version_dir(model_name, first + 1))
+        second = publisher.publish(TinyNet())
+        assert publisher.flush(WAIT_S)
+        assert "already exists" in publisher.health["flusher"]
+        deadline = time.monotonic() + WAIT_S
+        while publisher.health["flusher"] != "ok" and time.monotonic() < deadline:
+            later = publisher.publish(TinyNet())
+            publisher.flush(WAIT_S)
+        assert publisher.health["flusher"] == "ok" and tier.latest(model_name) == later > second

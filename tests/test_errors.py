@@ -203,3 +203,17 @@ def test_collective_failures_and_malformed_requests_carry_a_code(serve) -> None:
     assert answer["status"] == "error" and answer["code"] == "malformed"
     assert "'nbytes' must be a non-negative integer" in answer["reason"]
     lender.wait_released(1)
+
+
+def test_a_deeply_nested_request_leaves_the_collective_server_serving(serve) -> None:  # noqa: F811 - the fixture
+    """Issue 11, defect 9: a request nested far past the recursion limit once killed the server
+    (RecursionError), and with it every later transfer."""
+    data = make_data(13, CHUNK)
+    server = serve(CountingLender(data))
+    port = int(server.address.rsplit(":", 1)[1])
+    store = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=5), wait_for_workers=False)
+    store.set("viper/req/1", nested(10_000))  # under the size limit, far past the recursion limit
+    answer = json.loads(store.get("viper/ans/1"))
+    assert answer["status"] == "error" and "nests deeper" in answer["reason"]
+    received, _, _ = fetch(server.address, CHUNK)  # the next honest transfer is served
+    assert torch.equal(received, data) and server.error is None

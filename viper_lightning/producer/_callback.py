@@ -49,6 +49,9 @@ class ViperCallback(Callback):
         keep_versions: versions kept on the file system; None keeps all.
         heartbeat_interval: seconds between repeats of the latest notice.
         publish_on_train_end: publish the final weights when training ends.
+        on_tier_error: "degrade" (default): a failed write to the file-system tier is reported
+            (the log, `publisher.health`, and `viper/degraded_tiers` on the Trainer's logger)
+            while training goes on and the tier retries; "raise" stops training with it.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class ViperCallback(Callback):
         keep_versions: int | None = None,
         heartbeat_interval: float = 1.0,
         publish_on_train_end: bool = True,
+        on_tier_error: str = "degrade",
     ) -> None:
         key = _read_key(hmac_key, hmac_key_file)
         # Checked here, when the callback is built (not at train start); "auto" is resolved then.
@@ -74,7 +78,7 @@ class ViperCallback(Callback):
             model_name, endpoint, pfs_root, key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=None if gpu_device == "auto" else gpu_device, fetch_endpoint=fetch_endpoint,
             collective_endpoint=collective_endpoint, keep_versions=keep_versions,
-            heartbeat_interval=heartbeat_interval)
+            heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error)
         self._auto_gpu = gpu_device == "auto"
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):
@@ -128,6 +132,8 @@ class ViperCallback(Callback):
         loss = _loss_of(outputs) if self.schedule.needs_loss else None
         if self.schedule.should_publish(step, loss):
             self._publish(trainer, pl_module, loss)
+            degraded = sum(state.startswith("degraded") for state in self._publisher.health.values())
+            pl_module.log("viper/degraded_tiers", float(degraded), on_step=True, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -181,7 +187,6 @@ class ViperCallback(Callback):
         self._report_commit()
         log.debug("queued %s v%d at step %d (stall %.2f ms)", self.model_name, self.last_version,
                   step, (self.last_stall_s or 0.0) * 1e3)
-
 
     def _report_commit(self) -> None:
         """Tell the schedule how long the newest completed background write took, once."""

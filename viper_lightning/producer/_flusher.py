@@ -21,6 +21,8 @@ __all__ = ["Flusher"]
 log = logging.getLogger("viper_lightning.publisher")
 
 _STOP = object()
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 class Flusher:
@@ -32,7 +34,12 @@ class Flusher:
     the drain's digest and write compete for CPU and memory bandwidth, and the consumers loading
     that version from memory right then are the latency that matters. The delay is skipped when
     more versions are queued, when `hurry()` says the producer waits for a slot this drain
-    holds, and at close."""
+    holds, and at close.
+
+    A failed write (a full disk, a stray directory, an unreachable mount) degrades the tier, it
+    does not stop training: the failure goes to `health`, the version stays in the memory tiers
+    that hold it, and versions submitted during a backoff (doubling from RETRY_FIRST_S up to
+    RETRY_MAX_S) are not written; the first write that succeeds again restores the tier."""
 
     def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None, *,
                  notices: NoticeBoard, catalog: VersionCatalog, store: TieredStore, announcer: Announcer,
@@ -44,7 +51,8 @@ class Flusher:
         self._hurried_at = -math.inf  # versions submitted before this are drained without delay
         self._woken = threading.Event()
         self._inbox: queue.Queue[object] = queue.Queue()
-        self._failed = False
+        self._retry_at = -math.inf  # no write is tried before this (monotonic seconds)
+        self._backoff_s = RETRY_FIRST_S
         self._thread = threading.Thread(target=self._run, name=f"viper-flusher-{model}", daemon=True)
         self._thread.start()
 
@@ -67,16 +75,28 @@ class Flusher:
             self._wait_out_delay(submitted)
             address = None
             try:
-                if not self._failed:  # after a failure, later versions are released, not written
+                if time.monotonic() >= self._retry_at:  # in a backoff, versions stay in memory only
                     address, digest_s, store_s = self._flush(held)
                     self._catalog.flushed(held.version, address, digest_s, store_s)
-            except BaseException as exc:
-                self._failed = True
-                self._health.report("flusher", exc)
-                log.error("flushing %s v%d to %s failed: %s", self._model, held.version, self._pfs.root, exc)
+                    self._recovered()
+            except Exception as exc:  # noqa: BLE001 - the tier degrades; training goes on
+                self._degraded(held.version, exc)
             finally:
                 self._store.give_back(held, flushed=address is not None)
                 self._announcer.announce(held.version, final=True)
+
+    def _degraded(self, version: int, exc: Exception) -> None:
+        self._health.degrade("flusher", exc)
+        log.error("flushing %s v%d to %s failed; the file-system tier is degraded, next try in %.0f s: %s",
+                  self._model, version, self._pfs.root, self._backoff_s, exc)
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, RETRY_MAX_S)
+
+    def _recovered(self) -> None:
+        if self._backoff_s != RETRY_FIRST_S:
+            log.warning("%s: the file-system tier at %s works again", self._model, self._pfs.root)
+        self._health.recovered("flusher")
+        self._retry_at, self._backoff_s = -math.inf, RETRY_FIRST_S
 
     def _wait_out_delay(self, submitted: float) -> None:
         """Until `delay_s` after submission, unless hurried or more versions queue up."""

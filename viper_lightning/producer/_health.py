@@ -1,8 +1,10 @@
 """Health: where the producer's background failures go.
 
-Each background part (announcer, demoter, flusher, the servers) reports its own failure here
-instead of keeping it to itself; the publisher raises the first one on its caller's thread,
-and `view()` says which parts are well."""
+Each background part (announcer, demoter, flusher, the servers) reports its own trouble here
+instead of keeping it to itself. A failure stops that part, and the publisher raises the first
+one on its caller's thread. A degraded part (a secondary tier that failed and retries) keeps
+going and is only reported, unless the publisher is strict (`on_tier_error="raise"`), which
+raises it like a failure. `view()` says how each part is."""
 
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ class _Failing(Protocol):
 class Health:
     """The first failure of each part of one publisher, in the order they happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool = False) -> None:
         self._lock = threading.Lock()
+        self._strict = strict
         self._parts: dict[str, _Failing | None] = {}  # a part that keeps its own failure, or None
         self._failures: dict[str, BaseException] = {}
+        self._degraded: dict[str, BaseException] = {}  # the latest trouble of a part that retries
 
     def add(self, part: str, failing: _Failing | None = None) -> None:
         """A part to report on; `failing` for one that keeps its own failure in `.error`."""
@@ -36,6 +40,22 @@ class Health:
         with self._lock:
             self._parts.setdefault(part, None)
             self._failures.setdefault(part, error)
+
+    def degrade(self, part: str, error: BaseException) -> None:
+        """`part` failed but carries on (and retries); strict publishers treat it as a failure."""
+        with self._lock:
+            self._parts.setdefault(part, None)
+            self._degraded[part] = error
+            if self._strict:
+                self._failures.setdefault(part, error)
+
+    def recovered(self, part: str) -> None:
+        with self._lock:
+            self._degraded.pop(part, None)
+
+    def degraded(self) -> dict[str, BaseException]:
+        with self._lock:
+            return dict(self._degraded)
 
     def failure_of(self, part: str) -> BaseException | None:
         with self._lock:
@@ -54,7 +74,12 @@ class Health:
             raise error
 
     def view(self) -> dict[str, str]:
-        """Each part's state: "ok", or "failed: " and what went wrong."""
+        """Each part's state: "ok", "degraded: " or "failed: " and what went wrong."""
         with self._lock:
-            parts = list(self._parts)
-        return {part: "ok" if (error := self.failure_of(part)) is None else f"failed: {error}" for part in parts}
+            parts, degraded = list(self._parts), dict(self._degraded)
+        view = {}
+        for part in parts:
+            failure = self.failure_of(part)
+            view[part] = f"failed: {failure}" if failure is not None else \
+                f"degraded: {degraded[part]}" if part in degraded else "ok"
+        return view

@@ -78,6 +78,9 @@ class ModelPublisher:
             memory bus with the write (0 writes at once).
         resume_after: versions start above this (and above any version already stored).
         host_id: this host's name in notices (default: the host name).
+        on_tier_error: what a failed write to the file-system tier does. "degrade" (default):
+            the version stays in memory, the tier retries with backoff, and `health` reports it;
+            training goes on. "raise": the next publish, flush or close raises it.
     """
 
     def __init__(
@@ -97,12 +100,13 @@ class ModelPublisher:
         flush_delay: float = DEFAULT_FLUSH_DELAY_S,
         resume_after: int = 0,
         host_id: str | None = None,
+        on_tier_error: str = "degrade",
     ) -> None:
         self.settings = PublisherSettings(
             model_name, endpoint, pfs_root, hmac_key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=gpu_device, fetch_endpoint=fetch_endpoint, collective_endpoint=collective_endpoint,
             keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
-            resume_after=resume_after, host_id=host_id)
+            resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error)
         self.model_name = model_name
         key = self.settings.hmac_key
         host = host_id or socket.gethostname()
@@ -116,7 +120,7 @@ class ModelPublisher:
                         "served a previous run refuse them as older. Pass resume_after (ViperCallback does "
                         "from its checkpoint) or a pfs_root.", self.model_name)
         self._catalog = VersionCatalog(self.model_name, host, self.producer_id, first_version)
-        self._health = Health()
+        self._health = Health(strict=on_tier_error == "raise")
         self._closed = False
         self._device = DeviceTier(gpu_device) if gpu_device is not None else None
         lends_device_memory = self._device is not None and self._device.on_gpu and key is not None

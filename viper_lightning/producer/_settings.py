@@ -20,6 +20,7 @@ __all__ = ["PublisherSettings", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT", "D
 
 DEFAULT_FETCH_ENDPOINT = "tcp://127.0.0.1:*"
 DEFAULT_FLUSH_DELAY_S = 0.05
+ON_TIER_ERROR = ("degrade", "raise")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class PublisherSettings:
     flush_delay: float = DEFAULT_FLUSH_DELAY_S
     resume_after: int = 0
     host_id: str | None = None
+    on_tier_error: str = "degrade"
 
     def __post_init__(self) -> None:
         check_model_name(self.model_name)
@@ -67,6 +69,9 @@ class PublisherSettings:
                                      "seconds")
         if not (_is_number(self.flush_delay) and 0 <= self.flush_delay < 60):
             raise ConfigurationError(f"flush_delay={self.flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
+        if self.on_tier_error not in ON_TIER_ERROR:
+            raise ConfigurationError(f"on_tier_error={self.on_tier_error!r}: use 'degrade' (report and keep "
+                                     "training) or 'raise' (stop at the first failed write)")
         if not _is_int(self.resume_after) or not 0 <= self.resume_after < MAX_VERSION:
             raise ConfigurationError(f"resume_after={self.resume_after!r}: versions run from 0 to {MAX_VERSION}")
 
