@@ -158,16 +158,16 @@ def test_a_full_disk_degrades_the_file_system_tier_and_training_goes_on(model_na
          ModelSubscriber(TinyNet(), model_name, publisher.endpoint, load_latest=False) as subscriber:
         first = publisher.publish(producer)
         assert publisher.flush(WAIT_S)  # no raise: the tier is degraded, not the publisher
-        assert publisher.health["flusher"].startswith("degraded: ") and "disk full" in publisher.health["flusher"]
+        assert publisher.health["file-system tier"].startswith("degraded: ") and "disk full" in publisher.health["file-system tier"]
         assert subscriber.wait_for_version(first, WAIT_S)  # memory keeps serving
         second = publisher.publish(perturbed(producer, 8))  # training goes on
         assert subscriber.wait_for_version(second, WAIT_S)
         disk.full = False
         deadline = time.monotonic() + WAIT_S  # the tier is retried after its backoff
-        while publisher.health["flusher"] != "ok" and time.monotonic() < deadline:
+        while publisher.health["file-system tier"] != "ok" and time.monotonic() < deadline:
             latest = publisher.publish(perturbed(producer, 9))
             publisher.flush(WAIT_S)
-        assert publisher.health["flusher"] == "ok"
+        assert publisher.health["file-system tier"] == "ok"
         assert tier.latest(model_name) == latest and first not in tier.versions(model_name)
 
 
@@ -180,9 +180,9 @@ def test_a_stray_version_directory_costs_one_version_not_the_run(model_name, pfs
         os.makedirs(tier.version_dir(model_name, first + 1))
         second = publisher.publish(TinyNet())
         assert publisher.flush(WAIT_S)
-        assert "already exists" in publisher.health["flusher"]
+        assert "already exists" in publisher.health["file-system tier"]
         deadline = time.monotonic() + WAIT_S
-        while publisher.health["flusher"] != "ok" and time.monotonic() < deadline:
+        while publisher.health["file-system tier"] != "ok" and time.monotonic() < deadline:
             later = publisher.publish(TinyNet())
             publisher.flush(WAIT_S)
-        assert publisher.health["flusher"] == "ok" and tier.latest(model_name) == later > second
+        assert publisher.health["file-system tier"] == "ok" and tier.latest(model_name) == later > second

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from viper_lightning._buffers import allocate_buffer
 from viper_lightning._digest import digest_buffer
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_version(tier: FileSystemTier, model: torch.nn.Module, version: int) -> Notice:
@@ -171,4 +176,33 @@ def test_leftovers_of_crashed_writes_are_removed_at_the_next_start(pfs_root) -> 
     os.makedirs(os.path.join(model_dir, ".keep-me"))
     with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root):
         pass
-    assert sorted(os.listdir(model_dir)) == [".keep-me"]
+    assert sorted(os.listdir(model_dir)) == [".keep-me", "RESERVED"]
+
+
+CRASHING_PRODUCER = """
+import os, sys
+from viper_lightning import ModelPublisher
+from tests.conftest import TinyNet, perturbed
+publisher = ModelPublisher("tiny", "tcp://127.0.0.1:*", sys.argv[1], flush_delay=59)  # announced, not yet written
+print(publisher.publish(perturbed(TinyNet(), 1)), flush=True)
+os._exit(0)  # a crash: no close, no flush
+"""
+
+
+def test_a_version_announced_before_a_crash_is_never_numbered_again(pfs_root) -> None:
+    """Issue 11, defect 7: v1 lived only in memory when its producer died; a restarted producer
+    must not call other weights v1 (consumers that served the first would keep them)."""
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_PRODUCER, pfs_root], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert crashed.returncode == 0, crashed.stderr
+    announced = int(crashed.stdout.split()[-1])
+    assert FileSystemTier(pfs_root).versions("tiny") == []  # it never reached the file system
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root) as publisher:
+        assert publisher.publish(perturbed(TinyNet(), 2)) > announced
+
+
+def test_a_clean_restart_continues_without_a_gap(pfs_root) -> None:
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root) as publisher:
+        first = publisher.publish(TinyNet())
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root) as publisher:
+        assert publisher.publish(TinyNet()) == first + 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .._errors import ConfigurationError, TransferError
 from .._layout import Layout
 from ..transport._protocol import MAX_VERSION, Location, Notice
+from ._reservations import VersionReservations
 from ._store import HostCopy
 
 __all__ = ["VersionCatalog", "VersionRecord", "CommitRecord"]
@@ -50,8 +51,10 @@ class VersionRecord:
 class VersionCatalog:
     """Version numbers, records, and which versions are still on their way to their last tier."""
 
-    def __init__(self, model: str, host: str, producer_id: str, first_version: int) -> None:
+    def __init__(self, model: str, host: str, producer_id: str, first_version: int,
+                 reservations: VersionReservations | None = None) -> None:
         self.model, self.host, self.producer_id = model, host, producer_id
+        self._reservations = reservations  # None without a file-system tier: nothing durable to reserve on
         self._records: dict[int, VersionRecord] = {}
         self._changed = threading.Condition()
         self._next = first_version
@@ -73,11 +76,18 @@ class VersionCatalog:
             self._records[version] = record
             for old in [v for v in self._records if v <= version - HISTORY]:
                 del self._records[old]
+        if self._reservations is not None:
+            self._reservations.ensure(version)  # before anyone can announce it
         return version
 
     def get(self, version: int) -> VersionRecord | None:
         with self._changed:
             return self._records.get(version)
+
+    @property
+    def handed_out(self) -> int:
+        """The highest version number given out so far (first_version - 1 before any)."""
+        return self._next - 1
 
     @property
     def committed(self) -> int | None:

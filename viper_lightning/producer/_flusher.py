@@ -12,7 +12,7 @@ import time
 from ..storage._pfs import FileSystemTier
 from ._announcer import Announcer
 from ._catalog import VersionCatalog
-from ._health import Health
+from ._health import FILE_SYSTEM_TIER, Health
 from ._notices import NoticeBoard
 from ._store import HostCopy, TieredStore
 
@@ -86,7 +86,7 @@ class Flusher:
                 self._announcer.announce(held.version, final=True)
 
     def _degraded(self, version: int, exc: Exception) -> None:
-        self._health.degrade("flusher", exc)
+        self._health.degrade(FILE_SYSTEM_TIER, exc)
         log.error("flushing %s v%d to %s failed; the file-system tier is degraded, next try in %.0f s: %s",
                   self._model, version, self._pfs.root, self._backoff_s, exc)
         self._retry_at = time.monotonic() + self._backoff_s
@@ -95,7 +95,7 @@ class Flusher:
     def _recovered(self) -> None:
         if self._backoff_s != RETRY_FIRST_S:
             log.warning("%s: the file-system tier at %s works again", self._model, self._pfs.root)
-        self._health.recovered("flusher")
+        self._health.recovered(FILE_SYSTEM_TIER)
         self._retry_at, self._backoff_s = -math.inf, RETRY_FIRST_S
 
     def _wait_out_delay(self, submitted: float) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-__all__ = ["Health"]
+__all__ = ["Health", "FILE_SYSTEM_TIER"]
+
+FILE_SYSTEM_TIER = "file-system tier"  # its writes: the flusher's versions and the version reservations
 
 
 class _Failing(Protocol):
@@ -41,12 +43,13 @@ class Health:
             self._parts.setdefault(part, None)
             self._failures.setdefault(part, error)
 
-    def degrade(self, part: str, error: BaseException) -> None:
-        """`part` failed but carries on (and retries); strict publishers treat it as a failure."""
+    def degrade(self, part: str, error: BaseException, *, escalate: bool = True) -> None:
+        """`part` failed but carries on (and retries); strict publishers treat it as a failure
+        unless `escalate` is False (trouble the caller can do nothing about, only know of)."""
         with self._lock:
             self._parts.setdefault(part, None)
             self._degraded[part] = error
-            if self._strict:
+            if self._strict and escalate:
                 self._failures.setdefault(part, error)
 
     def recovered(self, part: str) -> None:

@@ -29,9 +29,10 @@ from ._catalog import CommitRecord, VersionCatalog, VersionRecord
 from ._demoter import Demoter
 from ._device import BusyError, DeviceTier
 from ._flusher import Flusher
-from ._health import Health
+from ._health import FILE_SYSTEM_TIER, Health
 from ._lender import MemoryLender
 from ._notices import NoticeBoard
+from ._reservations import VersionReservations
 from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, DEFAULT_FLUSH_DELAY_S, PublisherSettings
 from ._store import TieredStore
 
@@ -119,14 +120,17 @@ class ModelPublisher:
             log.warning("%s: no pfs_root and no resume_after, so versions start at 1 again; consumers that "
                         "served a previous run refuse them as older. Pass resume_after (ViperCallback does "
                         "from its checkpoint) or a pfs_root.", self.model_name)
-        self._catalog = VersionCatalog(self.model_name, host, self.producer_id, first_version)
         self._health = Health(strict=on_tier_error == "raise")
+        reservations = VersionReservations(pfs, self.model_name, first_version, self._health) if pfs else None
+        self._catalog = VersionCatalog(self.model_name, host, self.producer_id, first_version, reservations)
         self._closed = False
         self._device = DeviceTier(gpu_device) if gpu_device is not None else None
         lends_device_memory = self._device is not None and self._device.on_gpu and key is not None
         self._context = zmq.Context()
         with contextlib.ExitStack() as resources:  # unwound here if construction fails, else by close()
             resources.callback(self._context.term)
+            if reservations is not None:  # closed after everything that announces
+                resources.callback(lambda: reservations.close(self._catalog.handed_out))
             if self._device is not None:
                 resources.callback(self._device.close)
             self._store = TieredStore(self.model_name, host, dram_versions=dram_versions, dram_bytes=dram_bytes)
@@ -158,7 +162,7 @@ class ModelPublisher:
                 if pfs else None
             if self._flusher is not None:
                 resources.callback(self._flusher.close)
-                self._health.add("flusher")
+                self._health.add(FILE_SYSTEM_TIER)
                 self._store.on_starved = self._flusher.hurry
             self._cascade = Cascade(self._catalog, self._store, self._announcer, self._flusher)
             self._demoter = Demoter(self.model_name, self._device, self._store, self._catalog, self._cascade,
@@ -195,8 +199,8 @@ class ModelPublisher:
 
     @property
     def health(self) -> dict[str, str]:
-        """Each background part ("announcer", "flusher", "demoter", "fetch server", "collective
-        server"): "ok", or "failed: " and why."""
+        """Each background part ("announcer", "file-system tier", "demoter", "fetch server",
+        "collective server"): "ok", "degraded: " (a tier retrying) or "failed: ", and why."""
         return self._health.view()
 
     def publish(self, module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],

@@ -28,11 +28,12 @@ __all__ = ["FileSystemTier", "safetensors_header"]
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+RESERVED = "RESERVED"  # the highest version number a producer may have announced from memory
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 64 * 1024 * 1024
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
-_TEMPORARY = re.compile(r"^\.(v[0-9]+|LATEST)\.tmp-[0-9a-f]{32}$")
+_TEMPORARY = re.compile(r"^\.(v[0-9]+|LATEST|RESERVED)\.tmp-[0-9a-f]{32}$")
 
 
 def safetensors_header(layout: Layout, metadata: dict[str, str]) -> bytes:
@@ -75,7 +76,24 @@ class FileSystemTier:
 
     def latest(self, model: str) -> int | None:
         """The version LATEST points at, or None when nothing was published yet."""
-        path = self._files.join(self._model_dir(model), LATEST)
+        return self._read_number(model, LATEST)
+
+    def reserved(self, model: str) -> int:
+        """The highest version number reserved for announcing from memory (0 if none)."""
+        return self._read_number(model, RESERVED) or 0
+
+    def reserve(self, model: str, upto: int) -> None:
+        """Record durably that versions up to `upto` may be announced, before any of them is: a
+        producer restarted after a crash then never announces one of those numbers again, even
+        for a version that only ever lived in memory."""
+        try:
+            self._files.makedirs(self._model_dir(model))
+            self._write_number(model, RESERVED, upto)
+        except OSError as exc:
+            raise _storage_error(exc, f"reserving versions of {model!r} up to {upto} under {self.root}") from exc
+
+    def _read_number(self, model: str, name: str) -> int | None:
+        path = self._files.join(self._model_dir(model), name)
         if not self._files.exists(path):
             return None
         with self._files.open_read(path) as handle:
@@ -83,6 +101,17 @@ class FileSystemTier:
         if not re.fullmatch(r"[0-9]+", text) or len(text) > len(str(MAX_VERSION)):
             raise StorageError(f"{path} holds {text!r}, not a version number; delete it or rewrite it")
         return int(text)
+
+    def _write_number(self, model: str, name: str, value: int) -> None:
+        """Replace a small number file atomically (temp file, fsync, rename)."""
+        directory = self._model_dir(model)
+        path = self._files.join(directory, name)
+        if not self._files.renames_atomically:  # one PUT replaces the object atomically
+            self._files.write_file(path, [f"{value}\n".encode()])
+            return
+        temp = self._files.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+        self._files.write_file(temp, [f"{value}\n".encode()])
+        self._files.rename(temp, path)
 
     def remove_temporaries(self, model: str) -> list[str]:
         """Remove what crashed writes left (`.v<N>.tmp-*`, `.LATEST.tmp-*`); returns their names.
@@ -94,8 +123,9 @@ class FileSystemTier:
         return found
 
     def highest(self, model: str) -> int:
-        """The highest version ever written (0 if none): a restarted producer continues after it."""
-        return max([0, *self.versions(model), self.latest(model) or 0])
+        """The highest version ever written or reserved (0 if none): a restarted producer
+        continues after it."""
+        return max([0, *self.versions(model), self.latest(model) or 0, self.reserved(model)])
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, notice: Notice, data: torch.Tensor, manifest: bytes) -> str:
@@ -129,16 +159,8 @@ class FileSystemTier:
 
     def _advance_latest(self, model: str, version: int) -> None:
         current = self.latest(model)
-        if current is not None and current >= version:
-            return
-        directory = self._model_dir(model)
-        latest = self._files.join(directory, LATEST)
-        if not self._files.renames_atomically:  # one PUT replaces the object atomically
-            self._files.write_file(latest, [f"{version}\n".encode()])
-            return
-        temp = self._files.join(directory, f".LATEST.tmp-{uuid.uuid4().hex}")
-        self._files.write_file(temp, [f"{version}\n".encode()])
-        self._files.rename(temp, latest)
+        if current is None or current < version:
+            self._write_number(model, LATEST, version)
 
     def prune(self, model: str, keep: int) -> list[int]:
         """Remove all but the newest `keep` versions; returns the removed ones."""
