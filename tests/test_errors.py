@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import threading
 from contextlib import ExitStack
 from datetime import timedelta
 
@@ -17,7 +18,9 @@ import zmq
 
 import viper_lightning
 from viper_lightning import (ConfigurationError, IntegrityError, ModelPublisher, Notice, ProtocolError, StorageError,
-                             TransferError, ViperError)
+                             TransferError, ViperError, take_snapshot)
+from viper_lightning._digest import digest_buffer
+from viper_lightning.transport._collective import CollectiveClient
 from viper_lightning.transport._fetch import MAX_LEASES, FetchClient
 from viper_lightning.transport._loans import MemoryLoan
 from viper_lightning.transport._messages import MAX_DEPTH, count, load_object
@@ -217,3 +220,41 @@ def test_a_deeply_nested_request_leaves_the_collective_server_serving(serve) -> 
     assert answer["status"] == "error" and "nests deeper" in answer["reason"]
     received, _, _ = fetch(server.address, CHUNK)  # the next honest transfer is served
     assert torch.equal(received, data) and server.error is None
+
+
+def test_a_keyed_consumer_refuses_collective_answers_the_server_did_not_sign() -> None:
+    """Issue 11, defect 3: anyone who reaches the store can read a consumer's nonce and answer in
+    the server's place, vouching with a digest of its own bytes. With a key, only a signed
+    answer is believed, before a byte is received."""
+    impostor = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=WAIT_S), wait_for_workers=False)
+    impostor.set("viper/next", "1")
+    own_bytes = torch.zeros(64, dtype=torch.uint8)
+
+    def answer_in_the_servers_place() -> None:
+        request = json.loads(impostor.get("viper/req/1"))  # waits for the consumer's request
+        impostor.set("viper/next", "2")
+        impostor.set("viper/ans/1", json.dumps({"proto": 1, "nonce": request["nonce"], "status": "ok", "version": 1,
+                                                "nbytes": 64, "digest": digest_buffer(own_bytes), "chunk_bytes": 64}))
+
+    responder = threading.Thread(target=answer_in_the_servers_place, daemon=True)
+    responder.start()
+    client = CollectiveClient(f"gloo://127.0.0.1:{impostor.port}", timeout=WAIT_S, key=GPU_KEY)
+    with pytest.raises(ProtocolError, match="carries no MAC") as caught:
+        client.fetch_into(1, torch.empty(64, dtype=torch.uint8), 64)
+    assert caught.value.code == "forged"
+    responder.join(WAIT_S)
+
+
+def test_collective_answers_are_signed_and_keyed_transfers_verified(model_name) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=GPU_KEY,
+                        collective_endpoint="gloo://127.0.0.1:0") as publisher:
+        model = TinyNet()
+        version = publisher.publish(model)
+        expected = take_snapshot(model.state_dict()).data
+        received = torch.empty(expected.numel(), dtype=torch.uint8)
+        CollectiveClient(publisher.collective_endpoint, WAIT_S, GPU_KEY).fetch_into(version, received, expected.numel())
+        assert torch.equal(received, expected)
+        with pytest.raises(ProtocolError, match="wrong MAC") as caught:  # signed, with another key
+            CollectiveClient(publisher.collective_endpoint, WAIT_S, b"another key, 16+ bytes").fetch_into(
+                version, received, expected.numel())
+        assert caught.value.code == "forged"

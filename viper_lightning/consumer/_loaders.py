@@ -44,11 +44,11 @@ class RouteLoaders:
         if kind is RouteKind.GPU_IPC:
             return functools.partial(load_from_device, self.context, self._key, self._timeout)
         if kind is RouteKind.GPU_NCCL:
-            return functools.partial(load_from_collective, self._timeout, self._device_staging_for())
+            return functools.partial(load_from_collective, self._timeout, self._key, self._device_staging_for())
         if kind is RouteKind.DRAM_ZMQ:
             return functools.partial(load_from_peer, self.context, self._key, self._timeout, self._staging_for())
         if kind is RouteKind.COLLECTIVE:
-            return functools.partial(load_from_collective, self._timeout, self._staging_for())
+            return functools.partial(load_from_collective, self._timeout, self._key, self._staging_for())
         return functools.partial(load_from_files, self._pfs, self._staging_for())
 
     def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:

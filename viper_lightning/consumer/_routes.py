@@ -64,10 +64,12 @@ def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, stag
     return _load_streamed(client.fetch_into, notice, staging, standby)
 
 
-def load_from_collective(timeout: float, staging: torch.Tensor, notice: Notice, location: Location,
-                         standby: torch.nn.Module) -> tuple[float, float]:
-    """torch.distributed point-to-point (Gloo here; NCCL with the GPU tier), digest checked."""
-    return _load_streamed(CollectiveClient(location.address, timeout).fetch_into, notice, staging, standby)
+def load_from_collective(timeout: float, key: bytes | None, staging: torch.Tensor, notice: Notice,
+                         location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+    """torch.distributed point-to-point (Gloo here; NCCL with the GPU tier), digest checked;
+    with a key, the answer vouching for the bytes must be signed."""
+    client = CollectiveClient(location.address, timeout, key)
+    return _load_streamed(client.fetch_into, notice, staging, standby)
 
 
 def load_from_device(context: zmq.Context, key: bytes | None, timeout: float, notice: Notice,

@@ -144,7 +144,7 @@ class ModelPublisher:
             if fetch is not None:
                 resources.callback(fetch.close)
                 self._health.add("fetch server", fetch)
-            collective = self._start_collective(collective_endpoint, lender) \
+            collective = self._start_collective(collective_endpoint, key, lender) \
                 if serves_memory and collective_endpoint is not None else None
             if collective is not None:
                 resources.callback(collective.close)
@@ -284,12 +284,12 @@ class ModelPublisher:
         server.start()
         return server
 
-    def _start_collective(self, endpoint: str, lender: MemoryLender) -> CollectiveServer:
+    def _start_collective(self, endpoint: str, key: bytes | None, lender: MemoryLender) -> CollectiveServer:
         backend, host, port = parse_address(endpoint, any_port=True)
         if backend == "nccl" and (self._device is None or not self._device.on_gpu):
             raise ConfigurationError(f"collective_endpoint {endpoint!r}: NCCL serves the GPU tier's copies; set "
                                      "gpu_device='cuda', or use gloo:// to serve host memory")
-        return CollectiveServer(host, port, backend, lender)
+        return CollectiveServer(host, port, backend, lender, key)
 
 
 def _close_at_exit(reference: weakref.ref) -> None:

@@ -49,7 +49,7 @@ from .._digest import ALGORITHM, Digester
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from ._loans import Lender, MemoryLoan
 from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
-from ._protocol import PROTO, check_proto
+from ._protocol import PROTO, check_proto, sign, verify_mac
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -88,13 +88,13 @@ class CollectiveServer:
     """
 
     def __init__(self, host: str, port: int, backend: str,
-                 lender: Lender,
+                 lender: Lender, key: bytes | None = None,
                  timeout: float = 30.0, chunk_bytes: int = CHUNK_BYTES) -> None:
         self._backend = _check_backend(backend)
         self._timeout = _check_timeout(timeout)
         self._chunk_bytes = _check_chunk_bytes(chunk_bytes)
         self._host = host
-        self._lender = lender
+        self._lender, self._key = lender, key
         self._store = _listen(host, port, self._timeout)
         self._store.set(_NEXT, "1")
         self._waker = self._store.clone()  # a second connection: the thread blocks on the first
@@ -237,8 +237,13 @@ class CollectiveServer:
             _release(group, done)
 
     def _answer(self, ticket: int, answer: dict[str, object]) -> None:
-        """Answers echo the request's nonce: the consumer's proof that the answer is its own."""
-        self._store.set(_answer_key(ticket), json.dumps({"proto": PROTO, "nonce": self._nonce, **answer}))
+        """Answers echo the request's nonce: the consumer's proof that the answer is its own. With
+        a key they are signed: the store is readable by anyone who reaches it, so another peer
+        could otherwise answer in the server's place, with a digest of its own bytes."""
+        payload = {"proto": PROTO, "nonce": self._nonce, **answer}
+        if self._key is not None:
+            payload["mac"] = sign(payload, self._key)
+        self._store.set(_answer_key(ticket), json.dumps(payload))
 
     def _answer_failure(self, ticket: int, exc: BaseException) -> None:
         """Tell the consumer at once, rather than letting it wait out its timeout."""
@@ -258,23 +263,26 @@ class CollectiveServer:
 class CollectiveClient:
     """The consumer's side: one fetch from one producer address per call."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(self, address: str, timeout: float = 30.0, key: bytes | None = None) -> None:
         self._backend, self._host, self._port = parse_address(address)
         self._timeout = _check_timeout(timeout)
+        self._key = key  # with a key, only a signed answer vouches for the bytes
         self.address = address
 
     def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
         """Receive `version` into `buffer[:nbytes]`; returns (digest, seconds spent digesting).
 
         A CPU buffer is digested chunk by chunk as the bytes land, and a mismatch raises
-        IntegrityError. A CUDA buffer (nccl) is not digested here: xxh3 runs on the host, and
-        copying the weights back to check them would cost more than the transfer; the returned
-        digest is then the producer's, and the caller's layout check still applies."""
+        IntegrityError. A CUDA buffer (nccl) is digested on a host copy when a key is set (bytes
+        are never accepted unverified then); without one it is not digested here, since copying
+        the weights back would cost more than the transfer; the returned digest is then the
+        producer's, and the caller's layout check still applies."""
         _check_request(version, nbytes)
         _check_buffer(buffer, nbytes, self._backend)
         store = self._connect()
         ticket, nonce = self._claim(store, version, nbytes)
         answer = self._await_answer(store, ticket, version)
+        verify_mac(answer, self._key, f"collective answer from {self.address}")
         if answer.get("nonce") != nonce:
             raise ProtocolError(f"{self.address} answered ticket {ticket} with another consumer's nonce")
         digest, chunk_bytes = _accept(answer, version, nbytes, self.address)
@@ -337,6 +345,11 @@ class CollectiveClient:
                 done = True
         finally:
             _release(group, done)
+        if digester is None and self._key is not None:  # keyed: device bytes are checked too
+            started = time.perf_counter()
+            digester = Digester()
+            digester.update(target.cpu())
+            digest_s += time.perf_counter() - started
         if digester is not None and digester.hexdigest() != expected:
             raise IntegrityError(f"version {version} from {self.address}: digest mismatch (announced "
                                  f"{expected}, received {digester.hexdigest()}); the bytes were damaged")
