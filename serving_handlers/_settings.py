@@ -11,7 +11,7 @@ from viper_lightning.transport._protocol import DEFAULT_ENDPOINT
 __all__ = ["ViperSettings"]
 
 _KNOWN = {"model_name", "endpoint", "pfs_root", "hmac_key", "hmac_key_file", "routes", "model_class",
-          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy"}
+          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class ViperSettings:
     initial_weights: str | None = "model.safetensors"
     fetch_timeout: float = 10.0
     zero_copy: bool = True
+    allow_keyless: bool = False  # the explicit opt-out of authentication (see ModelSubscriber)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ViperSettings:

@@ -101,7 +101,7 @@ def test_counts_are_checked_with_their_bounds(value: object, message: str) -> No
 
 # -- ZeroMQ fetch --------------------------------------------------------------------------
 def test_an_evicted_version_names_the_tiers_that_hold_it(model_name, pfs_root) -> None:
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1, allow_keyless=True) as publisher:
         publisher.publish(perturbed(TinyNet(), 1))
         publisher.publish(perturbed(TinyNet(), 2))
         publisher.flush(WAIT_S)
@@ -130,7 +130,7 @@ def test_a_request_without_the_key_is_refused_as_forged(model_name) -> None:
     (b'{"proto": 1, "model": "MODEL", "op": "fly"}', "unknown fetch op 'fly'"),
 ])
 def test_malformed_fetch_requests_are_answered_with_their_code(model_name, zmq_context, raw, reason) -> None:
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, allow_keyless=True) as publisher:
         publisher.publish(TinyNet())
         with zmq_context.socket(zmq.DEALER) as peer:
             peer.setsockopt(zmq.LINGER, 0)
@@ -142,7 +142,7 @@ def test_malformed_fetch_requests_are_answered_with_their_code(model_name, zmq_c
 
 
 def test_an_ipc_request_to_a_producer_that_lends_none_is_refused_as_no_ipc(model_name) -> None:
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, gpu_device="cpu") as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, gpu_device="cpu", allow_keyless=True) as publisher:
         version = publisher.publish(TinyNet())
         client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, None, WAIT_S)
         with pytest.raises(TransferError, match="lends no device memory") as caught:

@@ -60,7 +60,7 @@ def test_malformed_fetch_requests_are_answered_and_leak_nothing(model_name, zmq_
 
 def test_unsigned_fetch_answers_are_refused_when_keyed(model_name, zmq_context) -> None:
     """With a key, the digest that vouches for the bytes must be signed: an impostor endpoint is refused."""
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as unkeyed:  # an impostor without the key
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, allow_keyless=True) as unkeyed:  # an impostor without the key
         version = unkeyed.publish(TinyNet())
         unkeyed.flush(WAIT_S)
         client = FetchClient(zmq_context, unkeyed.fetch_endpoint, model_name, None, WAIT_S)
@@ -84,7 +84,7 @@ def fetched_exactly(publisher: ModelPublisher, version: int, model: torch.nn.Mod
 def test_garbage_from_peers_that_vanish_never_stops_the_fetch_server(model_name, zmq_context) -> None:
     """Each answer goes to a peer that has already gone (EHOSTUNREACH under ROUTER_MANDATORY)."""
     model = TinyNet()
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, allow_keyless=True) as publisher:
         version = publisher.publish(model)
         for garbage in [b"\xff" * 64, b"{", b'{"proto": 1}', b"[]"] * 25:
             with zmq_context.socket(zmq.DEALER) as peer:
@@ -99,7 +99,7 @@ def test_garbage_from_peers_that_vanish_never_stops_the_fetch_server(model_name,
 def test_a_peer_that_never_reads_costs_only_itself(model_name, zmq_context) -> None:
     """More chunk reads than zmq queues for one peer (its send high-water mark), none read."""
     model = torch.nn.Linear(2048, 2048)  # 16 MB: reads of 8 MB chunks
-    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT)
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, allow_keyless=True)
     hog = zmq_context.socket(zmq.DEALER)
     try:
         version = publisher.publish(model)

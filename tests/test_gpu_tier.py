@@ -244,7 +244,7 @@ def test_ipc_lease_that_expired_during_the_copy_discards_it() -> None:
 
 
 def test_ipc_request_to_a_producer_without_a_cuda_gpu_tier_is_refused(model_name) -> None:
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, gpu_device="cpu") as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, gpu_device="cpu", allow_keyless=True) as publisher:
         version = publisher.publish(TinyNet())
         client = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, None, WAIT_S)
         with pytest.raises(TransferError, match="lends no device memory.*hmac_key"):
@@ -305,7 +305,7 @@ def test_collective_answers_carry_each_versions_own_digest(model_name, pfs_root)
     from viper_lightning.transport._collective import CollectiveClient
 
     with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, gpu_device="cpu",
-                        collective_endpoint=GLOO) as publisher:
+                        collective_endpoint=GLOO, allow_keyless=True) as publisher:
         versions = [publisher.publish(perturbed(TinyNet(), seed)) for seed in range(5)]
         assert publisher.flush(WAIT_S)
         notice = latest_notice(publisher)

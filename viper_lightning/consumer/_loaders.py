@@ -29,7 +29,8 @@ class RouteLoaders:
 
     def __init__(self, device: torch.device | None, pfs: FileSystemTier | None, key: bytes | None,
                  fetch_timeout: float, nbytes: int, *, zero_copy: bool) -> None:
-        self._device, self._pfs, self._key, self._timeout, self._nbytes = device, pfs, key, fetch_timeout, nbytes
+        self._device, self._pfs, self._timeout, self._nbytes = device, pfs, fetch_timeout, nbytes
+        self.key = key  # the subscriber's, once it has one
         self.context: zmq.Context | None = None  # the subscriber's, while it runs
         self._staging: torch.Tensor | None = None
         self._device_staging: torch.Tensor | None = None
@@ -42,13 +43,13 @@ class RouteLoaders:
             return self.zero_copy.load if self.zero_copy is not None \
                 else functools.partial(load_from_segment, self._read_only_maps)
         if kind is RouteKind.GPU_IPC:
-            return functools.partial(load_from_device, self.context, self._key, self._timeout)
+            return functools.partial(load_from_device, self.context, self.key, self._timeout)
         if kind is RouteKind.GPU_NCCL:
-            return functools.partial(load_from_collective, self._timeout, self._key, self._device_staging_for())
+            return functools.partial(load_from_collective, self._timeout, self.key, self._device_staging_for())
         if kind is RouteKind.DRAM_ZMQ:
-            return functools.partial(load_from_peer, self.context, self._key, self._timeout, self._staging_for())
+            return functools.partial(load_from_peer, self.context, self.key, self._timeout, self._staging_for())
         if kind is RouteKind.COLLECTIVE:
-            return functools.partial(load_from_collective, self._timeout, self._key, self._staging_for())
+            return functools.partial(load_from_collective, self._timeout, self.key, self._staging_for())
         return functools.partial(load_from_files, self._pfs, self._staging_for())
 
     def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:

@@ -19,6 +19,7 @@ import zmq
 
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from .._layout import Layout, check_compatible
+from ..storage._keys import key_file_for, read_key
 from ..storage._pfs import FileSystemTier
 from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
@@ -59,6 +60,10 @@ class ModelSubscriber:
         history: how many update and refusal records `stats` keeps.
         planner: the TransferPlanner choosing routes (one with other costs or routes); by
             default one for `host_id` and `routes`.
+        allow_keyless: without `hmac_key`, accept unauthenticated notices and weights (an
+            explicit opt-out). By default a subscriber without a key uses the key the producer of
+            this model created on this host (see viper_lightning.storage._keys) and refuses
+            everything until it has it.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class ModelSubscriber:
         on_refusal: Callable[[Refusal], None] | None = None,
         history: int = 1000,
         planner: TransferPlanner | None = None,
+        allow_keyless: bool = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -87,6 +93,10 @@ class ModelSubscriber:
         self.model_name = check_model_name(model_name)
         self.endpoint = check_endpoint(endpoint)
         self._key = normalize_key(hmac_key)
+        self._keyless = allow_keyless
+        if allow_keyless and self._key is None:
+            log.warning("%s: keyless (allow_keyless=True): any local user who can bind the producer's port or write "
+                        "under pfs_root can have their weights served here", self.model_name)
         self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
         device = _device_of(model)
         self._planner = planner if planner is not None else \
@@ -200,12 +210,24 @@ class ModelSubscriber:
             latest = self._pfs.latest(self.model_name)
             if latest is None or latest <= (self.version or 0):
                 return
-            notice = self._pfs.read_manifest(self.model_name, latest, self._key)
+            notice = self._pfs.read_manifest(self.model_name, latest, self._verifying_key())
         except ViperError as exc:
             self._refuse(None, f"cannot load LATEST from {self._pfs.root}: {exc}")
             return
         location = Location("pfs", self._planner.host, self._pfs.address(self.model_name, latest))
         self._update(notice.with_locations((location,)), time.time(), "LATEST on start")
+
+    def _verifying_key(self) -> bytes | None:
+        """The key notices, manifests and fetches are checked with: the configured one, else (unless
+        keyless) the one this host's producer of the model created, read once it exists."""
+        if self._key is None and not self._keyless:
+            self._key = read_key(self.model_name)
+            if self._key is None:
+                raise ConfigurationError(f"no key yet for {self.model_name!r}: the producer creates "
+                                         f"{key_file_for(self.model_name)} when it starts; on another host, "
+                                         "set hmac_key")
+            self._loaders.key = self._key
+        return self._key
 
     def _newest_acceptable(self, payloads: Iterator[bytes]) -> tuple[Notice, float] | None:
         """Parse a burst of notices as they arrive, refuse the bad ones, keep only the newest."""
@@ -222,7 +244,12 @@ class ModelSubscriber:
         if fingerprint in self._refused:
             return None  # a heartbeat repeating something already refused
         try:
-            notice = Notice.decode(payload, self._key)
+            key = self._verifying_key()
+        except ConfigurationError as exc:  # e.g. no key file yet: the producer may still be starting
+            self._refuse(None, f"refused a notice: {exc}")
+            return None
+        try:
+            notice = Notice.decode(payload, key)
         except Exception as exc:  # noqa: BLE001 - any parse failure is bad input, never fatal
             self._remember_refused(fingerprint)
             self._refuse(None, f"refused a notice: {exc}")

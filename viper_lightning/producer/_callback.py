@@ -52,6 +52,8 @@ class ViperCallback(Callback):
         on_tier_error: "degrade" (default): a failed write to the file-system tier is reported
             (the log, `publisher.health`, and `viper/degraded_tiers` on the Trainer's logger)
             while training goes on and the tier retries; "raise" stops training with it.
+        allow_keyless: without a key, sign nothing and serve anyone (an explicit, logged opt-out);
+            by default a key is created for the model on this host (see ModelPublisher).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class ViperCallback(Callback):
         heartbeat_interval: float = 1.0,
         publish_on_train_end: bool = True,
         on_tier_error: str = "degrade",
+        allow_keyless: bool = False,
     ) -> None:
         key = _read_key(hmac_key, hmac_key_file)
         # Checked here, when the callback is built (not at train start); "auto" is resolved then.
@@ -78,7 +81,7 @@ class ViperCallback(Callback):
             model_name, endpoint, pfs_root, key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=None if gpu_device == "auto" else gpu_device, fetch_endpoint=fetch_endpoint,
             collective_endpoint=collective_endpoint, keep_versions=keep_versions,
-            heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error)
+            heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error, allow_keyless=allow_keyless)
         self._auto_gpu = gpu_device == "auto"
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):

@@ -20,6 +20,7 @@ import zmq
 
 from .._errors import ConfigurationError, ViperError
 from .._layout import Layout
+from ..storage._keys import load_or_create_key
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import CollectiveServer, parse_address
 from ..transport._fetch import FetchServer
@@ -82,6 +83,9 @@ class ModelPublisher:
         on_tier_error: what a failed write to the file-system tier does. "degrade" (default):
             the version stays in memory, the tier retries with backoff, and `health` reports it;
             training goes on. "raise": the next publish, flush or close raises it.
+        allow_keyless: without `hmac_key`, sign nothing and serve anyone (an explicit opt-out,
+            logged). By default a publisher without a key creates one for the model on this host
+            (`/dev/shm/viper-key.<model>`, mode 0600), which same-user consumers here read.
     """
 
     def __init__(
@@ -102,14 +106,15 @@ class ModelPublisher:
         resume_after: int = 0,
         host_id: str | None = None,
         on_tier_error: str = "degrade",
+        allow_keyless: bool = False,
     ) -> None:
         self.settings = PublisherSettings(
             model_name, endpoint, pfs_root, hmac_key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=gpu_device, fetch_endpoint=fetch_endpoint, collective_endpoint=collective_endpoint,
             keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
-            resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error)
+            resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error, allow_keyless=allow_keyless)
         self.model_name = model_name
-        key = self.settings.hmac_key
+        key = _key_for(self.settings)
         host = host_id or socket.gethostname()
         self.producer_id = f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
@@ -299,6 +304,18 @@ def _close_at_exit(reference: weakref.ref) -> None:
             publisher.close()
         except Exception:  # noqa: BLE001 - at exit there is no caller left to raise to
             log.exception("closing the publisher of %r at exit failed", publisher.model_name)
+
+
+def _key_for(settings: PublisherSettings) -> bytes | None:
+    """The configured key; else this host's key of the model (created on first use); else,
+    only when asked for, none."""
+    if settings.hmac_key is not None:
+        return settings.hmac_key
+    if not settings.allow_keyless:
+        return load_or_create_key(settings.model_name)
+    log.warning("%s: keyless (allow_keyless=True): anyone who reaches its endpoints can read these weights, and "
+                "consumers believe any notice", settings.model_name)
+    return None
 
 
 def _remove_temporaries(pfs: FileSystemTier, model: str) -> None:

@@ -42,6 +42,7 @@ class PublisherSettings:
     resume_after: int = 0
     host_id: str | None = None
     on_tier_error: str = "degrade"
+    allow_keyless: bool = False
 
     def __post_init__(self) -> None:
         check_model_name(self.model_name)
