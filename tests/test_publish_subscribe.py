@@ -147,3 +147,28 @@ def test_close_releases_a_thread_waiting_for_a_version(pfs_root) -> None:
     subscriber.close()
     waiter.join(WAIT_S)
     assert result == [False]
+
+
+class ManyTensors(torch.nn.Module):
+    """A model whose layout alone makes a notice of about 19 MB (180k small tensors)."""
+
+    def __init__(self, count: int = 180_000) -> None:
+        super().__init__()
+        for index in range(count):
+            self.register_buffer(f"block_{index}_of_a_model_with_a_very_long_tensor_name", torch.zeros(1))
+
+
+def test_a_model_whose_notice_is_over_16_mb_is_still_followed(model_name, events) -> None:
+    """Issue 11, defect 6: a notice over the subscribers' 16 MB frame limit once made libzmq drop
+    them for good (silently deaf); big notices are compressed on the wire."""
+    producer = ManyTensors()
+    with torch.no_grad():
+        next(iter(producer.buffers())).fill_(7.0)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as publisher, \
+         ModelSubscriber(ManyTensors(), model_name, publisher.endpoint, load_latest=False,
+                         on_update=events.on_update) as subscriber:
+        assert publisher.wait_for_subscribers(1, WAIT_S)
+        version = publisher.publish(producer)
+        assert subscriber.wait_for_version(version, WAIT_S * 3)
+        with subscriber.serving() as served:
+            assert next(iter(served.buffers())).item() == 7.0

@@ -3,6 +3,9 @@ writes that never reach the producer."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -120,3 +123,32 @@ def test_mappings_of_unlinked_segments_are_let_go(model_name) -> None:
     finally:
         mappings.close()
         kept.unlink()
+
+
+def shm_references(model: str) -> list[str]:
+    """This process's descriptors and mappings of the model's segments."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if f"viper.{model}." in os.readlink(f"/proc/self/fd/{fd}"):
+                found.append(f"fd {fd}")
+    with open("/proc/self/maps") as maps:
+        found += [line.split()[-1] for line in maps if f"viper.{model}." in line]
+    return found
+
+
+def test_closing_lets_go_of_every_segment_and_keeps_the_served_weights(model_name) -> None:
+    """Issue 11, defect 16: close() left descriptors and mappings of deleted segments alive until
+    garbage collection. A closed subscriber's model keeps the weights it served, in its own memory."""
+    producer = TinyNet()
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT)
+    subscriber = ModelSubscriber(TinyNet(), model_name, publisher.endpoint, load_latest=False).start()
+    for seed in range(3):
+        version = publisher.publish(perturbed(producer, seed))
+        assert subscriber.wait_for_version(version, WAIT_S)
+    with subscriber.serving() as served:
+        model = served
+    subscriber.close()
+    publisher.close()
+    assert shm_references(model_name) == []
+    assert_same_weights(producer, model)

@@ -54,6 +54,11 @@ class DoubleBuffer:
                 held.users -= 1
                 self._changed.notify_all()
 
+    def models(self) -> list[torch.nn.Module]:
+        """Both copies, active first."""
+        with self._changed:
+            return [self._active.model, self._standby.model]
+
     def idle_standby(self, timeout: float) -> torch.nn.Module | None:
         """The standby copy once no request still uses it (it was active before the last swap)."""
         with self._changed:

@@ -61,9 +61,9 @@ class RouteLoaders:
         if self.zero_copy is not None:
             self.zero_copy.reap()
 
-    def close(self) -> None:
+    def close(self, models: list[torch.nn.Module]) -> None:
         if self.zero_copy is not None:
-            self.zero_copy.close()
+            self.zero_copy.close(models)
 
     def _staging_for(self) -> torch.Tensor:
         # pinned only for a model on a GPU: the staged bytes go on to the device from there

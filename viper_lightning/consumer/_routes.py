@@ -169,8 +169,16 @@ class ZeroCopyWeights:
                 target.data = torch.empty_like(target.data)
         self._release(model)
 
-    def close(self) -> None:
+    def close(self, models: list[torch.nn.Module]) -> None:
+        """Give `models` private copies of the weights they view, then let go of the segments: a
+        closed subscriber's model must not change when the producer reuses them, nor keep
+        deleted segments alive."""
         self.reap()
+        with torch.no_grad():
+            for model in models:
+                if id(model) in self._locks:
+                    for target in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values():
+                        target.data = target.data.clone()
         for lock in self._locks.values():
             lock.release()
         self._locks.clear()

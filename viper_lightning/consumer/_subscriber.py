@@ -33,7 +33,8 @@ __all__ = ["ModelSubscriber"]
 log = logging.getLogger("viper_lightning.subscriber")
 
 _IDLE_WAIT_S = 1.0  # one wait for in-flight requests on the standby copy
-_REMEMBERED_REFUSALS = 1024  # refused payloads recognised when heartbeats repeat them
+_REMEMBERED_REFUSALS = 1024  # refused (or served) payloads recognised when heartbeats repeat them
+_BURST_S = 1.0  # the longest a burst of notices is parsed before the newest is applied
 _PERMANENT = (ProtocolError, IntegrityError)  # refused for good; storage/transfer errors are retried
 
 
@@ -142,7 +143,7 @@ class ModelSubscriber:
         if self._context is not None:
             self._context.term()
             self._context = self._loaders.context = None
-        self._loaders.close()
+        self._loaders.close(self._buffers.models())
         self._raise_if_failed()
 
     def __enter__(self) -> ModelSubscriber:
@@ -230,19 +231,26 @@ class ModelSubscriber:
         return self._key
 
     def _newest_acceptable(self, payloads: Iterator[bytes]) -> tuple[Notice, float] | None:
-        """Parse a burst of notices as they arrive, refuse the bad ones, keep only the newest."""
+        """Parse a burst of notices as they arrive, refuse the bad ones, keep only the newest.
+        Each distinct notice is parsed once per burst, and a burst ends after _BURST_S: a big
+        model's notice can take longer to parse than its heartbeat takes to come again."""
         newest: tuple[Notice, float] | None = None
+        seen: set[str] = set()
+        ends = time.monotonic() + _BURST_S
         for payload in payloads:
             received_at = time.time()
-            notice = self._parse(payload)
+            fingerprint = hashlib.blake2b(payload, digest_size=16).hexdigest()
+            notice = self._parse(payload, fingerprint) if fingerprint not in seen else None
+            seen.add(fingerprint)
             if notice is not None and (newest is None or notice.version > newest[0].version):
                 newest = (notice, received_at)
+            if time.monotonic() > ends:
+                break
         return newest
 
-    def _parse(self, payload: bytes) -> Notice | None:
-        fingerprint = hashlib.blake2b(payload, digest_size=16).hexdigest()
+    def _parse(self, payload: bytes, fingerprint: str) -> Notice | None:
         if fingerprint in self._refused:
-            return None  # a heartbeat repeating something already refused
+            return None  # a heartbeat repeating something already refused, or already served
         try:
             key = self._verifying_key()
         except ConfigurationError as exc:  # e.g. no key file yet: the producer may still be starting
@@ -266,7 +274,10 @@ class ModelSubscriber:
             self._refuse(notice.version, f"refused version {notice.version}: older than the "
                                          f"version {current} now serving")
             return None
-        return notice if notice.version > current else None
+        if notice.version == current:
+            self._remember_refused(fingerprint)  # the heartbeat of what serves: no need to parse it again
+            return None
+        return notice
 
     def _update(self, notice: Notice, received_at: float, trigger: str) -> None:
         fingerprint = f"{notice.version}:{notice.digest}:{notice.layout.nbytes}"

@@ -63,6 +63,12 @@ class VersionCatalog:
         self.last_stall_s: float | None = None
         self.last_commit: CommitRecord | None = None
 
+    def close(self) -> None:
+        """Forget the records (and with them the host copies they reference), so the memory of
+        the versions can go when the store closes."""
+        with self._changed:
+            self._records.clear()
+
     # -- numbering and progress ------------------------------------------------------------
     def add(self, record: VersionRecord) -> int:
         """Number a new version and keep its record (the oldest beyond HISTORY are forgotten)."""

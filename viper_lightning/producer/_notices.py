@@ -21,6 +21,7 @@ class NoticeBoard:
         self._lends_device_memory = lends_device_memory
         self._fetch_endpoint: str | None = None
         self._collective: CollectiveServer | None = None
+        self._last: tuple[tuple, bytes] | None = None  # heartbeats repeat a notice: encode it once
 
     def serve_from(self, fetch_endpoint: str | None, collective: CollectiveServer | None) -> None:
         """Where the servers listen, for the locations notices name."""
@@ -28,8 +29,15 @@ class NoticeBoard:
 
     def encoded(self, version: int) -> bytes | None:
         """The signed notice as of now; None when no tier holds the version any more."""
-        notice = self._catalog.notice(version, self._catalog.known_digest(version), self.memory_locations(version))
-        return notice.encode(self._key) if notice is not None and notice.locations else None
+        digest, memory = self._catalog.known_digest(version), self.memory_locations(version)
+        key = (version, digest, memory, self._catalog.on_file_system(version))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        notice = self._catalog.notice(version, digest, memory)
+        if notice is None or not notice.locations:
+            return None
+        self._last = (key, notice.encode(self._key))
+        return self._last[1]
 
     def latest(self) -> bytes | None:
         """The newest version in memory, for a consumer that joins late."""

@@ -140,6 +140,7 @@ class ModelPublisher:
                 resources.callback(self._device.close)
             self._store = TieredStore(self.model_name, host, dram_versions=dram_versions, dram_bytes=dram_bytes)
             resources.callback(self._store.close)
+            resources.callback(self._catalog.close)  # runs first: the store's memory is then unreferenced
             notices = NoticeBoard(self._catalog, self._store, self._device, key, lends_device_memory)
             lender = MemoryLender(self._store, self._device, self._catalog, notices,
                                   lends_device_memory=lends_device_memory)

@@ -126,6 +126,8 @@ class Segment:
             self.name = name
 
     def unlink(self) -> None:
+        """Remove the name and let go of the memory: the descriptor now, the mapping as soon as no
+        tensor views it (right away when the owner dropped its views first)."""
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -133,6 +135,11 @@ class Segment:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self.buffer = None
+        try:
+            self._map.close()
+        except BufferError:  # a tensor somewhere still views it: it goes with that tensor
+            pass
 
     def _write_header(self, version: int, state: int, nbytes: int) -> None:
         HEADER.pack_into(self._map, 0, MAGIC, version, state, nbytes, self._generation, os.getpid())

@@ -3,21 +3,30 @@ not thread-safe), closed with linger=0 so shutdown never blocks on unsent notice
 
 from __future__ import annotations
 
+import logging
+import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import zmq
 
 from .._errors import ConfigurationError
+from ._protocol import MAX_NOTICE_BYTES
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = ["NoticeBroadcaster", "NoticeListener"]
 
+log = logging.getLogger("viper_lightning.publisher")
+
 # Notices are small; a deep queue keeps a burst of publishes from being dropped silently.
 NOTICE_HWM = 1_000
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a notice for 100k tensors is ~10 MB; larger is hostile
+# A frame over this makes libzmq drop the subscriber's connection for good, so the producer
+# never sends one; big models' notices (their layouts grow with the tensor count) are compressed.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+COMPRESS_ABOVE = 1 << 20
+COMPRESSED = b"Z"  # first byte of a compressed notice (a JSON notice starts with "{")
 
 
 class _OwnedSocket:
@@ -52,9 +61,25 @@ class NoticeBroadcaster(_OwnedSocket):
                 f"cannot bind notice endpoint {endpoint!r}: {exc.strerror}; pick a free port, "
                 "or 'tcp://127.0.0.1:*' to let the system choose one") from None
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._compressed: tuple[bytes | None, bytes] = (None, b"")
 
-    def send(self, topic: str, payload: bytes) -> None:
-        self._socket.send_multipart([topic.encode(), payload], copy=False)
+    def send(self, topic: str, payload: bytes) -> bool:
+        """Send one notice (compressed when large); False, logged, when it cannot be sent at all."""
+        frame = self._frame(payload)
+        if len(frame) > MAX_MESSAGE_BYTES:
+            log.error("a notice of %d bytes (%d compressed) is over the %d bytes subscribers accept; not sent "
+                      "(consumers still find the version on the file-system tier)", len(payload), len(frame),
+                      MAX_MESSAGE_BYTES)
+            return False
+        self._socket.send_multipart([topic.encode(), frame], copy=False)
+        return True
+
+    def _frame(self, payload: bytes) -> bytes:
+        if len(payload) <= COMPRESS_ABOVE:
+            return payload
+        if self._compressed[0] is not payload:  # heartbeats repeat the same notice: compress it once
+            self._compressed = (payload, COMPRESSED + zlib.compress(payload, 1))
+        return self._compressed[1]
 
     def new_subscriptions(self) -> int:
         """Drain subscription messages without blocking; returns how many subscribed."""
@@ -93,4 +118,17 @@ class NoticeListener(_OwnedSocket):
             timeout_ms = 0
             frames = self._socket.recv_multipart()
             if frames[0] == self._topic:
-                yield frames[1] if len(frames) == 2 else b""
+                yield _notice_bytes(frames[1]) if len(frames) == 2 else b""
+
+
+def _notice_bytes(frame: bytes) -> bytes:
+    """A notice frame as JSON bytes: decompressed, within MAX_NOTICE_BYTES, when compressed; empty
+    bytes (refused by the caller) when it does not decompress within that bound."""
+    if not frame.startswith(COMPRESSED):
+        return frame
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(frame[1:], MAX_NOTICE_BYTES)
+    except zlib.error:
+        return b""
+    return b"" if inflater.unconsumed_tail or not inflater.eof else data
