@@ -4,6 +4,7 @@ and have nothing believed. Keyless operation is an explicit opt-out."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import stat
 
@@ -12,6 +13,7 @@ import torch
 
 from viper_lightning import ConfigurationError, ModelPublisher, ModelSubscriber, TransferError, take_snapshot
 from viper_lightning.storage._keys import key_file_for
+from viper_lightning.storage._shm import HEADER, HEADER_BYTES, MAGIC, READY
 from viper_lightning.transport._fetch import FetchClient
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed, publish_and_check
@@ -91,3 +93,47 @@ def test_keyless_is_an_explicit_logged_opt_out(model_name, key_file, caplog, eve
             assert_same_weights(producer, served)
     warned = {record.name for record in caplog.records if "keyless (allow_keyless=True)" in record.getMessage()}
     assert warned == {"viper_lightning.publisher", "viper_lightning.subscriber"}
+
+
+def _produce_as_another_user(model: str, results) -> None:
+    """A forked child that drops to an unprivileged uid, then publishes and follows one version."""
+    try:
+        os.setgid(OTHER_UID)
+        os.setuid(OTHER_UID)
+        producer = perturbed(TinyNet(), 4)
+        with ModelPublisher(model, LOOPBACK_ANY_PORT, allow_keyless=True) as publisher, \
+             ModelSubscriber(TinyNet(), model, publisher.endpoint, load_latest=False, allow_keyless=True) as subscriber:
+            version = publisher.publish(producer)
+            reached = subscriber.wait_for_version(version, WAIT_S)
+            with subscriber.serving() as served:
+                exact = all(torch.equal(a, b) for a, b in zip(producer.state_dict().values(),
+                                                              served.state_dict().values()))
+            results.put({"version": version, "reached": reached, "exact": exact, "health": publisher.health})
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def test_another_users_files_in_shared_memory_cost_the_producer_nothing(model_name) -> None:
+    """Issue 11, defect 8: files of another user under this model's segment names (the name the
+    first version takes, and a 'stale segment' of a dead producer) once raised a raw
+    PermissionError from the constructor or from publish()."""
+    if os.geteuid() != 0:
+        pytest.skip("a producer of another user than the planted files' needs root to set up")
+    planted = [f"/dev/shm/viper.{model_name}.v1", f"/dev/shm/viper.{model_name}.free.999999.1"]
+    with open(planted[0], "wb") as squat:
+        squat.write(b"not a segment")
+    with open(planted[1], "wb") as stale:
+        stale.write(HEADER.pack(MAGIC, 1, READY, 0, 0, 999_999).ljust(HEADER_BYTES, b"\0"))
+    context = multiprocessing.get_context("fork")  # the child needs no interpreter files (root's home is private)
+    results = context.Queue()
+    child = context.Process(target=_produce_as_another_user, args=(model_name, results))
+    child.start()
+    try:
+        outcome = results.get(timeout=WAIT_S * 3)
+    finally:
+        child.join(WAIT_S)
+        for path in planted:
+            os.remove(path)
+    assert outcome.get("error") is None, outcome["error"]
+    assert outcome["version"] == 1 and outcome["reached"] and outcome["exact"]
+    assert all(state == "ok" for state in outcome["health"].values())

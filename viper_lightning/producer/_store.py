@@ -22,9 +22,9 @@ import torch
 
 from .._buffers import allocate_buffer
 from .._digest import digest_buffer
-from .._errors import TransferError
+from .._errors import StorageError, TransferError
 from .._layout import Layout
-from ..storage._shm import Segment, reclaim_stale_segments, segment_prefix
+from ..storage._shm import SHM_DIR, Segment, reclaim_stale_segments, segment_prefix
 from ..transport._protocol import Location
 from ._snapshot import fill_buffer
 
@@ -37,6 +37,7 @@ log = logging.getLogger("viper_lightning.publisher")
 SLACK_SLOTS = 3
 _LOCK_POLL_S = 0.005
 LOCKED_GROWTH = 4  # how far slots that consumers still map may make the pool outgrow its budget
+_NAME_TRIES = 16  # segment names tried when another user's files squat them
 
 
 @dataclass(eq=False)
@@ -279,13 +280,20 @@ class TieredStore:
     def _new_slot(self, nbytes: int) -> _Slot:
         if not self.uses_dram:
             return _Slot(allocate_buffer(nbytes))
-        with self._changed:
-            self._serial += 1
-            name = f"{segment_prefix(self.model)}free.{os.getpid()}.{self._serial}"
-        segment = Segment(name, nbytes)
-        with self._changed:
-            self._segments.add(segment)
-        return _Slot(segment.buffer, segment)
+        for _ in range(_NAME_TRIES):
+            with self._changed:
+                self._serial += 1
+                name = f"{segment_prefix(self.model)}free.{os.getpid()}.{self._serial}"
+            try:
+                segment = Segment(name, nbytes)
+            except FileExistsError:  # a name squatted by another user's file: take the next one
+                log.warning("%s/%s exists and is not ours; trying another name", SHM_DIR, name)
+                continue
+            with self._changed:
+                self._segments.add(segment)
+            return _Slot(segment.buffer, segment)
+        raise StorageError(f"{_NAME_TRIES} segment names under {SHM_DIR} for {self.model!r} are taken by files "
+                           "that are not ours; remove them or use another model name")
 
     def _release(self, slot: _Slot) -> None:
         with self._changed:

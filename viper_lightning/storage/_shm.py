@@ -120,10 +120,22 @@ class Segment:
         self._write_header(0, FREE, 0)
         self.rename(name)
 
-    def rename(self, name: str) -> None:
-        if name != self.name:
-            os.rename(self.path, os.path.join(SHM_DIR, name))
-            self.name = name
+    def rename(self, name: str) -> bool:
+        """Give the segment `name`; False (and the old name kept) when another user's file holds
+        it. Notices name segments as they are, so a squatted name costs nothing but the log line."""
+        if name == self.name:
+            return True
+        target = os.path.join(SHM_DIR, name)
+        if os.path.lexists(target) and os.lstat(target).st_uid != os.geteuid():
+            log.warning("%s is another user's file; the segment keeps the name %s", target, self.name)
+            return False
+        try:
+            os.rename(self.path, target)
+        except PermissionError as exc:
+            log.warning("cannot rename %s to %s (%s); it keeps its name", self.path, target, exc.strerror)
+            return False
+        self.name = name
+        return True
 
     def unlink(self) -> None:
         """Remove the name and let go of the memory: the descriptor now, the mapping as soon as no
@@ -361,13 +373,22 @@ def reclaim_stale_segments(model: str) -> list[str]:
         return []
     removed = []
     for name in os.listdir(SHM_DIR):
-        if name.startswith(segment_prefix(model)) and _owner_is_dead(os.path.join(SHM_DIR, name)):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass
+        path = os.path.join(SHM_DIR, name)
+        if not name.startswith(segment_prefix(model)) or not _is_ours(path) or not _owner_is_dead(path):
+            continue  # another user's file is never ours to judge (nor to unlink)
+        try:
+            os.unlink(path)
+            removed.append(name)
+        except (FileNotFoundError, PermissionError):
+            pass
     return removed
+
+
+def _is_ours(path: str) -> bool:
+    try:
+        return os.lstat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def _owner_is_dead(path: str) -> bool:
