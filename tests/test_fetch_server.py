@@ -11,6 +11,7 @@ import torch
 import zmq
 
 from viper_lightning import ProtocolError, ModelPublisher, Notice, TransferError, take_snapshot
+from viper_lightning.producer._store import SLACK_SLOTS
 from viper_lightning.transport._fetch import FetchClient
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet
@@ -123,3 +124,38 @@ def test_a_peer_that_never_reads_costs_only_itself(model_name, zmq_context) -> N
         closed.start()
         closed.join(WAIT_S)
     assert not closed.is_alive(), "close() hung on a peer that never read"
+
+
+def stalled_reader(zmq_context, publisher: ModelPublisher, version: int) -> zmq.Socket:
+    """A consumer that asks for a version's chunks and then stops reading (as if SIGSTOPped)."""
+    reader = zmq_context.socket(zmq.DEALER)
+    reader.setsockopt(zmq.LINGER, 0)
+    reader.setsockopt(zmq.RCVHWM, 1)
+    reader.setsockopt(zmq.RCVBUF, 4096)
+    reader.connect(publisher.fetch_endpoint)
+    for offset in [0, 8 << 20] * 4:  # as many chunks as a peer may have unsent
+        reader.send(json.dumps({"proto": 1, "model": publisher.model_name, "op": "read", "version": version,
+                                "offset": offset, "length": 8 << 20}).encode())
+    return reader
+
+
+def test_consumers_stopped_mid_transfer_never_block_a_publish(model_name, zmq_context) -> None:
+    """Issue 11, defect 5: consumers stopped mid-transfer, one on each of as many versions as the
+    producer keeps slots for, kept those versions borrowed, and the next publish waited for a free
+    slot (for ever, before reads had a deadline; now the slot pool grows instead)."""
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1, allow_keyless=True)
+    readers = []
+    try:
+        for _ in range(1 + SLACK_SLOTS):  # dram_versions=1: every slot of the pool
+            model = torch.nn.Linear(2048, 2048)
+            version = publisher.publish(model)
+            readers.append(stalled_reader(zmq_context, publisher, version))
+            assert fetched_exactly(publisher, version, model)  # by now the server has taken the stalled reads
+        published = threading.Thread(target=publisher.publish, args=(torch.nn.Linear(2048, 2048),), daemon=True)
+        published.start()
+        published.join(WAIT_S / 2)  # well inside the fetch lease that would free the borrowed slots
+        assert not published.is_alive(), "publish() waited for consumers that stopped reading"
+    finally:
+        for reader in readers:
+            reader.close()
+        publisher.close()

@@ -82,7 +82,7 @@ class Flusher:
             except Exception as exc:  # noqa: BLE001 - the tier degrades; training goes on
                 self._degraded(held.version, exc)
             finally:
-                self._store.give_back(held, flushed=address is not None)
+                self._store.end_flush(held, written=address is not None)
                 self._announcer.announce(held.version, final=True)
 
     def _degraded(self, version: int, exc: Exception) -> None:

@@ -58,6 +58,7 @@ class HostCopy:
     layout: Layout
     slot: _Slot
     borrowers: int = 0
+    flushing: bool = False  # one of the borrows is the flusher's
     flushed: bool = False
     evicted: bool = False
     _digest: str | None = None
@@ -136,7 +137,7 @@ class TieredStore:
         `borrowed`: the caller keeps one borrow (given back once the version is flushed)."""
         if slot.segment is not None:
             slot.segment.publish(version, layout.nbytes, f"{segment_prefix(self.model)}v{version}")
-        held = HostCopy(version, layout, slot, borrowers=1 if borrowed else 0)
+        held = HostCopy(version, layout, slot, borrowers=1 if borrowed else 0, flushing=borrowed)
         with self._changed:
             self._held.append(held)
             self._evict_surplus()
@@ -161,12 +162,19 @@ class TieredStore:
         return None
 
     def give_back(self, held: HostCopy, *, flushed: bool = False) -> None:
-        """End one borrow of `held` (`flushed`: the file system now holds it too)."""
+        """End one borrow of `held` (a transfer's, or the flusher's with `flushed` saying whether
+        the file system now holds it too)."""
         with self._changed:
             held.borrowers -= 1
             held.flushed = held.flushed or flushed
             self._evict_surplus()
             self._changed.notify_all()
+
+    def end_flush(self, held: HostCopy, *, written: bool) -> None:
+        """The flusher is done with `held` (`written`: the file system holds it now)."""
+        with self._changed:
+            held.flushing = False
+        self.give_back(held, flushed=written)
 
     def latest(self) -> int | None:
         with self._changed:
@@ -215,9 +223,10 @@ class TieredStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while (slot := self._take_free(nbytes)) is None:
-                # Slots that consumers still map may be outgrown (up to a hard cap): a slow
-                # request somewhere must not stall training.
-                limit = self._max_slots * (LOCKED_GROWTH if self._consumers_hold_free_slots() else 1)
+                # Slots that consumers still map, or that transfers still read, may be outgrown (up
+                # to a hard cap): a slow or stopped consumer somewhere must not stall training.
+                held_elsewhere = self._consumers_hold_free_slots() or self._transfers_hold_old_versions()
+                limit = self._max_slots * (LOCKED_GROWTH if held_elsewhere else 1)
                 if not self._warming and self._slots < limit:
                     self._slots += 1
                     break
@@ -240,6 +249,10 @@ class TieredStore:
                 self._slots -= 1
                 self._changed.notify_all()
             raise
+
+    def _transfers_hold_old_versions(self) -> bool:
+        """Versions past the budget that stay only because a transfer (not a flush) borrows them."""
+        return any(held.borrowers > held.flushing for held in list(self._held)[:-1])
 
     def _consumers_hold_free_slots(self) -> bool:
         return any(slot.segment is not None for slot in self._free)  # free, yet not lockable
