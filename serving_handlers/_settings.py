@@ -46,6 +46,8 @@ class ViperSettings:
         values = dict(section)
         if values.get("routes") is not None:
             values["routes"] = tuple(values["routes"])
+        if not isinstance(values.get("allow_keyless", False), bool):
+            raise ConfigurationError("viper.allow_keyless must be true or false (unquoted) in model-config.yaml")
         if not isinstance(values.get("model_kwargs", {}), dict):
             raise ConfigurationError("viper.model_kwargs must be a mapping of constructor arguments")
         return cls(**values)

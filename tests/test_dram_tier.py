@@ -157,7 +157,7 @@ def test_a_full_disk_degrades_the_file_system_tier_and_training_goes_on(model_na
     with ModelPublisher(model_name, LOOPBACK_ANY_PORT, tier) as publisher, \
          ModelSubscriber(TinyNet(), model_name, publisher.endpoint, load_latest=False) as subscriber:
         first = publisher.publish(producer)
-        assert publisher.flush(WAIT_S)  # no raise: the tier is degraded, not the publisher
+        assert not publisher.flush(WAIT_S)  # no raise: the tier is degraded, not the publisher
         assert publisher.health["file-system tier"].startswith("degraded: ") and "disk full" in publisher.health["file-system tier"]
         assert subscriber.wait_for_version(first, WAIT_S)  # memory keeps serving
         second = publisher.publish(perturbed(producer, 8))  # training goes on
@@ -179,10 +179,25 @@ def test_a_stray_version_directory_costs_one_version_not_the_run(model_name, pfs
         assert publisher.flush(WAIT_S)
         os.makedirs(tier.version_dir(model_name, first + 1))
         second = publisher.publish(TinyNet())
-        assert publisher.flush(WAIT_S)
+        assert not publisher.flush(WAIT_S)  # that version is in memory only
         assert "already exists" in publisher.health["file-system tier"]
         deadline = time.monotonic() + WAIT_S
         while publisher.health["file-system tier"] != "ok" and time.monotonic() < deadline:
             later = publisher.publish(TinyNet())
             publisher.flush(WAIT_S)
         assert publisher.health["file-system tier"] == "ok" and tier.latest(model_name) == later > second
+
+
+@needs_dev_full
+def test_the_last_version_gets_its_write_even_during_a_backoff(model_name, tmp_path) -> None:
+    """A failure just before the end of training must not lose the final weights: flush() and
+    close() try the write whatever the backoff says."""
+    disk = FullDisk()
+    tier = FileSystemTier(str(tmp_path), files=disk)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, tier) as publisher:
+        publisher.publish(TinyNet())
+        assert not publisher.flush(WAIT_S)  # failed, and now in a backoff
+        disk.full = False
+        last = publisher.publish(TinyNet())
+        assert publisher.flush(WAIT_S) and publisher.health["file-system tier"] == "ok"
+    assert tier.latest(model_name) == last

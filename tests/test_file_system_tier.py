@@ -206,3 +206,12 @@ def test_a_clean_restart_continues_without_a_gap(pfs_root) -> None:
         first = publisher.publish(TinyNet())
     with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root) as publisher:
         assert publisher.publish(TinyNet()) == first + 1
+
+
+def test_a_clean_close_never_lowers_another_producers_reservation(pfs_root) -> None:
+    tier = FileSystemTier(pfs_root)
+    first = ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root)
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root):  # started meanwhile: reserves above the first
+        reserved = tier.reserved("tiny")
+        first.close()
+        assert tier.reserved("tiny") == reserved

@@ -137,3 +137,26 @@ def test_another_users_files_in_shared_memory_cost_the_producer_nothing(model_na
     assert outcome.get("error") is None, outcome["error"]
     assert outcome["version"] == 1 and outcome["reached"] and outcome["exact"]
     assert all(state == "ok" for state in outcome["health"].values())
+
+
+def test_a_subscriber_follows_the_key_a_restarted_producer_made(model_name, key_file, events) -> None:
+    """The host key lives in /dev/shm: lost at a reboot or by hand, a restarted producer makes a
+    new one, and running subscribers must follow it rather than refuse every notice."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT) as first:
+        endpoint = first.endpoint
+        with ModelSubscriber(TinyNet(), model_name, endpoint, load_latest=False,
+                             on_update=events.on_update) as subscriber:
+            publish_and_check(first, subscriber, perturbed(TinyNet(), 5), events)
+            first.close()
+            os.remove(key_file)
+            with ModelPublisher(model_name, endpoint, resume_after=first.version) as second:
+                publish_and_check(second, subscriber, perturbed(TinyNet(), 6), events)
+
+
+@pytest.mark.parametrize("make", [
+    lambda name: ModelPublisher(name, LOOPBACK_ANY_PORT, allow_keyless="false"),
+    lambda name: ModelSubscriber(TinyNet(), name, LOOPBACK_ANY_PORT.replace("*", "1"), allow_keyless="false"),
+], ids=["publisher", "subscriber"])
+def test_keyless_takes_a_real_boolean(model_name, make) -> None:
+    with pytest.raises(ConfigurationError, match="allow_keyless='false'"):
+        make(model_name)

@@ -89,12 +89,16 @@ class ModelSubscriber:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(allow_keyless, bool):
+            raise ConfigurationError(f"allow_keyless={allow_keyless!r}: use True or False")
         if not poll_interval > 0 or not fetch_timeout > 0:
             raise ConfigurationError("poll_interval and fetch_timeout must be positive numbers of seconds")
         self.model_name = check_model_name(model_name)
         self.endpoint = check_endpoint(endpoint)
         self._key = normalize_key(hmac_key)
-        self._keyless = allow_keyless
+        # where the key comes from: "configured", "host" (this host's key file, re-read if the
+        # producer made a new one) or "none" (keyless, the explicit opt-out)
+        self._key_source = "configured" if self._key is not None else "none" if allow_keyless else "host"
         if allow_keyless and self._key is None:
             log.warning("%s: keyless (allow_keyless=True): any local user who can bind the producer's port or write "
                         "under pfs_root can have their weights served here", self.model_name)
@@ -221,7 +225,7 @@ class ModelSubscriber:
     def _verifying_key(self) -> bytes | None:
         """The key notices, manifests and fetches are checked with: the configured one, else (unless
         keyless) the one this host's producer of the model created, read once it exists."""
-        if self._key is None and not self._keyless:
+        if self._key is None and self._key_source == "host":
             self._key = read_key(self.model_name)
             if self._key is None:
                 raise ConfigurationError(f"no key yet for {self.model_name!r}: the producer creates "
@@ -229,6 +233,22 @@ class ModelSubscriber:
                                          "set hmac_key")
             self._loaders.key = self._key
         return self._key
+
+    def _decode(self, payload: bytes, key: bytes | None) -> Notice:
+        """Notice.decode; with this host's key, once more with the key file's current key when the
+        MAC does not match (the producer made a new key after the file was lost)."""
+        try:
+            return Notice.decode(payload, key)
+        except ProtocolError as exc:
+            if exc.code != "forged" or self._key_source != "host":
+                raise
+            renewed = read_key(self.model_name)
+            if renewed is None or renewed == key:
+                raise
+            notice = Notice.decode(payload, renewed)
+            log.warning("%s: the producer's key file changed; following the new key", self.model_name)
+            self._key = self._loaders.key = renewed
+            return notice
 
     def _newest_acceptable(self, payloads: Iterator[bytes]) -> tuple[Notice, float] | None:
         """Parse a burst of notices as they arrive, refuse the bad ones, keep only the newest.
@@ -257,7 +277,7 @@ class ModelSubscriber:
             self._refuse(None, f"refused a notice: {exc}")
             return None
         try:
-            notice = Notice.decode(payload, key)
+            notice = self._decode(payload, key)
         except Exception as exc:  # noqa: BLE001 - any parse failure is bad input, never fatal
             self._remember_refused(fingerprint)
             self._refuse(None, f"refused a notice: {exc}")

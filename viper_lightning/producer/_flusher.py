@@ -39,7 +39,8 @@ class Flusher:
     A failed write (a full disk, a stray directory, an unreachable mount) degrades the tier, it
     does not stop training: the failure goes to `health`, the version stays in the memory tiers
     that hold it, and versions submitted during a backoff (doubling from RETRY_FIRST_S up to
-    RETRY_MAX_S) are not written; the first write that succeeds again restores the tier."""
+    RETRY_MAX_S) are not written unless a flush() or close() asks for them; the first write
+    that succeeds again restores the tier."""
 
     def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None, *,
                  notices: NoticeBoard, catalog: VersionCatalog, store: TieredStore, announcer: Announcer,
@@ -75,7 +76,9 @@ class Flusher:
             self._wait_out_delay(submitted)
             address = None
             try:
-                if time.monotonic() >= self._retry_at:  # in a backoff, versions stay in memory only
+                # In a backoff, versions stay in memory only, unless a flush() or close() asks for
+                # them: the last weights of a run must get their try whatever the backoff says.
+                if time.monotonic() >= self._retry_at or submitted <= self._hurried_at:
                     address, digest_s, store_s = self._flush(held)
                     self._catalog.flushed(held.version, address, digest_s, store_s)
                     self._recovered()

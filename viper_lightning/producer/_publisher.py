@@ -232,12 +232,14 @@ class ModelPublisher:
         return version
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every published version is on all its tiers and announced; False on timeout."""
+        """Wait until every published version has been through all its tiers and announced.
+        False on timeout, or when the file-system tier is degraded (a version it should hold is
+        only in memory; `health` says why)."""
         if self._flusher is not None:
-            self._flusher.hurry()  # no flush_delay for what the caller waits for
+            self._flusher.hurry()  # no flush_delay (nor backoff) for what the caller waits for
         done = self._catalog.wait_all_finished(timeout, lambda: self._health.first_failure() is not None)
         self._health.raise_if_failed()
-        return done
+        return done and FILE_SYSTEM_TIER not in self._health.degraded()
 
     def wait_for_subscribers(self, count: int = 1, timeout: float | None = None) -> bool:
         """Wait until `count` subscriptions have arrived (useful before a first publish)."""

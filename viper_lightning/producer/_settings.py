@@ -70,6 +70,9 @@ class PublisherSettings:
                                      "seconds")
         if not (_is_number(self.flush_delay) and 0 <= self.flush_delay < 60):
             raise ConfigurationError(f"flush_delay={self.flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
+        if not isinstance(self.allow_keyless, bool):
+            raise ConfigurationError(f"allow_keyless={self.allow_keyless!r}: use True or False (a string such as "
+                                     "'false' would be taken as true)")
         if self.on_tier_error not in ON_TIER_ERROR:
             raise ConfigurationError(f"on_tier_error={self.on_tier_error!r}: use 'degrade' (report and keep "
                                      "training) or 'raise' (stop at the first failed write)")

@@ -22,7 +22,7 @@ import torch
 
 from .._buffers import allocate_buffer
 from .._digest import digest_buffer
-from .._errors import StorageError, TransferError
+from .._errors import ConfigurationError, StorageError, TransferError
 from .._layout import Layout
 from ..storage._shm import SHM_DIR, Segment, reclaim_stale_segments, segment_prefix
 from ..transport._protocol import Location
@@ -96,6 +96,7 @@ class TieredStore:
         self._changed = threading.Condition()
         self._serial = 0
         self._warming = False
+        self._cannot_grow = False  # set when /dev/shm refused a slot beyond the budget
         self.on_starved: Callable[[], None] | None = None  # called while a capture waits for a slot
         self._warmer: threading.Thread | None = None
         self._segments: set[Segment] = set()
@@ -221,12 +222,35 @@ class TieredStore:
 
     def _acquire(self, nbytes: int, timeout: float | None) -> _Slot:
         deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slot = self._wait_for_slot(nbytes, timeout, deadline)
+            if slot is not None:
+                return slot
+            try:
+                return self._new_slot(nbytes)
+            except (ConfigurationError, StorageError) as exc:
+                with self._changed:  # the reserved place in the pool is free again
+                    self._slots -= 1
+                    self._changed.notify_all()
+                    if self._slots < self._max_slots:
+                        raise  # the pool's own budget does not fit: a configuration problem
+                    self._cannot_grow = True  # beyond the budget: wait for a borrowed slot instead
+                log.warning("%s: cannot add a snapshot slot beyond the pool's budget (%s); waiting for one "
+                            "that a transfer still reads", self.model, exc)
+            except BaseException:
+                with self._changed:
+                    self._slots -= 1
+                    self._changed.notify_all()
+                raise
+
+    def _wait_for_slot(self, nbytes: int, timeout: float | None, deadline: float | None) -> _Slot | None:
+        """A free slot, or None once a place to make a new one is reserved in the pool."""
         with self._changed:
             while (slot := self._take_free(nbytes)) is None:
                 # Slots that consumers still map, or that transfers still read, may be outgrown (up
                 # to a hard cap): a slow or stopped consumer somewhere must not stall training.
                 held_elsewhere = self._consumers_hold_free_slots() or self._transfers_hold_old_versions()
-                limit = self._max_slots * (LOCKED_GROWTH if held_elsewhere else 1)
+                limit = self._max_slots * (LOCKED_GROWTH if held_elsewhere and not self._cannot_grow else 1)
                 if not self._warming and self._slots < limit:
                     self._slots += 1
                     break
@@ -240,15 +264,7 @@ class TieredStore:
                                         "flush, a transfer or consumers serving from it")
                 # Consumers unlocking a zero-copy mapping cannot signal us: look again shortly.
                 self._changed.wait(_LOCK_POLL_S if remaining is None else min(_LOCK_POLL_S, remaining))
-        if slot is not None:
-            return slot
-        try:
-            return self._new_slot(nbytes)
-        except BaseException:
-            with self._changed:  # the reserved place in the pool is free again
-                self._slots -= 1
-                self._changed.notify_all()
-            raise
+        return slot
 
     def _transfers_hold_old_versions(self) -> bool:
         """Versions past the budget that stay only because a transfer (not a flush) borrows them."""
@@ -313,6 +329,7 @@ class TieredStore:
             self._release_locked(slot)
 
     def _release_locked(self, slot: _Slot) -> None:
+        self._cannot_grow = False  # the pool shrank in use: growing may work again later
         if slot.segment is not None:
             self._serial += 1
             slot.segment.retire(f"{segment_prefix(self.model)}free.{os.getpid()}.{self._serial}")

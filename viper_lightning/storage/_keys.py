@@ -7,6 +7,7 @@ notice, a fetch request or an answer believed. Consumers on other hosts are give
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -26,19 +27,27 @@ def key_file_for(model: str) -> str:
 def load_or_create_key(model: str) -> bytes:
     """The producer's side: this model's key on this host, created on first use."""
     path = key_file_for(model)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        key = read_key(model)
-        if key is None:  # removed between the two calls: one more try
-            return load_or_create_key(model)
+    key = read_key(model)
+    if key is not None:
         return key
+    # Written whole under a private temporary name, then linked into place: the key file never
+    # exists empty (a crash, or a reader, in between), and link() fails if another made it first.
+    temp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    key = secrets.token_hex(KEY_BYTES).encode()
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return read_key(model) or key
     except OSError as exc:
         raise ConfigurationError(f"cannot create the key file {path}: {exc.strerror}; set hmac_key (or "
                                  "hmac_key_file) explicitly") from None
-    key = secrets.token_hex(KEY_BYTES).encode()
-    with os.fdopen(fd, "wb") as out:
-        out.write(key)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
     return key
 
 

@@ -17,8 +17,8 @@ from .._errors import ConfigurationError, ProtocolError
 from .._layout import Layout
 from ._messages import canonical_json, count, load_object, object_of
 
-__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "MAX_VERSION", "Location", "Notice", "check_model_name", "check_endpoint",
-           "check_proto", "normalize_key", "sign", "verify_mac"]
+__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "MAX_VERSION", "Location", "Notice", "check_model_name",
+           "check_endpoint", "check_proto", "normalize_key", "sign", "verify_mac"]
 
 PROTO = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # where notices are published unless configured otherwise

@@ -22,6 +22,9 @@ log = logging.getLogger("viper_lightning.publisher")
 
 # Notices are small; a deep queue keeps a burst of publishes from being dropped silently.
 NOTICE_HWM = 1_000
+# A subscriber needs only the newest notice (heartbeats repeat it), and each queued frame can
+# inflate to MAX_NOTICE_BYTES: a short queue bounds what a hostile publisher can make it hold.
+LISTEN_HWM = 16
 # A frame over this makes libzmq drop the subscriber's connection for good, so the producer
 # never sends one; big models' notices (their layouts grow with the tensor count) are compressed.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -65,11 +68,11 @@ class NoticeBroadcaster(_OwnedSocket):
 
     def send(self, topic: str, payload: bytes) -> bool:
         """Send one notice (compressed when large); False, logged, when it cannot be sent at all."""
-        frame = self._frame(payload)
-        if len(frame) > MAX_MESSAGE_BYTES:
-            log.error("a notice of %d bytes (%d compressed) is over the %d bytes subscribers accept; not sent "
-                      "(consumers still find the version on the file-system tier)", len(payload), len(frame),
-                      MAX_MESSAGE_BYTES)
+        frame = self._frame(payload) if len(payload) <= MAX_NOTICE_BYTES else b""
+        if not frame or len(frame) > MAX_MESSAGE_BYTES:
+            log.error("a notice of %d bytes is over what subscribers accept (%d bytes, %d on the wire); not "
+                      "sent: consumers cannot follow this model until its layout is smaller (fewer tensors)",
+                      len(payload), MAX_NOTICE_BYTES, MAX_MESSAGE_BYTES)
             return False
         self._socket.send_multipart([topic.encode(), frame], copy=False)
         return True
@@ -97,7 +100,7 @@ class NoticeListener(_OwnedSocket):
         self._topic = topic.encode()
         self._socket = context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, NOTICE_HWM)
+        self._socket.setsockopt(zmq.RCVHWM, LISTEN_HWM)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a hostile peer cannot exhaust memory
         self._socket.setsockopt(zmq.SUBSCRIBE, self._topic)
         try:
