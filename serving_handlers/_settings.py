@@ -22,7 +22,7 @@ class ViperSettings:
     model_class: str
     endpoint: str = DEFAULT_ENDPOINT
     pfs_root: str | None = None
-    hmac_key: str | None = None
+    hmac_key: str | None = field(default=None, repr=False)  # never in a log
     hmac_key_file: str | None = None
     routes: tuple[str, ...] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -80,3 +80,9 @@ def test_settings_are_normalised_once(model_name) -> None:
     callback = ViperCallback(model_name, LOOPBACK_ANY_PORT, gpu_device=torch.device("cpu"),
                              keep_versions=numpy.int64(2))
     assert callback.settings.gpu_device == "cpu" and callback.settings.keep_versions == 2
+
+
+def test_the_archive_key_never_shows_in_a_repr() -> None:
+    settings = ViperSettings.from_config({"viper": {"model_name": "m", "model_class": "M",
+                                                    "hmac_key": "a secret key, 16+ bytes"}})
+    assert "secret" not in repr(settings) and settings.key() == "a secret key, 16+ bytes"
