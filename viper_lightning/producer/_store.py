@@ -228,20 +228,17 @@ class TieredStore:
                 return slot
             try:
                 return self._new_slot(nbytes)
-            except (ConfigurationError, StorageError) as exc:
+            except BaseException as exc:
                 with self._changed:  # the reserved place in the pool is free again
                     self._slots -= 1
                     self._changed.notify_all()
-                    if self._slots < self._max_slots:
-                        raise  # the pool's own budget does not fit: a configuration problem
-                    self._cannot_grow = True  # beyond the budget: wait for a borrowed slot instead
+                    # Within the pool's own budget a failure is a configuration problem (or a bug);
+                    # beyond it, /dev/shm being full only means waiting for a borrowed slot.
+                    if not isinstance(exc, (ConfigurationError, StorageError)) or self._slots < self._max_slots:
+                        raise
+                    self._cannot_grow = True
                 log.warning("%s: cannot add a snapshot slot beyond the pool's budget (%s); waiting for one "
                             "that a transfer still reads", self.model, exc)
-            except BaseException:
-                with self._changed:
-                    self._slots -= 1
-                    self._changed.notify_all()
-                raise
 
     def _wait_for_slot(self, nbytes: int, timeout: float | None, deadline: float | None) -> _Slot | None:
         """A free slot, or None once a place to make a new one is reserved in the pool."""
