@@ -40,7 +40,7 @@ download_wheels() {
     # device notes). Their Python is CPython 3.12 on x86-64 manylinux.
     local dir=$1; shift
     local packages=("$@")
-    [ ${#packages[@]} -gt 0 ] || packages=(pyzmq jsonargparse)  # what the nvidia-h200 image lacks of core, dev and bench
+    [ ${#packages[@]} -gt 0 ] || packages=(pyzmq jsonargparse blake3)  # what the nvidia-h200 image lacks of core, dev and bench
     mkdir -p "$dir"
     exec python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

@@ -104,6 +104,9 @@ def die_after_first_chunk(address: str, nbytes: int) -> None:
     """A consumer process that dies mid-transfer: it exits as soon as its first chunk lands."""
 
     class Dying:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
         def update(self, data: object) -> None:
             os._exit(DIED_MID_TRANSFER)
 

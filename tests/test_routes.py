@@ -13,6 +13,7 @@ import zmq
 from viper_lightning import (ConfigurationError, FileSystemTier, Location, ModelPublisher, ModelSubscriber, Notice,
                              TransferPlanner, take_snapshot)
 from viper_lightning.storage._shm import SHM_DIR
+from viper_lightning.transport._fetch import FetchClient
 from viper_lightning.transport._protocol import sign
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, assert_same_weights, perturbed, publish_and_check
@@ -134,3 +135,29 @@ def test_nccl_without_a_gpu_tier_is_a_configuration_error(model_name) -> None:
     # without CUDA the backend check refuses first; with it, the missing GPU tier is named
     with pytest.raises(ConfigurationError, match="needs a CUDA build|NCCL serves the GPU tier"):
         ModelPublisher(model_name, LOOPBACK_ANY_PORT, collective_endpoint="nccl://127.0.0.1:0")
+
+
+def test_a_notice_from_before_the_write_falls_back_to_the_file_system_copy(model_name, pfs_root, events,
+                                                                          zmq_context) -> None:
+    """Found by the chaos test: the last notice a consumer got named only memory tiers (it was
+    sent before the flush), and the producer exited before the consumer fetched. The version is on
+    the file-system tier, so the consumer reads it there rather than refuse it and stay behind."""
+    producer = perturbed(TinyNet(), 12)
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, KEY, flush_delay=50.0) as publisher:
+        version = publisher.publish(producer)
+        early = FetchClient(zmq_context, publisher.fetch_endpoint, model_name, KEY, WAIT_S).latest_notice()
+        assert [location["tier"] for location in json.loads(early)["locations"]] == ["dram", "dram"]
+        assert publisher.flush(WAIT_S)
+    forged = ForgedProducer(zmq_context, model_name.encode())  # replays the real, signed, early notice
+    try:
+        with ModelSubscriber(TinyNet(), model_name, forged.endpoint, pfs_root, KEY, routes=["dram-zmq", "pfs"],
+                             fetch_timeout=1.0, load_latest=False, on_update=events.on_update) as subscriber:
+            forged.wait_for_subscriber()
+            forged.send(early)
+            record = events.wait_for_updates(1)[0]
+            assert record.version == version and record.route == "pfs"
+            assert "read the file-system tier's copy" in record.why
+            with subscriber.serving() as served:
+                assert_same_weights(producer, served)
+    finally:
+        forged.close()

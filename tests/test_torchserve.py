@@ -13,6 +13,7 @@ import torch
 
 from serving_handlers import TorchServe, build_archive
 from viper_lightning import FileSystemTier, ModelPublisher, ViperCallback
+from viper_lightning.storage._keys import read_key
 from viper_lightning.schedules import EveryNSteps
 
 from .conftest import LOOPBACK_ANY_PORT, free_port, perturbed
@@ -97,11 +98,11 @@ def percentiles(results: list[dict]) -> tuple[float, float]:
 
 def outputs_of_every_version(pfs_root: str, rows: torch.Tensor) -> dict[int, torch.Tensor]:
     """What each published version computes offline, read back from the file-system tier."""
-    tier, expected = FileSystemTier(pfs_root), {}
+    tier, expected, key = FileSystemTier(pfs_root), {}, read_key("scorer")  # the producer's host key
     for version in tier.versions("scorer"):
-        notice = tier.read_manifest("scorer", version, None)
+        notice = tier.read_manifest("scorer", version, key)
         buffer = torch.empty(notice.nbytes, dtype=torch.uint8)
-        tier.read_into(notice, buffer)
+        tier.read_into(notice, buffer, key=key)
         model = Scorer()
         model.load_state_dict(notice.layout.views(buffer))
         expected[version] = expected_outputs(model, rows)

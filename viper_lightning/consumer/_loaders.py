@@ -50,7 +50,7 @@ class RouteLoaders:
             return functools.partial(load_from_peer, self.context, self.key, self._timeout, self._staging_for())
         if kind is RouteKind.COLLECTIVE:
             return functools.partial(load_from_collective, self._timeout, self.key, self._staging_for())
-        return functools.partial(load_from_files, self._pfs, self._staging_for())
+        return functools.partial(load_from_files, self._pfs, self.key, self._staging_for())
 
     def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:
         """A route other than zero-copy loads into `standby`'s own memory: give it back first."""

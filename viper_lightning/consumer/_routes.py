@@ -75,7 +75,8 @@ def load_from_collective(timeout: float, key: bytes | None, staging: torch.Tenso
 def load_from_device(context: zmq.Context, key: bytes | None, timeout: float, notice: Notice,
                      location: Location, standby: torch.nn.Module) -> tuple[float, float]:
     """Same host, GPU tier: lease the producer's device copy over CUDA IPC and copy device to
-    device. No digest (xxh3 runs on the host); the signed description and notice vouch for it."""
+    device. No digest (it runs on the host copy): a same-user lease, the signed description and
+    notice vouch for it."""
     started = time.perf_counter()
     client = FetchClient(context, location.address, notice.model, key, timeout)
     with client.borrow_device_copy(notice.version, notice.nbytes) as description:
@@ -96,19 +97,19 @@ def _load_streamed(fetch_into: Callable[[int, torch.Tensor, int], tuple[str, flo
     digest, digest_s = fetch_into(notice.version, staging, notice.nbytes)
     if notice.digest is not None and digest != notice.digest:
         raise IntegrityError(f"the producer served digest {digest} for version {notice.version}, "
-                             f"but its notice announced {notice.digest}")
+                             f"but its notice announced {notice.digest}")  # both verified before
     load_tensors(standby, notice.layout.views(staging))
     return time.perf_counter() - started - digest_s, digest_s
 
 
-def load_from_files(pfs: FileSystemTier | None, staging: torch.Tensor, notice: Notice, location: Location,
-                    standby: torch.nn.Module) -> tuple[float, float]:
-    """The file-system tier, read into staging with the digest checked as it streams."""
+def load_from_files(pfs: FileSystemTier | None, key: bytes | None, staging: torch.Tensor, notice: Notice,
+                    location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+    """The file-system tier, read into staging with the digest (keyed with a key) checked as it streams."""
     started = time.perf_counter()
     if pfs is not None:
-        digest_s = pfs.read_into(notice, staging)
+        digest_s = pfs.read_into(notice, staging, key=key)
     else:
-        digest_s = _announced_tier(location).read_into(notice, staging, directory=location.address)
+        digest_s = _announced_tier(location).read_into(notice, staging, directory=location.address, key=key)
     load_tensors(standby, notice.layout.views(staging))
     return time.perf_counter() - started - digest_s, digest_s
 

@@ -17,14 +17,14 @@ from types import TracebackType
 import torch
 import zmq
 
-from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
+from .._errors import ConfigurationError, IntegrityError, ProtocolError, StorageError, TransferError, ViperError
 from .._layout import Layout, check_compatible
 from ..storage._keys import key_file_for, read_key
 from ..storage._pfs import FileSystemTier
 from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._loaders import RouteLoaders
-from ._planner import Route, TransferPlanner, explain
+from ._planner import Route, RouteKind, TransferPlanner, explain
 from ._double_buffer import Lease, DoubleBuffer
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
 
@@ -262,7 +262,8 @@ class ModelSubscriber:
             fingerprint = hashlib.blake2b(payload, digest_size=16).hexdigest()
             notice = self._parse(payload, fingerprint) if fingerprint not in seen else None
             seen.add(fingerprint)
-            if notice is not None and (newest is None or notice.version > newest[0].version):
+            # the later of two notices of one version lists its tiers as they are now
+            if notice is not None and (newest is None or notice.version >= newest[0].version):
                 newest = (notice, received_at)
             if time.monotonic() > ends:
                 break
@@ -327,7 +328,14 @@ class ModelSubscriber:
             raise TransferError(f"none of its locations is reachable over the allowed routes {allowed}: "
                                 f"{[loc.to_json() for loc in notice.locations]}")
         standby = self._wait_for_idle_standby()
-        route, why, transfer_s, verify_s = self._load(notice, routes, standby)
+        try:
+            route, why, transfer_s, verify_s = self._load(notice, routes, standby)
+        except (TransferError, StorageError) as exc:
+            durable = self._durable_copy(notice)
+            if durable is None:
+                raise
+            route, why, transfer_s, verify_s = self._load(durable, self._planner.routes(durable), standby)
+            why = f"the announced routes failed ({exc}); read the file-system tier's copy instead"
         swap_started = time.perf_counter()
         self._buffers.swap(notice.version)
         record = UpdateRecord(
@@ -356,6 +364,22 @@ class ModelSubscriber:
         if len(failures) == 1:
             raise failures[0]  # keep its kind: integrity and storage errors say more than "transfer"
         raise TransferError("every route failed: " + "; ".join(str(f) for f in failures))
+
+    def _durable_copy(self, notice: Notice) -> Notice | None:
+        """The version as the file-system tier holds it, when the notice predates its write (the
+        producer may have exited since, taking its memory tiers); None when it is not there (yet)."""
+        if (self._pfs is None or RouteKind.PFS not in self._planner.allowed
+                or any(location.tier == "pfs" for location in notice.locations)):
+            return None
+        try:
+            stored = self._pfs.read_manifest(self.model_name, notice.version, self._verifying_key())
+        except (TransferError, StorageError):
+            return None
+        if stored.layout != notice.layout or (notice.digest is not None and stored.digest != notice.digest):
+            raise IntegrityError(f"version {notice.version} on the file-system tier at {self._pfs.root} is not the "
+                                 "version the notice announced (another producer writes there?)")
+        location = Location("pfs", self._planner.host, self._pfs.address(self.model_name, notice.version))
+        return stored.with_locations((location,))
 
     def _wait_for_idle_standby(self) -> torch.nn.Module:
         while not self._stop.is_set():

@@ -81,5 +81,5 @@ class Demoter:
             raise
         self._catalog.reached_host(version, host_copy)
         self._cascade.in_host_memory(host_copy)
-        host_copy.digest()  # for collective answers of the device copy: xxh3 runs on the host copy
+        host_copy.digest()  # for collective answers of the device copy: digests run on the host copy
         self._catalog.digested_on_host(version)

@@ -62,7 +62,7 @@ class MemoryLender:
         return self._notices.latest()
 
     def _device_loan(self, version: int) -> MemoryLoan | None:
-        """The GPU tier's copy; its digest is its host copy's (xxh3 runs on the host), at most
+        """The GPU tier's copy; its digest is its host copy's (digests run on the host), at most
         one host copy away since publish waits for the previous demotion."""
         copy = self._device.borrow(version)
         if copy is None:

@@ -138,7 +138,8 @@ class ModelPublisher:
                 resources.callback(lambda: reservations.close(self._catalog.handed_out))
             if self._device is not None:
                 resources.callback(self._device.close)
-            self._store = TieredStore(self.model_name, host, dram_versions=dram_versions, dram_bytes=dram_bytes)
+            self._store = TieredStore(self.model_name, host, dram_versions=dram_versions, dram_bytes=dram_bytes,
+                                      digest_key=key)
             resources.callback(self._store.close)
             resources.callback(self._catalog.close)  # runs first: the store's memory is then unreferenced
             notices = NoticeBoard(self._catalog, self._store, self._device, key, lends_device_memory)

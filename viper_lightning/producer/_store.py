@@ -61,6 +61,7 @@ class HostCopy:
     flushing: bool = False  # one of the borrows is the flusher's
     flushed: bool = False
     evicted: bool = False
+    digest_key: bytes | None = field(default=None, repr=False)  # keyed BLAKE3 when set
     _digest: str | None = None
     _digest_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -77,15 +78,17 @@ class HostCopy:
         """Computed once, by whichever thread needs it first (flusher or fetch server)."""
         with self._digest_lock:
             if self._digest is None:
-                self._digest = digest_buffer(self.data)
+                self._digest = digest_buffer(self.data, self.digest_key)
             return self._digest
 
 
 class TieredStore:
     """Slots, the versions they hold, borrowing and eviction; thread-safe."""
 
-    def __init__(self, model: str, host: str, *, dram_versions: int, dram_bytes: int | None = None) -> None:
+    def __init__(self, model: str, host: str, *, dram_versions: int, dram_bytes: int | None = None,
+                 digest_key: bytes | None = None) -> None:
         self.model = model
+        self._digest_key = digest_key
         self.host = host
         self.dram_versions = dram_versions
         self.dram_bytes = dram_bytes
@@ -138,7 +141,8 @@ class TieredStore:
         `borrowed`: the caller keeps one borrow (given back once the version is flushed)."""
         if slot.segment is not None:
             slot.segment.publish(version, layout.nbytes, f"{segment_prefix(self.model)}v{version}")
-        held = HostCopy(version, layout, slot, borrowers=1 if borrowed else 0, flushing=borrowed)
+        held = HostCopy(version, layout, slot, borrowers=1 if borrowed else 0, flushing=borrowed,
+                        digest_key=self._digest_key)
         with self._changed:
             self._held.append(held)
             self._evict_surplus()

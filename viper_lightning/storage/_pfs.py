@@ -17,7 +17,7 @@ import uuid
 
 import torch
 
-from .._digest import Digester
+from .._digest import ALL_THREADS, Digester, mismatch
 from .._errors import IntegrityError, StorageError
 from .._layout import Layout
 from ..transport._protocol import MAX_VERSION, Notice
@@ -180,8 +180,10 @@ class FileSystemTier:
                                  f"not {model!r} v{version}")
         return notice
 
-    def read_into(self, notice: Notice, buffer: torch.Tensor, directory: str | None = None) -> float:
-        """Read a version's bytes into `buffer`, verifying header, size and digest as they stream.
+    def read_into(self, notice: Notice, buffer: torch.Tensor, directory: str | None = None,
+                  key: bytes | None = None) -> float:
+        """Read a version's bytes into `buffer`, verifying header, size and digest as they stream
+        (keyed BLAKE3 with `key`: whoever can write the storage cannot forge it).
 
         Returns the seconds spent on the digest (part of the read, reported separately)."""
         directory = directory or self.version_dir(notice.model, notice.version)
@@ -191,7 +193,7 @@ class FileSystemTier:
             with self._files.open_read(path) as handle:
                 header_bytes = self._check_header(handle, notice, what)
                 self._check_size(path, header_bytes + notice.nbytes, what)
-                return self._stream_into(handle, buffer, notice, what)
+                return self._stream_into(handle, buffer, notice, key, what)
         except FileNotFoundError:
             raise StorageError(f"{what}: the file is missing (evicted, or never written)") from None
         except OSError as exc:
@@ -224,9 +226,9 @@ class FileSystemTier:
             state = "truncated" if actual < expected else "longer than announced"
             raise StorageError(f"{what}: file is {state} ({actual} bytes, expected {expected})")
 
-    def _stream_into(self, handle, buffer: torch.Tensor, notice: Notice, what: str) -> float:
+    def _stream_into(self, handle, buffer: torch.Tensor, notice: Notice, key: bytes | None, what: str) -> float:
         target = memoryview(buffer[:notice.nbytes].numpy()).cast("B")
-        digester = Digester()
+        digester = Digester(key, threads=ALL_THREADS)
         digest_s = 0.0
         position = 0
         while position < notice.nbytes:
@@ -238,10 +240,9 @@ class FileSystemTier:
             digester.update(target[position:position + got])
             digest_s += time.perf_counter() - started
             position += got
-        actual = digester.hexdigest()
-        if actual != notice.digest:
-            raise IntegrityError(f"{what}: digest mismatch (announced {notice.digest}, read {actual}); "
-                                 "the file was damaged or replaced")
+        why = mismatch(notice.digest, digester.hexdigest())
+        if why is not None:
+            raise IntegrityError(f"{what}: {why}")
         return digest_s
 
     def _read_small(self, path: str, limit: int, what: str) -> bytes:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .._digest import ALGORITHM, Digester
+from .._digest import ALL_THREADS, Digester, algorithm, mismatch
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from ._loans import Lender, MemoryLoan
 from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
@@ -285,7 +285,7 @@ class CollectiveClient:
         verify_mac(answer, self._key, f"collective answer from {self.address}")
         if answer.get("nonce") != nonce:
             raise ProtocolError(f"{self.address} answered ticket {ticket} with another consumer's nonce")
-        digest, chunk_bytes = _accept(answer, version, nbytes, self.address)
+        digest, chunk_bytes = _accept(answer, version, nbytes, self.address, algorithm(self._key))
         if not nbytes:
             return digest, 0.0
         return digest, self._receive(store, ticket, version, buffer[:nbytes], chunk_bytes, digest)
@@ -329,7 +329,7 @@ class CollectiveClient:
 
     def _receive(self, store: dist.TCPStore, ticket: int, version: int, target: torch.Tensor,
                  chunk_bytes: int, expected: str) -> float:
-        digester = Digester() if target.device.type == "cpu" else None
+        digester = Digester(self._key, threads=ALL_THREADS) if target.device.type == "cpu" else None
         digest_s, received, group, done = 0.0, 0, None, False
         try:
             with _torch_errors(lambda why: f"transfer of version {version} from {self.address} failed after "
@@ -347,12 +347,12 @@ class CollectiveClient:
             _release(group, done)
         if digester is None and self._key is not None:  # keyed: device bytes are checked too
             started = time.perf_counter()
-            digester = Digester()
+            digester = Digester(self._key, threads=ALL_THREADS)
             digester.update(target.cpu())
             digest_s += time.perf_counter() - started
-        if digester is not None and digester.hexdigest() != expected:
-            raise IntegrityError(f"version {version} from {self.address}: digest mismatch (announced "
-                                 f"{expected}, received {digester.hexdigest()}); the bytes were damaged")
+        why = mismatch(expected, digester.hexdigest()) if digester is not None else None
+        if why is not None:
+            raise IntegrityError(f"version {version} from {self.address}: {why}")
         return digest_s
 
 
@@ -564,7 +564,7 @@ def _parse_request(raw: bytes) -> dict:
     return request
 
 
-def _accept(answer: dict, version: int, nbytes: int, address: str) -> tuple[str, int]:
+def _accept(answer: dict, version: int, nbytes: int, address: str, expected: str) -> tuple[str, int]:
     """Check the server's answer; returns (digest, chunk_bytes) or raises what the answer means."""
     if answer.get("status") == "mismatch":
         raise IntegrityError(f"{address} serves {answer.get('nbytes')!r} bytes for version {version}, the "
@@ -574,9 +574,9 @@ def _accept(answer: dict, version: int, nbytes: int, address: str) -> tuple[str,
         raise ProtocolError(f"{address} answered version {version} with proto {answer.get('proto')!r} and "
                             f"nbytes {answer.get('nbytes')!r}; expected proto {PROTO} and {nbytes}")
     digest = answer.get("digest")
-    if not isinstance(digest, str) or not digest.startswith(f"{ALGORITHM}:"):
+    if not isinstance(digest, str) or not digest.startswith(f"{expected}:"):
         raise ProtocolError(f"{address} answered version {version} with digest {digest!r:.100}; expected "
-                            f"'{ALGORITHM}:<hex>'")
+                            f"'{expected}:<hex>'")
     return digest, count(answer, "chunk_bytes", "collective answer", minimum=1, maximum=MAX_CHUNK_BYTES)
 
 

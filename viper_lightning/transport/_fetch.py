@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 import zmq
 
-from .._digest import Digester
+from .._digest import ALL_THREADS, Digester, mismatch
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
 from ._loans import IpcLoan, Lender, MemoryLoan
 from ._messages import canonical_json, count, load_object, raise_for_answer, refusal
@@ -288,7 +288,7 @@ class FetchClient:
     def _stream(self, socket: zmq.Socket, version: int, buffer: torch.Tensor, nbytes: int, digest: str) -> float:
         target = memoryview(buffer[:nbytes].numpy()).cast("B")
         offsets = list(range(0, nbytes, CHUNK_BYTES))
-        digester, digest_s, sent = Digester(), 0.0, 0
+        digester, digest_s, sent = Digester(self._key, threads=ALL_THREADS), 0.0, 0
         for received, offset in enumerate(offsets):
             while sent < len(offsets) and sent < received + WINDOW:
                 self._send(socket, {"op": "read", "version": version, "offset": offsets[sent],
@@ -299,9 +299,9 @@ class FetchClient:
             started = time.perf_counter()
             digester.update(target[offset:offset + length])
             digest_s += time.perf_counter() - started
-        if digester.hexdigest() != digest:
-            raise IntegrityError(f"version {version} from {self._endpoint}: digest mismatch "
-                                 f"(announced {digest}, received {digester.hexdigest()})")
+        why = mismatch(digest, digester.hexdigest())
+        if why is not None:
+            raise IntegrityError(f"version {version} from {self._endpoint}: {why}")
         return digest_s
 
     def _receive_chunk(self, socket: zmq.Socket, target: memoryview, offset: int, version: int) -> None:
