@@ -41,21 +41,28 @@ def serve_and_record(model_factory, model_name: str, endpoint: str, pfs_root: st
     def answered(lease) -> tuple[int, str]:
         return lease.version or 0, digest_buffer(take_snapshot(lease.model.state_dict()).data)
 
+    import threading
+
     seen: set[tuple[int, str]] = set()
+    lock = threading.Lock()  # the subscriber's thread writes too: whole lines only
+
+    def write(line: dict) -> None:
+        with lock:
+            log.write(json.dumps(line) + "\n")
+
     with open(log_path, "a", buffering=1) as log, \
          ModelSubscriber(model_factory(), model_name, endpoint, pfs_root, routes=routes,
-                         on_update=lambda record: log.write(json.dumps(
-                             {"applied": record.version, "route": record.route}) + "\n")) as subscriber:
+                         on_update=lambda record: write({"applied": record.version, "route": record.route})
+                         ) as subscriber:
         ready.set()
         while not final_version.value:
             with subscriber.lease() as lease:
                 answer = answered(lease)
             if answer[0] > 0 and answer not in seen:
                 seen.add(answer)
-                log.write(json.dumps({"version": answer[0], "digest": answer[1]}) + "\n")
+                write({"version": answer[0], "digest": answer[1]})
             subscriber.wait_for_version(answer[0] + 1, 0.005)  # the next request comes soon, or a newer version
         reached = subscriber.wait_for_version(final_version.value, WAIT_S)
         with subscriber.lease() as lease:
             version, digest = answered(lease)
-        log.write(json.dumps({"final": version, "digest": digest, "reached": reached,
-                              "refused": subscriber.stats.refused}) + "\n")
+        write({"final": version, "digest": digest, "reached": reached, "refused": subscriber.stats.refused})

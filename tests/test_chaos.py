@@ -214,6 +214,7 @@ def _wait_for(condition, timeout: float = 30.0) -> bool:
     return True
 
 
+@pytest.mark.timeout(900)  # its waits are bounded, and add up to more than the default on a loaded machine
 def test_training_survives_chaos_and_every_answer_comes_from_published_weights(tmp_path, small_disk,
                                                                                 model_name) -> None:
     logs = tmp_path / "answers"

@@ -22,7 +22,7 @@ def test_lightning_cli_yaml_configures_and_runs_the_callback(tmp_path) -> None:
             "callbacks": [{
                 "class_path": "viper_lightning.ViperCallback",
                 "init_args": {"model_name": "nt3", "endpoint": LOOPBACK_ANY_PORT, "pfs_root": str(pfs_root),
-                              "keep_versions": 2,
+                              "keep_versions": 2, "keep_every_version": True,
                               "schedule": {"class_path": "viper_lightning.schedules.EveryNSteps",
                                            "init_args": {"n": 10}}},
             }],

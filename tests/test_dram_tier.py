@@ -27,7 +27,8 @@ def segments(model: str) -> list[str]:
 
 
 def test_segments_are_private_evicted_and_removed_at_exit(model_name, pfs_root) -> None:
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1, allow_keyless=True) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1, allow_keyless=True,
+                        keep_every_version=True) as publisher:
         publisher.publish(perturbed(TinyNet(), 1))
         publisher.publish(perturbed(TinyNet(), 2))
         publisher.flush(WAIT_S)

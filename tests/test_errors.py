@@ -101,7 +101,8 @@ def test_counts_are_checked_with_their_bounds(value: object, message: str) -> No
 
 # -- ZeroMQ fetch --------------------------------------------------------------------------
 def test_an_evicted_version_names_the_tiers_that_hold_it(model_name, pfs_root) -> None:
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1, allow_keyless=True) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, dram_versions=1, allow_keyless=True,
+                        keep_every_version=True) as publisher:
         publisher.publish(perturbed(TinyNet(), 1))
         publisher.publish(perturbed(TinyNet(), 2))
         publisher.flush(WAIT_S)

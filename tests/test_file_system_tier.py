@@ -215,3 +215,25 @@ def test_a_clean_close_never_lowers_another_producers_reservation(pfs_root) -> N
         reserved = tier.reserved("tiny")
         first.close()
         assert tier.reserved("tiny") == reserved
+
+
+@pytest.mark.parametrize("keep_every_version, expected", [(False, [1, 6]), (True, [1, 2, 3, 4, 5, 6])])
+def test_the_writer_skips_versions_replaced_before_their_write_started(pfs_root, keep_every_version,
+                                                                       expected) -> None:
+    """Issue 12, item 5: five versions published faster than the writer starts (its flush delay)
+    cost one write, the newest, unless every version is asked for."""
+    models = [perturbed(TinyNet(), seed) for seed in range(1, 7)]
+    # slots for every version, and a first version flushed while the pool warms up, so that no
+    # publish of the burst waits for (and hurries) the writer
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root, flush_delay=5.0, allow_keyless=True, dram_versions=8,
+                        keep_every_version=keep_every_version) as publisher:
+        publisher.publish(models[0])
+        assert publisher.flush(WAIT_S)
+        for model in models[1:]:
+            publisher.publish(model)
+        assert publisher.flush(WAIT_S)
+        assert publisher.writes_skipped == 6 - len(expected)
+        assert publisher.health["file-system tier"] == "ok"
+    tier = FileSystemTier(pfs_root)
+    assert tier.versions("tiny") == expected and tier.latest("tiny") == 6
+    assert_same_weights(models[-1].state_dict(), read_back(tier, 6))

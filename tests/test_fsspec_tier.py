@@ -55,7 +55,8 @@ def s3(tmp_path):
 def test_versions_round_trip_through_s3(s3, events) -> None:
     tier = FileSystemTier("viper-bucket/models", files=FsspecFiles(s3))
     producer = perturbed(TinyNet(), 8)
-    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, tier, dram_versions=0, keep_versions=2) as publisher:
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, tier, dram_versions=0, keep_versions=2,
+                        keep_every_version=True) as publisher:
         for seed in range(3):
             publisher.publish(perturbed(producer, seed))
     assert tier.versions("tiny") == [2, 3] and tier.latest("tiny") == 3

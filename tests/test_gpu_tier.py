@@ -83,7 +83,8 @@ def test_gpu_tier_alone_with_the_file_system(model_name, pfs_root) -> None:
 
 def test_many_publishes_keep_versions_in_order(model_name, pfs_root) -> None:
     models = [perturbed(TinyNet(), seed) for seed in range(6)]
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, gpu_device="cpu", dram_versions=2) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, gpu_device="cpu", dram_versions=2,
+                        keep_every_version=True) as publisher:
         versions = [publisher.publish(model) for model in models]
         assert publisher.flush(WAIT_S)
         assert versions == sorted(versions) and publisher.version == versions[-1]

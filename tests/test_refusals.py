@@ -45,7 +45,7 @@ class ForgedProducer:
 def stored_versions(pfs_root) -> dict[int, TinyNet]:
     """Three real versions on the file system, written by a real publisher."""
     models = {version: perturbed(TinyNet(), version) for version in (1, 2, 3)}
-    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root, KEY) as publisher:
+    with ModelPublisher("tiny", LOOPBACK_ANY_PORT, pfs_root, KEY, keep_every_version=True) as publisher:
         for model in models.values():
             publisher.publish(model)
     return models

@@ -161,3 +161,25 @@ def test_a_notice_from_before_the_write_falls_back_to_the_file_system_copy(model
                 assert_same_weights(producer, served)
     finally:
         forged.close()
+
+
+def test_the_fallback_refuses_a_stored_copy_another_producer_wrote(model_name, tmp_path, events,
+                                                                   zmq_context) -> None:
+    """The file-system copy must be the announced version itself: a signed v1 of another run with
+    the same key (put there by whoever can write the storage) is not it."""
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, ours, KEY, flush_delay=50.0) as publisher:
+        publisher.publish(perturbed(TinyNet(), 13))
+        early = FetchClient(zmq_context, publisher.fetch_endpoint, model_name, KEY, WAIT_S).latest_notice()
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, theirs, KEY) as other:
+        other.publish(perturbed(TinyNet(), 14))
+    forged = ForgedProducer(zmq_context, model_name.encode())
+    try:
+        with ModelSubscriber(TinyNet(), model_name, forged.endpoint, theirs, KEY, routes=["dram-zmq", "pfs"],
+                             fetch_timeout=1.0, load_latest=False, on_refusal=events.on_refusal) as subscriber:
+            forged.wait_for_subscriber()
+            forged.send(early)
+            refusal = events.wait_for_refusals(1)[0]
+            assert "is not the version the notice announced" in refusal.reason and subscriber.version is None
+    finally:
+        forged.close()

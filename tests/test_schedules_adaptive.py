@@ -13,7 +13,7 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from viper_lightning import ConfigurationError, FileSystemTier, ViperCallback
+from viper_lightning import ConfigurationError, ViperCallback
 from viper_lightning.predictor import (
     FitError,
     InferenceLoad,
@@ -207,12 +207,29 @@ def test_following_the_losses_catches_a_drop_the_fitted_curve_never_predicted() 
 
 
 # -- edge cases --------------------------------------------------------------------------------------------
-def test_zero_requests_fall_back_to_the_default_schedule(caplog) -> None:
+def test_zero_requests_publish_nothing(caplog) -> None:
     schedule = Fixed(**common(total_requests=0))
     with caplog.at_level(logging.WARNING, LOG):
         published = drive(schedule, decaying(100))
-    assert published == list(range(10, 101, 10))
+    assert published == []
     assert "past the last expected request" in caplog.text
+
+
+@pytest.mark.parametrize("make", [Fixed, Greedy])
+def test_nothing_is_published_past_the_last_expected_request(make) -> None:
+    """Issue 12, item 5: the schedules went on publishing (on the fallback) after the last request."""
+    schedule = make(**common(total_requests=150))  # one request per second: the last comes at step 150
+    published = drive(schedule, decaying(300))
+    assert published and max(published) < 151
+
+
+@pytest.mark.parametrize("make", [Fixed, Greedy])
+def test_told_that_no_requests_come_the_schedule_stops_publishing(make) -> None:
+    schedule = make(**common())
+    losses = decaying(300)
+    published = drive(schedule, losses[:100])
+    schedule.requests_ended()
+    assert published and drive(schedule, losses[100:], first=101) == []
 
 
 def test_a_warmup_longer_than_training_keeps_the_default_schedule() -> None:
@@ -307,7 +324,7 @@ def test_greedy_in_a_real_trainer_publishes_fewer_times_than_steps(tmp_path) -> 
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                         callbacks=[callback])
     trainer.fit(Regressor())
-    versions = FileSystemTier(str(tmp_path / "pfs")).versions("regressor")
+    versions = range(1, callback.last_version + 1)
     assert 3 <= len(versions) < steps  # the warm-up's two, then at least one chosen by the rule
     assert callback.last_step > 20
     assert schedule.curve is not None and schedule.predicted_cil is not None

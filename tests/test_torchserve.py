@@ -122,7 +122,8 @@ def test_zero_downtime_while_a_trainer_publishes(tmp_path, record_property) -> N
     build_archive("scorer", MODEL_FILE, "Scorer", {"endpoint": endpoint, "pfs_root": pfs_root},
                   export_path=store, initial_weights=initial)
     rows = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
-    callback = ViperCallback("scorer", endpoint, pfs_root, schedule=EveryNSteps(8))
+    callback = ViperCallback("scorer", endpoint, pfs_root, schedule=EveryNSteps(8),
+                             keep_every_version=True)  # every served version is checked against its file
     trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
                         default_root_dir=str(tmp_path))

@@ -18,6 +18,7 @@ from .producer._settings import PublisherSettings
 from .producer._snapshot import Snapshot, take_snapshot
 from .storage._pfs import FileSystemTier
 from .transport._protocol import DEFAULT_ENDPOINT, Location, Notice
+from .transport._reports import ConsumerReport
 
 if TYPE_CHECKING:
     from .producer._callback import ViperCallback
@@ -32,6 +33,7 @@ __all__ = [
     "PublisherSettings",
     "DEFAULT_ENDPOINT",
     "CommitRecord",
+    "ConsumerReport",
     "Snapshot",
     "take_snapshot",
     "Layout",

@@ -12,6 +12,7 @@ GIL while it hashes, so the training thread keeps its core.
 from __future__ import annotations
 
 import functools
+import os
 
 import blake3
 import torch
@@ -22,7 +23,9 @@ __all__ = ["KEYED", "PLAIN", "Digester", "algorithm", "digest_buffer", "mismatch
 PLAIN = "xxh3_128"
 KEYED = "blake3_keyed"
 _CONTEXT = "viper-lightning 2026-11 content digest v1"
-ALL_THREADS = blake3.blake3.AUTO
+# A consumer verifying what it is about to serve may use several cores, but not every core of a
+# host it may share with training.
+ALL_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def algorithm(key: bytes | None) -> str:
@@ -34,7 +37,7 @@ class Digester:
     """Incremental digest, so bytes can be verified as they stream in.
 
     `threads`: BLAKE3 may hash one large update on several cores; a consumer verifying what it
-    is about to serve uses them all (ALL_THREADS), the producer one, beside its training thread.
+    is about to serve uses a few (ALL_THREADS), the producer one, beside its training thread.
     """
 
     def __init__(self, key: bytes | None = None, *, threads: int = 1) -> None:

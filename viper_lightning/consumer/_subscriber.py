@@ -21,6 +21,7 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Storage
 from .._layout import Layout, check_compatible
 from ..storage._keys import key_file_for, read_key
 from ..storage._pfs import FileSystemTier
+from ..transport._reports import ConsumerReport, send_report
 from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._loaders import RouteLoaders
@@ -316,6 +317,7 @@ class ModelSubscriber:
         self._recorder.applied(record)
         log.info("serving %s v%d via %s (%.1f ms after publish)", self.model_name, record.version,
                  record.route, record.latency_s * 1e3)
+        self._report_to_producer(notice, record)
         with self._version_changed:
             self._version_changed.notify_all()
         self._call(self._on_update, record)
@@ -365,6 +367,15 @@ class ModelSubscriber:
             raise failures[0]  # keep its kind: integrity and storage errors say more than "transfer"
         raise TransferError("every route failed: " + "; ".join(str(f) for f in failures))
 
+    def _report_to_producer(self, notice: Notice, record: UpdateRecord) -> None:
+        """Tell the producer (its fetch endpoint, if the notice names one) how long this update
+        took to serve: its schedule plans with that. One-way, it never waits."""
+        endpoint = next((location.address for location in notice.locations
+                         if location.tier == "dram" and location.address.startswith("tcp://")), None)
+        if endpoint is not None and self._context is not None:
+            send_report(self._context, endpoint, self.model_name, self._key,
+                        ConsumerReport(record.version, record.latency_s, record.route))
+
     def _durable_copy(self, notice: Notice) -> Notice | None:
         """The version as the file-system tier holds it, when the notice predates its write (the
         producer may have exited since, taking its memory tiers); None when it is not there (yet)."""
@@ -375,9 +386,12 @@ class ModelSubscriber:
             stored = self._pfs.read_manifest(self.model_name, notice.version, self._verifying_key())
         except (TransferError, StorageError):
             return None
-        if stored.layout != notice.layout or (notice.digest is not None and stored.digest != notice.digest):
+        same = (stored.producer == notice.producer and stored.step == notice.step and stored.layout == notice.layout
+                and notice.digest in (None, stored.digest))
+        if not same:  # e.g. a signed copy from another run with the same key, put there by a storage writer
             raise IntegrityError(f"version {notice.version} on the file-system tier at {self._pfs.root} is not the "
-                                 "version the notice announced (another producer writes there?)")
+                                 f"version the notice announced (producer {stored.producer!r} at step {stored.step}, "
+                                 f"announced: {notice.producer!r} at step {notice.step})")
         location = Location("pfs", self._planner.host, self._pfs.address(self.model_name, notice.version))
         return stored.with_locations((location,))
 

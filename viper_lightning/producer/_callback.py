@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ class ViperCallback(Callback):
             while training goes on and the tier retries; "raise" stops training with it.
         allow_keyless: without a key, sign nothing and serve anyone (an explicit, logged opt-out);
             by default a key is created for the model on this host (see ModelPublisher).
+        keep_every_version: write every version to the file system; by default a version a
+            newer one replaced before its write started is skipped (the last is always written).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class ViperCallback(Callback):
         publish_on_train_end: bool = True,
         on_tier_error: str = "degrade",
         allow_keyless: bool = False,
+        keep_every_version: bool = False,
     ) -> None:
         key = _read_key(hmac_key, hmac_key_file)
         # Checked here, when the callback is built (not at train start); "auto" is resolved then.
@@ -81,7 +85,8 @@ class ViperCallback(Callback):
             model_name, endpoint, pfs_root, key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=None if gpu_device == "auto" else gpu_device, fetch_endpoint=fetch_endpoint,
             collective_endpoint=collective_endpoint, keep_versions=keep_versions,
-            heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error, allow_keyless=allow_keyless)
+            heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
+            keep_every_version=keep_every_version)
         self._auto_gpu = gpu_device == "auto"
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):
@@ -90,7 +95,7 @@ class ViperCallback(Callback):
         self.publish_on_train_end = publish_on_train_end
         self.last_version = 0
         self.last_step = -1
-        self.last_stall_s: float | None = None
+        self.last_stall_s: float | None = None  # training-thread seconds the last publish cost (the hook)
         self._publisher: ModelPublisher | None = None
         self._reported_commit: int | None = None
 
@@ -132,9 +137,12 @@ class ViperCallback(Callback):
         step = trainer.global_step
         if self._publisher is None or step == self.last_step:
             return  # gradient accumulation: several batches share one optimizer step
+        started = time.perf_counter()  # the schedule's decision is training time lost too
+        for report in self._publisher.take_consumer_reports():
+            self.schedule.observe_load_time(report.latency_s)
         loss = _loss_of(outputs) if self.schedule.needs_loss else None
         if self.schedule.should_publish(step, loss):
-            self._publish(trainer, pl_module, loss)
+            self._publish(trainer, pl_module, loss, started)
             degraded = sum(state.startswith("degraded") for state in self._publisher.health.values())
             pl_module.log("viper/degraded_tiers", float(degraded), on_step=True, on_epoch=False)
 
@@ -142,15 +150,16 @@ class ViperCallback(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._publisher is None or trainer.global_step == self.last_step:
             return
+        started = time.perf_counter()
         if self.schedule.should_publish_at_epoch_end(trainer.current_epoch, trainer.global_step):
-            self._publish(trainer, pl_module, None)
+            self._publish(trainer, pl_module, None, started)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._publisher is None:
             return
         if self.publish_on_train_end and trainer.global_step != self.last_step:
-            self._publish(trainer, pl_module, None)
+            self._publish(trainer, pl_module, None, time.perf_counter())
         self._publisher.flush()
 
     @override
@@ -181,12 +190,15 @@ class ViperCallback(Callback):
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
 
     # -- internals ---------------------------------------------------------------------------
-    def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: float | None) -> None:
+    def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: float | None,
+                 started: float) -> None:
+        """Publish, and charge the schedule what the training thread really lost: the whole hook
+        from `started` (its decision, the snapshot, the hand-off), not the snapshot alone."""
         step = trainer.global_step
         self.last_version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch)
         self.last_step = step
-        self.last_stall_s = self._publisher.last_stall_s
-        self.schedule.published(step, loss, self.last_stall_s or 0.0)
+        self.last_stall_s = time.perf_counter() - started
+        self.schedule.published(step, loss, self.last_stall_s)
         self._report_commit()
         log.debug("queued %s v%d at step %d (stall %.2f ms)", self.model_name, self.last_version,
                   step, (self.last_stall_s or 0.0) * 1e3)

@@ -12,7 +12,7 @@ from ._cascade import Cascade
 from ._catalog import VersionCatalog
 from ._device import DeviceCopy, DeviceTier
 from ._health import Health
-from ._store import TieredStore
+from ._store import HostCopy, TieredStore
 
 __all__ = ["Demoter"]
 
@@ -51,16 +51,21 @@ class Demoter:
 
     def _run(self) -> None:
         while (item := self._inbox.get()) is not _STOP:
+            host_copy = None
             try:
-                self._handle(*item)
+                host_copy = self._handle(*item)
             finally:
-                self._inbox.task_done()
+                self._inbox.task_done()  # publish() waits for host memory, never for the digest
+            if host_copy is not None:
+                # for collective answers of the device copy: digests run on the host copy
+                host_copy.digest()
+                self._catalog.digested_on_host(host_copy.version)
 
-    def _handle(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
+    def _handle(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> HostCopy | None:
         try:
             if self._failure is not None:
                 raise self._failure
-            self._demote(version, copy, release)
+            return self._demote(version, copy, release)
         except BaseException as exc:
             release()
             if self._failure is None:
@@ -68,8 +73,9 @@ class Demoter:
                 self._health.report("demoter", exc)
                 log.error("copying %s v%d from the GPU tier to host memory failed: %s", self._model, version, exc)
             self._catalog.failed_to_reach_host(version, f"copying it to host memory failed: {exc}")
+            return None
 
-    def _demote(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> None:
+    def _demote(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> HostCopy:
         record = self._catalog.get(version)
         nbytes = record.layout.nbytes
         slot = self._store.capture_filled(nbytes, lambda buffer: self._device.download(copy, buffer[:nbytes]))
@@ -81,5 +87,4 @@ class Demoter:
             raise
         self._catalog.reached_host(version, host_copy)
         self._cascade.in_host_memory(host_copy)
-        host_copy.digest()  # for collective answers of the device copy: digests run on the host copy
-        self._catalog.digested_on_host(version)
+        return host_copy

@@ -40,15 +40,22 @@ class Flusher:
     does not stop training: the failure goes to `health`, the version stays in the memory tiers
     that hold it, and versions submitted during a backoff (doubling from RETRY_FIRST_S up to
     RETRY_MAX_S) are not written unless a flush() or close() asks for them; the first write
-    that succeeds again restores the tier."""
+    that succeeds again restores the tier.
+
+    Unless `keep_every_version`, a version that a newer one replaced before its write started
+    is not written (`skipped` counts them): the newest version is always written, so a run's
+    last weights always reach the file system."""
 
     def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None, *,
                  notices: NoticeBoard, catalog: VersionCatalog, store: TieredStore, announcer: Announcer,
-                 health: Health, delay_s: float = 0.0) -> None:
+                 health: Health, delay_s: float = 0.0, keep_every_version: bool = False) -> None:
         self._pfs, self._model, self._key, self._keep = pfs, model, key, keep_versions
         self._notices, self._catalog, self._store, self._announcer = notices, catalog, store, announcer
         self._health = health
         self._delay_s = delay_s
+        self._keep_every_version = keep_every_version
+        self._newest_submitted = 0
+        self.skipped = 0
         self._hurried_at = -math.inf  # versions submitted before this are drained without delay
         self._woken = threading.Event()
         self._inbox: queue.Queue[object] = queue.Queue()
@@ -58,6 +65,7 @@ class Flusher:
         self._thread.start()
 
     def submit(self, held: HostCopy) -> None:
+        self._newest_submitted = max(self._newest_submitted, held.version)
         self._inbox.put((held, time.monotonic()))
 
     def hurry(self) -> None:
@@ -75,10 +83,12 @@ class Flusher:
             held, submitted = item
             self._wait_out_delay(submitted)
             address = None
+            superseded = not self._keep_every_version and self._newest_submitted > held.version
+            self.skipped += superseded
             try:
                 # In a backoff, versions stay in memory only, unless a flush() or close() asks for
                 # them: the last weights of a run must get their try whatever the backoff says.
-                if time.monotonic() >= self._retry_at or submitted <= self._hurried_at:
+                if not superseded and (time.monotonic() >= self._retry_at or submitted <= self._hurried_at):
                     address, digest_s, store_s = self._flush(held)
                     self._catalog.flushed(held.version, address, digest_s, store_s)
                     self._recovered()

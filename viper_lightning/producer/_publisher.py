@@ -24,6 +24,7 @@ from ..storage._keys import load_or_create_key
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import CollectiveServer, parse_address
 from ..transport._fetch import FetchServer
+from ..transport._reports import ConsumerReport, ReportBox
 from ._announcer import Announcer
 from ._cascade import Cascade
 from ._catalog import CommitRecord, VersionCatalog, VersionRecord
@@ -86,6 +87,10 @@ class ModelPublisher:
         allow_keyless: without `hmac_key`, sign nothing and serve anyone (an explicit opt-out,
             logged). By default a publisher without a key creates one for the model on this host
             (`/dev/shm/viper-key.<model>`, mode 0600), which same-user consumers here read.
+        keep_every_version: write every version to the file system. By default (False) the
+            writer skips a version that a newer one replaced before its write started: nobody
+            would load it from there, and the write would cost disk bandwidth and CPU beside
+            training. `writes_skipped` counts them; the newest version is always written.
     """
 
     def __init__(
@@ -107,12 +112,14 @@ class ModelPublisher:
         host_id: str | None = None,
         on_tier_error: str = "degrade",
         allow_keyless: bool = False,
+        keep_every_version: bool = False,
     ) -> None:
         self.settings = PublisherSettings(
             model_name, endpoint, pfs_root, hmac_key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=gpu_device, fetch_endpoint=fetch_endpoint, collective_endpoint=collective_endpoint,
             keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
-            resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error, allow_keyless=allow_keyless)
+            resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
+            keep_every_version=keep_every_version)
         self.model_name = model_name
         key = _key_for(self.settings)
         host = host_id or socket.gethostname()
@@ -132,6 +139,7 @@ class ModelPublisher:
         self._device = DeviceTier(gpu_device) if gpu_device is not None else None
         lends_device_memory = self._device is not None and self._device.on_gpu and key is not None
         self._context = zmq.Context()
+        self._reports = ReportBox()
         with contextlib.ExitStack() as resources:  # unwound here if construction fails, else by close()
             resources.callback(self._context.term)
             if reservations is not None:  # closed after everything that announces
@@ -165,7 +173,8 @@ class ModelPublisher:
             self._health.add("announcer")
             self._flusher = Flusher(pfs, self.model_name, key, keep_versions, notices=notices,
                                     catalog=self._catalog, store=self._store, announcer=self._announcer,
-                                    health=self._health, delay_s=flush_delay if serves_memory else 0.0) \
+                                    health=self._health, delay_s=flush_delay if serves_memory else 0.0,
+                                    keep_every_version=keep_every_version) \
                 if pfs else None
             if self._flusher is not None:
                 resources.callback(self._flusher.close)
@@ -193,6 +202,18 @@ class ModelPublisher:
     def version(self) -> int | None:
         """The newest version whose tiers are settled and announced, or None."""
         return self._catalog.committed
+
+    def take_consumer_reports(self) -> list[ConsumerReport]:
+        """What consumers reported since the last call (oldest first): each update they applied,
+        its publish-to-serving latency and route. Reports come through the fetch endpoint, signed
+        when keyed; without one, none arrive."""
+        return self._reports.take()
+
+    @property
+    def writes_skipped(self) -> int:
+        """Versions the file-system writer skipped because a newer one replaced them before
+        their write started (see `keep_every_version`)."""
+        return self._flusher.skipped if self._flusher is not None else 0
 
     @property
     def last_stall_s(self) -> float | None:
@@ -289,7 +310,7 @@ class ModelPublisher:
         return version
 
     def _start_fetch_server(self, endpoint: str, key: bytes | None, lender: MemoryLender) -> FetchServer:
-        server = FetchServer(self._context, endpoint, self.model_name, key, lender)
+        server = FetchServer(self._context, endpoint, self.model_name, key, lender, reports=self._reports)
         server.start()
         return server
 

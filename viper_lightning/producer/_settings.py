@@ -43,6 +43,7 @@ class PublisherSettings:
     host_id: str | None = None
     on_tier_error: str = "degrade"
     allow_keyless: bool = False
+    keep_every_version: bool = False
 
     def __post_init__(self) -> None:
         check_model_name(self.model_name)
@@ -70,9 +71,10 @@ class PublisherSettings:
                                      "seconds")
         if not (_is_number(self.flush_delay) and 0 <= self.flush_delay < 60):
             raise ConfigurationError(f"flush_delay={self.flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
-        if not isinstance(self.allow_keyless, bool):
-            raise ConfigurationError(f"allow_keyless={self.allow_keyless!r}: use True or False (a string such as "
-                                     "'false' would be taken as true)")
+        for name in ("allow_keyless", "keep_every_version"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"{name}={getattr(self, name)!r}: use True or False (a string such as "
+                                         "'false' would be taken as true)")
         if self.on_tier_error not in ON_TIER_ERROR:
             raise ConfigurationError(f"on_tier_error={self.on_tier_error!r}: use 'degrade' (report and keep "
                                      "training) or 'raise' (stop at the first failed write)")

@@ -35,6 +35,10 @@ class PublishSchedule(ABC):
         """Feedback from the background writer: how long one version took to reach the file
         system (the callback reports each completed commit once)."""
 
+    def observe_load_time(self, seconds: float) -> None:
+        """Feedback from a consumer: how long after a publish it served that version (the
+        callback passes on each report consumers send back)."""
+
     def state_dict(self) -> dict[str, Any]:
         """What must survive a checkpoint so a resumed run keeps its schedule."""
         return {}

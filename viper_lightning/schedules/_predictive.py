@@ -166,11 +166,11 @@ class _PredictiveSchedule(PublishSchedule):
     def should_publish(self, step: int, loss: float | None = None) -> bool:
         now_s = self._meter.tick(step)
         self._observe(step, loss)
+        if now_s >= self.load.horizon_s:
+            return self._no_more_requests(step)
         if step <= self.warmup_steps:
             return step % self.fallback_interval == 0 or (self.warmup_on_improvement
                                                            and self._losses.watch.significant())
-        if now_s >= self.load.horizon_s:
-            return self._fallback(step, "past the last expected request")
         if self._fit_due(step):
             self._fit_curve(step, now_s)
         if self._fit.curve is None:
@@ -180,6 +180,12 @@ class _PredictiveSchedule(PublishSchedule):
 
     def published(self, step: int, loss: float | None, stall_s: float) -> None:
         self._losses.record_publish(step, self._meter.published(stall_s))
+
+    def requests_ended(self) -> None:
+        """No more requests will come (the consumers are gone, or the caller knows better than
+        `total_requests`): from now on nothing is published, as past the last expected request.
+        The callback still publishes the final weights when training ends."""
+        self.load = InferenceLoad(self.load.request_rate, 0)
 
     @property
     def predicted_cil(self) -> float | None:
@@ -331,6 +337,16 @@ class _PredictiveSchedule(PublishSchedule):
         elif not keep_choice:  # restored: cil_done already counts everything before now
             fit.cil_done = _hindcast(context)
         fit.prediction = prediction
+
+    def _no_more_requests(self, step: int) -> bool:
+        """Past the last expected request a new version serves nobody: it would cost a stall
+        and a write for nothing."""
+        reason = "past the last expected request"
+        if reason != self._fit.fallback_reason:
+            log.warning("%r at step %d: %s (%d requests at %g/s); no more publishes until training ends", self,
+                        step, reason, self.load.total_requests, self.load.request_rate)
+            self._fit.fallback_reason = reason
+        return False
 
     def _fallback(self, step: int, reason: str) -> bool:
         if reason != self._fit.fallback_reason:

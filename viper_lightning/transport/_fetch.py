@@ -7,6 +7,7 @@ Requests (JSON, signed when a key is configured):
   {"op": "ipc", "model", "version"}   -> {"status": "ok", "nbytes", "ipc": <CUDA IPC description>,
                                           "lease", "lease_s"}   (the GPU tier, same host only)
   {"op": "release", "model", "lease"} -> {"status": "ok"}
+  {"op": "report", "model", "version", "latency_s", "route"} -> no answer (see _reports)
 An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives, a
 refused request {"status": "error", "code", "reason"} (codes: see viper_lightning._errors).
 The client keeps a small window of chunk reads in flight, receives each data frame straight
@@ -38,6 +39,7 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from ._loans import IpcLoan, Lender, MemoryLoan
 from ._messages import canonical_json, count, load_object, raise_for_answer, refusal
 from ._protocol import PROTO, check_proto, sign, verify_mac
+from ._reports import ReportBox, parse_report
 
 __all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES", "LEASE_S"]
 
@@ -59,7 +61,7 @@ class FetchServer:
     CUDA IPC leases) and answers "gone" with the tiers that still hold an evicted version."""
 
     def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None, lender: Lender, *,
-                 lease_s: float = LEASE_S) -> None:
+                 lease_s: float = LEASE_S, reports: ReportBox | None = None) -> None:
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -73,6 +75,7 @@ class FetchServer:
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._model, self._key = model, key
         self._lender = lender
+        self._reports = reports  # consumers' update reports go here (None: dropped)
         # (peer, tracker, loan, deadline): chunks zmq is still sending, their bytes kept in place
         self._in_flight: list[tuple[bytes, zmq.MessageTracker, MemoryLoan, float]] = []
         self._lease_s = lease_s
@@ -118,7 +121,8 @@ class FetchServer:
             request = _parse_request(raw, self._key, self._model)
             op = request.get("op")
             handler = {"open": self._open, "read": self._read, "latest": self._latest,
-                       "ipc": self._lend, "release": self._end_lease}.get(op) if isinstance(op, str) else None
+                       "ipc": self._lend, "release": self._end_lease, "report": self._report,
+                       }.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolError(f"unknown fetch op {op!r}")
             handler(peer, request)
@@ -162,6 +166,11 @@ class FetchServer:
             loan.release()
             raise
         self._in_flight.append((peer, tracker, loan, time.monotonic() + self._lease_s))
+
+    def _report(self, peer: bytes, request: dict) -> None:
+        report = parse_report(request)  # a bad one is answered with the refusal
+        if self._reports is not None:
+            self._reports.add(report)
 
     def _latest(self, peer: bytes, request: dict) -> None:
         notice = self._lender.latest_notice()

@@ -1,0 +1,96 @@
+"""Consumers report each applied update back to the producer (issue 12, item 1): the schedule
+then plans with the load time its consumers really see, not a configured guess. Reports are
+signed like every fetch request, bounded, and a bad one changes nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import lightning as L
+import pytest
+import zmq
+
+from viper_lightning import ConsumerReport, ModelPublisher, ModelSubscriber, ViperCallback
+from viper_lightning.schedules import EveryNSteps
+from viper_lightning.transport._reports import send_report
+
+from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, perturbed, publish_and_check
+from .lightning_models import Regressor
+
+KEY = b"a key for the report tests, 32 b"
+
+
+def reports_within(publisher: ModelPublisher, count: int, timeout: float = WAIT_S) -> list[ConsumerReport]:
+    """Reports taken from `publisher` until `count` have come (a poll with a deadline)."""
+    reports, deadline = [], time.monotonic() + timeout
+    while len(reports) < count and time.monotonic() < deadline:
+        reports += publisher.take_consumer_reports()
+        time.sleep(0.01)
+    return reports
+
+
+@pytest.mark.parametrize("route", ["dram-shm", "dram-zmq"])
+def test_each_applied_update_is_reported_with_its_latency_and_route(route, model_name, events) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY) as publisher, \
+         ModelSubscriber(TinyNet(), model_name, publisher.endpoint, hmac_key=KEY, routes=[route], load_latest=False,
+                         on_update=events.on_update) as subscriber:
+        record = publish_and_check(publisher, subscriber, perturbed(TinyNet(), 1), events)
+        reports = reports_within(publisher, 1)
+    assert reports == [ConsumerReport(record.version, record.latency_s, route)]
+
+
+def test_reports_that_are_unsigned_or_malformed_are_dropped(model_name, zmq_context) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY) as publisher:
+        send_report(zmq_context, publisher.fetch_endpoint, model_name, None, ConsumerReport(1, 0.5, "dram-shm"))
+        send_report(zmq_context, publisher.fetch_endpoint, model_name, b"w" * 32, ConsumerReport(1, 0.5, "pfs"))
+        with zmq_context.socket(zmq.DEALER) as peer:
+            peer.setsockopt(zmq.LINGER, 100)
+            peer.connect(publisher.fetch_endpoint)
+            for latency in (-1, float("inf"), 1e12, "fast", True):
+                peer.send(json.dumps({"proto": 1, "model": model_name, "op": "report", "version": 1,
+                                      "latency_s": latency, "route": "pfs"}).encode())
+            # a signed one after them: once it arrives, the others have been handled
+        send_report(zmq_context, publisher.fetch_endpoint, model_name, KEY, ConsumerReport(7, 0.25, "pfs"))
+        assert reports_within(publisher, 1) == [ConsumerReport(7, 0.25, "pfs")]
+        assert publisher.health["fetch server"] == "ok"
+
+
+class LoadTimes(EveryNSteps):
+    def __init__(self) -> None:
+        super().__init__(10)
+        self.load_times: list[float] = []
+
+    def observe_load_time(self, seconds: float) -> None:
+        self.load_times.append(seconds)
+
+
+def test_the_callback_passes_consumer_load_times_to_the_schedule(tmp_path, model_name) -> None:
+    schedule = LoadTimes()
+    callback = ViperCallback(model_name, LOOPBACK_ANY_PORT, schedule=schedule, hmac_key=KEY.decode())
+    latencies: list[float] = []
+
+    class Consumer(L.Callback):
+        """A subscriber in this process that the run waits for after each publish, so its report
+        is back before the run ends."""
+
+        def on_train_start(self, trainer, pl_module):
+            self.subscriber = ModelSubscriber(Regressor(), model_name, callback.publisher.endpoint, hmac_key=KEY,
+                                              load_latest=False,
+                                              on_update=lambda record: latencies.append(record.latency_s))
+            self.subscriber.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if callback.last_step == trainer.global_step:
+                assert self.subscriber.wait_for_version(callback.last_version, WAIT_S)
+
+        def on_train_end(self, trainer, pl_module):
+            self.subscriber.close()
+
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[callback, Consumer()])
+    trainer.fit(Regressor())
+    # reports of versions 1-3 reach the schedule within the run (v4's comes after its last step);
+    # a report has ten steps to arrive: at least two of them do, on a loaded machine too
+    assert len(schedule.load_times) >= 2 and schedule.load_times == latencies[:len(schedule.load_times)]

@@ -1,0 +1,89 @@
+"""Consumers' reports back to the producer: how long each update took them to serve.
+
+A subscriber sends one `{"op": "report", "model", "version", "latency_s", "route"}` to the
+producer's fetch endpoint after each update it applies (signed like every fetch request when
+keyed; a one-way message, never answered, so a consumer never waits on it). The fetch server
+keeps the newest few in a `ReportBox`, and the training side takes them: an adaptive schedule
+then plans with the load time its consumers really see instead of a configured guess.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from .._errors import ProtocolError
+from ._messages import canonical_json, count
+from ._protocol import PROTO, sign
+
+__all__ = ["ConsumerReport", "ReportBox", "parse_report", "send_report", "MAX_LATENCY_S"]
+
+log = logging.getLogger("viper_lightning.subscriber")
+
+MAX_LATENCY_S = 24 * 3600.0  # a report beyond a day is not a load time
+LINGER_MS = 200  # how long a closed reporting socket may still try to deliver its report
+_ROUTE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+@dataclass(frozen=True)
+class ConsumerReport:
+    """One applied update: its version, publish-to-serving seconds, and the route it came by."""
+
+    version: int
+    latency_s: float
+    route: str
+
+
+def send_report(context: zmq.Context, endpoint: str, model: str, key: bytes | None, report: ConsumerReport) -> None:
+    """Send `report` to the producer's fetch endpoint, signed with `key`. One-way and
+    non-blocking: a producer that is gone or slow costs the consumer nothing."""
+    payload = {"proto": PROTO, "model": model, "op": "report", "version": report.version,
+               "latency_s": report.latency_s, "route": report.route}
+    if key is not None:
+        payload["mac"] = sign(payload, key)
+    socket = context.socket(zmq.DEALER)
+    try:
+        socket.setsockopt(zmq.LINGER, LINGER_MS)
+        socket.connect(endpoint)
+        socket.send(canonical_json(payload), zmq.NOBLOCK)
+    except zmq.ZMQError as exc:
+        log.debug("could not report %s v%d to %s: %s", model, report.version, endpoint, exc)
+    finally:
+        socket.close()
+
+
+def parse_report(request: dict) -> ConsumerReport:
+    """The report a (verified) request carries; bad fields raise ProtocolError naming them."""
+    latency = request.get("latency_s")
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not (
+            math.isfinite(latency) and 0 <= latency <= MAX_LATENCY_S):
+        raise ProtocolError(f"report field 'latency_s' must be seconds in [0, {MAX_LATENCY_S:g}], got {latency!r:.40}")
+    route = request.get("route")
+    if not isinstance(route, str) or not _ROUTE.fullmatch(route):
+        raise ProtocolError(f"report field 'route' must be a route name, got {route!r:.40}")
+    return ConsumerReport(count(request, "version", "report"), float(latency), route)
+
+
+class ReportBox:
+    """The newest `capacity` reports; the fetch server adds, the training side takes (thread-safe)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._reports: deque[ConsumerReport] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def add(self, report: ConsumerReport) -> None:
+        with self._lock:
+            self._reports.append(report)
+
+    def take(self) -> list[ConsumerReport]:
+        """Every report since the last take, oldest first."""
+        with self._lock:
+            taken = list(self._reports)
+            self._reports.clear()
+        return taken
