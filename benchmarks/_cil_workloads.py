@@ -24,6 +24,9 @@ from examples.nt3 import NT3, DriftingGeneStream
 from examples.ptycho import DriftingDiffractionStream, PtychoRegressor
 from viper_lightning import ModelPublisher, ModelSubscriber
 
+from ._cil_synthetic import (PositionStream, SmallNet, SparseRecommender, drifting_preferences, late_signal,
+                             rotating_rule, shifting_rule)
+
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 WAIT_S = 60.0
 
@@ -50,6 +53,23 @@ def _ptycho() -> tuple[L.LightningModule, L.LightningDataModule]:
     return PtychoRegressor(), DriftingDiffractionStream(steps_per_epoch=100, drift_per_step=0.01)
 
 
+def _shifts() -> tuple[L.LightningModule, L.LightningDataModule]:
+    return SmallNet(16, 32, 2, _cross_entropy), PositionStream(shifting_rule(), batch_size=32, steps_per_epoch=100)
+
+
+def _plateau() -> tuple[L.LightningModule, L.LightningDataModule]:
+    return SmallNet(16, 32, 2, _cross_entropy), PositionStream(late_signal(), batch_size=32, steps_per_epoch=100)
+
+
+def _cheap() -> tuple[L.LightningModule, L.LightningDataModule]:
+    return SparseRecommender(), PositionStream(drifting_preferences(), batch_size=64, steps_per_epoch=100)
+
+
+def _expensive() -> tuple[L.LightningModule, L.LightningDataModule]:
+    return (SmallNet(16, 512, 2, _cross_entropy, lr=1e-3, depth=3),
+            PositionStream(rotating_rule(), batch_size=1024, steps_per_epoch=100))
+
+
 def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
 
@@ -61,6 +81,12 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
 WORKLOADS = {
     "nt3": Workload("nt3", _nt3, _cross_entropy, steps_per_epoch=100, requests_per_step=4, request_size=8),
     "ptycho": Workload("ptycho", _ptycho, _mse, steps_per_epoch=100, requests_per_step=4, request_size=8),
+    "shifts": Workload("shifts", _shifts, _cross_entropy, steps_per_epoch=100, requests_per_step=4, request_size=8),
+    "plateau": Workload("plateau", _plateau, _cross_entropy, steps_per_epoch=100, requests_per_step=4,
+                        request_size=8),
+    "cheap": Workload("cheap", _cheap, _cross_entropy, steps_per_epoch=100, requests_per_step=4, request_size=8),
+    "expensive": Workload("expensive", _expensive, _cross_entropy, steps_per_epoch=100, requests_per_step=4,
+                          request_size=8),
 }
 
 

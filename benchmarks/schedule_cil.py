@@ -2,8 +2,10 @@
 
     python -m benchmarks.schedule_cil --json OUT.json --plot OUT.png
 
-For each workload (the NT3-style classifier on the drifting gene-expression stream, and a
-PtychoNN-style regressor on a drifting diffraction stream) the model trains once with a real
+For each workload (the NT3-style classifier on the drifting gene-expression stream, a
+PtychoNN-style regressor on a drifting diffraction stream, and the small synthetic ones of
+`_cil_synthetic`: abrupt concept shifts, a plateau that drops late, steps far cheaper and far
+dearer than a publish) the model trains once with a real
 Lightning Trainer, keeping its weights after every step; every schedule is then replayed
 against that run on a simulated clock (the schedule cannot change what training computes,
 only when weights are copied out). The stall, writer time and publish-to-serving latency per
@@ -129,19 +131,24 @@ def run_workload(workload: Workload, steps: int, bar: tqdm) -> WorkloadRun:
 
 # -- reporting -------------------------------------------------------------------------------------
 def verdict(run: WorkloadRun) -> list[str]:
-    """The issue's acceptance checks for this workload, each with its numbers."""
+    """The acceptance checks of issue 12 for this workload, each with its numbers: against
+    every_epoch (where some every_n_steps gets 15% below it), against the best every_n_steps
+    chosen in hindsight (at most 5% above it, with fewer publishes), and the forecast."""
     kinds = {o.candidate.kind: o for o in run.outcomes if o.candidate.kind != "every_n_steps"}
     best_n = min((o for o in run.outcomes if o.candidate.kind == "every_n_steps"), key=lambda o: o.cil_real)
     best = min((kinds[k] for k in ADAPTIVE), key=lambda o: o.cil_real)
-    epoch, fixed = kinds["every_epoch"].cil_real, kinds["fixed"].replay.publishes
+    epoch = kinds["every_epoch"].cil_real
     error = abs(best.replay.predicted_cil - best.cil_real) / best.cil_real
+    reachable = best_n.cil_real <= 0.85 * epoch
     return [
         f"best adaptive: {best.candidate.name} (CIL {best.cil_real:.2f}, {best.replay.publishes} publishes)",
-        _check(best.cil_real <= 0.85 * epoch,
-               f"{100 * (1 - best.cil_real / epoch):.1f}% below every_epoch ({epoch:.2f}); need >= 15%"),
-        _check(best.cil_real <= best_n.cil_real, f"vs the best every_n_steps ({best_n.candidate.name}, "
-               f"{best_n.cil_real:.2f}): {100 * (best.cil_real / best_n.cil_real - 1):+.1f}%; need <= 0"),
-        _check(best.replay.publishes < fixed, f"{best.replay.publishes} publishes vs fixed's {fixed}; need fewer"),
+        _check(best.cil_real <= 0.85 * epoch or not reachable,
+               f"{100 * (1 - best.cil_real / epoch):.1f}% below every_epoch ({epoch:.2f}); need >= 15%"
+               + ("" if reachable else " (no every_n_steps reaches that here: not required)")),
+        _check(best.cil_real <= 1.05 * best_n.cil_real, f"vs the best every_n_steps ({best_n.candidate.name}, "
+               f"{best_n.cil_real:.2f}): {100 * (best.cil_real / best_n.cil_real - 1):+.1f}%; need <= +5%"),
+        _check(best.replay.publishes < best_n.replay.publishes,
+               f"{best.replay.publishes} publishes vs {best_n.candidate.name}'s {best_n.replay.publishes}; need fewer"),
         _check(error <= 0.2, f"predicted CIL {best.replay.predicted_cil:.2f} is {100 * error:.1f}% off the "
                "realised; need <= 20%"),
     ]
