@@ -3,8 +3,10 @@ that ranks them, and every fault falling back to the next route while the consum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -148,17 +150,25 @@ def test_a_notice_from_before_the_write_falls_back_to_the_file_system_copy(model
         early = FetchClient(zmq_context, publisher.fetch_endpoint, model_name, KEY, WAIT_S).latest_notice()
         assert [location["tier"] for location in json.loads(early)["locations"]] == ["dram", "dram"]
         assert publisher.flush(WAIT_S)
-    forged = ForgedProducer(zmq_context, model_name.encode())  # replays the real, signed, early notice
+    with replayed(zmq_context, model_name, early, pfs_root, events) as subscriber:
+        record = events.wait_for_updates(1)[0]
+        assert record.version == version and record.route == "pfs"
+        assert "read the file-system tier's copy" in record.why
+        with subscriber.serving() as served:
+            assert_same_weights(producer, served)
+
+
+@contextlib.contextmanager
+def replayed(zmq_context, model_name: str, notice: bytes, pfs_root: str, events) -> Iterator[ModelSubscriber]:
+    """A subscriber (remote fetch, then files) that has been sent this real, signed notice again."""
+    forged = ForgedProducer(zmq_context, model_name.encode())
     try:
         with ModelSubscriber(TinyNet(), model_name, forged.endpoint, pfs_root, KEY, routes=["dram-zmq", "pfs"],
-                             fetch_timeout=1.0, load_latest=False, on_update=events.on_update) as subscriber:
+                             fetch_timeout=1.0, load_latest=False, on_update=events.on_update,
+                             on_refusal=events.on_refusal) as subscriber:
             forged.wait_for_subscriber()
-            forged.send(early)
-            record = events.wait_for_updates(1)[0]
-            assert record.version == version and record.route == "pfs"
-            assert "read the file-system tier's copy" in record.why
-            with subscriber.serving() as served:
-                assert_same_weights(producer, served)
+            forged.send(notice)
+            yield subscriber
     finally:
         forged.close()
 
@@ -173,13 +183,6 @@ def test_the_fallback_refuses_a_stored_copy_another_producer_wrote(model_name, t
         early = FetchClient(zmq_context, publisher.fetch_endpoint, model_name, KEY, WAIT_S).latest_notice()
     with ModelPublisher(model_name, LOOPBACK_ANY_PORT, theirs, KEY) as other:
         other.publish(perturbed(TinyNet(), 14))
-    forged = ForgedProducer(zmq_context, model_name.encode())
-    try:
-        with ModelSubscriber(TinyNet(), model_name, forged.endpoint, theirs, KEY, routes=["dram-zmq", "pfs"],
-                             fetch_timeout=1.0, load_latest=False, on_refusal=events.on_refusal) as subscriber:
-            forged.wait_for_subscriber()
-            forged.send(early)
-            refusal = events.wait_for_refusals(1)[0]
-            assert "is not the version the notice announced" in refusal.reason and subscriber.version is None
-    finally:
-        forged.close()
+    with replayed(zmq_context, model_name, early, theirs, events) as subscriber:
+        refusal = events.wait_for_refusals(1)[0]
+        assert "is not the version the notice announced" in refusal.reason and subscriber.version is None

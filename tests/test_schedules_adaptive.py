@@ -125,11 +125,31 @@ def test_refitting_follows_a_new_learning_curve_that_fitting_once_misses() -> No
     # The loss settles at 0.5, then (new data, a learning-rate change) falls again from step 150.
     x = np.arange(1, 301, dtype=np.float64)
     losses = 0.5 + 0.4 * np.exp(-x / 20) - np.where(x > 150, 0.4 * (1 - np.exp(-(x - 150) / 40)), 0.0)
-    once = Greedy(**common(warmup_steps=40))
+    paper = Greedy(**common(warmup_steps=40, detect_changes=False, max_interval=10**6))  # no cap on the gap
+    once = Greedy(**common(warmup_steps=40))  # fits once, and again when the losses change (the default)
     refit = Greedy(**common(warmup_steps=40, refit_every=20, refit_error=0.2, fit_window=40))
     after_change = lambda published: [s for s in published if 160 <= s <= 300]  # noqa: E731
-    assert after_change(drive(once, losses)) == []  # its curve said the loss had settled for good
+    assert after_change(drive(paper, losses)) == []  # its curve said the loss had settled for good
+    assert len(after_change(drive(once, losses))) >= 3
     assert len(after_change(drive(refit, losses))) >= 3
+
+
+@pytest.mark.parametrize("make", [Fixed, Greedy])
+def test_a_concept_shift_is_detected_and_the_curve_fitted_again_on_the_new_regime(make, caplog) -> None:
+    """Issue 12, item 2: fitted once, the paper's schedules served one version through every
+    shift (their curve said the loss had settled). The losses now jump at steps 120 and 240."""
+    x = np.arange(1, 361, dtype=np.float64)
+    regime_start = np.where(x > 240, 240, np.where(x > 120, 120, 0))
+    losses = 0.2 + 0.6 * np.exp(-(x - regime_start) / 15) + np.random.default_rng(1).normal(0, 0.01, len(x))
+    paper, default = make(**common(detect_changes=False, max_interval=10**6)), make(**common())
+    with caplog.at_level(logging.INFO, LOG):
+        published = drive(default, losses)
+    for shift in (120, 240):
+        assert f"left the fitted curve after step {shift}" in caplog.text
+        assert any(shift < step <= shift + 30 for step in published), (shift, published)
+    quiet = [s for s in drive(paper, losses) if s > 60]
+    assert len(quiet) <= 1 or make is Fixed  # Greedy fitted once never publishes again
+    assert default.curve is not None and default.curve(np.array([300.0]))[0] < 0.5
 
 
 def test_staleness_is_learnt_from_served_losses() -> None:
@@ -152,7 +172,8 @@ def test_a_custom_predictor_is_used() -> None:
         def fit(self, steps, losses):
             return Halving()
 
-    schedule = Greedy(**common(predictor=Oracle(), threshold=0.001))
+    # its curve does not describe these losses: change detection would rightly drop it
+    schedule = Greedy(**common(predictor=Oracle(), threshold=0.001, detect_changes=False))
     drive(schedule, decaying(100))
     assert isinstance(schedule.curve, Halving)
 
@@ -350,3 +371,15 @@ def test_lightning_cli_yaml_selects_the_schedule_with_init_args(name, tmp_path) 
     assert isinstance(schedule.predictor, LearningCurveFitter) and schedule.predictor.families == ("exp3", "lin2")
     assert schedule.predictor.polish == 1 and schedule.max_interval == 15 and schedule.warmup_on_improvement
     assert math.isclose(schedule.costs().load_time_s, 0.02)
+
+
+@pytest.mark.parametrize("make", [Fixed, Greedy])
+def test_a_flat_fit_never_means_never_publish_again(make) -> None:
+    """Issue 12, item 2: a curve that has flattened predicts no gain from any publish, but it says
+    nothing about the loss beyond the steps it was fitted on; the served version goes stale."""
+    flat = 0.3 + np.random.default_rng(2).normal(0, 0.001, 400)
+    schedule = make(**common(warmup_steps=40))
+    published = drive(schedule, flat)
+    gaps = np.diff([s for s in published if s > 40])
+    assert len(gaps) >= 5 and gaps.max() <= 41  # at most the span of the 41 losses it fitted
+

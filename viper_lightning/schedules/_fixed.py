@@ -58,6 +58,10 @@ class Fixed(_PredictiveSchedule):
             is a curve): a loss that falls fast early is served early. False: only the fallback.
         max_interval: a safety net: never more than this many steps between publishes once the
             curve is fitted, whatever it predicts (0: none); plans are made within that cap.
+        detect_changes: watch the losses against the fitted curve and, once they have left it
+            for good (a concept shift, the end of a plateau), fit again on the losses since the
+            change, even when the schedule otherwise fits once; meanwhile publish on the
+            fallback or as soon as the losses drop significantly. False: the paper's fit-once.
     """
 
     def __init__(
@@ -78,12 +82,14 @@ class Fixed(_PredictiveSchedule):
         history: int = 10_000,
         warmup_on_improvement: bool = False,
         max_interval: int = 0,
+        detect_changes: bool = True,
     ) -> None:
         super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
                          fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
                          fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
                          staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
-                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval)
+                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval,
+                         detect_changes=detect_changes)
         self._interval: int | None = None
 
     @property

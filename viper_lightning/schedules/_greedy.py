@@ -74,12 +74,14 @@ class Greedy(_PredictiveSchedule):
         history: int = 10_000,
         warmup_on_improvement: bool = False,
         max_interval: int = 0,
+        detect_changes: bool = True,
     ) -> None:
         super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
                          fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
                          fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
                          staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
-                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval)
+                         history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval,
+                         detect_changes=detect_changes)
         if threshold is not None and not threshold >= 0:
             raise ConfigurationError(f"threshold={threshold!r}: use a loss difference >= 0, or None to take "
                                      "it from the warm-up")

@@ -93,13 +93,14 @@ class LossHistory:
         target = step - _PROBE_AGES[(step // every) % len(_PROBE_AGES)]
         return max([s for s, _ in self.published if s <= target] or [self.last_published])
 
-    def fit_points(self, until: int, first: bool, window: int) -> tuple[np.ndarray, np.ndarray]:
+    def fit_points(self, until: int, first: bool, window: int, since: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """The losses to fit: for a first (or only) fit everything up to `until`, the warm-up
-        included even if the bounded history has dropped it; later, the last `window` (0: all)."""
-        points = [point for point in self.observed if point[0] <= until]
+        included even if the bounded history has dropped it; later, the last `window` (0: all).
+        Never a loss of step `since` or before (the loss process changed after it)."""
+        points = [point for point in self.observed if since < point[0] <= until]
         if first:
             oldest = points[0][0] if points else until + 1
-            points = [point for point in self.warmup if point[0] < oldest] + points
+            points = [point for point in self.warmup if since < point[0] < oldest] + points
         elif window:
             points = points[-window:]
         steps, losses = zip(*points) if points else ((), ())

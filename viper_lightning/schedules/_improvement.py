@@ -65,6 +65,10 @@ class ImprovementWatch:
     def levels(self) -> LossLevels:
         return LossLevels(self.reference, self.since_sum, self.since_count, self.noise)
 
+    def rebase(self) -> None:
+        """The loss process changed: compare from the next loss on (the noise seen so far stays)."""
+        self.reference, self.since_sum, self.since_count = math.nan, 0.0, 0
+
     def published(self) -> None:
         """The current weights are serving now: their loss level becomes the reference."""
         if self.since_count:

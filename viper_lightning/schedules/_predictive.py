@@ -5,6 +5,11 @@ meanwhile, which also measures the stall), then fit the learning curve and plan.
 fits once; with `refit_every` or `refit_error` they refit as real losses arrive, on the last
 `fit_window` losses, which is what keeps the prediction honest when the data drifts.
 
+Beyond the paper, on by default: a change in the loss process (a concept shift, the end of a
+plateau, a curve that extrapolates badly) is detected (`ChangeDetector`, in units of the
+measured loss noise) and the curve is fitted again on the losses since the change, also by a
+schedule that otherwise fits once.
+
 Beyond the paper, and all off by default: `warmup_on_improvement` also publishes during the
 warm-up when the training loss has dropped significantly (`ImprovementWatch`), `max_interval`
 caps the gap between publishes whatever the curve predicts, and `observe_commit_time` lets
@@ -33,6 +38,7 @@ from ..predictor._curves import FitError, LearningCurveFitter, LossCurve, LossPr
 from ..predictor._plans import PlanContext
 from ..predictor._staleness import StalenessModel, fit_staleness
 from ._base import PublishSchedule
+from ._change import WINDOW, ChangeDetector
 from ._costs import CostMeter
 from ._history import LossHistory
 
@@ -62,6 +68,8 @@ class FitState:
     failure: str | None = None  # why there is no curve
     fallback_reason: str | None = None  # the reason last logged for publishing on the fallback
     restoring: bool = False  # restored from a checkpoint: the next fit repeats the saved one
+    regime_start: int = -1  # no fit uses losses of this step or before (a change was detected after it)
+    changed: bool = False  # a change was detected and the curve is not fitted again yet
     prediction: CILPrediction | None = None
     cil_done: float = 0.0  # predicted CIL of the requests before `prediction.since_s`
 
@@ -78,7 +86,7 @@ class FitState:
         cil_done = self.cil_done
         if self.prediction is not None:
             cil_done += self.prediction.between(self.prediction.since_s, elapsed_s)
-        return {"fits": self.fits, "fit_step": self.step, "cil_done": cil_done}
+        return {"fits": self.fits, "fit_step": self.step, "cil_done": cil_done, "regime_start": self.regime_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Curves are not saved (a user's predictor may not know how to serialise its own): the
@@ -86,6 +94,7 @@ class FitState:
         self.curve, self.staleness, self.prediction = None, self.prior, None
         self.start, self.next_attempt, self.failure, self.fallback_reason = 0, 0, None, None
         self.fits, self.step = int(state.get("fits", 0)), int(state.get("fit_step", 0))
+        self.regime_start, self.changed = int(state.get("regime_start", -1)), False
         self.cil_done = float(state.get("cil_done", 0.0))
         self.restoring = self.fits > 0
 
@@ -99,7 +108,7 @@ class _PredictiveSchedule(PublishSchedule):
                  refit_every: int, refit_error: float, fit_window: int, step_time_s: float | None,
                  stall_s: float, load_time_s: float, staleness_per_step: float, probe_every: int,
                  predictor: LossPredictor | None, history: int, warmup_on_improvement: bool = False,
-                 max_interval: int = 0) -> None:
+                 max_interval: int = 0, detect_changes: bool = True) -> None:
         self.load = InferenceLoad(float(request_rate), _count("total_requests", total_requests, 0))
         self.warmup_steps = _count("warmup_steps", warmup_steps, 0)
         self.fallback_interval = _count("fallback_interval", fallback_interval, 1)
@@ -116,6 +125,10 @@ class _PredictiveSchedule(PublishSchedule):
         self._losses = LossHistory(_count("history", history, 16))
         self.warmup_on_improvement = bool(warmup_on_improvement)
         self.max_interval = _count("max_interval", max_interval, 0)
+        if not isinstance(detect_changes, bool):
+            raise ConfigurationError(f"detect_changes={detect_changes!r}: use True or False")
+        self.detect_changes = detect_changes
+        self._changes = ChangeDetector()
         self.predictor = predictor if predictor is not None else LearningCurveFitter()
         if not isinstance(self.predictor, LossPredictor):
             raise ConfigurationError(f"predictor must be a viper_lightning.predictor.LossPredictor, "
@@ -171,11 +184,14 @@ class _PredictiveSchedule(PublishSchedule):
         if step <= self.warmup_steps:
             return step % self.fallback_interval == 0 or (self.warmup_on_improvement
                                                            and self._losses.watch.significant())
+        self._watch_for_change(step, loss)
         if self._fit_due(step):
             self._fit_curve(step, now_s)
         if self._fit.curve is None:
-            return self._fallback(step, self._fit.failure or "no loss curve yet")
-        overdue = bool(self.max_interval) and step - self._losses.last_published >= self.max_interval
+            # after a change, also publish as soon as the losses have dropped significantly
+            changed = self._fit.changed and self._losses.watch.significant()
+            return self._fallback(step, self._fit.failure or "no loss curve yet") or changed
+        overdue = step - self._losses.last_published >= self._longest_gap()
         return self._decide(step) or overdue
 
     def published(self, step: int, loss: float | None, stall_s: float) -> None:
@@ -240,7 +256,7 @@ class _PredictiveSchedule(PublishSchedule):
         if fit.restoring:
             return True
         if fit.curve is None:
-            return step >= fit.next_attempt and (fit.fits == 0 or self.refitting)
+            return step >= fit.next_attempt and (fit.fits == 0 or self.refitting or fit.changed)
         if not self.refitting:
             return False
         since = step - fit.step
@@ -272,7 +288,7 @@ class _PredictiveSchedule(PublishSchedule):
         restoring = fit.restoring
         until = fit.step if restoring else step
         steps, losses = self._losses.fit_points(until, first=fit.fits == 0 or (restoring and not self.refitting),
-                                                window=self.fit_window)
+                                                window=self.fit_window, since=fit.regime_start)
         try:
             curve = _checked(self.predictor.fit(steps, losses), steps, step)
             if not restoring and fit.fits == 0:
@@ -283,11 +299,40 @@ class _PredictiveSchedule(PublishSchedule):
         fit.fits += 0 if restoring else 1
         fit.curve, fit.step, fit.start = curve, until, int(steps.min())
         self._losses.forget_arrays()  # versions before the fit are scored on the losses seen up to it
-        fit.failure, fit.restoring = None, False
+        fit.failure, fit.restoring, fit.changed = None, False, False
+        if self.detect_changes:
+            self._changes.follow(curve)
         fit.staleness = self._fit_staleness(until)
         self._replan(step, now_s, restoring)
         if log.isEnabledFor(logging.INFO):
             log.info("%r at step %d: %s; %s", self, step, curve.describe(), self._plan_summary())
+
+    def _longest_gap(self) -> int:
+        """The most steps between publishes: `max_interval` if set, else the span of the losses
+        the curve was fitted on. A curve says nothing about the loss further out than the data
+        it saw reaches, so a flat fit must not become "never publish again" (the served version
+        goes stale all the same)."""
+        if self.max_interval:
+            return self.max_interval
+        return max(self.fallback_interval, self._fit.step - self._fit.start + 1)
+
+    def _watch_for_change(self, step: int, loss: float | None) -> None:
+        """Drop the curve once the losses have left it for good (see `ChangeDetector`): the next
+        fit uses only the losses since the change, whether or not the schedule refits otherwise."""
+        fit = self._fit
+        if not self.detect_changes or fit.curve is None or loss is None or not math.isfinite(loss):
+            return
+        since = self._changes.observe(step, loss, self._losses.watch.noise)
+        if since is None:
+            return
+        log.info("%r at step %d: the losses left the fitted curve after step %d; fitting again on the losses "
+                 "since then", self, step, since)
+        fit.curve, fit.changed, fit.regime_start = None, True, since
+        fit.failure = f"the losses changed after step {since}: a new warm-up"
+        # a new regime gets a new warm-up: as many losses as the first fit had, before a fit
+        fit.next_attempt = max(step + 1, since + 1 + max(WINDOW, self.warmup_steps))
+        self._changes.stop()
+        self._losses.watch.rebase()
 
     def _fit_failed(self, step: int, exc: BaseException) -> None:
         """Keep the last good curve if there is one (a refit can fail on a bad window); without
@@ -330,7 +375,7 @@ class _PredictiveSchedule(PublishSchedule):
         fit = self._fit
         context = PlanContext(self._version_loss, self.load, self.costs(), fit.staleness, step, now_s,
                               self._losses.last_published, self._losses.live(), max_loss=self._losses.max_loss(),
-                              max_interval=self.max_interval or None)
+                              max_interval=self._longest_gap())
         prediction = self._plan(context, keep_choice)
         if fit.prediction is not None:
             fit.cil_done += fit.prediction.between(fit.prediction.since_s, now_s)
