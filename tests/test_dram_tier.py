@@ -135,7 +135,8 @@ def test_flush_delay_holds_the_write_back_but_never_flush_or_close(model_name, p
 def test_a_producer_waiting_for_a_slot_cuts_the_flush_delay_short(model_name, pfs_root) -> None:
     """With every slot held by the delayed drain, the next publish would wait out the delay:
     instead it makes the flusher drain at once (no timing: the delay is a minute)."""
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59) as publisher:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, flush_delay=59,
+                        keep_every_version=True) as publisher:
         published = threading.Event()
 
         def publish_more_than_the_pool_holds() -> None:  # 4 slots

@@ -308,6 +308,10 @@ class ModelSubscriber:
         try:
             record = self._apply(notice, received_at, trigger)
         except Exception as exc:  # noqa: BLE001 - a bad update must never stop the subscriber
+            if isinstance(exc, TransferError) and exc.code == "gone" and not exc.tiers:
+                log.warning("%s: skipped version %d: no tier holds it any more (a newer one replaced it before "
+                            "it could be fetched)", self.model_name, notice.version)
+                return
             if not isinstance(exc, ViperError) or isinstance(exc, _PERMANENT):
                 self._remember_refused(fingerprint)  # a retry on the next heartbeat could not help
             if not isinstance(exc, ViperError):
@@ -317,7 +321,9 @@ class ModelSubscriber:
         self._recorder.applied(record)
         log.info("serving %s v%d via %s (%.1f ms after publish)", self.model_name, record.version,
                  record.route, record.latency_s * 1e3)
-        self._report_to_producer(notice, record)
+        if trigger == "notice" and self._recorder.snapshot().applied > 1:
+            # a joiner's first update measures how late it joined, not how long a load takes
+            self._report_to_producer(notice, record)
         with self._version_changed:
             self._version_changed.notify_all()
         self._call(self._on_update, record)
@@ -365,7 +371,9 @@ class ModelSubscriber:
             return route, explain(route, routes, [str(f) for f in failures]), transfer_s, verify_s
         if len(failures) == 1:
             raise failures[0]  # keep its kind: integrity and storage errors say more than "transfer"
-        raise TransferError("every route failed: " + "; ".join(str(f) for f in failures))
+        gone = any(isinstance(f, TransferError) and f.code == "gone" and not f.tiers for f in failures)
+        raise TransferError("every route failed: " + "; ".join(str(f) for f in failures),
+                            code="gone" if gone else None)  # gone: the producer says no tier holds it
 
     def _report_to_producer(self, notice: Notice, record: UpdateRecord) -> None:
         """Tell the producer (its fetch endpoint, if the notice names one) how long this update

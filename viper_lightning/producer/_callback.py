@@ -137,10 +137,10 @@ class ViperCallback(Callback):
         step = trainer.global_step
         if self._publisher is None or step == self.last_step:
             return  # gradient accumulation: several batches share one optimizer step
-        started = time.perf_counter()  # the schedule's decision is training time lost too
         for report in self._publisher.take_consumer_reports():
             self.schedule.observe_load_time(report.latency_s)
-        loss = _loss_of(outputs) if self.schedule.needs_loss else None
+        loss = _loss_of(outputs) if self.schedule.needs_loss else None  # may wait for the device: not a publish cost
+        started = time.perf_counter()  # the schedule's decision is training time lost too
         if self.schedule.should_publish(step, loss):
             self._publish(trainer, pl_module, loss, started)
             degraded = sum(state.startswith("degraded") for state in self._publisher.health.values())

@@ -56,9 +56,13 @@ class Demoter:
                 host_copy = self._handle(*item)
             finally:
                 self._inbox.task_done()  # publish() waits for host memory, never for the digest
-            if host_copy is not None:
-                # for collective answers of the device copy: digests run on the host copy
-                host_copy.digest()
+            borrowed = self._store.borrow(host_copy.version) if host_copy is not None else None
+            if borrowed is not None:  # pinned while hashed: its slot must not be reused meanwhile
+                try:
+                    borrowed.digest()  # for collective answers of the device copy: digests run on the host copy
+                finally:
+                    self._store.give_back(borrowed)
+            if host_copy is not None:  # evicted meanwhile: waiters learn it at once, not after their timeout
                 self._catalog.digested_on_host(host_copy.version)
 
     def _handle(self, version: int, copy: DeviceCopy, release: Callable[[], None]) -> HostCopy | None:

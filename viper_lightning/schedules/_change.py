@@ -4,8 +4,10 @@ A fitted learning curve describes one regime of the loss. A concept shift (the l
 end of a plateau (it starts falling again) or the start of one all change how the loss *moves*
 from one stretch of steps to the next. So the test compares the change the losses show between
 two consecutive windows of `WINDOW` steps with the change the curve predicts between the same
-windows. The difference of two window means has a standard error of noise * sqrt(2 / WINDOW)
-(the noise is the measured step-to-step loss noise); more than `Z` of those is a change. It
+windows, as the difference of the windows' median residuals from the curve (medians, so that a
+single spiking batch is not a new regime). That difference has a standard error of about
+noise * sqrt(pi / WINDOW) (the noise is the measured step-to-step loss noise); more than `Z` of
+those is a change. It
 began where the residuals from the curve split best into a before and an after (the split of
 the two windows' steps with the largest standardised difference of means).
 
@@ -21,6 +23,7 @@ curve's predictions are computed a block of steps at a time.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,14 +42,14 @@ class ChangeDetector:
     """Window-to-window changes of the losses against those of one fitted curve."""
 
     curve: Callable[[np.ndarray], np.ndarray] | None = None
-    _recent: deque = field(default_factory=lambda: deque(maxlen=2 * WINDOW))  # (step, loss, predicted)
+    _recent: deque = field(default_factory=lambda: deque(maxlen=2 * WINDOW))  # (step, loss)
     _first: int = 0  # the step of _expected[0]
     _expected: list[float] = field(default_factory=list)
 
     def follow(self, curve: Callable[[np.ndarray], np.ndarray]) -> None:
-        """Compare the losses from now on with `curve`."""
+        """Compare the losses with `curve` from now on (the recent ones too: a schedule that
+        refits often must still see a window's worth of losses against its latest curve)."""
         self.curve = curve
-        self._recent.clear()
         self._first, self._expected = 0, []
 
     def stop(self) -> None:
@@ -58,19 +61,17 @@ class ChangeDetector:
         """Add one finite loss; returns the last step before the change, or None."""
         if self.curve is None:
             return None
-        self._recent.append((step, loss, self._predicted(step)))
+        self._recent.append((step, loss))
         if len(self._recent) < 2 * WINDOW or not (math.isfinite(noise) and noise > 0):
             return None
-        old, new = list(self._recent)[:WINDOW], list(self._recent)[WINDOW:]
-        observed = _mean(new, 1) - _mean(old, 1)
-        predicted = _mean(new, 2) - _mean(old, 2)
-        if abs(observed - predicted) > Z * noise * math.sqrt(2.0 / WINDOW):
-            return self._split() - 1
+        residuals = [loss - self._predicted(at) for at, loss in self._recent]
+        gap = statistics.median(residuals[WINDOW:]) - statistics.median(residuals[:WINDOW])
+        if abs(gap) > Z * noise * math.sqrt(math.pi / WINDOW):
+            return self._split(residuals) - 1
         return None
 
-    def _split(self) -> int:
+    def _split(self, residuals: list[float]) -> int:
         """The first step after the change: where the residuals split best in two."""
-        residuals = [loss - predicted for _, loss, predicted in self._recent]
         count, total = len(residuals), math.fsum(residuals)
         best, best_score, before = WINDOW, -1.0, 0.0
         for split in range(1, count):
@@ -84,12 +85,8 @@ class ChangeDetector:
     def _predicted(self, step: int) -> float:
         index = step - self._first
         if not self._expected or not 0 <= index < len(self._expected):
-            self._first = step
-            steps = np.arange(step, step + _BLOCK, dtype=np.float64)
+            self._first = step - 2 * WINDOW  # the window's older steps are asked for too
+            steps = np.arange(self._first, self._first + _BLOCK, dtype=np.float64)
             self._expected = np.asarray(self.curve(steps), dtype=np.float64).tolist()
-            index = 0
+            index = step - self._first
         return self._expected[index]
-
-
-def _mean(points: list[tuple[int, float, float]], column: int) -> float:
-    return math.fsum(point[column] for point in points) / len(points)

@@ -86,7 +86,8 @@ class FitState:
         cil_done = self.cil_done
         if self.prediction is not None:
             cil_done += self.prediction.between(self.prediction.since_s, elapsed_s)
-        return {"fits": self.fits, "fit_step": self.step, "cil_done": cil_done, "regime_start": self.regime_start}
+        return {"fits": self.fits, "fit_step": self.step, "cil_done": cil_done, "regime_start": self.regime_start,
+                "changed": self.changed, "next_attempt": self.next_attempt}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Curves are not saved (a user's predictor may not know how to serialise its own): the
@@ -94,9 +95,12 @@ class FitState:
         self.curve, self.staleness, self.prediction = None, self.prior, None
         self.start, self.next_attempt, self.failure, self.fallback_reason = 0, 0, None, None
         self.fits, self.step = int(state.get("fits", 0)), int(state.get("fit_step", 0))
-        self.regime_start, self.changed = int(state.get("regime_start", -1)), False
+        self.regime_start, self.changed = int(state.get("regime_start", -1)), bool(state.get("changed", False))
         self.cil_done = float(state.get("cil_done", 0.0))
-        self.restoring = self.fits > 0
+        self.restoring = self.fits > 0 and not self.changed  # in a new warm-up: nothing to repeat
+        if self.changed:
+            self.next_attempt = int(state.get("next_attempt", 0))
+            self.failure = "the losses changed: a new warm-up"
 
 
 class _PredictiveSchedule(PublishSchedule):
