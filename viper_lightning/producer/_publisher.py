@@ -256,7 +256,8 @@ class ModelPublisher:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every published version has been through all its tiers and announced.
         False on timeout, or when the file-system tier is degraded (a version it should hold is
-        only in memory; `health` says why)."""
+        only in memory; `health` says why). A version the writer skipped because a newer one
+        replaced it (see `keep_every_version`) counts as through; the newest is always written."""
         if self._flusher is not None:
             self._flusher.hurry()  # no flush_delay (nor backoff) for what the caller waits for
         done = self._catalog.wait_all_finished(timeout, lambda: self._health.first_failure() is not None)
