@@ -104,3 +104,18 @@ def test_the_callback_passes_consumer_load_times_to_the_schedule(tmp_path, model
     # reports of versions 2-3 reach the schedule within the run (v1 is the consumer's first
     # update, v4 comes after the last step); a report has ten steps to arrive
     assert len(schedule.load_times) >= 1 and schedule.load_times == latencies[1:1 + len(schedule.load_times)]
+
+
+def test_a_replayed_report_is_counted_once(model_name, zmq_context) -> None:
+    """A signed report captured and sent again must not outvote the consumers' real ones."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY) as publisher:
+        with zmq_context.socket(zmq.DEALER) as peer:
+            peer.setsockopt(zmq.LINGER, 100)
+            peer.connect(publisher.fetch_endpoint)
+            replayed = signed({"op": "report", "version": 3, "latency_s": 120.0, "route": "pfs"}, model_name)
+            for _ in range(50):
+                peer.send(replayed)
+            peer.send(signed({"op": "report", "version": 3, "latency_s": 0.01, "route": "dram-shm"}, model_name))
+            assert reports_within(publisher, 2) == [ConsumerReport(3, 120.0, "pfs"),
+                                                    ConsumerReport(3, 0.01, "dram-shm")]
+

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import zmq
@@ -71,15 +71,28 @@ def parse_report(request: dict) -> ConsumerReport:
 
 
 class ReportBox:
-    """The newest `capacity` reports; the fetch server adds, the training side takes (thread-safe)."""
+    """The newest `capacity` reports; the fetch server adds, the training side takes (thread-safe).
+
+    A report seen before is dropped: two consumers never measure the same latency to the
+    nanosecond, so a repeat is a replay (a signed report captured and sent again), which must
+    not be able to outvote the consumers' real load times."""
 
     def __init__(self, capacity: int = 256) -> None:
         self._reports: deque[ConsumerReport] = deque(maxlen=capacity)
+        self._seen: OrderedDict[ConsumerReport, None] = OrderedDict()
+        self._remember = 4 * capacity
         self._lock = threading.Lock()
 
-    def add(self, report: ConsumerReport) -> None:
+    def add(self, report: ConsumerReport) -> bool:
+        """Keep `report`; False (dropped) when the same report came before."""
         with self._lock:
+            if report in self._seen:
+                return False
+            self._seen[report] = None
+            while len(self._seen) > self._remember:
+                self._seen.popitem(last=False)
             self._reports.append(report)
+            return True
 
     def take(self) -> list[ConsumerReport]:
         """Every report since the last take, oldest first."""
