@@ -8,11 +8,11 @@ fits once; with `refit_every` or `refit_error` they refit as real losses arrive,
 Beyond the paper, on by default: a change in the loss process (a concept shift, the end of a
 plateau, a curve that extrapolates badly) is detected (`ChangeDetector`, in units of the
 measured loss noise) and the curve is fitted again on the losses since the change, also by a
-schedule that otherwise fits once.
+schedule that otherwise fits once; and the gap between publishes never exceeds the span of the
+losses the curve was fitted on (a curve knows nothing further out), or `max_interval` if set.
 
 Beyond the paper, and all off by default: `warmup_on_improvement` also publishes during the
-warm-up when the training loss has dropped significantly (`ImprovementWatch`), `max_interval`
-caps the gap between publishes whatever the curve predicts, and `observe_commit_time` lets
+warm-up when the training loss has dropped significantly (`ImprovementWatch`), and `observe_commit_time` lets
 plans count the wait for the publisher's writer. Everything here runs on the training thread,
 so the per-step path is O(1) in plain floats and the numpy work is left to the (re)fits.
 
