@@ -12,8 +12,7 @@ import zmq
 
 from viper_lightning import ConsumerReport, ModelPublisher, ModelSubscriber, ViperCallback
 from viper_lightning.schedules import EveryNSteps
-from viper_lightning.transport._messages import canonical_json
-from viper_lightning.transport._protocol import sign
+from viper_lightning.transport._protocol import signed_request
 from viper_lightning.transport._reports import send_report
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, perturbed, publish_and_check
@@ -61,9 +60,7 @@ def test_reports_that_are_unsigned_or_malformed_are_dropped(model_name, zmq_cont
 
 
 def signed(request: dict, model_name: str) -> bytes:
-    payload = {"proto": 1, "model": model_name, **request}
-    payload["mac"] = sign(payload, KEY)
-    return canonical_json(payload)
+    return signed_request(model_name, KEY, request)
 
 
 class LoadTimes(EveryNSteps):

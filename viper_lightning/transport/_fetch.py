@@ -37,8 +37,8 @@ import zmq
 from .._digest import ALL_THREADS, Digester, mismatch
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
 from ._loans import IpcLoan, Lender, MemoryLoan
-from ._messages import canonical_json, count, load_object, raise_for_answer, refusal
-from ._protocol import PROTO, check_proto, sign, verify_mac
+from ._messages import count, load_object, raise_for_answer, refusal
+from ._protocol import check_proto, sign, signed_request, verify_mac
 from ._reports import ReportBox, parse_report
 
 __all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES", "LEASE_S"]
@@ -337,10 +337,7 @@ class FetchClient:
         return _load_answer(self._recv(socket, request["op"]), request.get("version"))
 
     def _send(self, socket: zmq.Socket, request: dict) -> None:
-        payload = {"proto": PROTO, "model": self._model, **request}
-        if self._key is not None:
-            payload["mac"] = sign(payload, self._key)
-        socket.send(canonical_json(payload))
+        socket.send(signed_request(self._model, self._key, request))
 
     def _recv(self, socket: zmq.Socket, what: str) -> bytes:
         if not socket.poll(self._timeout_ms, zmq.POLLIN):

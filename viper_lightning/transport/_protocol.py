@@ -65,6 +65,15 @@ def sign(payload: dict[str, object], key: bytes) -> str:
     return hmac.new(key, canonical_json(payload), hashlib.sha256).hexdigest()
 
 
+def signed_request(model: str, key: bytes | None, request: dict[str, object]) -> bytes:
+    """A request to a producer's fetch endpoint as sent: proto, model, the request's fields,
+    and the MAC over them when a key is configured."""
+    payload: dict[str, object] = {"proto": PROTO, "model": model, **request}
+    if key is not None:
+        payload["mac"] = sign(payload, key)
+    return canonical_json(payload)
+
+
 def verify_mac(payload: dict[str, object], key: bytes | None, what: str) -> None:
     """With a key configured, a missing or wrong MAC is a forgery and is refused (code "forged")."""
     if key is None:

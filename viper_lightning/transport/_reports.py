@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import zmq
 
 from .._errors import ProtocolError
-from ._messages import canonical_json, count
-from ._protocol import PROTO, sign
+from ._messages import count
+from ._protocol import signed_request
 
 __all__ = ["ConsumerReport", "ReportBox", "parse_report", "send_report", "MAX_LATENCY_S"]
 
@@ -43,15 +43,13 @@ class ConsumerReport:
 def send_report(context: zmq.Context, endpoint: str, model: str, key: bytes | None, report: ConsumerReport) -> None:
     """Send `report` to the producer's fetch endpoint, signed with `key`. One-way and
     non-blocking: a producer that is gone or slow costs the consumer nothing."""
-    payload = {"proto": PROTO, "model": model, "op": "report", "version": report.version,
-               "latency_s": report.latency_s, "route": report.route}
-    if key is not None:
-        payload["mac"] = sign(payload, key)
+    request = signed_request(model, key, {"op": "report", "version": report.version,
+                                          "latency_s": report.latency_s, "route": report.route})
     socket = context.socket(zmq.DEALER)
     try:
         socket.setsockopt(zmq.LINGER, LINGER_MS)
         socket.connect(endpoint)
-        socket.send(canonical_json(payload), zmq.NOBLOCK)
+        socket.send(request, zmq.NOBLOCK)
     except zmq.ZMQError as exc:
         log.debug("could not report %s v%d to %s: %s", model, report.version, endpoint, exc)
     finally:
