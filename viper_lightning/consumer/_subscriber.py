@@ -216,12 +216,17 @@ class ModelSubscriber:
             latest = self._pfs.latest(self.model_name)
             if latest is None or latest <= (self.version or 0):
                 return
-            notice = self._pfs.read_manifest(self.model_name, latest, self._verifying_key())
+            notice = self._stored(latest)
         except ViperError as exc:
             self._refuse(None, f"cannot load LATEST from {self._pfs.root}: {exc}")
             return
-        location = Location("pfs", self._planner.host, self._pfs.address(self.model_name, latest))
-        self._update(notice.with_locations((location,)), time.time(), "LATEST on start")
+        self._update(notice, time.time(), "LATEST on start")
+
+    def _stored(self, version: int) -> Notice:
+        """The signed manifest of `version` on the file-system tier, located there."""
+        notice = self._pfs.read_manifest(self.model_name, version, self._verifying_key())
+        location = Location("pfs", self._planner.host, self._pfs.address(self.model_name, version))
+        return notice.with_locations((location,))
 
     def _verifying_key(self) -> bytes | None:
         """The key notices, manifests and fetches are checked with: the configured one, else (unless
@@ -391,7 +396,7 @@ class ModelSubscriber:
                 or any(location.tier == "pfs" for location in notice.locations)):
             return None
         try:
-            stored = self._pfs.read_manifest(self.model_name, notice.version, self._verifying_key())
+            stored = self._stored(notice.version)
         except (TransferError, StorageError):
             return None
         same = (stored.producer == notice.producer and stored.step == notice.step and stored.layout == notice.layout
@@ -400,8 +405,7 @@ class ModelSubscriber:
             raise IntegrityError(f"version {notice.version} on the file-system tier at {self._pfs.root} is not the "
                                  f"version the notice announced (producer {stored.producer!r} at step {stored.step}, "
                                  f"announced: {notice.producer!r} at step {notice.step})")
-        location = Location("pfs", self._planner.host, self._pfs.address(self.model_name, notice.version))
-        return stored.with_locations((location,))
+        return stored
 
     def _wait_for_idle_standby(self) -> torch.nn.Module:
         while not self._stop.is_set():
