@@ -63,9 +63,19 @@ def drive(schedule: PublishSchedule, losses, first: int = 1, clock: FakeClock | 
     return published
 
 
+# The paper's fit-once behaviour, which most tests here pin down (the defaults refit, follow the
+# losses and cap the gap by a publish budget: tested where named).
+PAPER = dict(refit_every=0, refit_error=0.0, fit_window=0, warmup_on_improvement=False, publish_budget=0.0)
+
+
+def greedy(**overrides) -> Greedy:
+    """A Greedy with the paper's rule unless `follow_losses` is given."""
+    return Greedy(**{"follow_losses": False, **common(**overrides)})
+
+
 def common(**overrides) -> dict:
     settings = dict(request_rate=1.0, total_requests=1000, warmup_steps=30, fallback_interval=10, step_time_s=STEP_S,
-                    load_time_s=0.5)
+                    load_time_s=0.5, **PAPER)
     settings.update(overrides)
     return settings
 
@@ -112,7 +122,7 @@ def test_a_reported_writer_time_makes_fixed_publish_less_often() -> None:
 
 # -- Greedy (Algorithm 3) ----------------------------------------------------------------------------------
 def test_greedy_publishes_often_while_the_loss_falls_and_rarely_once_it_is_flat() -> None:
-    schedule = Greedy(**common(warmup_steps=20, fallback_interval=5))
+    schedule = greedy(warmup_steps=20, fallback_interval=5)
     published = drive(schedule, decaying(400, noise=0.002))
     after = [s for s in published if s > 20]
     assert 1 <= len(after) < 380
@@ -125,29 +135,29 @@ def test_refitting_follows_a_new_learning_curve_that_fitting_once_misses() -> No
     # The loss settles at 0.5, then (new data, a learning-rate change) falls again from step 150.
     x = np.arange(1, 301, dtype=np.float64)
     losses = 0.5 + 0.4 * np.exp(-x / 20) - np.where(x > 150, 0.4 * (1 - np.exp(-(x - 150) / 40)), 0.0)
-    paper = Greedy(**common(warmup_steps=40, detect_changes=False, max_interval=10**6))  # no cap on the gap
-    once = Greedy(**common(warmup_steps=40))  # fits once, and again when the losses change (the default)
-    refit = Greedy(**common(warmup_steps=40, refit_every=20, refit_error=0.2, fit_window=40))
+    paper = greedy(warmup_steps=40, detect_changes=False, max_interval=10**6)  # no cap on the gap
+    once = greedy(warmup_steps=40)  # fits once, and again when the losses change (the default)
+    refit = greedy(warmup_steps=40, refit_every=20, refit_error=0.2, fit_window=40)
     after_change = lambda published: [s for s in published if 160 <= s <= 300]  # noqa: E731
     assert after_change(drive(paper, losses)) == []  # its curve said the loss had settled for good
     assert len(after_change(drive(once, losses))) >= 3
     assert len(after_change(drive(refit, losses))) >= 3
 
 
-@pytest.mark.parametrize("make", [Fixed, Greedy])
+@pytest.mark.parametrize("make", [lambda **settings: Fixed(**common(**settings)), greedy], ids=["Fixed", "Greedy"])
 def test_a_concept_shift_is_detected_and_the_curve_fitted_again_on_the_new_regime(make, caplog) -> None:
     """Issue 12, item 2: fitted once, the paper's schedules served one version through every
     shift (their curve said the loss had settled). The losses now jump at steps 120 and 240."""
     x = np.arange(1, 361, dtype=np.float64)
     regime_start = np.where(x > 240, 240, np.where(x > 120, 120, 0))
     losses = 0.2 + 0.6 * np.exp(-(x - regime_start) / 15) + np.random.default_rng(1).normal(0, 0.01, len(x))
-    paper, default = make(**common(detect_changes=False, max_interval=10**6)), make(**common())
+    paper, default = make(detect_changes=False, max_interval=10**6), make()
     with caplog.at_level(logging.INFO, LOG):
         published = drive(default, losses)
     for shift in (120, 240):
         assert f"left the fitted curve after step {shift}" in caplog.text
         assert any(shift < step <= shift + 30 for step in published), (shift, published)
-    if make is Greedy:  # fitted once, the paper's Greedy never publishes again
+    if make is greedy:  # fitted once, the paper's Greedy never publishes again
         assert len([s for s in drive(paper, losses) if s > 60]) <= 1
     assert default.curve is not None and default.curve(np.array([300.0]))[0] < 0.5
 
@@ -157,10 +167,10 @@ def test_a_schedule_restored_in_a_new_warm_up_fits_again() -> None:
     x = np.arange(1, 301, dtype=np.float64)
     losses = 0.2 + 0.6 * np.exp(-(x - np.where(x > 120, 120, 0)) / 15)
     clock = FakeClock()
-    first = Greedy(**common())
+    first = greedy()
     drive(first, losses[:125], clock=clock)
     assert first.curve is None  # the change at step 120 was seen: a new warm-up
-    resumed = Greedy(**common())
+    resumed = greedy()
     resumed.load_state_dict(first.state_dict())
     drive(resumed, losses[125:], first=126, clock=clock)
     assert resumed.curve is not None and resumed.curve(np.array([280.0]))[0] < 0.3
@@ -170,7 +180,7 @@ def test_staleness_is_learnt_from_served_losses() -> None:
     # Training loss stays flat; a served version's loss grows by 0.01 per step of age.
     flat = np.full(200, 0.3)
     served = lambda version, step: 0.3 + 0.01 * (step - 1 - version)  # noqa: E731
-    schedule = Greedy(**common(warmup_steps=20, refit_every=20, fit_window=40, probe_every=5, threshold=0.1))
+    schedule = greedy(warmup_steps=20, refit_every=20, fit_window=40, probe_every=5, threshold=0.1)
     published = drive(schedule, flat, served=served)
     assert schedule.staleness.linear == pytest.approx(0.01, rel=0.05)
     # Publishes about when 0.01·age first exceeds 0.1 (the slope is learnt, so give or take a step).
@@ -187,7 +197,7 @@ def test_a_custom_predictor_is_used() -> None:
             return Halving()
 
     # its curve does not describe these losses: change detection would rightly drop it
-    schedule = Greedy(**common(predictor=Oracle(), threshold=0.001, detect_changes=False))
+    schedule = greedy(predictor=Oracle(), threshold=0.001, detect_changes=False)
     drive(schedule, decaying(100))
     assert isinstance(schedule.curve, Halving)
 
@@ -212,15 +222,15 @@ def test_the_improvement_watch_by_hand() -> None:
 
 
 def test_a_warmup_on_improvement_publishes_a_fast_fall_early_and_a_flat_loss_on_the_fallback() -> None:
-    fast = drive(Greedy(**common(warmup_on_improvement=True)), decaying(30, noise=0.001, rate=5.0))
+    fast = drive(greedy(warmup_on_improvement=True), decaying(30, noise=0.001, rate=5.0))
     assert len(fast) > 3 and fast[0] < 10
     flat = np.full(30, 0.3) + np.random.default_rng(0).normal(0, 0.01, 30)
-    published = drive(Greedy(**common(warmup_on_improvement=True)), flat)
+    published = drive(greedy(warmup_on_improvement=True), flat)
     assert {10, 20, 30} <= set(published) and len(published) <= 4  # two standard errors: a rare false alarm
-    assert drive(Greedy(**common()), decaying(30, noise=0.001, rate=5.0)) == [10, 20, 30]  # off by default
+    assert drive(greedy(), decaying(30, noise=0.001, rate=5.0)) == [10, 20, 30]  # off by default
 
 
-@pytest.mark.parametrize("make", [lambda: Greedy(**common(threshold=10.0, max_interval=7)),
+@pytest.mark.parametrize("make", [lambda: greedy(threshold=10.0, max_interval=7),
                                   lambda: Fixed(**common(max_interval=7))], ids=["greedy", "fixed"])
 def test_max_interval_bounds_the_gap_whatever_the_curve_says(make) -> None:
     schedule = make()
@@ -234,7 +244,7 @@ def test_following_the_losses_catches_a_drop_the_fitted_curve_never_predicted() 
     x = np.arange(1, 301, dtype=np.float64)
     losses = 0.5 + 0.4 * np.exp(-x / 20) - np.where(x > 150, 0.4 * (1 - np.exp(-(x - 150) / 40)), 0.0)
     losses += np.random.default_rng(0).normal(0, 0.002, len(x))
-    schedule = Greedy(**common(warmup_steps=40, follow_losses=True, max_interval=100))
+    schedule = greedy(warmup_steps=40, follow_losses=True, max_interval=100)
     published = drive(schedule, losses)
     assert len([s for s in published if 150 < s <= 220]) >= 20  # the new fall is served as it happens
     assert len([s for s in published if 100 <= s <= 150]) <= 2  # the flat stretch is not
@@ -267,8 +277,18 @@ def test_told_that_no_requests_come_the_schedule_stops_publishing(make) -> None:
     assert published and drive(schedule, losses[100:], first=101) == []
 
 
+def test_a_schedule_told_that_no_requests_come_stays_told_after_a_restore() -> None:
+    clock, losses = FakeClock(), decaying(300)
+    first = greedy()
+    drive(first, losses[:100], clock=clock)
+    first.requests_ended()
+    resumed = greedy()
+    resumed.load_state_dict(first.state_dict())
+    assert drive(resumed, losses[100:], first=101, clock=clock) == []
+
+
 def test_a_warmup_longer_than_training_keeps_the_default_schedule() -> None:
-    schedule = Greedy(**common(warmup_steps=1000, fallback_interval=7))
+    schedule = greedy(warmup_steps=1000, fallback_interval=7)
     assert drive(schedule, decaying(100)) == list(range(7, 101, 7))
     assert schedule.curve is None and schedule.predicted_cil is None
 
@@ -286,7 +306,7 @@ def test_non_finite_losses_fall_back_with_a_logged_reason_then_recover(caplog) -
 
 
 def test_too_few_points_after_a_short_warmup_fall_back_until_there_are_enough(caplog) -> None:
-    schedule = Greedy(**common(warmup_steps=3, fallback_interval=4))
+    schedule = greedy(warmup_steps=3, fallback_interval=4)
     with caplog.at_level(logging.WARNING, LOG):
         drive(schedule, decaying(40))
     assert "only 4 finite losses, need at least 8" in caplog.text
@@ -298,7 +318,7 @@ def test_a_failing_user_predictor_falls_back_with_its_reason(caplog) -> None:
         def fit(self, steps, losses):
             raise FitError("the oracle is on holiday")
 
-    schedule = Greedy(**common(predictor=Broken()))
+    schedule = greedy(predictor=Broken())
     with caplog.at_level(logging.WARNING, LOG):
         assert drive(schedule, decaying(60)) == [10, 20, 30, 40, 50, 60]
     assert "the oracle is on holiday" in caplog.text
@@ -321,10 +341,10 @@ def test_bad_arguments_name_the_value_and_the_fix() -> None:
 @pytest.mark.parametrize("make", [
     lambda: Fixed(**common()),
     lambda: Fixed(**common(refit_every=25, fit_window=60, probe_every=5)),
-    lambda: Greedy(**common()),
-    lambda: Greedy(**common(refit_every=25, refit_error=0.2, fit_window=60, probe_every=5, tune_threshold=True)),
-    lambda: Greedy(**common(refit_every=25, refit_error=0.2, fit_window=60, follow_losses=True,
-                            warmup_on_improvement=True, max_interval=15)),
+    lambda: greedy(),
+    lambda: greedy(refit_every=25, refit_error=0.2, fit_window=60, probe_every=5, tune_threshold=True),
+    lambda: greedy(refit_every=25, refit_error=0.2, fit_window=60, follow_losses=True,
+                            warmup_on_improvement=True, max_interval=15),
 ], ids=["fixed", "fixed_refit", "greedy", "greedy_refit", "greedy_follow_losses"])
 def test_state_dict_round_trip_resumes_the_same_decisions(make) -> None:
     losses = decaying(300, noise=0.01)
@@ -397,3 +417,43 @@ def test_a_flat_fit_never_means_never_publish_again(make) -> None:
     gaps = np.diff([s for s in published if s > 40])
     assert len(gaps) >= 5 and gaps.max() <= 41  # at most the span of the 41 losses it fitted
 
+
+
+def test_after_a_change_the_serving_weights_are_priced_on_the_new_data() -> None:
+    """Issue 12: after a shift the serving weights are at least as bad as the first losses since
+    it, so the drop since the shift publishes at once, not only a drop below where the losses
+    stood when the change was noticed (the fallback is out of the way here)."""
+    x = np.arange(1, 301, dtype=np.float64)
+    losses = np.where(x <= 150, 0.2, 0.3 + 0.7 * np.exp(-(x - 151) / 15)) + np.random.default_rng(3).normal(0, 0.01, 300)
+    published = drive(greedy(follow_losses=True, fallback_interval=1000), losses)
+    after = [step for step in published if step > 150]
+    assert after and after[0] <= 156, published  # the change is noticed at step 155
+
+
+def test_the_gap_is_capped_where_publishing_costs_the_budget() -> None:
+    """A flat noisy loss rarely drops significantly: publishes then come at least as often as a
+    1% share of the training time pays for (a publish costs 0.1 step here: every 10 steps)."""
+    losses = 0.5 + np.random.default_rng(0).normal(0, 0.01, 400)
+    published = drive(greedy(follow_losses=True, publish_budget=0.01), losses, stall=0.1)
+    assert max(np.diff(published)) <= 10, published
+    uncapped = drive(greedy(follow_losses=True, publish_budget=0.0), losses, stall=0.1)
+    assert max(np.diff(uncapped)) > 10, uncapped  # the span of the fitted losses is the only cap
+
+
+def test_publishing_never_costs_more_than_the_ceiling() -> None:
+    """A loss that falls fast would publish nearly every step; at 0.5 step per publish and a 10%
+    ceiling, never more often than every 5 steps."""
+    losses = decaying(200, noise=0.001, rate=80.0)
+    published = drive(greedy(follow_losses=True, warmup_on_improvement=True, max_publish_share=0.1), losses,
+                      stall=0.5)
+    assert min(np.diff(published)) >= 5, published
+    unbounded = drive(greedy(follow_losses=True, warmup_on_improvement=True, max_publish_share=0.0), losses,
+                      stall=0.5)
+    assert min(np.diff(unbounded)) < 5, unbounded
+
+
+def test_publish_shares_are_checked() -> None:
+    for bad in (dict(publish_budget=1.0), dict(max_publish_share=-0.1), dict(publish_budget=float("nan")),
+                dict(publish_budget=0.2, max_publish_share=0.1)):
+        with pytest.raises(ConfigurationError):
+            Greedy(**bad)

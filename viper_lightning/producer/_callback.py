@@ -16,6 +16,7 @@ from typing_extensions import override
 from .._errors import ConfigurationError, ViperError
 from ..schedules import EveryNSteps, PublishSchedule
 from ._device import MAX_COPIES
+from ._probes import ServedLossProbe
 from ._publisher import ModelPublisher
 from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, PublisherSettings
 
@@ -98,6 +99,8 @@ class ViperCallback(Callback):
         self.last_stall_s: float | None = None  # training-thread seconds the last publish cost (the hook)
         self._publisher: ModelPublisher | None = None
         self._reported_commit: int | None = None
+        self._degraded_logged: int | None = None
+        self.probe = ServedLossProbe()  # used only when the schedule asks for served-loss probes
 
     @property
     def model_name(self) -> str:
@@ -119,6 +122,7 @@ class ViperCallback(Callback):
         # Every strategy has restored the checkpoint by now (some only after on_fit_start),
         # so a resumed run continues its version numbers.
         if trainer.is_global_zero and self._publisher is None:
+            self._degraded_logged = None
             self._publisher = ModelPublisher.from_settings(dataclasses.replace(
                 self.settings, gpu_device=self._gpu_device_for(pl_module), resume_after=self.last_version))
 
@@ -143,8 +147,9 @@ class ViperCallback(Callback):
         started = time.perf_counter()  # the schedule's decision is training time lost too
         if self.schedule.should_publish(step, loss):
             self._publish(trainer, pl_module, loss, started)
-            degraded = sum(state.startswith("degraded") for state in self._publisher.health.values())
-            pl_module.log("viper/degraded_tiers", float(degraded), on_step=True, on_epoch=False)
+            self._log_degraded_tiers(pl_module)
+        if self.schedule.probes:
+            self._probe(step, pl_module, batch, batch_idx)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -197,11 +202,30 @@ class ViperCallback(Callback):
         step = trainer.global_step
         self.last_version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch)
         self.last_step = step
+        if self.schedule.probes:
+            self.probe.remember(step, pl_module)
         self.last_stall_s = time.perf_counter() - started
         self.schedule.published(step, loss, self.last_stall_s)
         self._report_commit()
         log.debug("queued %s v%d at step %d (stall %.2f ms)", self.model_name, self.last_version,
                   step, (self.last_stall_s or 0.0) * 1e3)
+
+    def _log_degraded_tiers(self, pl_module: L.LightningModule) -> None:
+        """Log how many tiers are degraded when that changes (and at the first publish): a
+        Lightning `log` call costs about as much as a small model's whole snapshot, and a
+        logger keeps the last value anyway."""
+        degraded = sum(state.startswith("degraded") for state in self._publisher.health.values())
+        if degraded != self._degraded_logged:
+            self._degraded_logged = degraded
+            pl_module.log("viper/degraded_tiers", float(degraded), on_step=True, on_epoch=False)
+
+    def _probe(self, step: int, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Score the versions the schedule asks about on this step's batch. It runs on the
+        training thread, so its time is part of the step time the schedule measures."""
+        for version_step in self.schedule.probe_versions(step):
+            scored = self.probe.loss(version_step, pl_module, batch, batch_idx)
+            if scored is not None:
+                self.schedule.observe_served_loss(*scored)
 
     def _report_commit(self) -> None:
         """Tell the schedule how long the newest completed background write took, once."""

@@ -39,6 +39,20 @@ class PublishSchedule(ABC):
         """Feedback from a consumer: how long after a publish it served that version (the
         callback passes on each report consumers send back)."""
 
+    @property
+    def probes(self) -> bool:
+        """Whether this schedule asks for served-loss probes (`probe_versions`): the callback
+        then keeps host copies of a few published versions to score them."""
+        return False
+
+    def probe_versions(self, step: int) -> list[int]:
+        """Steps of published versions whose loss on this step's training batch the schedule
+        wants, through `observe_served_loss` (none by default)."""
+        return []
+
+    def observe_served_loss(self, version_step: int, loss: float) -> None:
+        """The loss of the version published after `version_step` on labelled data of now."""
+
     def state_dict(self) -> dict[str, Any]:
         """What must survive a checkpoint so a resumed run keeps its schedule."""
         return {}

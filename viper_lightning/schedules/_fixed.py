@@ -50,7 +50,8 @@ class Fixed(_PredictiveSchedule):
         staleness_per_step: estimated loss increase per step of a served version's age, for
             drifting data, until `observe_served_loss` measurements replace it (0: no drift).
         probe_every: how often `probe_versions` asks for served-loss measurements (0: never).
-        predictor: the learning-curve predictor (default: `LearningCurveFitter()`).
+        predictor: the learning-curve predictor (default: `LearningCurveFitter(polish=1)`, cheap
+            enough to refit on the training thread).
         history: losses kept for refitting.
         warmup_on_improvement: during the warm-up, also publish whenever the mean training loss
             since the last publish is below the one before it by more than two standard errors
@@ -62,17 +63,27 @@ class Fixed(_PredictiveSchedule):
             for good (a concept shift, the end of a plateau), fit again on the losses since the
             change, even when the schedule otherwise fits once; meanwhile publish on the
             fallback or as soon as the losses drop significantly. False: the paper's fit-once.
+        publish_budget: without `max_interval`, the gap between publishes is capped where one
+            publish per gap costs this share of the training time (the measured cost of a
+            publish over the measured step time), and by the span of the losses the curve was
+            fitted on. A dimensionless budget rather than a step count: it publishes every few
+            steps when steps are long next to a publish and rarely when they are short, which
+            bounds how stale the served version gets when nothing else says so (0: no budget cap).
+        max_publish_share: never publish more often than one publish per gap costing this share
+            of the training time (measured, as for `publish_budget`), whatever the rule says:
+            on steps much shorter than a publish, a loss that keeps dropping would otherwise
+            publish every step and lose more training than the fresher answers win (0: no cap).
     """
 
     def __init__(
         self,
         request_rate: float = 10.0,
         total_requests: int = 100_000,
-        warmup_steps: int = 100,
-        fallback_interval: int = 50,
-        refit_every: int = 0,
-        refit_error: float = 0.0,
-        fit_window: int = 0,
+        warmup_steps: int = 30,
+        fallback_interval: int = 10,
+        refit_every: int = 200,
+        refit_error: float = 0.25,
+        fit_window: int = 100,
         step_time_s: float | None = None,
         stall_s: float = 0.01,
         load_time_s: float = 0.05,
@@ -80,16 +91,19 @@ class Fixed(_PredictiveSchedule):
         probe_every: int = 0,
         predictor: LossPredictor | None = None,
         history: int = 10_000,
-        warmup_on_improvement: bool = False,
+        warmup_on_improvement: bool = True,
         max_interval: int = 0,
         detect_changes: bool = True,
+        publish_budget: float = 0.01,
+        max_publish_share: float = 0.1,
     ) -> None:
         super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
                          fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
                          fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
                          staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
                          history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval,
-                         detect_changes=detect_changes)
+                         detect_changes=detect_changes, publish_budget=publish_budget,
+                         max_publish_share=max_publish_share)
         self._interval: int | None = None
 
     @property

@@ -57,11 +57,11 @@ class Greedy(_PredictiveSchedule):
         self,
         request_rate: float = 10.0,
         total_requests: int = 100_000,
-        warmup_steps: int = 100,
-        fallback_interval: int = 50,
-        refit_every: int = 0,
-        refit_error: float = 0.0,
-        fit_window: int = 0,
+        warmup_steps: int = 30,
+        fallback_interval: int = 10,
+        refit_every: int = 200,
+        refit_error: float = 0.25,
+        fit_window: int = 100,
         step_time_s: float | None = None,
         stall_s: float = 0.01,
         load_time_s: float = 0.05,
@@ -69,19 +69,22 @@ class Greedy(_PredictiveSchedule):
         probe_every: int = 0,
         threshold: float | None = None,
         tune_threshold: bool = False,
-        follow_losses: bool = False,
+        follow_losses: bool = True,
         predictor: LossPredictor | None = None,
         history: int = 10_000,
-        warmup_on_improvement: bool = False,
+        warmup_on_improvement: bool = True,
         max_interval: int = 0,
         detect_changes: bool = True,
+        publish_budget: float = 0.01,
+        max_publish_share: float = 0.1,
     ) -> None:
         super().__init__(request_rate=request_rate, total_requests=total_requests, warmup_steps=warmup_steps,
                          fallback_interval=fallback_interval, refit_every=refit_every, refit_error=refit_error,
                          fit_window=fit_window, step_time_s=step_time_s, stall_s=stall_s, load_time_s=load_time_s,
                          staleness_per_step=staleness_per_step, probe_every=probe_every, predictor=predictor,
                          history=history, warmup_on_improvement=warmup_on_improvement, max_interval=max_interval,
-                         detect_changes=detect_changes)
+                         detect_changes=detect_changes, publish_budget=publish_budget,
+                         max_publish_share=max_publish_share)
         if threshold is not None and not threshold >= 0:
             raise ConfigurationError(f"threshold={threshold!r}: use a loss difference >= 0, or None to take "
                                      "it from the warm-up")

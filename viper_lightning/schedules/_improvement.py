@@ -65,9 +65,11 @@ class ImprovementWatch:
     def levels(self) -> LossLevels:
         return LossLevels(self.reference, self.since_sum, self.since_count, self.noise)
 
-    def rebase(self) -> None:
-        """The loss process changed: compare from the next loss on (the noise seen so far stays)."""
-        self.reference, self.since_sum, self.since_count = math.nan, 0.0, 0
+    def rebase(self, reference: float = math.nan) -> None:
+        """The loss process changed: the serving weights' loss is now `reference` (their loss
+        on the new data; NaN: the next loss), and losses are compared from the next one on
+        (the noise seen so far stays)."""
+        self.reference, self.since_sum, self.since_count = reference, 0.0, 0
 
     def published(self) -> None:
         """The current weights are serving now: their loss level becomes the reference."""

@@ -1,20 +1,24 @@
 """What `Fixed` and `Greedy` share: warm-up, measured costs, curve (re)fitting, CIL accounting.
 
 Both watch the training loss through a warm-up (publishing every `fallback_interval` steps
-meanwhile, which also measures the stall), then fit the learning curve and plan. The paper
-fits once; with `refit_every` or `refit_error` they refit as real losses arrive, on the last
-`fit_window` losses, which is what keeps the prediction honest when the data drifts.
+meanwhile, and whenever the loss has dropped significantly: `ImprovementWatch`), then fit the
+learning curve and plan. The paper fits once; by default they refit as real losses arrive, on
+the last `fit_window` losses (`refit_every`, `refit_error`), which is what keeps the prediction
+honest when the data drifts.
 
-Beyond the paper, on by default: a change in the loss process (a concept shift, the end of a
-plateau, a curve that extrapolates badly) is detected (`ChangeDetector`, in units of the
-measured loss noise) and the curve is fitted again on the losses since the change, also by a
-schedule that otherwise fits once; and the gap between publishes never exceeds the span of the
-losses the curve was fitted on (a curve knows nothing further out), or `max_interval` if set.
-
-Beyond the paper, and all off by default: `warmup_on_improvement` also publishes during the
-warm-up when the training loss has dropped significantly (`ImprovementWatch`), and `observe_commit_time` lets
-plans count the wait for the publisher's writer. Everything here runs on the training thread,
-so the per-step path is O(1) in plain floats and the numpy work is left to the (re)fits.
+Beyond the paper, on by default:
+- a change in the loss process (a concept shift, the end of a plateau, a curve that
+  extrapolates badly) is detected (`ChangeDetector`, in units of the measured loss noise) and
+  the curve is fitted again on the losses since the change, also by a schedule that otherwise
+  fits once; the serving weights are then priced by the first losses after the change;
+- what publishing may cost is bounded by shares of the training time, from the measured cost
+  of a publish over the measured step time: the gap between publishes is capped where a
+  publish per gap costs `publish_budget` (and by the span of the losses the curve was fitted
+  on: a curve knows nothing further out), or at `max_interval` if set; and no two publishes
+  come closer than where they would cost `max_publish_share`.
+`observe_commit_time` lets plans count the wait for the publisher's writer. Everything here
+runs on the training thread, so the per-step path is O(1) in plain floats and the numpy work
+is left to the (re)fits.
 
 The schedule keeps its settings and three parts, each with its own state round trip: the
 costs it measures (`CostMeter`), the losses and versions it has seen (`LossHistory`), and
@@ -49,6 +53,7 @@ _ERROR_WINDOW = 20  # recent losses compared with the curve to decide an error-t
 _ERROR_CHECK_EVERY = 10  # steps between those comparisons (each costs a curve evaluation)
 _STALENESS_WINDOWS = 3  # refits learn staleness from served losses of the last 3 fit windows
 _NEAR = 5  # versions older than the fit window are scored by their observed loss ± this many steps
+_FIRST_AFTER_CHANGE = 5  # losses right after a change that price the serving weights on the new data
 _FIT_ERRORS = (FitError, ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
 
 
@@ -112,7 +117,8 @@ class _PredictiveSchedule(PublishSchedule):
                  refit_every: int, refit_error: float, fit_window: int, step_time_s: float | None,
                  stall_s: float, load_time_s: float, staleness_per_step: float, probe_every: int,
                  predictor: LossPredictor | None, history: int, warmup_on_improvement: bool = False,
-                 max_interval: int = 0, detect_changes: bool = True) -> None:
+                 max_interval: int = 0, detect_changes: bool = True, publish_budget: float = 0.0,
+                 max_publish_share: float = 0.0) -> None:
         self.load = InferenceLoad(float(request_rate), _count("total_requests", total_requests, 0))
         self.warmup_steps = _count("warmup_steps", warmup_steps, 0)
         self.fallback_interval = _count("fallback_interval", fallback_interval, 1)
@@ -129,11 +135,21 @@ class _PredictiveSchedule(PublishSchedule):
         self._losses = LossHistory(_count("history", history, 16))
         self.warmup_on_improvement = bool(warmup_on_improvement)
         self.max_interval = _count("max_interval", max_interval, 0)
+        self.publish_budget = _share("publish_budget", publish_budget)
+        self.max_publish_share = _share("max_publish_share", max_publish_share)
+        if self.publish_budget and self.max_publish_share and self.max_publish_share <= self.publish_budget:
+            raise ConfigurationError(f"max_publish_share={max_publish_share!r} must exceed publish_budget="
+                                     f"{publish_budget!r}: the one caps what publishing costs, the other what it "
+                                     "is allowed to cost at least")
+        self._affordable_gap = 0  # steps between publishes that publish_budget pays for (0: none measured)
+        self._shortest_gap = 1  # steps between publishes that max_publish_share allows
         if not isinstance(detect_changes, bool):
             raise ConfigurationError(f"detect_changes={detect_changes!r}: use True or False")
         self.detect_changes = detect_changes
         self._changes = ChangeDetector()
-        self.predictor = predictor if predictor is not None else LearningCurveFitter()
+        # fits run on the training thread: by default only the family leading on the coarse grid
+        # is polished by curve_fit, which keeps a (re)fit to a few milliseconds
+        self.predictor = predictor if predictor is not None else LearningCurveFitter(polish=1)
         if not isinstance(self.predictor, LossPredictor):
             raise ConfigurationError(f"predictor must be a viper_lightning.predictor.LossPredictor, "
                                      f"got {type(self.predictor).__name__}")
@@ -168,6 +184,10 @@ class _PredictiveSchedule(PublishSchedule):
         """
         self._losses.observe_served(version_step, loss)
 
+    @property
+    def probes(self) -> bool:
+        return self.probe_every > 0
+
     def probe_versions(self, step: int) -> list[int]:
         """The published version whose loss on this step's batch the schedule would like, via
         `observe_served_loss` (every `probe_every` steps, during the warm-up and, when refitting,
@@ -185,6 +205,11 @@ class _PredictiveSchedule(PublishSchedule):
         self._observe(step, loss)
         if now_s >= self.load.horizon_s:
             return self._no_more_requests(step)
+        wanted = self._wants(step, loss, now_s)
+        return wanted and step - self._losses.last_published >= self._shortest_gap
+
+    def _wants(self, step: int, loss: float | None, now_s: float) -> bool:
+        """The rule's decision, before the ceiling on what publishing may cost."""
         if step <= self.warmup_steps:
             return step % self.fallback_interval == 0 or (self.warmup_on_improvement
                                                            and self._losses.watch.significant())
@@ -200,6 +225,12 @@ class _PredictiveSchedule(PublishSchedule):
 
     def published(self, step: int, loss: float | None, stall_s: float) -> None:
         self._losses.record_publish(step, self._meter.published(stall_s))
+        costs = self._meter.costs()
+        steps_lost = costs.stall_s / costs.step_time_s  # training one publish costs, in steps
+        if self.publish_budget:
+            self._affordable_gap = max(1, math.ceil(steps_lost / self.publish_budget))
+        if self.max_publish_share:
+            self._shortest_gap = max(1, math.ceil(steps_lost / self.max_publish_share))
 
     def requests_ended(self) -> None:
         """No more requests will come (the consumers are gone, or the caller knows better than
@@ -312,13 +343,17 @@ class _PredictiveSchedule(PublishSchedule):
             log.info("%r at step %d: %s; %s", self, step, curve.describe(), self._plan_summary())
 
     def _longest_gap(self) -> int:
-        """The most steps between publishes: `max_interval` if set, else the span of the losses
-        the curve was fitted on. A curve says nothing about the loss further out than the data
-        it saw reaches, so a flat fit must not become "never publish again" (the served version
-        goes stale all the same)."""
+        """The most steps between publishes: `max_interval` if set; else the span of the losses
+        the curve was fitted on, or fewer where publishing once per gap still costs under
+        `publish_budget` of the training time (measured). A curve says nothing about the loss
+        further out than the data it saw reaches, so a flat fit must not become "never publish
+        again": the served version goes stale all the same, and without served-loss probes the
+        schedule cannot see how fast. Publishing as often as the budget allows bounds that
+        staleness at a cost the user chose, whatever the step counts of the workload."""
         if self.max_interval:
             return self.max_interval
-        return max(self.fallback_interval, self._fit.step - self._fit.start + 1)
+        span = max(self.fallback_interval, self._fit.step - self._fit.start + 1)
+        return min(span, self._affordable_gap) if self._affordable_gap else span
 
     def _watch_for_change(self, step: int, loss: float | None) -> None:
         """Drop the curve once the losses have left it for good (see `ChangeDetector`): the next
@@ -336,7 +371,11 @@ class _PredictiveSchedule(PublishSchedule):
         # a new regime gets a new warm-up: as many losses as the first fit had, before a fit
         fit.next_attempt = max(step + 1, since + 1 + max(WINDOW, self.warmup_steps))
         self._changes.stop()
-        self._losses.watch.rebase()
+        # The serving weights are at least as bad on the new data as the first losses after the
+        # change (weights that had barely trained on it): the losses are compared with those, so
+        # a drop since the change publishes, not only a drop below the old regime's level.
+        first = [value for _, value in self._losses.newest(step - since, after=since)][-_FIRST_AFTER_CHANGE:]
+        self._losses.watch.rebase(math.fsum(first) / len(first) if first else math.nan)
 
     def _fit_failed(self, step: int, exc: BaseException) -> None:
         """Keep the last good curve if there is one (a refit can fail on a bad window); without
@@ -407,9 +446,12 @@ class _PredictiveSchedule(PublishSchedule):
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         costs = self._meter.state_dict()
-        return {**costs, **self._losses.state_dict(), **self._fit.state_dict(costs["elapsed_s"])}
+        return {**costs, **self._losses.state_dict(), **self._fit.state_dict(costs["elapsed_s"]),
+                "requests_ended": self.load.total_requests == 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("requests_ended", False):
+            self.requests_ended()
         self._meter.load_state_dict(state)
         self._losses.load_state_dict(state)
         self._fit.load_state_dict(state)
@@ -436,6 +478,13 @@ def _count(name: str, value: int, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigurationError(f"{name}={value!r}: use an integer >= {minimum}")
     return value
+
+
+def _share(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ConfigurationError(f"{name}={value!r}: use a share of the training time in [0, 1), e.g. 0.01, "
+                                 "or 0 for none")
+    return float(value)
 
 
 def _seconds_or_ratio(name: str, value: float) -> float:
