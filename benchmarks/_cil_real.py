@@ -35,7 +35,7 @@ import lightning as L
 import torch
 
 from viper_lightning import ModelSubscriber, UpdateRecord, ViperCallback
-from viper_lightning.schedules import Fixed, Greedy, PublishSchedule
+from viper_lightning.schedules import EveryNSteps, Fixed, Greedy, PublishSchedule
 
 from ._cil_workloads import WAIT_S, Trajectory, Workload
 
@@ -94,6 +94,7 @@ class RealRun:
     predicted_cil: float | None = None
     writes_skipped: int = 0
     computes: list[float] = field(default_factory=list)  # wall time of each step outside the callback
+    hooks: list[tuple[float, bool]] = field(default_factory=list)  # each hook's time, and whether it published
 
     @property
     def step_time_s(self) -> float:
@@ -117,9 +118,12 @@ class _Stopwatch:
         self._version = self.viper.last_version
 
     def leave(self) -> None:
+        lost_before = self.clock.lost_s
         self._left = self.clock.leave()
+        published = self.viper.last_version != self._version
+        self.result.hooks.append((self.clock.lost_s - lost_before, published))
         self.result.hook_s = self.clock.lost_s
-        self.result.publishes += self.viper.last_version != self._version
+        self.result.publishes += published
 
 
 class _Before(L.Callback):
@@ -166,10 +170,23 @@ class _After(L.Callback):
         self.watch.result.writes_skipped = self.watch.viper.publisher.writes_skipped
 
 
-def run_real(workload: Workload, schedule: PublishSchedule, trajectory: Trajectory, world_step_s: float) -> RealRun:
-    """Train `trajectory.steps` steps of `workload` with `ViperCallback(schedule)` (documented
-    defaults, loopback endpoints, a temporary file-system tier) and a subscriber serving, on a
-    world clock of `world_step_s` per step."""
+def hook_costs(workload: Workload, trajectory: Trajectory, steps: int = 100) -> tuple[float, float]:
+    """What `ViperCallback` costs the training thread in a real run of this workload: the median
+    time of its hook on a step that publishes, above that on a step that does not, and the
+    latter (reading the loss, asking the schedule, taking consumer reports). Replay mode charges
+    these, so that it prices a publish as the callback really costs, not the snapshot alone."""
+    run = run_real(workload, EveryNSteps(2), trajectory, trajectory.step_time_s, steps=steps)
+    settled = run.hooks[10:]  # torch's and the publisher's first steps left out
+    quiet = statistics.median(seconds for seconds, published in settled if not published)
+    busy = statistics.median(seconds for seconds, published in settled if published)
+    return max(busy - quiet, 0.0), quiet
+
+
+def run_real(workload: Workload, schedule: PublishSchedule, trajectory: Trajectory, world_step_s: float,
+             steps: int | None = None) -> RealRun:
+    """Train `steps` (default: the trajectory's) steps of `workload` with
+    `ViperCallback(schedule)` (documented defaults, loopback endpoints, a temporary file-system
+    tier) and a subscriber serving, on a world clock of `world_step_s` per step."""
     result, clock = RealRun(), WorldClock(world_step_s)
     if isinstance(schedule, (Fixed, Greedy)):
         schedule.set_clock(clock)
@@ -180,7 +197,7 @@ def run_real(workload: Workload, schedule: PublishSchedule, trajectory: Trajecto
                               fetch_endpoint=LOOPBACK)
         watch = _Stopwatch(viper, clock, result)
         consumer = _After(watch, copy.deepcopy(module), root)
-        trainer = L.Trainer(max_steps=trajectory.steps, accelerator="cpu", devices=1, logger=False,
+        trainer = L.Trainer(max_steps=steps or trajectory.steps, accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=root, callbacks=[_Before(watch), viper, consumer])
         try:

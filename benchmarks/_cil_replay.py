@@ -1,13 +1,14 @@
 """Replaying a schedule against a recorded trajectory, and scoring what the consumer served.
 
 The replay is a discrete-event timeline in seconds: each step takes the measured step time;
-a publish stalls training by the measured stall (plus any wait for a snapshot buffer while the
-writer is two versions behind, as `SnapshotPool` does) and goes live the measured
-publish-to-serving latency after the publish call; a served-loss probe costs one measured
-forward pass; the schedule's own decision time (its CPU time) is training time too. Requests
-arrive uniformly; request j at time t sees the data at drift position t / step_time and is
-answered by the newest live version: its real loss on that request's samples is the realised
-CIL contribution.
+a publish stalls training by the measured stall (what a publish adds to the callback's hook in
+a real run, plus any wait for a snapshot buffer while the writer is two versions behind, as
+`SnapshotPool` does) and goes live the measured publish-to-serving latency after the publish
+call; a served-loss probe costs one measured forward pass; the schedule's own decision time
+(its CPU time) and the callback's per-step work are training time too. Requests arrive
+uniformly; request j at time t sees the data at drift position t / step_time and is answered
+by the newest live version: its real loss on that request's samples is the realised CIL
+contribution.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def _replay(schedule: PublishSchedule, trajectory: Trajectory, costs: MeasuredCo
         decision = schedule.should_publish(step, loss if schedule.needs_loss else None)
         if not decision and step % workload.steps_per_epoch == 0:
             decision = schedule.should_publish_at_epoch_end(step // workload.steps_per_epoch - 1, step)
-        _spend(clock, result, "decision_s", time.thread_time() - started)
+        _spend(clock, result, "decision_s", time.thread_time() - started + costs.hook_s)
         if decision:
             _publish(schedule, step, loss, clock, writer, costs, result)
         if adaptive:

@@ -156,13 +156,16 @@ def train(workload: Workload, steps: int) -> Trajectory:
 
 @dataclass(frozen=True)
 class MeasuredCosts:
-    """Medians of real publishes: the training stall, the writer's commit, publish-to-serving."""
+    """Medians of real publishes: the training stall, the writer's commit, publish-to-serving.
+    `stall_s` is the publisher's snapshot until `hook_s` is measured too: then it is what a
+    publish adds to the callback's hook, and `hook_s` the hook on a step that does not publish."""
 
     stall_s: float
     commit_s: float
     latency_s: float
     probe_s: float  # one eval-mode forward pass over a training batch (a served-loss probe)
     samples: int
+    hook_s: float = 0.0
 
 
 def measure_costs(trajectory: Trajectory, publishes: int = 16) -> MeasuredCosts:
