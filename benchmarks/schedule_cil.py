@@ -6,7 +6,9 @@ Workloads: the NT3-style classifier on the drifting gene-expression stream, a Pt
 regressor on a drifting diffraction stream, and the small synthetic ones of `_cil_synthetic`
 (abrupt concept shifts, a plateau that drops late, steps far cheaper and far dearer than a
 publish). Each trains once with a real Lightning Trainer, keeping its weights after every
-step, and its publish costs are measured with the real ModelPublisher/ModelSubscriber. Then:
+step; its publish costs are measured with the real ModelPublisher/ModelSubscriber (writer
+time, publish-to-serving latency) and in a short real run with `ViperCallback` (what a
+publish adds to the callback's hook on the training thread). Then:
 
 - `--mode replay` (the default, fast): every schedule is replayed against that run on a
   simulated clock (a schedule cannot change what training computes, only when weights are
@@ -21,8 +23,8 @@ step, and its publish costs are measured with the real ModelPublisher/ModelSubsc
   that every cost, latency and decision is real.
 - `--mode both` runs both and prints how far they agree.
 
-A consumer answers requests at a steady rate while training runs. The data drifts with wall
-time: a request at time t sees the data at drift position t / step time, so every millisecond
+A consumer answers requests at a steady rate while training runs. The data drifts with time:
+a request at time t sees the data at drift position t / step time, so every millisecond
 training loses (publish stalls, served-loss probes, the schedule's own CPU time) leaves the
 model further behind the data for the rest of the run. The realised CIL sums the real loss of
 the version that answered each request, on that request's own held-out samples at its drift
@@ -34,8 +36,9 @@ The adaptive schedules run at their documented defaults: the benchmark tells the
 two facts a user knows, the request rate and the number of requests expected (`fixed` is
 `Fixed(request_rate, total_requests)`, `greedy` is `Greedy(request_rate, total_requests)`).
 Nothing is set per workload; the defaults refit the curve as losses arrive and when they change
-course, Greedy decides on the observed losses, and the gap between publishes is capped where a
-publish per gap costs 1% of training time (`publish_budget`). In replay mode they learn the
+course, Greedy decides on the observed losses, and the gap between publishes lies between
+where a publish per gap costs 10% of training time (`max_publish_share`) and where it costs 1%
+(`publish_budget`), both from measured costs. In replay mode they learn the
 writer's commit time, the stall and the consumer's load time from the replay, as they learn
 them in a real run from the publisher's `last_commit`, the callback and the consumers' reports.
 """
