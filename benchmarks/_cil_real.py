@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,8 @@ class WorldClock:
     with it, requests arrive on it, and the schedule plans on it (`set_clock`), so the request
     horizon the schedule is told ends where the benchmark's requests do.
 
-    Only the callback's hooks and the subscriber read it; the hooks move it (single writer)."""
+    The training thread moves it (the hooks) and the subscriber's thread reads it (when a
+    version starts serving): a lock keeps every reading consistent and monotonic."""
 
     def __init__(self, step_s: float) -> None:
         self.step_s = step_s
@@ -58,6 +60,7 @@ class WorldClock:
         self._started_at = 0.0
         self._entered: float | None = None
         self._left = 0.0
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._started_at = time.perf_counter()
@@ -66,20 +69,23 @@ class WorldClock:
         return time.perf_counter() - self._started_at
 
     def __call__(self) -> float:
-        now = self._wall()
-        in_step = now - self._entered if self._entered is not None else min(now - self._left, self.step_s)
-        return self.steps * self.step_s + self.lost_s + in_step
+        with self._lock:
+            now = self._wall()
+            in_step = now - self._entered if self._entered is not None else min(now - self._left, self.step_s)
+            return self.steps * self.step_s + self.lost_s + in_step
 
     def enter(self, after_step: bool) -> float:
-        self.steps += after_step
-        self._entered = self._wall()
-        return self._entered
+        with self._lock:
+            self.steps += after_step
+            self._entered = self._wall()
+            return self._entered
 
     def leave(self) -> float:
-        left = self._wall()
-        self.lost_s += left - (self._entered or left)
-        self._entered, self._left = None, left
-        return left
+        with self._lock:
+            left = self._wall()
+            self.lost_s += left - (self._entered if self._entered is not None else left)
+            self._entered, self._left = None, left
+            return left
 
 
 @dataclass
@@ -99,7 +105,7 @@ class RealRun:
     @property
     def step_time_s(self) -> float:
         """The median wall time of a step outside the callback (torch's first steps left out)."""
-        return statistics.median(self.computes[5:] if len(self.computes) > 10 else self.computes)
+        return statistics.median((self.computes[5:] if len(self.computes) > 10 else self.computes) or [0.0])
 
 
 class _Stopwatch:
@@ -175,10 +181,11 @@ def hook_costs(workload: Workload, trajectory: Trajectory, steps: int = 100) -> 
     time of its hook on a step that publishes, above that on a step that does not, and the
     latter (reading the loss, asking the schedule, taking consumer reports). Replay mode charges
     these, so that it prices a publish as the callback really costs, not the snapshot alone."""
+    steps = min(steps, trajectory.steps)
     run = run_real(workload, EveryNSteps(2), trajectory, trajectory.step_time_s, steps=steps)
-    settled = run.hooks[10:]  # torch's and the publisher's first steps left out
-    quiet = statistics.median(seconds for seconds, published in settled if not published)
-    busy = statistics.median(seconds for seconds, published in settled if published)
+    settled = run.hooks[10:] if len(run.hooks) > 20 else run.hooks  # torch's and the publisher's first steps out
+    quiet = statistics.median([seconds for seconds, published in settled if not published] or [0.0])
+    busy = statistics.median([seconds for seconds, published in settled if published] or [quiet])
     return max(busy - quiet, 0.0), quiet
 
 

@@ -457,3 +457,23 @@ def test_publish_shares_are_checked() -> None:
                 dict(publish_budget=0.2, max_publish_share=0.1)):
         with pytest.raises(ConfigurationError):
             Greedy(**bad)
+
+
+def test_the_cost_bounds_survive_a_restore() -> None:
+    """The ceiling is learnt from the measured costs, which a checkpoint keeps: a resumed
+    schedule keeps it from its first step, not only after its next publish."""
+    losses, clock = decaying(200, noise=0.001, rate=80.0), FakeClock()
+    first = greedy(follow_losses=True, warmup_on_improvement=True, max_publish_share=0.1)
+    before = drive(first, losses[:100], clock=clock, stall=0.5)
+    resumed = greedy(follow_losses=True, warmup_on_improvement=True, max_publish_share=0.1)
+    resumed.load_state_dict(first.state_dict())
+    after = drive(resumed, losses[100:], first=101, clock=clock, stall=0.5)
+    assert after and min(np.diff([before[-1], *after])) >= 5, (before, after)
+
+
+def test_a_threshold_with_the_default_loss_following_rule_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="follow_losses"):
+        Greedy(threshold=0.1)
+    with pytest.raises(ConfigurationError, match="follow_losses"):
+        Greedy(tune_threshold=True)
+    assert Greedy(threshold=0.1, follow_losses=False).threshold == 0.1

@@ -98,8 +98,29 @@ def test_the_kept_copies_are_bounded_and_spread_over_ages() -> None:
     assert probe.loss(probe.kept[0] - 1, module, (torch.randn(4, 8), torch.randn(4, 1)), 0) is None
 
 
-def test_an_adaptive_schedule_with_probes_learns_staleness_in_a_real_run(tmp_path, model_name) -> None:
+def test_an_adaptive_schedule_gets_every_probe_it_asks_for_in_a_real_run(tmp_path, model_name) -> None:
     schedule = Fixed(request_rate=100.0, total_requests=10_000, warmup_steps=10, fallback_interval=2, probe_every=2)
     callback, _, _ = run(schedule, tmp_path, model_name, steps=40)
     assert callback.probe.probes > 0
     assert len(schedule._losses.served) == callback.probe.probes
+
+
+class NeedsItsTrainer(Regressor):
+    """A training_step that reads the trainer, as many do: a detached copy cannot run it."""
+
+    def training_step(self, batch, batch_idx):
+        self.trainer.global_step  # noqa: B018 (raises without a trainer)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_probe_that_fails_turns_probing_off_and_training_goes_on(tmp_path, model_name, caplog) -> None:
+    schedule = Probing()
+    callback = ViperCallback(model_name, LOOPBACK_ANY_PORT, schedule=schedule, hmac_key=KEY,
+                             fetch_endpoint=LOOPBACK_ANY_PORT)
+    trainer = L.Trainer(max_steps=20, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[callback])
+    trainer.fit(NeedsItsTrainer())
+    assert trainer.global_step == 20 and callback.last_version == 10
+    assert schedule.served == [] and "training_step failed" in (callback.probe.disabled or "")
+    assert "served-loss probes are off" in caplog.text

@@ -123,6 +123,7 @@ class ViperCallback(Callback):
         # so a resumed run continues its version numbers.
         if trainer.is_global_zero and self._publisher is None:
             self._degraded_logged = None
+            self.probe.reset()
             self._publisher = ModelPublisher.from_settings(dataclasses.replace(
                 self.settings, gpu_device=self._gpu_device_for(pl_module), resume_after=self.last_version))
 
@@ -223,6 +224,8 @@ class ViperCallback(Callback):
         """Score the versions the schedule asks about on this step's batch. It runs on the
         training thread, so its time is part of the step time the schedule measures."""
         for version_step in self.schedule.probe_versions(step):
+            if version_step >= step:  # that version has trained on this very batch: not a served loss
+                continue
             scored = self.probe.loss(version_step, pl_module, batch, batch_idx)
             if scored is not None:
                 self.schedule.observe_served_loss(*scored)

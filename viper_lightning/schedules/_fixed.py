@@ -72,7 +72,8 @@ class Fixed(_PredictiveSchedule):
         max_publish_share: never publish more often than one publish per gap costing this share
             of the training time (measured, as for `publish_budget`), whatever the rule says:
             on steps much shorter than a publish, a loss that keeps dropping would otherwise
-            publish every step and lose more training than the fresher answers win (0: no cap).
+            publish every step and lose more training than the fresher answers win. It wins
+            over `max_interval` and over a plan's interval, which it can only lengthen (0: no cap).
     """
 
     def __init__(

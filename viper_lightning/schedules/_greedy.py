@@ -43,7 +43,8 @@ class Greedy(_PredictiveSchedule):
     the step-to-step noise. A curve fitted on a short window can miss a drop that is happening
     (or promise one that is not); the losses cannot, and the test costs O(1) per step. The curve
     still forecasts the CIL (the same rule run forward on it) and the staleness still counts;
-    set `max_interval` too, since a drifting flat loss never drops significantly.
+    a drifting flat loss never drops significantly, which the cap on the gap between publishes
+    (`publish_budget`, or `max_interval`) answers. It is the default.
 
     Args:
         threshold: a fixed threshold instead of the warm-up's mean + std (None: from the warm-up).
@@ -88,6 +89,10 @@ class Greedy(_PredictiveSchedule):
         if threshold is not None and not threshold >= 0:
             raise ConfigurationError(f"threshold={threshold!r}: use a loss difference >= 0, or None to take "
                                      "it from the warm-up")
+        if follow_losses and (threshold is not None or tune_threshold):
+            raise ConfigurationError("threshold and tune_threshold apply to the curve's rule: with "
+                                     "follow_losses=True (the default) publishes follow the observed losses; "
+                                     "set follow_losses=False to use them")
         self.configured_threshold = threshold
         self.tune_threshold = bool(tune_threshold)
         self.follow_losses = bool(follow_losses)

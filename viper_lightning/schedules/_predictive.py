@@ -186,7 +186,7 @@ class _PredictiveSchedule(PublishSchedule):
 
     @property
     def probes(self) -> bool:
-        return self.probe_every > 0
+        return self.probe_every > 0 and (self.refitting or self._fit.fits == 0)
 
     def probe_versions(self, step: int) -> list[int]:
         """The published version whose loss on this step's batch the schedule would like, via
@@ -225,12 +225,19 @@ class _PredictiveSchedule(PublishSchedule):
 
     def published(self, step: int, loss: float | None, stall_s: float) -> None:
         self._losses.record_publish(step, self._meter.published(stall_s))
+        self._update_gaps()
+
+    def _update_gaps(self) -> None:
+        """The gaps that `publish_budget` pays for and `max_publish_share` allows, from the
+        measured cost of a publish over the measured step time (none until a publish is seen)."""
+        if not self._meter.stalls:
+            return
         costs = self._meter.costs()
         steps_lost = costs.stall_s / costs.step_time_s  # training one publish costs, in steps
         if self.publish_budget:
-            self._affordable_gap = max(1, math.ceil(steps_lost / self.publish_budget))
+            self._affordable_gap = max(1, math.ceil(steps_lost / self.publish_budget - 1e-9))
         if self.max_publish_share:
-            self._shortest_gap = max(1, math.ceil(steps_lost / self.max_publish_share))
+            self._shortest_gap = max(1, math.ceil(steps_lost / self.max_publish_share - 1e-9))
 
     def requests_ended(self) -> None:
         """No more requests will come (the consumers are gone, or the caller knows better than
@@ -455,6 +462,7 @@ class _PredictiveSchedule(PublishSchedule):
         self._meter.load_state_dict(state)
         self._losses.load_state_dict(state)
         self._fit.load_state_dict(state)
+        self._update_gaps()
 
     def __repr__(self) -> str:
         refit = f", refit_every={self.refit_every}, refit_error={self.refit_error}" if self.refitting else ""
