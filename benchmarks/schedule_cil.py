@@ -260,6 +260,8 @@ def as_json(run: WorkloadRun) -> dict[str, Any]:
                            ("publishes", lambda o: o.publishes), ("overhead_s", lambda o: o.overhead_s)):
             entry[key] = run.median(name, value)
             entry[f"{key}_runs"] = [value(o) for r in run.runs for o in r if o.candidate.name == name]
+        # replay: the overhead's parts; real: wall time, step time outside the callback, writes skipped
+        entry["detail_runs"] = [o.detail for r in run.runs for o in r if o.candidate.name == name]
         schedules.append(entry)
     return {"name": run.workload.name, "mode": run.mode, "runs": len(run.runs), "costs": run.headers,
             "schedules": schedules, "verdict": verdict(run)}
