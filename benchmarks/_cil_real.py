@@ -80,12 +80,14 @@ class WorldClock:
             self._entered = self._wall()
             return self._entered
 
-    def leave(self) -> float:
+    def leave(self) -> tuple[float, float]:
+        """Leave the hook: when, and how long it took."""
         with self._lock:
             left = self._wall()
-            self.lost_s += left - (self._entered if self._entered is not None else left)
+            spent = left - (self._entered if self._entered is not None else left)
+            self.lost_s += spent
             self._entered, self._left = None, left
-            return left
+            return left, spent
 
 
 @dataclass
@@ -95,12 +97,16 @@ class RealRun:
 
     live: list[tuple[int, float]] = field(default_factory=lambda: [(0, 0.0)])
     publishes: int = 0  # during training (the final publish at train end serves no request here)
-    hook_s: float = 0.0  # training-thread time in the callback's batch and epoch hooks
     train_s: float = 0.0  # wall time of the whole training loop
     predicted_cil: float | None = None
     writes_skipped: int = 0
     computes: list[float] = field(default_factory=list)  # wall time of each step outside the callback
     hooks: list[tuple[float, bool]] = field(default_factory=list)  # each hook's time, and whether it published
+
+    @property
+    def hook_s(self) -> float:
+        """Training-thread time in the callback's batch and epoch hooks."""
+        return sum(seconds for seconds, _ in self.hooks)
 
     @property
     def step_time_s(self) -> float:
@@ -124,11 +130,9 @@ class _Stopwatch:
         self._version = self.viper.last_version
 
     def leave(self) -> None:
-        lost_before = self.clock.lost_s
-        self._left = self.clock.leave()
+        self._left, spent = self.clock.leave()
         published = self.viper.last_version != self._version
-        self.result.hooks.append((self.clock.lost_s - lost_before, published))
-        self.result.hook_s = self.clock.lost_s
+        self.result.hooks.append((spent, published))
         self.result.publishes += published
 
 
