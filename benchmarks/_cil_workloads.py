@@ -181,6 +181,9 @@ def measure_costs(trajectory: Trajectory, publishes: int = 16) -> MeasuredCosts:
         for round_ in range(publishes + 1):  # the first, cold publish is discarded
             model.load_state_dict(trajectory.state_dict(min(round_ + 1, trajectory.steps)))
             version = publisher.publish(model)
+            if version is None:
+                raise RuntimeError(f"a publish was skipped ({publisher.publishes_skipped} so far): every snapshot slot was "
+                                   "still held")
             publisher.flush(WAIT_S)
             if not subscriber.wait_for_version(version, WAIT_S):
                 raise RuntimeError(f"the subscriber never served version {version}")

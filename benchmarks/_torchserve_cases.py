@@ -77,6 +77,9 @@ def _publish_once(server: TorchServe, publisher: ModelPublisher, model: torch.nn
         model.layer.bias.add_(1.0)
     started = time.perf_counter()
     version = publisher.publish(model)
+    if version is None:
+        raise RuntimeError(f"a publish was skipped ({publisher.publishes_skipped} so far): every snapshot slot was "
+                           "still held")
     stall = publisher.last_stall_s
     request = {"inputs": [[0.0] * kwargs["features"]]}
     for _ in range(MAX_POLLS):  # a client asking as fast as it can: the first answer from `version`

@@ -13,6 +13,15 @@ TorchServe, until its first answer) and `torchserve-viper` (publish until TorchS
 ViperHandler answers with the new version; both on a one-layer model of the same size, cheap to
 run).
 `--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together.
+`lightning-throughput` is not an update's latency but what publishing costs training: the mean
+step time of a real Lightning run of the same model publishing every 10 steps through
+`ViperCallback` (its defaults) to `--consumers` same-host consumers (default 1), against the same run without
+publishing (`throughput_cost`, with `copies_per_step`: how many memory copies of the weights a
+step takes).
+`--runs K` repeats the whole measurement K times, each in a fresh interpreter, and prints each
+ratio's best, median and worst over runs (a user gets every run, not the median); the JSON
+then has `"runs": K` and, per result, the run with the median e2e plus `e2e_s_worst`,
+`e2e_s_best`, `training_stall_s_worst`, `training_stall_s_best` and every run's values.
 Where CUDA exists, `memcpy-gpu` (one device-to-device copy of the same bytes: the GPU tier's limit),
 `gpu-ipc` (the GPU tier, a consumer on the same GPU over CUDA IPC) and, with two GPUs,
 `gpu-nccl` (a consumer on the second GPU over NCCL) join them; without, they are skipped with a
@@ -28,11 +37,14 @@ import argparse
 import copy
 import functools
 import json
+import math
 import multiprocessing
 import os
 import platform
 import secrets
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -150,7 +162,8 @@ def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes:
                 raise RuntimeError("the consumer processes never subscribed")
             # The first publishes fault in fresh slots (and, with many zero-copy consumers, grow the
             # pool to what their pins need): not the steady state of a long training run.
-            runs = [_one_update(publisher, model, reports, consumers, seed)
+            limit = None if case.gpu_device is not None else _CopyLimit(model)
+            runs = [_one_update(publisher, model, reports, consumers, seed, limit)
                     for seed in range(repeat + WARMUP_PUBLISHES)][WARMUP_PUBLISHES:]
         finally:
             done.set()
@@ -189,15 +202,39 @@ def _first_touch(model: torch.nn.Module) -> float:
     return time.perf_counter() - started
 
 
+class _CopyLimit:
+    """One warm copy of the model's bytes, timed right before each publish: the memory-copy
+    limit at that very moment, so a ratio to it does not mix two moments of a busy machine."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.source = torch.cat([t.reshape(-1).view(torch.uint8) for t in model.state_dict().values()])
+        self.target = torch.empty_like(self.source)
+        copy_tensor(self.target, self.source)  # fault the pages in once
+
+    def time(self) -> float:
+        """The faster of two copies: a ratio to it errs on the strict side."""
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            copy_tensor(self.target, self.source)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+
 def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, consumers: int,
-                seed: int) -> dict[str, float]:
-    """Publish once and wait until every consumer serves it; then let the flush finish."""
+                seed: int, limit: _CopyLimit | None = None) -> dict[str, float]:
+    """Publish once and wait until every consumer serves it; then let the flush finish. With
+    `limit`, a memory copy of the same bytes is timed just before (not part of the e2e)."""
     nudge(model, seed)
+    memcpy = limit.time() if limit is not None else None
     device_stall = None
     if on_gpu := next(model.parameters()).is_cuda:
         torch.cuda.synchronize()  # the training stream idle, so what follows times the publish alone
     started = time.perf_counter()
     version = publisher.publish(model)
+    if version is None:
+        raise RuntimeError("the publish was skipped: every snapshot slot was still held by the consumers or the "
+                           "flush (publisher.publishes_skipped)")
     stall = publisher.last_stall_s
     if on_gpu:  # the training stream waits for the device copy: its own stall, beside the host's
         torch.cuda.current_stream().synchronize()
@@ -208,6 +245,7 @@ def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, cons
         if "refused" in record or record["version"] != version:
             raise RuntimeError(f"a consumer did not apply version {version}: {record}")
     slowest = max(records, key=lambda record: record["latency_s"] + record["touch_s"])
+    first_ready = min(record["latency_s"] + record["touch_s"] for record in records)
     stages = {"snapshot": stall}
     commit = publisher.last_commit
     if publisher.fetch_endpoint is None:  # the file-system path: the notice waits for the write
@@ -216,7 +254,7 @@ def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, cons
     stages.update(transfer=slowest["transfer_s"], verify=slowest["verify_s"], swap=slowest["swap_s"],
                   first_touch=slowest["touch_s"])
     return {"e2e_s": slowest["latency_s"] + slowest["touch_s"], **stages, "training_stall_s": stall,
-            "device_stall_s": device_stall}
+            "device_stall_s": device_stall, "memcpy_s": memcpy, "first_ready_s": first_ready}
 
 
 def measure_modelcheckpoint(model: torch.nn.Module, repeat: int, workdir: str) -> dict[str, Any]:
@@ -236,19 +274,120 @@ def measure_modelcheckpoint(model: torch.nn.Module, repeat: int, workdir: str) -
     return {"e2e_s": stall, "stages": {"save_checkpoint": stall}, "training_stall_s": stall}
 
 
+PUBLISH_EVERY = 10  # steps between publishes in the throughput measure
+THROUGHPUT_STEPS = 4 * PUBLISH_EVERY  # steps timed per run: four publishes, at steps 20 to 50
+THROUGHPUT_WARMUP = PUBLISH_EVERY + 1  # not timed: torch's first steps, the slots made at the start
+#                                        and the first publish (each consumer's first mapping of a slot)
+THROUGHPUT_BATCH = 8
+
+
+class _StepClock(L.Callback):
+    """When each optimizer step ended (after every other callback's hook: it is listed last)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+
+class _Consumers(L.Callback):
+    """Same-host consumer processes (dram-shm) of the callback's publisher, started once it is up."""
+
+    def __init__(self, viper: Any, megabytes: float, count: int, root: str) -> None:
+        self.viper, self.megabytes, self.count, self.root = viper, megabytes, count, root
+        spawn = multiprocessing.get_context("spawn")
+        self.reports, self.done = spawn.Queue(), spawn.Event()
+        self.processes: list[Any] = []
+        self._spawn = spawn
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        publisher = self.viper.publisher
+        self.processes = [self._spawn.Process(target=_follow, args=(self.megabytes, publisher.endpoint, self.root,
+                                                                    "dram-shm", "cpu", None, False, self.reports,
+                                                                    self.done))
+                          for _ in range(self.count)]
+        for process in self.processes:
+            process.start()
+        if not publisher.wait_for_subscribers(self.count, WAIT_S):
+            raise RuntimeError("the consumer processes never subscribed")
+
+    def close(self) -> None:
+        self.done.set()
+        for process in self.processes:
+            process.join(WAIT_S)
+
+
+def measure_throughput(megabytes: float, consumers: int = 1) -> dict[str, Any]:
+    """Steps per second of a real Lightning run of this model publishing every PUBLISH_EVERY
+    steps through `ViperCallback` (its defaults: keyed, the file-system tier on, here a
+    temporary directory) to `consumers` same-host consumer processes, against the same run
+    without publishing; each run twice, alternating, and the faster of each kept (the machine's
+    own noise is not the publisher's). `copies_per_step` says how heavy the step is against
+    one memory copy of the weights."""
+    from viper_lightning import ViperCallback
+    from viper_lightning.schedules import EveryNSteps
+
+    step_s = {"without": [], "with": []}
+    for _ in range(2):
+        for mode in ("without", "with"):
+            with tempfile.TemporaryDirectory(prefix="viper-bench-tput-") as root:
+                callbacks: list[L.Callback] = []
+                consumer_procs = None
+                if mode == "with":
+                    viper = ViperCallback("bench-tput", "tcp://127.0.0.1:*", pfs_root=root,
+                                          schedule=EveryNSteps(PUBLISH_EVERY), fetch_endpoint="tcp://127.0.0.1:*")
+                    consumer_procs = _Consumers(viper, megabytes, consumers, root)
+                    callbacks = [viper, consumer_procs]
+                try:
+                    step_s[mode].append(_mean_step_s(megabytes, callbacks, root))
+                finally:
+                    if consumer_procs is not None:
+                        consumer_procs.close()
+    model = nt3_of_size(megabytes)
+    copy_s = measure_memcpy(model, 5)["e2e_s"]
+    without, with_publishing = min(step_s["without"]), min(step_s["with"])
+    return {"e2e_s": with_publishing, "training_stall_s": None, "stages": {},
+            "step_s_without": without, "step_s_with": with_publishing, "steps_s_runs": step_s,
+            "throughput_cost": 1.0 - without / with_publishing, "publish_every": PUBLISH_EVERY,
+            "copies_per_step": without / copy_s, "consumers": consumers}
+
+
+def _mean_step_s(megabytes: float, callbacks: list[L.Callback], root: str) -> float:
+    model = nt3_of_size(megabytes)
+    clock = _StepClock()
+    steps = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
+    inputs = torch.randn(THROUGHPUT_BATCH, model.hparams["input_length"])
+    data = DataLoader(TensorDataset(inputs, torch.zeros(THROUGHPUT_BATCH, dtype=torch.int64)),
+                      batch_size=1, sampler=torch.utils.data.RandomSampler(range(THROUGHPUT_BATCH), replacement=True,
+                                                                          num_samples=steps))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                        callbacks=[*callbacks, clock])
+    trainer.fit(model, data)
+    timed = clock.ends[THROUGHPUT_WARMUP - 1:]
+    return (timed[-1] - timed[0]) / (len(timed) - 1)
+
+
 def _one_sample(model: torch.nn.Module) -> TensorDataset:
     length = model.hparams["input_length"]
     return TensorDataset(torch.randn(1, length), torch.zeros(1, dtype=torch.int64))
 
 
 def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
-    """The run with the median e2e, whole, so its stages add up to its e2e."""
+    """The run with the median e2e, whole, so its stages add up to its e2e; and, where a copy
+    was timed before each publish, the median over publishes of e2e and stall over that copy."""
     median = sorted(runs, key=lambda run: run["e2e_s"])[len(runs) // 2]
-    totals = ("e2e_s", "training_stall_s", "device_stall_s")
+    totals = ("e2e_s", "training_stall_s", "device_stall_s", "memcpy_s", "first_ready_s")
     stages = {key: value for key, value in median.items() if key not in totals}
     summary = {"e2e_s": median["e2e_s"], "stages": stages, "training_stall_s": median["training_stall_s"]}
     if median["device_stall_s"] is not None:
         summary["device_stall_s"] = median["device_stall_s"]
+    if all(run["memcpy_s"] for run in runs):
+        summary["paired_memcpy"] = {
+            "e2e": statistics.median(run["e2e_s"] / run["memcpy_s"] for run in runs),
+            "training_stall": statistics.median(run["training_stall_s"] / run["memcpy_s"] for run in runs)}
+    summary["last_over_first_ready"] = statistics.median(run["e2e_s"] / run["first_ready_s"] for run in runs)
     return summary
 
 
@@ -260,6 +399,7 @@ STRATEGIES: dict[str, Callable[[torch.nn.Module, int, float], dict[str, Any]]] =
                                                                                model, repeat),
     "torchserve-register": lambda model, repeat, megabytes: measure_torchserve_register(megabytes, repeat),
     "torchserve-viper": lambda model, repeat, megabytes: measure_torchserve_viper(megabytes, repeat),
+    "lightning-throughput": lambda model, repeat, megabytes: measure_throughput(megabytes),
 }
 
 
@@ -275,6 +415,8 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
     `keyless` runs the Viper strategies that need no key with the keyless opt-out."""
     cases = [(name, functools.partial(measure_viper, name, keyless=keyless) if name in VIPER_CASES
               else STRATEGIES[name]) for name in strategies]
+    cases = [(name, (lambda model, repeat, megabytes: measure_throughput(megabytes, consumers))
+              if name == "lightning-throughput" else measure) for name, measure in cases]
     if consumers > 1:
         cases.append((f"dram-shm-x{consumers}",
                       functools.partial(measure_viper, "dram-shm", consumers=consumers, keyless=keyless)))
@@ -299,6 +441,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
     """Each strategy against the memcpy limit and the file-system path at the same size."""
     print(f"\n{'strategy':<26}{'MB':>6}{'e2e ms':>10}{'stall ms':>10}{'e2e/memcpy':>12}{'pfs/e2e':>9}")
     for result in results:
+        if "throughput_cost" in result:
+            print(f"{result['strategy']:<26}{result['size_bytes'] / 1e6:>6.0f}  step {result['step_s_without'] * 1e3:.0f} ms "
+                  f"without publishing, {result['step_s_with'] * 1e3:.0f} ms publishing every "
+                  f"{result['publish_every']} steps to {result['consumers']} consumer(s): "
+                  f"{result['throughput_cost'] * 100:.1f}% of the throughput")
+            continue
         peers = _peers(results, result["size_bytes"])
         memcpy, pfs = peers.get("memcpy"), peers.get("pfs")
         print(f"{result['strategy']:<26}{result['size_bytes'] / 1e6:>6.0f}{result['e2e_s'] * 1e3:>10.1f}"
@@ -309,15 +457,20 @@ def print_table(results: list[dict[str, Any]]) -> None:
             print(f"{'':<26}the training stream waited {result['device_stall_s'] * 1e3:.2f} ms for the device copy")
 
 
-def print_checks(results: list[dict[str, Any]]) -> None:
-    """The ratios the project aims for (DESIGN.md §5), measured in this run."""
-    print("\nratios measured in this run:")
+def ratios(results: list[dict[str, Any]]) -> list[tuple[float, str, float, str]]:
+    """The ratios the project aims for (DESIGN.md §5), from results of one run: (size, label,
+    value, aim)."""
+    measured = []
     for size in sorted({r["size_bytes"] for r in results if r["strategy"] == "memcpy"}):
         peers = _peers(results, size)
         shm, memcpy = peers.get("dram-shm"), peers.get("memcpy")
+        paired = (shm or {}).get("paired_memcpy", {})
         checks = [("dram-shm e2e / memcpy", _ratio(shm, memcpy, "e2e_s"), "<= 1.2"),
+                  ("dram-shm e2e / memcpy timed before each publish", paired.get("e2e", math.nan), "<= 1.2"),
                   ("pfs e2e / dram-shm e2e", _ratio(peers.get("pfs"), shm, "e2e_s"), ">= 5"),
                   ("dram-shm stall / memcpy", _ratio(shm, memcpy, "training_stall_s"), "<= 1.2"),
+                  ("dram-shm stall / memcpy timed before each publish", paired.get("training_stall", math.nan),
+                   "<= 1.2"),
                   ("modelcheckpoint stall / dram-shm stall",
                    _ratio(peers.get("lightning-modelcheckpoint"), shm, "training_stall_s"), ">= 20")]
         register = peers.get("torchserve-register")
@@ -335,9 +488,32 @@ def print_checks(results: list[dict[str, Any]]) -> None:
         fanned = next((r for name, r in peers.items() if name.startswith("dram-shm-x")), None)
         if fanned is not None:
             checks.append((f"{fanned['strategy']} e2e / dram-shm e2e", _ratio(fanned, shm, "e2e_s"), "<= 1.5"))
-        for label, value, target in checks:
-            print(f"  {size / 1e6:>6.0f} MB  {label:<42}{value:>8.2f}   (aim {target})")
-    _print_scaling(results)
+            checks.append((f"{fanned['strategy']}: last / first consumer ready, same update",
+                           fanned.get("last_over_first_ready", math.nan), "<= 1.5"))
+        throughput = peers.get("lightning-throughput")
+        if throughput is not None:
+            checks.append((f"throughput cost, publishing every {throughput['publish_every']} steps",
+                           throughput["throughput_cost"], "<= 0.05"))
+        measured += [(size, label, value, aim) for label, value, aim in checks if value == value]  # not NaN
+    return measured
+
+
+def print_checks(runs: list[list[dict[str, Any]]]) -> None:
+    """Each ratio measured within each run: with one run its value, with several the best,
+    the median and the worst over runs (worst by the aim's direction)."""
+    per_run = [ratios(results) for results in runs]
+    print("\nratios measured within each run" + (f" (best / median / worst of {len(runs)} runs):"
+                                                 if len(runs) > 1 else ":"))
+    for size, label, _, aim in per_run[0]:
+        values = [value for run in per_run for s, l, value, _ in run if (s, l) == (size, label)]
+        if len(runs) == 1:
+            print(f"  {size / 1e6:>6.0f} MB  {label:<52}{values[0]:>8.2f}   (aim {aim})")
+            continue
+        higher_is_worse = aim.startswith("<=") or aim.startswith("lower")
+        ordered = sorted(values, reverse=not higher_is_worse)  # best first
+        print(f"  {size / 1e6:>6.0f} MB  {label:<52}{ordered[0]:>8.2f} /{statistics.median(values):>6.2f} /"
+              f"{ordered[-1]:>6.2f}   (aim {aim})")
+    _print_scaling(runs[0])
 
 
 def _print_scaling(results: list[dict[str, Any]]) -> None:
@@ -367,6 +543,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if "throughput_cost" not in r]  # steps, not an update's latency
     figure, (anatomy, scaling) = plt.subplots(1, 2, figsize=(13, 5))
     largest = max(r["size_bytes"] for r in results)
     _plot_anatomy(anatomy, [r for r in results if r["size_bytes"] == largest], largest)
@@ -416,19 +593,74 @@ def main(argv: list[str] | None = None) -> None:
                         help="run the Viper strategies keyless (xxh3 digests), to compare with the keyed default")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write the figure here (PNG)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole measurement this many times, each in a fresh process, and "
+                             "report each ratio's best, median and worst over runs")
     args = parser.parse_args(argv)
 
-    def save(results: list[dict[str, Any]]) -> None:
+    def save(results: list[dict[str, Any]], runs: list[list[dict[str, Any]]] | None = None) -> None:
         if args.json:
             with open(args.json, "w") as out:
-                json.dump({"host": host_info(), "results": results, "skipped": skipped(args.strategies)}, out,
-                          indent=2)
+                json.dump({"host": host_info(), "runs": len(runs) if runs else 1, "results": results,
+                           "skipped": skipped(args.strategies)}, out, indent=2)
 
-    results = run(args.sizes_mb, args.repeat, args.strategies, args.consumers, on_result=save, keyless=args.keyless)
+    if args.runs > 1:
+        runs = []
+        for index in range(args.runs):
+            runs.append(_run_in_fresh_process(argv if argv is not None else sys.argv[1:], index))
+            save(combine_runs(runs), runs)  # a later run that fails leaves these
+        results = combine_runs(runs)
+    else:
+        results = run(args.sizes_mb, args.repeat, args.strategies, args.consumers, on_result=save,
+                      keyless=args.keyless)
+        runs = [results]
     print_table(results)
-    print_checks(results)
+    print_checks(runs)
     if args.plot:
         plot(results, args.plot)
+
+
+def _run_in_fresh_process(argv: list[str], index: int) -> list[dict[str, Any]]:
+    """One whole measurement in a new interpreter (nothing warm carried over from another run)."""
+    with tempfile.TemporaryDirectory(prefix="viper-bench-run-") as workdir:
+        out = os.path.join(workdir, "run.json")
+        options = _without_option(_without_option(_without_option(argv, "--runs"), "--json"), "--plot")
+        print(f"run {index + 1}: {sys.executable} -m benchmarks.update_latency {' '.join(options)}", flush=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.update_latency", *options, "--json", out], check=True)
+        with open(out) as handle:
+            return json.load(handle)["results"]
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv without `option` and the value that follows it."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
+def combine_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result per strategy and size: the run with the median e2e, whole (its stages add up),
+    with the worst and best e2e and training stall over runs, and every run's values."""
+    combined = []
+    for first in runs[0]:
+        same = [result for results in runs for result in results
+                if (result["strategy"], result["size_mb"]) == (first["strategy"], first["size_mb"])]
+        median = sorted(same, key=lambda result: result["e2e_s"])[len(same) // 2]
+        entry = dict(median)
+        for key in ("e2e_s", "training_stall_s", "throughput_cost"):
+            values = [result[key] for result in same if result.get(key) is not None]
+            if values:
+                entry[f"{key}_worst"], entry[f"{key}_best"] = max(values), min(values)
+        entry["runs"] = [{key: result.get(key) for key in ("e2e_s", "training_stall_s", "throughput_cost")
+                          if result.get(key) is not None} for result in same]
+        combined.append(entry)
+    return combined
 
 
 if __name__ == "__main__":

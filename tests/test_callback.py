@@ -238,3 +238,35 @@ def test_the_schedule_is_charged_what_the_training_thread_lost(tmp_path) -> None
     assert all(charged >= SlowToDecide.DECIDE_S for charged in schedule.charged)
     assert all(charged > stall for charged, stall in zip(schedule.charged, publisher_stalls))
     assert callback.last_stall_s == schedule.charged[-1]
+
+
+def test_a_skipped_publish_is_retried_at_the_next_step(tmp_path) -> None:
+    """Transfers that never end hold every slot the pool may grow to: the callback's publish is
+    skipped (training goes on, the count is logged), and once a slot is free again it publishes
+    at the very next step, one the schedule did not ask for."""
+
+    class HoldEveryVersion(L.Callback):  # after ViperCallback: borrows what it just published
+        def __init__(self, viper: ViperCallback) -> None:
+            self.viper, self.held, self.published_steps = viper, [], []
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            publisher = self.viper.publisher
+            if self.viper.last_step == trainer.global_step:
+                self.published_steps.append(trainer.global_step)
+                if publisher.publishes_skipped == 0:
+                    self.held.append(publisher._store.borrow(self.viper.last_version))
+            if publisher.publishes_skipped == 1 and self.held:
+                for held in self.held:
+                    publisher._store.give_back(held)
+                self.held.clear()
+
+    viper = ViperCallback("retry", LOOPBACK_ANY_PORT, schedule=EveryNSteps(2), fetch_endpoint=None)
+    holder = HoldEveryVersion(viper)
+    trainer = L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[viper, holder])
+    trainer.fit(Regressor())
+    odd = [step for step in holder.published_steps if step % 2 and step != 60]
+    assert len(odd) == 1, holder.published_steps  # the retry, the step after the skip
+    assert odd[0] - 1 not in holder.published_steps  # the step whose publish was skipped
+    assert trainer.callback_metrics["viper/publishes_skipped"] == 1

@@ -116,3 +116,25 @@ def test_a_replayed_report_is_counted_once(model_name, zmq_context) -> None:
             assert reports_within(publisher, 2) == [ConsumerReport(3, 120.0, "pfs"),
                                                     ConsumerReport(3, 0.01, "dram-shm")]
 
+
+
+def test_reports_reuse_one_connection_per_producer(zmq_context) -> None:
+    """A connection per report would cost a TCP handshake on both ends at every update, while
+    every worker on the host updates: the sender keeps one per producer endpoint."""
+    from viper_lightning.transport._reports import ReportSender
+
+    with zmq_context.socket(zmq.ROUTER) as producer:
+        producer.bind(LOOPBACK_ANY_PORT)
+        endpoint = producer.getsockopt_string(zmq.LAST_ENDPOINT)
+        sender = ReportSender(zmq_context)
+        try:
+            for version in (1, 2, 3):
+                sender.send(endpoint, "tiny", None, ConsumerReport(version, 0.01, "dram-shm"))
+            identities = set()
+            for _ in range(3):
+                assert producer.poll(int(WAIT_S * 1000))
+                identity, _ = producer.recv_multipart()
+                identities.add(identity)
+        finally:
+            sender.close()
+    assert len(identities) == 1

@@ -203,3 +203,65 @@ def test_the_last_version_gets_its_write_even_during_a_backoff(model_name, tmp_p
         last = publisher.publish(TinyNet())
         assert publisher.flush(WAIT_S) and publisher.health["file-system tier"] == "ok"
     assert tier.latest(model_name) == last
+
+
+def test_prepare_faults_the_first_slot_in_before_the_first_publish(model_name) -> None:
+    """The first publish copies into the slot `prepare` made in the background, not a new one."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1) as publisher:
+        model = perturbed(TinyNet(), 1)
+        publisher.prepare(model)
+        deadline = time.monotonic() + WAIT_S
+        while not (prepared := [name for name in segments(model_name) if ".free." in name]):
+            assert time.monotonic() < deadline, "prepare made no slot"
+            time.sleep(0.01)  # polling for the background thread's segment, not timing it
+        inode = os.stat(os.path.join(SHM_DIR, prepared[0])).st_ino
+        version = publisher.publish(model)
+        assert os.stat(os.path.join(SHM_DIR, f"viper.{model_name}.v{version}")).st_ino == inode
+
+
+def test_a_publish_is_skipped_not_stalled_while_every_slot_is_held(model_name) -> None:
+    """Transfers that never end hold every slot the pool may grow to: publish returns None at
+    once and counts it, rather than wait for them; once they end, publishing goes on."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1) as publisher:
+        borrowed, versions = [], []
+        for seed in range(64):
+            version = publisher.publish(perturbed(TinyNet(), seed))
+            versions.append(version)
+            if version is None:
+                break
+            borrowed.append(publisher._store.borrow(version))  # e.g. a remote transfer still reading it
+        assert versions[-1] is None and None not in versions[:-1]
+        assert publisher.publishes_skipped == 1
+        for held in borrowed:
+            publisher._store.give_back(held)
+        assert publisher.publish(perturbed(TinyNet(), 99)) == versions[-2] + 1
+        assert publisher.publishes_skipped == 1
+
+
+def test_keep_every_version_waits_for_a_slot_instead_of_skipping(model_name) -> None:
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1, keep_every_version=True) as publisher:
+        borrowed = [publisher._store.borrow(publisher.publish(perturbed(TinyNet(), seed))) for seed in range(16)]
+        waiting, results = threading.Event(), []
+        publisher._store.on_starved = waiting.set  # called while a publish waits for a slot
+        worker = threading.Thread(target=lambda: results.append(publisher.publish(perturbed(TinyNet(), 99))))
+        worker.start()
+        assert waiting.wait(WAIT_S)
+        assert not results  # still waiting: every slot is held
+        for held in borrowed:
+            publisher._store.give_back(held)
+        worker.join(WAIT_S)
+        assert results == [17] and publisher.publishes_skipped == 0
+
+
+def test_a_model_that_grew_gets_a_slot_of_its_new_size(model_name) -> None:
+    """Slots made ahead for the old size are too small for the new one: the publish gets a slot
+    of the new size, it does not wait on warming after warming of the old one."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, dram_versions=1) as publisher:
+        publisher.prepare(TinyNet())
+        bigger = {"weight": torch.ones(1 << 20)}
+        results: list[int | None] = []
+        worker = threading.Thread(target=lambda: results.append(publisher.publish(bigger)), daemon=True)
+        worker.start()
+        worker.join(WAIT_S)
+        assert results == [1]
+        assert publisher.publish(TinyNet().state_dict(), wait_for_slot=True) == 2  # smaller fits the bigger slots

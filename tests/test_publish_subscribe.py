@@ -37,7 +37,13 @@ def test_burst_of_publishes_is_coalesced_to_the_newest(pfs_root, events) -> None
          ModelSubscriber(TinyNet(), "tiny", publisher.endpoint, pfs_root,
                          on_update=events.on_update) as subscriber:
         assert publisher.wait_for_subscribers(1, WAIT_S)
-        versions = [publisher.publish(perturbed(producer, seed)) for seed in range(20)]
+        # Back to back, a publish finds every slot still read (flushes, the consumer) and is
+        # skipped rather than stall: None. The last one waits for a slot, as a run's last does.
+        versions = [publisher.publish(perturbed(producer, seed)) for seed in range(19)]
+        versions.append(publisher.publish(perturbed(producer, 19), wait_for_slot=True))
+        published = [version for version in versions if version is not None]
+        assert published == sorted(set(published)) and versions[-1] is not None
+        assert publisher.publishes_skipped == versions.count(None)
         assert subscriber.wait_for_version(versions[-1], WAIT_S)
         with subscriber.serving() as served:
             assert_same_weights(producer, served)

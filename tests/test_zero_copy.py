@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy
 import pytest
 import torch
 
@@ -152,3 +153,57 @@ def test_closing_lets_go_of_every_segment_and_keeps_the_served_weights(model_nam
     publisher.close()
     assert shm_references(model_name) == []
     assert_same_weights(producer, model)
+
+
+def test_the_reuse_check_waits_for_idle_time_and_drops_a_written_mapping(model_name) -> None:
+    """Retiring a mapping only notes it (the page scan would fall inside other workers' updates);
+    `check_retired`, run when the subscriber is idle, finds the written page and lets it go."""
+    from viper_lightning.storage._shm import ZeroCopyMappings, Segment
+
+    segment = Segment(f"viper.{model_name}.free.1", 1 << 20)
+    mappings = ZeroCopyMappings()
+    try:
+        _segment_holding(segment, 1, 1)
+        first = mappings.lock(segment.name, 1, 1 << 20)
+        first.buffer[5000] = 99
+        first.release()
+        mappings.retired(first)
+        assert [kept.unchecked for kept in mappings._kept.values()] == [True]
+        mappings.check_retired()
+        assert not mappings._kept  # written: never reused
+        _segment_holding(segment, 2, 7)
+        second = mappings.lock(segment.name, 2, 1 << 20)
+        assert second.mapping is not first.mapping and int(second.buffer[5000]) == 7
+        second.release()
+    finally:
+        mappings.close()
+        segment.unlink()
+
+
+@pytest.mark.parametrize("advice", ["populate-write", "fallback"])
+def test_a_populated_segment_has_every_page_mapped_before_the_first_copy(model_name, advice) -> None:
+    """A new slot's pages are faulted in off the training thread (MADV_POPULATE_WRITE, or a
+    write per page where the kernel lacks it), so the first copy into it pays no fault."""
+    import ctypes
+    import mmap
+
+    from viper_lightning.storage import _shm
+    from viper_lightning.storage._shm import Segment
+
+    segment = Segment(f"viper.{model_name}.free.1", 1 << 20)
+    try:
+        _shm.populate(segment._map, _shm._MADV_POPULATE_WRITE if advice == "populate-write" else -1)
+        anchor = ctypes.c_char.from_buffer(segment._map)
+        address = ctypes.addressof(anchor)
+        del anchor
+        pages = -(-len(segment._map) // mmap.PAGESIZE)
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            pagemap.seek(address // mmap.PAGESIZE * 8)
+            entries = numpy.frombuffer(pagemap.read(pages * 8), dtype=numpy.uint64)
+        present = (entries >> numpy.uint64(63)) & numpy.uint64(1)
+        if not present[0]:
+            pytest.skip("/proc/self/pagemap hides page presence here")
+        assert int(present.sum()) == pages
+        assert bytes(segment._map[:8]) == b"VIPERSHM"  # the header survives
+    finally:
+        segment.unlink()

@@ -61,6 +61,11 @@ class RouteLoaders:
         if self.zero_copy is not None:
             self.zero_copy.reap()
 
+    def housekeeping(self) -> None:
+        """When the subscriber has nothing to apply: work no update waits for."""
+        if self.zero_copy is not None:
+            self.zero_copy.housekeeping()
+
     def close(self, models: list[torch.nn.Module]) -> None:
         if self.zero_copy is not None:
             self.zero_copy.close(models)

@@ -161,6 +161,10 @@ class ZeroCopyWeights:
             lock.release()
             self._mappings.retired(lock)
 
+    def housekeeping(self) -> None:
+        """Work that no update waits for (checking retired mappings for reuse): when idle."""
+        self._mappings.check_retired()
+
     def unshare(self, model: torch.nn.Module) -> None:
         """Give a copy private memory again before bytes are copied into it."""
         if id(model) not in self._locks:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from types import TracebackType
 
 import torch
@@ -21,7 +21,7 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Storage
 from .._layout import Layout, check_compatible
 from ..storage._keys import key_file_for, read_key
 from ..storage._pfs import FileSystemTier
-from ..transport._reports import ConsumerReport, send_report
+from ..transport._reports import ConsumerReport, ReportSender
 from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._loaders import RouteLoaders
@@ -122,6 +122,7 @@ class ModelSubscriber:
         self._listening = threading.Event()
         self._error: BaseException | None = None
         self._context: zmq.Context | None = None
+        self._report_sender: ReportSender | None = None  # the subscriber thread's, while it runs
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -195,7 +196,9 @@ class ModelSubscriber:
     # -- the subscriber thread -------------------------------------------------------------
     def _run(self) -> None:
         try:
-            with NoticeListener(self._context, self.endpoint, self.model_name) as listener:
+            with NoticeListener(self._context, self.endpoint, self.model_name) as listener, \
+                    closing(ReportSender(self._context)) as reports:
+                self._report_sender = reports
                 self._listening.set()
                 if self._load_latest and self._pfs is not None:
                     self._load_latest_version()
@@ -203,6 +206,8 @@ class ModelSubscriber:
                     newest = self._newest_acceptable(listener.receive(self._poll_interval))
                     if newest is not None:
                         self._update(*newest, "notice")
+                    elif listener.idle:  # no message for a whole poll: work no update waits for
+                        self._loaders.housekeeping()
         except BaseException as exc:  # a bug, not bad input: kept and raised by close()
             self._error = exc
             log.exception("subscriber of %r stopped", self.model_name)
@@ -326,12 +331,12 @@ class ModelSubscriber:
         self._recorder.applied(record)
         log.info("serving %s v%d via %s (%.1f ms after publish)", self.model_name, record.version,
                  record.route, record.latency_s * 1e3)
-        if trigger == "notice" and self._recorder.snapshot().applied > 1:
-            # a joiner's first update measures how late it joined, not how long a load takes
-            self._report_to_producer(notice, record)
         with self._version_changed:
             self._version_changed.notify_all()
         self._call(self._on_update, record)
+        if trigger == "notice" and self._recorder.snapshot().applied > 1:
+            # a joiner's first update measures how late it joined, not how long a load takes
+            self._report_to_producer(notice, record)
 
     def _apply(self, notice: Notice, received_at: float, trigger: str) -> UpdateRecord:
         check_compatible(self._expected, notice.layout)
@@ -385,9 +390,9 @@ class ModelSubscriber:
         took to serve: its schedule plans with that. One-way, it never waits."""
         endpoint = next((location.address for location in notice.locations
                          if location.tier == "dram" and location.address.startswith("tcp://")), None)
-        if endpoint is not None and self._context is not None:
-            send_report(self._context, endpoint, self.model_name, self._key,
-                        ConsumerReport(record.version, record.latency_s, record.route))
+        if endpoint is not None and self._report_sender is not None:
+            self._report_sender.send(endpoint, self.model_name, self._key,
+                                     ConsumerReport(record.version, record.latency_s, record.route))
 
     def _durable_copy(self, notice: Notice) -> Notice | None:
         """The version as the file-system tier holds it, when the notice predates its write (the

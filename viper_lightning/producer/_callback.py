@@ -100,6 +100,8 @@ class ViperCallback(Callback):
         self._publisher: ModelPublisher | None = None
         self._reported_commit: int | None = None
         self._degraded_logged: int | None = None
+        self._skipped_logged: int | None = None
+        self._retry_skipped = False  # the last publish was skipped: try again at the next step
         self.probe = ServedLossProbe()  # used only when the schedule asks for served-loss probes
 
     @property
@@ -122,10 +124,12 @@ class ViperCallback(Callback):
         # Every strategy has restored the checkpoint by now (some only after on_fit_start),
         # so a resumed run continues its version numbers.
         if trainer.is_global_zero and self._publisher is None:
-            self._degraded_logged = None
+            self._degraded_logged = self._skipped_logged = None
+            self._retry_skipped = False
             self.probe.reset()
             self._publisher = ModelPublisher.from_settings(dataclasses.replace(
                 self.settings, gpu_device=self._gpu_device_for(pl_module), resume_after=self.last_version))
+            self._publisher.prepare(pl_module)  # the first publish then copies into warm memory
 
     def _gpu_device_for(self, pl_module: L.LightningModule) -> str | None:
         device = str(pl_module.device) if self._auto_gpu and pl_module.device.type == "cuda" \
@@ -146,9 +150,10 @@ class ViperCallback(Callback):
             self.schedule.observe_load_time(report.latency_s)
         loss = _loss_of(outputs) if self.schedule.needs_loss else None  # may wait for the device: not a publish cost
         started = time.perf_counter()  # the schedule's decision is training time lost too
-        if self.schedule.should_publish(step, loss):
+        # a publish skipped for lack of a warm slot is retried at the next step (coalesced)
+        if self.schedule.should_publish(step, loss) or self._retry_skipped:
             self._publish(trainer, pl_module, loss, started)
-            self._log_degraded_tiers(pl_module)
+            self._log_publisher_state(pl_module)
         if self.schedule.probes:
             self._probe(step, pl_module, batch, batch_idx)
 
@@ -165,7 +170,7 @@ class ViperCallback(Callback):
         if self._publisher is None:
             return
         if self.publish_on_train_end and trainer.global_step != self.last_step:
-            self._publish(trainer, pl_module, None, time.perf_counter())
+            self._publish(trainer, pl_module, None, time.perf_counter(), wait_for_slot=True)
         self._publisher.flush()
 
     @override
@@ -197,11 +202,16 @@ class ViperCallback(Callback):
 
     # -- internals ---------------------------------------------------------------------------
     def _publish(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: float | None,
-                 started: float) -> None:
+                 started: float, wait_for_slot: bool = False) -> None:
         """Publish, and charge the schedule what the training thread really lost: the whole hook
         from `started` (its decision, the snapshot, the hand-off), not the snapshot alone."""
         step = trainer.global_step
-        self.last_version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch)
+        version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch,
+                                          wait_for_slot=wait_for_slot)
+        self._retry_skipped = version is None
+        if version is None:
+            return  # no warm slot: skipped rather than stall training (the publisher counts it)
+        self.last_version = version
         self.last_step = step
         if self.schedule.probes:
             self.probe.remember(step, pl_module)
@@ -211,14 +221,18 @@ class ViperCallback(Callback):
         log.debug("queued %s v%d at step %d (stall %.2f ms)", self.model_name, self.last_version,
                   step, (self.last_stall_s or 0.0) * 1e3)
 
-    def _log_degraded_tiers(self, pl_module: L.LightningModule) -> None:
-        """Log how many tiers are degraded when that changes (and at the first publish): a
-        Lightning `log` call costs about as much as a small model's whole snapshot, and a
-        logger keeps the last value anyway."""
+    def _log_publisher_state(self, pl_module: L.LightningModule) -> None:
+        """Log how many tiers are degraded and how many publishes were skipped, when that
+        changes (and at the first publish): a Lightning `log` call costs about as much as a
+        small model's whole snapshot, and a logger keeps the last value anyway."""
         degraded = sum(state.startswith("degraded") for state in self._publisher.health.values())
         if degraded != self._degraded_logged:
             self._degraded_logged = degraded
             pl_module.log("viper/degraded_tiers", float(degraded), on_step=True, on_epoch=False)
+        skipped = self._publisher.publishes_skipped
+        if skipped != self._skipped_logged:
+            self._skipped_logged = skipped
+            pl_module.log("viper/publishes_skipped", float(skipped), on_step=True, on_epoch=False)
 
     def _probe(self, step: int, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         """Score the versions the schedule asks about on this step's batch. It runs on the

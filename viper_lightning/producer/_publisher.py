@@ -91,6 +91,7 @@ class ModelPublisher:
             writer skips a version that a newer one replaced before its write started: nobody
             would load it from there, and the write would cost disk bandwidth and CPU beside
             training. `writes_skipped` counts them; the newest version is always written.
+            True also makes `publish` wait for a free snapshot slot rather than skip.
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class ModelPublisher:
         reservations = VersionReservations(pfs, self.model_name, first_version, self._health) if pfs else None
         self._catalog = VersionCatalog(self.model_name, host, self.producer_id, first_version, reservations)
         self._closed = False
+        self._skipped_publishes = 0
         self._device = DeviceTier(gpu_device) if gpu_device is not None else None
         lends_device_memory = self._device is not None and self._device.on_gpu and key is not None
         self._context = zmq.Context()
@@ -216,6 +218,13 @@ class ModelPublisher:
         return self._flusher.skipped if self._flusher is not None else 0
 
     @property
+    def publishes_skipped(self) -> int:
+        """Publishes that returned None: every snapshot slot was held (consumers serving from
+        it, a flush or a transfer reading it) and the pool was at its limit, so only an
+        unbounded wait could have given one (never with `keep_every_version`)."""
+        return self._skipped_publishes
+
+    @property
     def last_stall_s(self) -> float | None:
         """How long the training thread waited in the latest publish."""
         return self._catalog.last_stall_s
@@ -231,9 +240,24 @@ class ModelPublisher:
         "collective server"): "ok", "degraded: " (a tier retrying) or "failed: ", and why."""
         return self._health.view()
 
+    def prepare(self, module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Make and fault in the snapshot slots for these weights in the background (the held
+        versions, one that consumers may still serve from, one to write into), so that publishes
+        copy into warm memory instead of paying a page fault per 4 KiB on the training thread.
+        ViperCallback calls it when training starts; without it the first publish makes its
+        slot itself."""
+        self._store.prepare(Layout.for_state_dict(_state_dict_of(module_or_state_dict)).nbytes)
+
     def publish(self, module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
-                step: int | None = None, epoch: int | None = None) -> int:
-        """Snapshot the weights and hand them to the tiers; returns the new version number."""
+                step: int | None = None, epoch: int | None = None, *, wait_for_slot: bool = False) -> int | None:
+        """Snapshot the weights and hand them to the tiers; returns the new version number.
+
+        The training thread copies into a reused slot whose pages are already faulted in (see
+        `prepare`); the pool grows off this thread. When every slot is held (consumers serving
+        from it, a flush or a transfer reading it) and the pool is at its limit, this publish is
+        skipped at once rather than wait for them: it returns None and `publishes_skipped`
+        counts it. With `wait_for_slot` (e.g. the last publish of a run) or `keep_every_version`
+        it waits for a slot instead."""
         self._health.raise_if_failed()
         if self._closed:
             raise ViperError(f"publisher of {self.model_name!r} is closed; create a new ModelPublisher")
@@ -245,7 +269,17 @@ class ModelPublisher:
             version = self._publish_to_device(state_dict, record, started)
             if version is not None:
                 return version
-        slot = self._store.capture(record.layout, state_dict)
+        waits = wait_for_slot or self.settings.keep_every_version
+        slot = self._store.capture(record.layout, state_dict) if waits \
+            else self._store.try_capture(record.layout, state_dict)
+        if slot is None:
+            self._skipped_publishes += 1
+            log.log(logging.WARNING if self._skipped_publishes in (1, 10, 100, 1000) else logging.INFO,
+                    "%s: skipped a publish (%d so far): every snapshot slot is still held (consumers serving "
+                    "from it, a flush or a transfer reading it) and the pool is at its limit; training goes "
+                    "on, and the next publish carries the newer weights", self.model_name,
+                    self._skipped_publishes)
+            return None
         version = self._catalog.add(record)
         host_copy = self._store.commit(version, record.layout, slot, borrowed=self._flusher is not None)
         self._catalog.published(version, time.perf_counter() - started)

@@ -4,12 +4,22 @@ Each version lives in a slot: a /dev/shm segment when the DRAM tier is on (so co
 this host can map it), else a plain reusable buffer. The newest `dram_versions` stay held in
 DRAM; older ones are evicted once nobody borrows them (a flush or a remote transfer in
 progress). The file-system tier is written from the slot by a background flusher, so a
-publish never waits for the disk, only for a free slot when every slot is borrowed.
+publish never waits for the disk.
+
+Nor for memory: the training thread copies only into a warm slot (its pages faulted in
+already), and never waits for a borrowed one. Slots are made and faulted in ahead, off the
+training thread, up to the pool's ready size (`prepare`, and after publishes); when a publish
+finds none free beyond that (slow consumers), it waits for one being faulted in (once per new
+slot) while the pool grows up to its limit. When every slot is held and the
+pool may not grow (consumers still serve from every slot, flushes or transfers read them),
+`try_capture` returns None and the publisher skips that version and reports it, rather than
+stall training for as long as a consumer takes.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -35,6 +45,11 @@ log = logging.getLogger("viper_lightning.publisher")
 # Beyond the held versions: one being written, one consumers may still serve from (zero-copy),
 # one still being flushed.
 SLACK_SLOTS = 3
+# Made ahead, off the training thread: the held versions, the one that double-buffered
+# zero-copy consumers still map (their standby copy), and one to write the next version into.
+# Beyond that the pool grows on demand, since each new slot also costs every consumer a page
+# fault per page the first time it serves from it.
+READY_SLOTS = 2
 _LOCK_POLL_S = 0.005
 LOCKED_GROWTH = 4  # how far slots that consumers still map may make the pool outgrow its budget
 _NAME_TRIES = 16  # segment names tried when another user's files squat them
@@ -93,12 +108,18 @@ class TieredStore:
         self.dram_versions = dram_versions
         self.dram_bytes = dram_bytes
         self._max_slots = dram_versions + SLACK_SLOTS if dram_versions else 2
+        self._ready_slots = min(dram_versions + READY_SLOTS, self._max_slots)
         self._free: list[_Slot] = []
         self._slots = 0
         self._held: deque[HostCopy] = deque()
         self._changed = threading.Condition()
         self._serial = 0
         self._warming = False
+        self._closing = False
+        self._warm_failures = 0
+        self._warm_error: Exception | None = None  # the last warming failure, until a publish sees it
+        self._warm_blocked = False  # a warming failed: none is tried again until a slot comes back
+        self._slot_bytes = 0  # the largest slot asked for
         self._cannot_grow = False  # set when /dev/shm refused a slot beyond the budget
         self.on_starved: Callable[[], None] | None = None  # called while a capture waits for a slot
         self._warmer: threading.Thread | None = None
@@ -121,8 +142,26 @@ class TieredStore:
         return self.capture_filled(layout.nbytes, lambda buffer: fill_buffer(layout, state_dict, buffer), timeout)
 
     def capture_filled(self, nbytes: int, fill: Callable[[torch.Tensor], None], timeout: float | None = None) -> _Slot:
-        """A free slot of at least `nbytes`, filled by `fill(buffer)` (the GPU tier's download)."""
-        slot = self._acquire(nbytes, timeout)
+        """A free slot of at least `nbytes`, filled by `fill(buffer)` (the GPU tier's download);
+        it waits for one, up to `timeout`: for background threads, not the training thread."""
+        return self._fill(self._acquire(nbytes, timeout), fill)
+
+    def try_capture(self, layout: Layout, state_dict: Mapping[str, torch.Tensor]) -> _Slot | None:
+        """`capture` for the training thread: into a warm slot (see `_take_warm`), or None when
+        every slot is held and the pool may not grow. Only a pool without any slot makes one
+        here, faults and all: the first publish, unless `prepare` ran before it."""
+        slot = self._take_warm(layout.nbytes)
+        if slot is None:
+            return None
+        return self._fill(slot, lambda buffer: fill_buffer(layout, state_dict, buffer))
+
+    def prepare(self, nbytes: int) -> None:
+        """Make and fault in slots of `nbytes`, up to the pool's ready size, in the background,
+        so that publishes copy into warm memory."""
+        with self._changed:
+            self._warm_ahead(nbytes)
+
+    def _fill(self, slot: _Slot, fill: Callable[[torch.Tensor], None]) -> _Slot:
         try:
             if slot.segment is not None:
                 slot.segment.begin_write()
@@ -146,14 +185,7 @@ class TieredStore:
         with self._changed:
             self._held.append(held)
             self._evict_surplus()
-            warm_spare = self._slots == 1
-            if warm_spare:
-                self._slots += 1  # reserved now, filled in by the warming thread
-                self._warming = True
-        if warm_spare:
-            self._warmer = threading.Thread(target=self._warm_spare, args=(layout.nbytes,), daemon=True,
-                                            name=f"viper-warm-{self.model}")
-            self._warmer.start()
+            self._warm_ahead(layout.nbytes)
         return held
 
     # -- readers: flusher and fetch server -------------------------------------------------
@@ -198,31 +230,108 @@ class TieredStore:
 
     def close(self) -> None:
         """Remove every segment: nothing of ours may outlive the producer in /dev/shm."""
-        if self._warmer is not None:
-            self._warmer.join()  # it may be creating a segment right now
+        with self._changed:
+            self._closing = True  # no new warming from here on
+            warmer = self._warmer
+        if warmer is not None:
+            warmer.join()  # it may be creating a segment right now
         with self._changed:
             self._held.clear()
             self._free.clear()
         self._unlink_all()
 
     # -- internals ---------------------------------------------------------------------------
+    def _take_warm(self, nbytes: int) -> _Slot | None:
+        """A free slot, or one the warming thread is faulting in (publishes that come faster than
+        a slot faults in wait for it, once per slot, until the pool reaches its limit); None when
+        every slot is held (by consumers, a flush or a transfer) and the pool may not grow: that
+        wait could be unbounded (a stopped consumer), so the publish is skipped instead. A slot
+        that cannot be made within the pool's budget (/dev/shm too small) raises, as ever."""
+        with self._changed:
+            failures = self._warm_failures
+            while True:
+                slot = self._take_free(nbytes)
+                if slot is not None:
+                    self._warm_ahead(nbytes)  # the next publish finds a spare
+                    return slot
+                if self._slots == 0 and not self._warming:
+                    break  # no slot at all yet: the first publish makes one
+                if self._warm_failures != failures:
+                    self._raise_within_budget()
+                    return None  # beyond the budget (/dev/shm full?): skip, reported
+                if not self._warming:
+                    self._warm_ahead(nbytes, needed=True)  # grow first: DRAM history is worth keeping
+                if not self._warming:
+                    if self._evict_surplus(need_slot=True):
+                        continue
+                    if self.on_starved is not None:
+                        self.on_starved()  # e.g. the flusher, holding a slot through its delay
+                    return None
+                # the warmer notifies when its slot is in; a consumer unlocking a free slot cannot
+                self._changed.wait(_LOCK_POLL_S)
+        return self._acquire(nbytes, None)
+
+    def _raise_within_budget(self) -> None:
+        """A slot the pool's own budget counts on could not be made: a configuration problem
+        (e.g. /dev/shm too small), raised as `_acquire` raises it, not a reason to skip."""
+        error, self._warm_error = self._warm_error, None
+        if isinstance(error, (ConfigurationError, StorageError)) and self._slots < self._max_slots:
+            raise error
+
+    def _warm_ahead(self, nbytes: int, needed: bool = False) -> None:
+        """Start faulting in one more slot, off the training thread, while the pool is below its
+        ready size, or (`needed`: a publish found no slot free) below its limit. Slots are made
+        at the largest size asked for, so a model that grew never waits on too small a one.
+        After a failure, nothing more is tried until a slot comes back. Caller holds the lock."""
+        self._slot_bytes = max(self._slot_bytes, nbytes)
+        limit = self._growth_limit() if needed else self._ready_slots
+        if self._warming or self._closing or self._warm_blocked or self._slots >= limit:
+            return
+        warmer = threading.Thread(target=self._warm_spare, args=(self._slot_bytes,), daemon=True,
+                                  name=f"viper-warm-{self.model}")
+        self._slots += 1  # reserved now, filled in by the warming thread
+        self._warming = True
+        try:
+            warmer.start()
+        except BaseException:  # e.g. no thread can be started: nothing is warming after all
+            self._slots -= 1
+            self._warming = False
+            raise
+        self._warmer = warmer
+
+    def _growth_limit(self) -> int:
+        """Slots the pool may have now: its budget, and more while consumers or transfers hold
+        slots beyond it (a slow or stopped consumer must not stall training)."""
+        held_elsewhere = self._consumers_hold_free_slots() or self._transfers_hold_old_versions()
+        return self._max_slots * (LOCKED_GROWTH if held_elsewhere and not self._cannot_grow else 1)
+
     def _warm_spare(self, nbytes: int) -> None:
-        """Fault a second slot's pages in off the training thread, so the second publish (which
-        cannot reuse the first, still serving slot) stalls for a copy, not for page faults."""
+        """Make a slot and fault its pages in, so a publish into it stalls for a copy only."""
+        slot = None
         try:
             slot = self._new_slot(nbytes)
-            slot.buffer.fill_(0)
-        except Exception:  # noqa: BLE001 - only an optimisation: the slot is made on demand instead
-            log.exception("could not prepare a spare snapshot slot")
+            if slot.segment is not None:
+                slot.segment.populate()
+            else:
+                slot.buffer[::mmap.PAGESIZE].zero_()
+        except Exception as exc:  # noqa: BLE001 - kept: a publish raises it within the budget, else skips
+            log.warning("%s: could not prepare a spare snapshot slot: %s", self.model, exc)
             with self._changed:
+                if slot is not None and slot.segment is not None:
+                    self._segments.discard(slot.segment)
+                    slot.segment.unlink()
                 self._slots -= 1
                 self._warming = False
+                self._warm_failures += 1
+                self._warm_error, self._warm_blocked = exc, True
+                self._cannot_grow = self._cannot_grow or isinstance(exc, (ConfigurationError, StorageError))
                 self._changed.notify_all()
             return
         with self._changed:
             self._free.append(slot)
             self._warming = False
             self._changed.notify_all()
+            self._warm_ahead(nbytes)  # on to the ready size (prepare makes them all, one by one)
 
     def _acquire(self, nbytes: int, timeout: float | None) -> _Slot:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -250,9 +359,7 @@ class TieredStore:
             while (slot := self._take_free(nbytes)) is None:
                 # Slots that consumers still map, or that transfers still read, may be outgrown (up
                 # to a hard cap): a slow or stopped consumer somewhere must not stall training.
-                held_elsewhere = self._consumers_hold_free_slots() or self._transfers_hold_old_versions()
-                limit = self._max_slots * (LOCKED_GROWTH if held_elsewhere and not self._cannot_grow else 1)
-                if not self._warming and self._slots < limit:
+                if not self._warming and self._slots < self._growth_limit():
                     self._slots += 1
                     break
                 if self._evict_surplus(need_slot=True):
@@ -330,7 +437,7 @@ class TieredStore:
             self._release_locked(slot)
 
     def _release_locked(self, slot: _Slot) -> None:
-        self._cannot_grow = False  # the pool shrank in use: growing may work again later
+        self._cannot_grow = self._warm_blocked = False  # the pool shrank in use: growing may work again
         if slot.segment is not None:
             self._serial += 1
             slot.segment.retire(f"{segment_prefix(self.model)}free.{os.getpid()}.{self._serial}")

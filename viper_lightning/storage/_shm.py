@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import logging
 import mmap
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy
@@ -37,6 +39,7 @@ MAGIC = b"VIPERSHM"
 HEADER = struct.Struct("<8sQQQQQ")  # magic, version, state, nbytes, generation, owner pid
 HEADER_BYTES = 64
 FREE, WRITING, READY = 0, 1, 2
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python 3.11 lacks the name
 
 
 def segment_prefix(model: str) -> str:
@@ -93,6 +96,13 @@ class Segment:
     @property
     def path(self) -> str:
         return os.path.join(SHM_DIR, self.name)
+
+    def populate(self) -> None:
+        """Fault every page of the mapping in now, so that the first copy into it runs at memory
+        speed: a copy into fresh pages pays a fault per page, several times the copy itself.
+        MADV_POPULATE_WRITE (Linux 5.14+) maps them without writing; elsewhere one byte per page
+        is written (the contents do not matter: a segment is written whole before it is read)."""
+        populate(self._map, _MADV_POPULATE_WRITE)
 
     def try_lock(self) -> bool:
         """Take the segment for rewriting unless a consumer still serves from it."""
@@ -157,6 +167,34 @@ class Segment:
         HEADER.pack_into(self._map, 0, MAGIC, version, state, nbytes, self._generation, os.getpid())
 
 
+def populate(mapping: mmap.mmap, advice: int) -> None:
+    """Fault every page of a writable shared mapping in: with `advice` (MADV_POPULATE_WRITE)
+    where the kernel knows it, else by writing a zero to each page after the first (which holds
+    the header, written already). libc's madvise is called through ctypes, which lets go of the
+    GIL for the call (Python's `mmap.madvise` holds it, and would stall the training thread for
+    as long as the faults take); the numpy writes let go of it too."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    address = ctypes.addressof(anchor)
+    del anchor  # an exported buffer would keep the mapping from ever closing
+    madvise = _libc_madvise()
+    if madvise is not None and madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapping)), advice) == 0:
+        return
+    view = numpy.frombuffer(mapping, dtype=numpy.uint8)
+    view[mmap.PAGESIZE::mmap.PAGESIZE] = 0
+    del view
+
+
+@functools.cache
+def _libc_madvise() -> Callable[..., int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # no libc to call (not Linux): the page writes do it
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    function.restype = ctypes.c_int
+    return function
+
+
 class SegmentView:
     """One version's bytes in a mapped segment, checked before and after a copy."""
 
@@ -212,6 +250,7 @@ class _ReusableMapping:
     mapping: mmap.mmap
     fd: int  # open only to notice when the producer unlinks the segment
     clean: bool = False  # retired, and no page of it became a private copy
+    unchecked: bool = False  # retired, and its pages not checked yet
 
 
 class ZeroCopyMappings:
@@ -224,9 +263,13 @@ class ZeroCopyMappings:
     few cores) and no unmapping. The producer's
     rewrites show through, because an untouched page of a private mapping is the segment's own
     page. A page the model wrote to, though, became a private copy that would keep its old
-    bytes, so a mapping is reused only if /proc/self/pagemap showed no such page when it was
-    retired (checked then, after the swap, rather than on the next update's critical path);
-    otherwise (or where pagemap cannot be read) it is dropped and mapped afresh."""
+    bytes, so a mapping is reused only if /proc/self/pagemap shows no such page after it was
+    retired; otherwise (or where pagemap cannot be read) it is dropped and mapped afresh.
+
+    The check reads a page-table entry per page, a few milliseconds for a large model: `retired`
+    only notes it, and `check_retired` runs it when the subscriber has nothing else to do (or
+    `lock` runs it, if the segment comes back first). Run at once after every swap it would
+    fall inside the update of every other worker on a host with few cores."""
 
     def __init__(self, capacity: int = 16) -> None:
         # Enough for a producer pool grown by consumers' locks (its slots, times LOCKED_GROWTH):
@@ -241,6 +284,8 @@ class ZeroCopyMappings:
         key = (info.st_dev, info.st_ino, info.st_size)
         self._drop_unlinked()
         kept = self._kept.pop(key, None)
+        if kept is not None and kept.unchecked:
+            self._check(kept)
         mapping = kept.mapping if kept is not None and kept.clean else None
         if kept is not None:
             os.close(kept.fd)
@@ -257,14 +302,24 @@ class ZeroCopyMappings:
         return locked
 
     def retired(self, locked: LockedMapping) -> None:
-        """The lock is released and no tensor views its mapping any more: check it for reuse."""
-        self._drop_unlinked()
+        """The lock is released and no tensor views its mapping any more: it may be reused once
+        checked (by `check_retired`, or by `lock` when it is needed first)."""
         kept = self._kept.get(locked.key)
-        if kept is None or kept.mapping is not locked.mapping:
-            return
-        kept.clean = _only_shared_pages(kept.mapping)
-        if not kept.clean:
-            os.close(self._kept.pop(locked.key).fd)
+        if kept is not None and kept.mapping is locked.mapping:
+            kept.unchecked = True
+
+    def check_retired(self) -> None:
+        """Check the retired mappings for reuse now (when nothing else waits), and let go of
+        those whose segment is gone or whose pages the model wrote to."""
+        self._drop_unlinked()
+        for key, kept in list(self._kept.items()):
+            if kept.unchecked and not self._check(kept):
+                os.close(self._kept.pop(key).fd)
+
+    @staticmethod
+    def _check(kept: _ReusableMapping) -> bool:
+        kept.clean, kept.unchecked = _only_shared_pages(kept.mapping), False
+        return kept.clean
 
     def close(self) -> None:
         for kept in self._kept.values():

@@ -98,6 +98,7 @@ class NoticeListener(_OwnedSocket):
 
     def __init__(self, context: zmq.Context, endpoint: str, topic: str) -> None:
         self._topic = topic.encode()
+        self.idle = False  # whether the last `receive` waited its whole timeout for nothing
         self._socket = context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, LISTEN_HWM)
@@ -116,12 +117,14 @@ class NoticeListener(_OwnedSocket):
         Topic filtering in ZeroMQ is by prefix ('nt3' also matches 'nt3-large'), so the topic
         frame is compared exactly here. A message of the wrong shape is yielded as empty bytes,
         for the caller to refuse with a logged reason."""
+        self.idle = False
         timeout_ms = max(0, int(timeout_s * 1000))
         while self._socket.poll(timeout_ms, zmq.POLLIN):
             timeout_ms = 0
             frames = self._socket.recv_multipart()
             if frames[0] == self._topic:
                 yield _notice_bytes(frames[1]) if len(frames) == 2 else b""
+        self.idle = timeout_ms > 0  # the whole wait passed without a message
 
 
 def _notice_bytes(frame: bytes) -> bytes:

@@ -22,12 +22,13 @@ from .._errors import ProtocolError
 from ._messages import count
 from ._protocol import signed_request
 
-__all__ = ["ConsumerReport", "ReportBox", "parse_report", "send_report", "MAX_LATENCY_S"]
+__all__ = ["ConsumerReport", "ReportBox", "ReportSender", "parse_report", "send_report", "MAX_LATENCY_S"]
 
 log = logging.getLogger("viper_lightning.subscriber")
 
 MAX_LATENCY_S = 24 * 3600.0  # a report beyond a day is not a load time
 LINGER_MS = 200  # how long a closed reporting socket may still try to deliver its report
+REPORT_HWM = 16  # reports queued for a producer that is not reading; beyond, they are dropped
 _ROUTE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 
@@ -41,19 +42,60 @@ class ConsumerReport:
 
 
 def send_report(context: zmq.Context, endpoint: str, model: str, key: bytes | None, report: ConsumerReport) -> None:
-    """Send `report` to the producer's fetch endpoint, signed with `key`. One-way and
-    non-blocking: a producer that is gone or slow costs the consumer nothing."""
-    request = signed_request(model, key, {"op": "report", "version": report.version,
-                                          "latency_s": report.latency_s, "route": report.route})
-    socket = context.socket(zmq.DEALER)
+    """Send `report` to the producer's fetch endpoint, signed with `key`, on a socket of its own.
+    One-way and non-blocking: a producer that is gone or slow costs the consumer nothing."""
+    sender = ReportSender(context)
     try:
-        socket.setsockopt(zmq.LINGER, LINGER_MS)
-        socket.connect(endpoint)
-        socket.send(request, zmq.NOBLOCK)
-    except zmq.ZMQError as exc:
-        log.debug("could not report %s v%d to %s: %s", model, report.version, endpoint, exc)
+        sender.send(endpoint, model, key, report)
     finally:
-        socket.close()
+        sender.close()
+
+
+class ReportSender:
+    """A subscriber's reports, on one DEALER socket per producer endpoint kept open across
+    updates: a socket per report would cost a TCP connection on both ends every update, inside
+    the moment when every worker on the host is updating. Owned by one thread (the
+    subscriber's); one-way and non-blocking, a report that cannot go at once is dropped."""
+
+    MAX_ENDPOINTS = 4  # producers reported to recently; older sockets are closed
+
+    def __init__(self, context: zmq.Context) -> None:
+        self._context = context
+        self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
+
+    def send(self, endpoint: str, model: str, key: bytes | None, report: ConsumerReport) -> None:
+        request = signed_request(model, key, {"op": "report", "version": report.version,
+                                              "latency_s": report.latency_s, "route": report.route})
+        try:
+            socket = self._socket(endpoint)
+            while socket.poll(0, zmq.POLLIN):  # a producer's refusals: nothing waits for them
+                socket.recv(zmq.NOBLOCK)
+            socket.send(request, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("could not report %s v%d to %s: %s", model, report.version, endpoint, exc)
+
+    def close(self) -> None:
+        for socket in self._sockets.values():
+            socket.close()
+        self._sockets.clear()
+
+    def _socket(self, endpoint: str) -> zmq.Socket:
+        socket = self._sockets.get(endpoint)
+        if socket is not None:
+            self._sockets.move_to_end(endpoint)
+            return socket
+        socket = self._context.socket(zmq.DEALER)
+        try:
+            socket.setsockopt(zmq.LINGER, LINGER_MS)
+            socket.setsockopt(zmq.SNDHWM, REPORT_HWM)
+            socket.connect(endpoint)
+        except zmq.ZMQError:
+            socket.close()
+            raise
+        self._sockets[endpoint] = socket
+        while len(self._sockets) > self.MAX_ENDPOINTS:
+            self._sockets.popitem(last=False)[1].close()
+        return socket
 
 
 def parse_report(request: dict) -> ConsumerReport:
