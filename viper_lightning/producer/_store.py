@@ -266,6 +266,7 @@ class TieredStore:
                         continue
                     if self.on_starved is not None:
                         self.on_starved()  # e.g. the flusher, holding a slot through its delay
+                    self._raise_within_budget()  # a background warming that failed, not seen yet
                     return None
                 # the warmer notifies when its slot is in; a consumer unlocking a free slot cannot
                 self._changed.wait(_LOCK_POLL_S)
