@@ -14,7 +14,8 @@ ViperHandler answers with the new version; both on a one-layer model of the same
 run).
 `--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together.
 `lightning-throughput` is not an update's latency but what publishing costs training: the mean
-step time of a real Lightning run of the same model publishing every 10 steps through
+step time (batch 8, 40 steps timed after 11 untimed ones) of a real Lightning run of the same
+model publishing every 10 steps through
 `ViperCallback` (its defaults) to `--consumers` same-host consumers (default 1), against the same run without
 publishing (`throughput_cost`, with `copies_per_step`: how many memory copies of the weights a
 step takes).

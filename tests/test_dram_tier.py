@@ -265,3 +265,30 @@ def test_a_model_that_grew_gets_a_slot_of_its_new_size(model_name) -> None:
         worker.join(WAIT_S)
         assert results == [1]
         assert publisher.publish(TinyNet().state_dict(), wait_for_slot=True) == 2  # smaller fits the bigger slots
+
+
+def test_a_notice_built_just_after_the_write_carries_the_digest_the_write_computed() -> None:
+    """The announcer reads the digest, then builds the notice; if the flusher wrote the version
+    in between, the notice names the file system: it must carry the digest the write computed
+    (an unsigned file location would make the announcer fail), never a location without one."""
+    from viper_lightning._layout import Layout
+    from viper_lightning.producer._catalog import VersionCatalog, VersionRecord
+    from viper_lightning.producer._store import TieredStore
+
+    model = TinyNet()
+    layout = Layout.for_state_dict(model.state_dict())
+    catalog = VersionCatalog("m", "here", "producer", 1)
+    store = TieredStore("m", "here", dram_versions=0)
+    try:
+        version = catalog.add(VersionRecord(layout, None, None, 0.0))
+        host_copy = store.commit(version, layout, store.capture(layout, model.state_dict()), borrowed=False)
+        catalog.reached_host(version, host_copy)
+        digest_read_before = catalog.known_digest(version)  # what the announcer read: none yet
+        digest = host_copy.digest()  # the flusher: digest, write...
+        catalog.flushed(version, "/pfs/m/v1", 0.0, 0.0)  # ...and the location
+        notice = catalog.notice(version, digest_read_before, ())
+        assert digest_read_before is None
+        assert notice.digest == digest and [loc.tier for loc in notice.locations] == ["pfs"]
+        notice.encode()  # a file-system location with its digest: no ProtocolError
+    finally:
+        store.close()

@@ -180,7 +180,11 @@ class VersionCatalog:
             record = self._records.get(version)
             if record is None:
                 return None
-            locations = memory + ((Location("pfs", self.host, record.pfs_address),) if record.pfs_address else ())
+            if digest is None and record.pfs_address and record.host_copy is not None:
+                # written since the caller read the digest: the write computed it first
+                digest = record.host_copy.known_digest
+            on_file_system = record.pfs_address if digest is not None else None  # a manifest needs one
+            locations = memory + ((Location("pfs", self.host, on_file_system),) if on_file_system else ())
         return Notice(model=self.model, version=version, nbytes=record.layout.nbytes, digest=digest,
                       layout=record.layout, producer=self.producer_id, step=record.step, epoch=record.epoch,
                       created_at=record.created_at, locations=locations)

@@ -173,15 +173,21 @@ def populate(mapping: mmap.mmap, advice: int) -> None:
     the header, written already). libc's madvise is called through ctypes, which lets go of the
     GIL for the call (Python's `mmap.madvise` holds it, and would stall the training thread for
     as long as the faults take); the numpy writes let go of it too."""
-    anchor = ctypes.c_char.from_buffer(mapping)
-    address = ctypes.addressof(anchor)
-    del anchor  # an exported buffer would keep the mapping from ever closing
     madvise = _libc_madvise()
-    if madvise is not None and madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapping)), advice) == 0:
+    if madvise is not None and madvise(ctypes.c_void_p(_address_of(mapping)), ctypes.c_size_t(len(mapping)),
+                                       advice) == 0:
         return
     view = numpy.frombuffer(mapping, dtype=numpy.uint8)
     view[mmap.PAGESIZE::mmap.PAGESIZE] = 0
     del view
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    """Where a mapping starts in this process's memory."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    address = ctypes.addressof(anchor)
+    del anchor  # an exported buffer would keep the mapping from ever closing
+    return address
 
 
 @functools.cache
@@ -344,9 +350,7 @@ def _only_shared_pages(mapping: mmap.mmap) -> bool:
     its size is rarely whole pages). A private page may be in RAM or swapped out; a page never
     touched is the segment's own. If pagemap shows nothing at all in RAM, though the header page
     was just read, it is not telling the truth (some sandboxes zero it): no reuse then."""
-    anchor = ctypes.c_char.from_buffer(mapping)
-    address = ctypes.addressof(anchor)
-    del anchor  # an exported buffer would keep the mapping from ever closing
+    address = _address_of(mapping)
     pages = -(-len(mapping) // _PAGE)
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
