@@ -69,15 +69,8 @@ WARMUP_PUBLISHES = 4  # per Viper strategy, before the measured ones
 
 def measure_memcpy(model: torch.nn.Module, repeat: int) -> dict[str, Any]:
     """One warm copy of all the weights into a preallocated buffer."""
-    source = torch.cat([t.reshape(-1).view(torch.uint8) for t in model.state_dict().values()])
-    target = torch.empty_like(source)
-    copy_tensor(target, source)  # fault the pages in once: only warm copies count
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        copy_tensor(target, source)
-        times.append(time.perf_counter() - started)
-    e2e = statistics.median(times)
+    limit = _CopyLimit(model)
+    e2e = statistics.median(limit.copy_s() for _ in range(repeat))
     return {"e2e_s": e2e, "stages": {"copy": e2e}, "training_stall_s": e2e}
 
 
@@ -143,7 +136,6 @@ def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes:
     publish call to the last consumer serving the version. The file-system tier is always on:
     for the memory strategies it is the burst buffer draining in the background."""
     case = VIPER_CASES[strategy]
-    spawn = multiprocessing.get_context("spawn")
     key = secrets.token_hex(16) if case.keyed else None
     keyless = keyless and key is None
     if case.gpu_device is not None:
@@ -152,25 +144,43 @@ def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes:
          ModelPublisher("bench", "tcp://127.0.0.1:*", root, hmac_key=key, dram_versions=case.dram_versions,
                         gpu_device=case.gpu_device, collective_endpoint=case.collective,
                         allow_keyless=keyless) as publisher:
-        reports, done = spawn.Queue(), spawn.Event()
-        processes = [spawn.Process(target=_follow, args=(megabytes, publisher.endpoint, root, case.route,
-                                                         case.consumer_device, key, keyless, reports, done))
-                     for _ in range(consumers)]
-        for process in processes:
-            process.start()
+        followers = _ConsumerProcesses(consumers)
         try:
-            if not publisher.wait_for_subscribers(consumers, WAIT_S):
-                raise RuntimeError("the consumer processes never subscribed")
+            followers.start(publisher, megabytes, root, case.route, case.consumer_device, key, keyless)
             # The first publishes fault in fresh slots (and, with many zero-copy consumers, grow the
             # pool to what their pins need): not the steady state of a long training run.
             limit = None if case.gpu_device is not None else _CopyLimit(model)
-            runs = [_one_update(publisher, model, reports, consumers, seed, limit)
+            runs = [_one_update(publisher, model, followers.reports, consumers, seed, limit)
                     for seed in range(repeat + WARMUP_PUBLISHES)][WARMUP_PUBLISHES:]
         finally:
-            done.set()
-            for process in processes:
-                process.join(WAIT_S)
+            followers.stop()
     return {**_summarise(runs), "keyed": not keyless}
+
+
+class _ConsumerProcesses:
+    """`count` consumer processes (`_follow`) of one publisher, each reporting its updates."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._spawn = multiprocessing.get_context("spawn")
+        self.reports, self._done = self._spawn.Queue(), self._spawn.Event()
+        self._processes: list[Any] = []
+
+    def start(self, publisher: ModelPublisher, megabytes: float, root: str, route: str, device: str,
+              key: str | None, keyless: bool) -> None:
+        """Start them and wait until every one has subscribed."""
+        self._processes = [self._spawn.Process(target=_follow, args=(megabytes, publisher.endpoint, root, route,
+                                                                     device, key, keyless, self.reports, self._done))
+                           for _ in range(self.count)]
+        for process in self._processes:
+            process.start()
+        if not publisher.wait_for_subscribers(self.count, WAIT_S):
+            raise RuntimeError("the consumer processes never subscribed")
+
+    def stop(self) -> None:
+        self._done.set()
+        for process in self._processes:
+            process.join(WAIT_S)
 
 
 def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, device: str, key: str | None,
@@ -204,22 +214,23 @@ def _first_touch(model: torch.nn.Module) -> float:
 
 
 class _CopyLimit:
-    """One warm copy of the model's bytes, timed right before each publish: the memory-copy
-    limit at that very moment, so a ratio to it does not mix two moments of a busy machine."""
+    """A warm copy of all the model's bytes into a preallocated buffer: the memory-copy limit.
+    Timed right before each publish too, so a ratio to it does not mix two moments of a busy
+    machine."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.source = torch.cat([t.reshape(-1).view(torch.uint8) for t in model.state_dict().values()])
         self.target = torch.empty_like(self.source)
-        copy_tensor(self.target, self.source)  # fault the pages in once
+        copy_tensor(self.target, self.source)  # fault the pages in once: only warm copies count
+
+    def copy_s(self) -> float:
+        started = time.perf_counter()
+        copy_tensor(self.target, self.source)
+        return time.perf_counter() - started
 
     def time(self) -> float:
         """The faster of two copies: a ratio to it errs on the strict side."""
-        times = []
-        for _ in range(2):
-            started = time.perf_counter()
-            copy_tensor(self.target, self.source)
-            times.append(time.perf_counter() - started)
-        return min(times)
+        return min(self.copy_s(), self.copy_s())
 
 
 def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, consumers: int,
@@ -296,27 +307,14 @@ class _Consumers(L.Callback):
     """Same-host consumer processes (dram-shm) of the callback's publisher, started once it is up."""
 
     def __init__(self, viper: Any, megabytes: float, count: int, root: str) -> None:
-        self.viper, self.megabytes, self.count, self.root = viper, megabytes, count, root
-        spawn = multiprocessing.get_context("spawn")
-        self.reports, self.done = spawn.Queue(), spawn.Event()
-        self.processes: list[Any] = []
-        self._spawn = spawn
+        self.viper, self.megabytes, self.root = viper, megabytes, root
+        self.followers = _ConsumerProcesses(count)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        publisher = self.viper.publisher
-        self.processes = [self._spawn.Process(target=_follow, args=(self.megabytes, publisher.endpoint, self.root,
-                                                                    "dram-shm", "cpu", None, False, self.reports,
-                                                                    self.done))
-                          for _ in range(self.count)]
-        for process in self.processes:
-            process.start()
-        if not publisher.wait_for_subscribers(self.count, WAIT_S):
-            raise RuntimeError("the consumer processes never subscribed")
+        self.followers.start(self.viper.publisher, self.megabytes, self.root, "dram-shm", "cpu", None, False)
 
     def close(self) -> None:
-        self.done.set()
-        for process in self.processes:
-            process.join(WAIT_S)
+        self.followers.stop()
 
 
 def measure_throughput(megabytes: float, consumers: int = 1) -> dict[str, Any]:

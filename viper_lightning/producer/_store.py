@@ -116,7 +116,6 @@ class TieredStore:
         self._serial = 0
         self._warming = False
         self._closing = False
-        self._warm_failures = 0
         self._warm_error: Exception | None = None  # the last warming failure, until a publish sees it
         self._warm_blocked = False  # a warming failed: none is tried again until a slot comes back
         self._slot_bytes = 0  # the largest slot asked for
@@ -248,17 +247,14 @@ class TieredStore:
         wait could be unbounded (a stopped consumer), so the publish is skipped instead. A slot
         that cannot be made within the pool's budget (/dev/shm too small) raises, as ever."""
         with self._changed:
-            failures = self._warm_failures
             while True:
                 slot = self._take_free(nbytes)
                 if slot is not None:
                     self._warm_ahead(nbytes)  # the next publish finds a spare
                     return slot
                 if self._slots == 0 and not self._warming:
+                    self._warm_error = None  # making it here raises whatever stands in the way
                     break  # no slot at all yet: the first publish makes one
-                if self._warm_failures != failures:
-                    self._raise_within_budget()
-                    return None  # beyond the budget (/dev/shm full?): skip, reported
                 if not self._warming:
                     self._warm_ahead(nbytes, needed=True)  # grow first: DRAM history is worth keeping
                 if not self._warming:
@@ -266,8 +262,8 @@ class TieredStore:
                         continue
                     if self.on_starved is not None:
                         self.on_starved()  # e.g. the flusher, holding a slot through its delay
-                    self._raise_within_budget()  # a background warming that failed, not seen yet
-                    return None
+                    self._raise_within_budget()  # a warming that failed (/dev/shm too small?)
+                    return None  # skip, reported
                 # the warmer notifies when its slot is in; a consumer unlocking a free slot cannot
                 self._changed.wait(_LOCK_POLL_S)
         return self._acquire(nbytes, None)
@@ -323,7 +319,6 @@ class TieredStore:
                     slot.segment.unlink()
                 self._slots -= 1
                 self._warming = False
-                self._warm_failures += 1
                 self._warm_error, self._warm_blocked = exc, True
                 self._cannot_grow = self._cannot_grow or isinstance(exc, (ConfigurationError, StorageError))
                 self._changed.notify_all()
