@@ -13,11 +13,12 @@ TorchServe, until its first answer) and `torchserve-viper` (publish until TorchS
 ViperHandler answers with the new version; both on a one-layer model of the same size, cheap to
 run).
 `--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together.
-`lightning-throughput` is not an update's latency but what publishing costs training: the mean
-step time (batch 8, 40 steps timed after 11 untimed ones) of a real Lightning run of the same
-model publishing every 10 steps through
-`ViperCallback` (its defaults) to `--consumers` same-host consumers (default 1), against the same run without
-publishing (`throughput_cost`, with `copies_per_step`: how many memory copies of the weights a
+`lightning-throughput` is not an update's latency but what publishing every 10 steps through
+`ViperCallback` (its defaults) to `--consumers` same-host consumers (default 1) costs a real
+Lightning run of the same model (batch 8): `throughput_cost` pairs, within one run, blocks of 10
+steps that start with a publish with the blocks of 10 steps after them, which have none (6 pairs
+after the first); `throughput_cost_runs` cross-checks it on separate runs with and without
+publishing (see measure_throughput; `copies_per_step`: how many memory copies of the weights a
 step takes).
 `--runs K` repeats the whole measurement K times, each in a fresh interpreter, and prints each
 ratio's best, median and worst over runs (a user gets every run, not the median); the JSON
@@ -287,7 +288,8 @@ def measure_modelcheckpoint(model: torch.nn.Module, repeat: int, workdir: str) -
 
 
 PUBLISH_EVERY = 10  # steps between publishes in the throughput measure
-THROUGHPUT_STEPS = 4 * PUBLISH_EVERY  # steps timed per run: four publishes, at steps 20 to 50
+THROUGHPUT_PAIRS = 6  # timed pairs of blocks (one block with a publish, one without) in the paired run
+THROUGHPUT_STEPS = 4 * PUBLISH_EVERY  # steps timed per separate run: four publishes, at steps 20 to 50
 THROUGHPUT_WARMUP = PUBLISH_EVERY + 1  # not timed: torch's first steps, the slots made at the start
 #                                        and the first publish (each consumer's first mapping of a slot)
 THROUGHPUT_BATCH = 8
@@ -318,44 +320,81 @@ class _Consumers(L.Callback):
 
 
 def measure_throughput(megabytes: float, consumers: int = 1) -> dict[str, Any]:
-    """Steps per second of a real Lightning run of this model publishing every PUBLISH_EVERY
-    steps through `ViperCallback` (its defaults: keyed, the file-system tier on, here a
-    temporary directory) to `consumers` same-host consumer processes, against the same run
-    without publishing; each run twice, alternating, and the faster of each kept (the machine's
-    own noise is not the publisher's). `copies_per_step` says how heavy the step is against
-    one memory copy of the weights."""
-    from viper_lightning import ViperCallback
+    """What publishing every PUBLISH_EVERY steps costs a real Lightning run of this model,
+    publishing through `ViperCallback` (its defaults: keyed, the file-system tier on, here a
+    temporary directory) to `consumers` same-host consumer processes.
+
+    `throughput_cost` comes from one run that publishes every 2 * PUBLISH_EVERY steps: its
+    steps fall in blocks of PUBLISH_EVERY, alternately one that starts with a publish (the
+    stall, then the background digest and write, the consumers' update) and one without. The
+    cost is 1 - (mean step of the quiet blocks) / (mean step of the publishing blocks), over
+    THROUGHPUT_PAIRS pairs after the first (the first publish maps each consumer's slot). Each
+    pair is measured within 2 * PUBLISH_EVERY steps, so it is not moved by the machine's own
+    drift, which on a shared host changes step times by more than publishing does over the
+    minutes between two runs. `spill_s` checks the pairing: how much longer the first step of a
+    quiet block is than the block's median (the publishing block's work running over into it).
+
+    `throughput_cost_runs` cross-checks it on separate runs, as a user would compare them: the
+    mean step of a run publishing every PUBLISH_EVERY steps against the same run without
+    publishing, each run twice, alternating, the faster of each kept; that figure carries the
+    drift between runs. `copies_per_step` says how heavy the step is against one memory copy."""
     from viper_lightning.schedules import EveryNSteps
 
+    paired = _paired_blocks(megabytes, consumers)
     step_s = {"without": [], "with": []}
     for _ in range(2):
         for mode in ("without", "with"):
             with tempfile.TemporaryDirectory(prefix="viper-bench-tput-") as root:
-                callbacks: list[L.Callback] = []
-                consumer_procs = None
-                if mode == "with":
-                    viper = ViperCallback("bench-tput", "tcp://127.0.0.1:*", pfs_root=root,
-                                          schedule=EveryNSteps(PUBLISH_EVERY), fetch_endpoint="tcp://127.0.0.1:*")
-                    consumer_procs = _Consumers(viper, megabytes, consumers, root)
-                    callbacks = [viper, consumer_procs]
-                try:
-                    step_s[mode].append(_mean_step_s(megabytes, callbacks, root))
-                finally:
-                    if consumer_procs is not None:
-                        consumer_procs.close()
+                durations = _step_durations(megabytes, THROUGHPUT_STEPS + THROUGHPUT_WARMUP, root,
+                                            EveryNSteps(PUBLISH_EVERY) if mode == "with" else None, consumers)
+                step_s[mode].append(statistics.fmean(durations[THROUGHPUT_WARMUP:]))
     model = nt3_of_size(megabytes)
     copy_s = measure_memcpy(model, 5)["e2e_s"]
     without, with_publishing = min(step_s["without"]), min(step_s["with"])
-    return {"e2e_s": with_publishing, "training_stall_s": None, "stages": {},
-            "step_s_without": without, "step_s_with": with_publishing, "steps_s_runs": step_s,
-            "throughput_cost": 1.0 - without / with_publishing, "publish_every": PUBLISH_EVERY,
-            "copies_per_step": without / copy_s, "consumers": consumers}
+    return {"e2e_s": paired["step_s_with"], "training_stall_s": None, "stages": {}, **paired,
+            "throughput_cost_runs": 1.0 - without / with_publishing,
+            "step_s_runs": {"without": without, "with": with_publishing, "all": step_s},
+            "publish_every": PUBLISH_EVERY, "copies_per_step": paired["step_s_without"] / copy_s,
+            "consumers": consumers}
 
 
-def _mean_step_s(megabytes: float, callbacks: list[L.Callback], root: str) -> float:
+def _paired_blocks(megabytes: float, consumers: int) -> dict[str, Any]:
+    """The paired-block run (see measure_throughput)."""
+    from viper_lightning.schedules import EveryNSteps
+
+    block = PUBLISH_EVERY
+    first = 2 * block  # EveryNSteps publishes after steps 2 * block, 4 * block, ...
+    with tempfile.TemporaryDirectory(prefix="viper-bench-tput-") as root:
+        durations = _step_durations(megabytes, first + 2 * block * (THROUGHPUT_PAIRS + 1), root,
+                                    EveryNSteps(2 * block), consumers)
+    # durations[k] is step k + 1's. A publish at the end of step p is in that step's time (the
+    # stall), its background work in the steps after: its block is steps p to p + block - 1.
+    pairs = []
+    for pair in range(1, THROUGHPUT_PAIRS + 1):
+        busy_from = first + 2 * block * pair - 1
+        pairs.append((durations[busy_from:busy_from + block], durations[busy_from + block:busy_from + 2 * block]))
+    busy = statistics.fmean(statistics.fmean(b) for b, _ in pairs)
+    quiet = statistics.fmean(statistics.fmean(q) for _, q in pairs)
+    return {"throughput_cost": 1.0 - quiet / busy, "step_s_with": busy, "step_s_without": quiet,
+            "throughput_cost_pairs": [1.0 - statistics.fmean(q) / statistics.fmean(b) for b, q in pairs],
+            "spill_s": statistics.median(q[0] - statistics.median(q) for _, q in pairs),
+            "paired_block_steps": block, "pairs": THROUGHPUT_PAIRS}
+
+
+def _step_durations(megabytes: float, steps: int, root: str, schedule: Any, consumers: int) -> list[float]:
+    """Each step's duration in a real Lightning run of `steps` steps, publishing on `schedule`
+    (None: no publishing): item k is step k + 1's (NaN for the first, which has no start)."""
+    from viper_lightning import ViperCallback
+
     model = nt3_of_size(megabytes)
     clock = _StepClock()
-    steps = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
+    callbacks: list[L.Callback] = []
+    followers = None
+    if schedule is not None:
+        viper = ViperCallback("bench-tput", "tcp://127.0.0.1:*", pfs_root=root, schedule=schedule,
+                              fetch_endpoint="tcp://127.0.0.1:*")
+        followers = _Consumers(viper, megabytes, consumers, root)
+        callbacks = [viper, followers]
     inputs = torch.randn(THROUGHPUT_BATCH, model.hparams["input_length"])
     data = DataLoader(TensorDataset(inputs, torch.zeros(THROUGHPUT_BATCH, dtype=torch.int64)),
                       batch_size=1, sampler=torch.utils.data.RandomSampler(range(THROUGHPUT_BATCH), replacement=True,
@@ -363,9 +402,12 @@ def _mean_step_s(megabytes: float, callbacks: list[L.Callback], root: str) -> fl
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                         callbacks=[*callbacks, clock])
-    trainer.fit(model, data)
-    timed = clock.ends[THROUGHPUT_WARMUP - 1:]
-    return (timed[-1] - timed[0]) / (len(timed) - 1)
+    try:
+        trainer.fit(model, data)
+    finally:
+        if followers is not None:
+            followers.close()
+    return [math.nan, *(end - start for start, end in zip(clock.ends, clock.ends[1:]))]
 
 
 def _one_sample(model: torch.nn.Module) -> TensorDataset:
@@ -442,9 +484,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for result in results:
         if "throughput_cost" in result:
             print(f"{result['strategy']:<26}{result['size_bytes'] / 1e6:>6.0f}  step {result['step_s_without'] * 1e3:.0f} ms "
-                  f"without publishing, {result['step_s_with'] * 1e3:.0f} ms publishing every "
-                  f"{result['publish_every']} steps to {result['consumers']} consumer(s): "
-                  f"{result['throughput_cost'] * 100:.1f}% of the throughput")
+                  f"in quiet blocks, {result['step_s_with'] * 1e3:.0f} ms in blocks with a publish "
+                  f"(every {result['publish_every']} steps, {result['consumers']} consumer(s)): "
+                  f"{result['throughput_cost'] * 100:.1f}% of the throughput; separate runs: "
+                  f"{result['step_s_runs']['without'] * 1e3:.0f} ms against {result['step_s_runs']['with'] * 1e3:.0f} ms, "
+                  f"{result['throughput_cost_runs'] * 100:.1f}%")
+            print(f"{'':<26}each pair: " + ", ".join(f"{c * 100:.1f}%" for c in result["throughput_cost_pairs"])
+                  + f"; a quiet block's first step over its median: {result['spill_s'] * 1e3:+.0f} ms")
             continue
         peers = _peers(results, result["size_bytes"])
         memcpy, pfs = peers.get("memcpy"), peers.get("pfs")
@@ -493,6 +539,8 @@ def ratios(results: list[dict[str, Any]]) -> list[tuple[float, str, float, str]]
         if throughput is not None:
             checks.append((f"throughput cost, publishing every {throughput['publish_every']} steps",
                            throughput["throughput_cost"], "<= 0.05"))
+            checks.append(("  same, separate runs (carries the drift between runs)",
+                           throughput["throughput_cost_runs"], "<= 0.05"))
         measured += [(size, label, value, aim) for label, value, aim in checks if value == value]  # not NaN
     return measured
 
@@ -652,11 +700,12 @@ def combine_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 if (result["strategy"], result["size_mb"]) == (first["strategy"], first["size_mb"])]
         median = sorted(same, key=lambda result: result["e2e_s"])[len(same) // 2]
         entry = dict(median)
-        for key in ("e2e_s", "training_stall_s", "throughput_cost"):
+        for key in ("e2e_s", "training_stall_s", "throughput_cost", "throughput_cost_runs"):
             values = [result[key] for result in same if result.get(key) is not None]
             if values:
                 entry[f"{key}_worst"], entry[f"{key}_best"] = max(values), min(values)
-        entry["runs"] = [{key: result.get(key) for key in ("e2e_s", "training_stall_s", "throughput_cost")
+        entry["runs"] = [{key: result.get(key) for key in ("e2e_s", "training_stall_s", "throughput_cost",
+                                                           "throughput_cost_runs")
                           if result.get(key) is not None} for result in same]
         combined.append(entry)
     return combined

@@ -21,6 +21,9 @@ BAD_PUBLISHER_SETTINGS = [
     ({"gpu_device": "tpu"}, "gpu_device='tpu'"),
     ({"collective_endpoint": "tcp://127.0.0.1:1"}, "collective address"),
     ({"fetch_endpoint": "http://127.0.0.1:1"}, "http://127.0.0.1:1"),
+    ({"background_niceness": 20}, "background_niceness=20"),
+    ({"background_niceness": -1}, "background_niceness=-1"),
+    ({"background_niceness": "19"}, "background_niceness='19'"),
 ]
 
 

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from .._errors import ConfigurationError, ViperError
+from .._priority import BACKGROUND_NICENESS
 from ..schedules import EveryNSteps, PublishSchedule
 from ._device import MAX_COPIES
 from ._probes import ServedLossProbe
@@ -58,6 +59,9 @@ class ViperCallback(Callback):
             by default a key is created for the model on this host (see ModelPublisher).
         keep_every_version: write every version to the file system; by default a version a
             newer one replaced before its write started is skipped (the last is always written).
+        background_niceness: how far below training's CPU priority the publisher's background
+            writers run (Linux nice values, 0 to 19; default 19): training's threads get the
+            cores first, and the digest and write of a version fill the gaps they leave.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ViperCallback(Callback):
         on_tier_error: str = "degrade",
         allow_keyless: bool = False,
         keep_every_version: bool = False,
+        background_niceness: int = BACKGROUND_NICENESS,
     ) -> None:
         key = _read_key(hmac_key, hmac_key_file)
         # Checked here, when the callback is built (not at train start); "auto" is resolved then.
@@ -87,7 +92,7 @@ class ViperCallback(Callback):
             gpu_device=None if gpu_device == "auto" else gpu_device, fetch_endpoint=fetch_endpoint,
             collective_endpoint=collective_endpoint, keep_versions=keep_versions,
             heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
-            keep_every_version=keep_every_version)
+            keep_every_version=keep_every_version, background_niceness=background_niceness)
         self._auto_gpu = gpu_device == "auto"
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):

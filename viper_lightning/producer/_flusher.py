@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 
+from .._priority import lower_this_thread
 from ..storage._pfs import FileSystemTier
 from ._announcer import Announcer
 from ._catalog import VersionCatalog
@@ -44,14 +45,18 @@ class Flusher:
 
     Unless `keep_every_version`, a version that a newer one replaced before its write started
     is not written (`skipped` counts them): the newest version is always written, so a run's
-    last weights always reach the file system."""
+    last weights always reach the file system.
+
+    The thread runs `niceness` above training's nice value (see `_priority`)."""
 
     def __init__(self, pfs: FileSystemTier, model: str, key: bytes | None, keep_versions: int | None, *,
                  notices: NoticeBoard, catalog: VersionCatalog, store: TieredStore, announcer: Announcer,
-                 health: Health, delay_s: float = 0.0, keep_every_version: bool = False) -> None:
+                 health: Health, delay_s: float = 0.0, keep_every_version: bool = False,
+                 niceness: int = 0) -> None:
         self._pfs, self._model, self._key, self._keep = pfs, model, key, keep_versions
         self._notices, self._catalog, self._store, self._announcer = notices, catalog, store, announcer
         self._health = health
+        self._niceness = niceness
         self._delay_s = delay_s
         self._keep_every_version = keep_every_version
         self._newest_submitted = 0
@@ -79,6 +84,7 @@ class Flusher:
         self._thread.join()
 
     def _run(self) -> None:
+        lower_this_thread(self._niceness)  # the digest and the write wait for idle cores
         while (item := self._inbox.get()) is not _STOP:
             held, submitted = item
             self._wait_out_delay(submitted)

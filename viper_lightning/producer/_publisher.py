@@ -20,6 +20,7 @@ import zmq
 
 from .._errors import ConfigurationError, ViperError
 from .._layout import Layout
+from .._priority import BACKGROUND_NICENESS
 from ..storage._keys import load_or_create_key
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import CollectiveServer, parse_address
@@ -92,6 +93,10 @@ class ModelPublisher:
             would load it from there, and the write would cost disk bandwidth and CPU beside
             training. `writes_skipped` counts them; the newest version is always written.
             True also makes `publish` wait for a free snapshot slot rather than skip.
+        background_niceness: added to the nice value of the background threads that digest and
+            write versions, fault new slots in and copy the GPU tier to host memory (Linux), so
+            that training's threads get the cores first and the background work fills the gaps
+            they leave (default 19, the lowest priority; 0 runs them at training's priority).
     """
 
     def __init__(
@@ -114,13 +119,14 @@ class ModelPublisher:
         on_tier_error: str = "degrade",
         allow_keyless: bool = False,
         keep_every_version: bool = False,
+        background_niceness: int = BACKGROUND_NICENESS,
     ) -> None:
         self.settings = PublisherSettings(
             model_name, endpoint, pfs_root, hmac_key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=gpu_device, fetch_endpoint=fetch_endpoint, collective_endpoint=collective_endpoint,
             keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
             resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
-            keep_every_version=keep_every_version)
+            keep_every_version=keep_every_version, background_niceness=background_niceness)
         self.model_name = model_name
         key = _key_for(self.settings)
         host = host_id or socket.gethostname()
@@ -149,7 +155,7 @@ class ModelPublisher:
             if self._device is not None:
                 resources.callback(self._device.close)
             self._store = TieredStore(self.model_name, host, dram_versions=dram_versions, dram_bytes=dram_bytes,
-                                      digest_key=key)
+                                      digest_key=key, niceness=background_niceness)
             resources.callback(self._store.close)
             resources.callback(self._catalog.close)  # runs first: the store's memory is then unreferenced
             notices = NoticeBoard(self._catalog, self._store, self._device, key, lends_device_memory)
@@ -176,7 +182,7 @@ class ModelPublisher:
             self._flusher = Flusher(pfs, self.model_name, key, keep_versions, notices=notices,
                                     catalog=self._catalog, store=self._store, announcer=self._announcer,
                                     health=self._health, delay_s=flush_delay if serves_memory else 0.0,
-                                    keep_every_version=keep_every_version) \
+                                    keep_every_version=keep_every_version, niceness=background_niceness) \
                 if pfs else None
             if self._flusher is not None:
                 resources.callback(self._flusher.close)
@@ -184,7 +190,8 @@ class ModelPublisher:
                 self._store.on_starved = self._flusher.hurry
             self._cascade = Cascade(self._catalog, self._store, self._announcer, self._flusher)
             self._demoter = Demoter(self.model_name, self._device, self._store, self._catalog, self._cascade,
-                                    self._health, keeps_borrow=self._flusher is not None) if self._device else None
+                                    self._health, keeps_borrow=self._flusher is not None,
+                                    niceness=background_niceness) if self._device else None
             if self._demoter is not None:
                 resources.callback(self._demoter.close)  # it feeds the flusher: drained first
                 self._health.add("demoter")

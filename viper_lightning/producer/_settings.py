@@ -11,6 +11,7 @@ import numbers
 from dataclasses import dataclass, field
 
 from .._errors import ConfigurationError
+from .._priority import BACKGROUND_NICENESS, MAX_NICE
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import parse_address
 from ..transport._protocol import DEFAULT_ENDPOINT, MAX_VERSION, check_endpoint, check_model_name, normalize_key
@@ -44,6 +45,7 @@ class PublisherSettings:
     on_tier_error: str = "degrade"
     allow_keyless: bool = False
     keep_every_version: bool = False
+    background_niceness: int = BACKGROUND_NICENESS
 
     def __post_init__(self) -> None:
         check_model_name(self.model_name)
@@ -78,6 +80,9 @@ class PublisherSettings:
         if self.on_tier_error not in ON_TIER_ERROR:
             raise ConfigurationError(f"on_tier_error={self.on_tier_error!r}: use 'degrade' (report and keep "
                                      "training) or 'raise' (stop at the first failed write)")
+        if not (_is_int(self.background_niceness) and 0 <= self.background_niceness <= MAX_NICE):
+            raise ConfigurationError(f"background_niceness={self.background_niceness!r}: use 0 (background threads "
+                                     f"at training's priority) to {MAX_NICE} (the lowest)")
         if not _is_int(self.resume_after) or not 0 <= self.resume_after < MAX_VERSION:
             raise ConfigurationError(f"resume_after={self.resume_after!r}: versions run from 0 to {MAX_VERSION}")
 
