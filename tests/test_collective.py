@@ -74,8 +74,10 @@ def serve() -> Iterator[Callable[..., CollectiveServer]]:
     """Start servers on 127.0.0.1 (any free port); close them and check they kept no error."""
     servers: list[CollectiveServer] = []
 
-    def start(lender: CountingLender, timeout: float = WAIT_S, chunk_bytes: int = CHUNK) -> CollectiveServer:
-        server = CollectiveServer("127.0.0.1", 0, "gloo", lender, timeout=timeout, chunk_bytes=chunk_bytes)
+    def start(lender: CountingLender, timeout: float = WAIT_S, chunk_bytes: int = CHUNK,
+              join_window_s: float = 1.0) -> CollectiveServer:
+        server = CollectiveServer("127.0.0.1", 0, "gloo", lender, timeout=timeout, chunk_bytes=chunk_bytes,
+                                  join_window_s=join_window_s)
         servers.append(server)
         return server
 
@@ -224,7 +226,7 @@ def test_close_returns_within_a_timeout_while_a_consumer_stalls_mid_transfer(ser
     port = int(server.address.rsplit(":", 1)[1])
     store = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=5), wait_for_workers=False)
     store.set("viper/req/1", json.dumps({"proto": 1, "version": VERSION, "nbytes": nbytes, "nonce": "cd" * 8}))
-    group = _collective._new_group("gloo", store, 1, 1, 5.0, "127.0.0.1")
+    group = _collective._new_group("gloo", store, 1, 1, 2, 5.0, "127.0.0.1")
     first = torch.empty(chunk, dtype=torch.uint8)
     group.recv([first], 0, 0).wait(timedelta(seconds=5))  # then stops receiving, still alive
     started = time.monotonic()
@@ -283,7 +285,7 @@ def test_claim_skips_taken_tickets_and_retries_when_the_server_had_passed_its_ti
     client = CollectiveClient("gloo://127.0.0.1:9")
     # 3 is taken; 4 is written after the server moved to 6 without reading it: claim 6 instead.
     store = ScriptedStore([b"3", b"6", b"6", b"6"], taken={"viper/req/3"})
-    assert client._claim(store, VERSION, CHUNK)[0] == 6
+    assert client._claim(store, VERSION, CHUNK, False)[0] == 6
     assert store.deleted == ["viper/req/4"] and "viper/req/6" in store.keys
     assert not store.next_values
 
@@ -291,7 +293,7 @@ def test_claim_skips_taken_tickets_and_retries_when_the_server_had_passed_its_ti
 def test_claim_keeps_a_ticket_the_server_answered_before_the_claim_looked_again() -> None:
     client = CollectiveClient("gloo://127.0.0.1:9")
     store = ScriptedStore([b"1", b"2"], taken=set(), served={1})
-    ticket, nonce = client._claim(store, VERSION, CHUNK)
+    ticket, nonce = client._claim(store, VERSION, CHUNK, False)
     assert ticket == 1 and json.loads(store.keys["viper/req/1"])["nonce"] == nonce
     assert store.deleted == []
 
@@ -346,3 +348,62 @@ def test_bad_buffers_are_refused_before_any_request(buffer: torch.Tensor, nbytes
     client = CollectiveClient("gloo://127.0.0.1:9", timeout=0.2)  # nothing listens: refused first
     with pytest.raises(ConfigurationError, match=message):
         client.fetch_into(VERSION, buffer, nbytes)
+
+
+class RelayMembers:
+    """One relay member per name (threads of this process, each its own consumer), started at
+    once; each checks its bytes."""
+
+    def __init__(self, address: str, nbytes: int, names: list[str]) -> None:
+        self.failures: list[str] = []
+        self._threads = [threading.Thread(target=self._member, args=(address, nbytes, name), daemon=True, name=name)
+                         for name in names]
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, within: float) -> list[str]:
+        """What went wrong (members still running after `within` seconds, or failed)."""
+        deadline = time.monotonic() + within
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [f"{thread.name}: still running" for thread in self._threads if thread.is_alive()] + self.failures
+
+    def _member(self, address: str, nbytes: int, name: str) -> None:
+        try:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            CollectiveClient(address, timeout=WAIT_S, member=name).fetch_into(VERSION, buffer, nbytes, relay=True)
+            if not torch.equal(buffer, make_data(3, nbytes)):
+                self.failures.append(f"{name}: other bytes")
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.failures.append(f"{name}: {exc}")
+
+
+def wait_for_request(address: str, ticket: int) -> None:
+    """Until the server's store holds `ticket`'s request (a poll with a deadline)."""
+    host, port = address.removeprefix("gloo://").rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), None, False, timedelta(seconds=WAIT_S), wait_for_workers=False)
+    store.wait([f"viper/req/{ticket}"], timedelta(seconds=WAIT_S))
+
+
+def test_a_relay_round_sends_once_and_every_member_gets_the_bytes(serve) -> None:
+    nbytes = 5 * CHUNK + 123
+    lender = CountingLender(make_data(3, nbytes))
+    server = serve(lender, join_window_s=2.0)
+    assert RelayMembers(server.address, nbytes, ["a", "b", "c"]).join(WAIT_S * 2) == []
+    assert lender.lent == 1  # one round, one send from the producer, three copies
+
+
+def test_a_round_ends_at_another_request_and_starts_at_once_when_everyone_is_back(serve) -> None:
+    """A direct request in the window is served on its own, after the round. The next round
+    has everyone of the last one back at once, so it starts without waiting out its window
+    (here longer than the test allows)."""
+    nbytes = 3 * CHUNK
+    lender = CountingLender(make_data(3, nbytes))
+    server = serve(lender, join_window_s=WAIT_S * 10)
+    first = RelayMembers(server.address, nbytes, ["a", "b", "c"])
+    wait_for_request(server.address, 3)
+    received, _, _ = fetch(server.address, nbytes)  # ends the round: it starts, then this is served
+    assert torch.equal(received, make_data(3, nbytes))
+    assert first.join(WAIT_S) == []
+    assert RelayMembers(server.address, nbytes, ["c", "a", "b"]).join(WAIT_S) == []
+    assert lender.lent == 3

@@ -4,6 +4,9 @@ buffers those functions reuse from one update to the next."""
 from __future__ import annotations
 
 import functools
+import os
+import socket
+import uuid
 from collections.abc import Callable
 
 import torch
@@ -36,6 +39,7 @@ class RouteLoaders:
         self._device_staging: torch.Tensor | None = None
         self._read_only_maps = ReadOnlyMappings()
         self.zero_copy = ZeroCopyWeights() if zero_copy and device == torch.device("cpu") else None
+        self._member = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # in relay rounds
 
     def loader(self, kind: RouteKind | str) -> Loader:
         kind = RouteKind(kind)
@@ -48,8 +52,9 @@ class RouteLoaders:
             return functools.partial(load_from_collective, self._timeout, self.key, self._device_staging_for())
         if kind is RouteKind.DRAM_ZMQ:
             return functools.partial(load_from_peer, self.context, self.key, self._timeout, self._staging_for())
-        if kind is RouteKind.COLLECTIVE:
-            return functools.partial(load_from_collective, self._timeout, self.key, self._staging_for())
+        if kind in (RouteKind.COLLECTIVE, RouteKind.RELAY):
+            return functools.partial(load_from_collective, self._timeout, self.key, self._staging_for(),
+                                     relay=self._member if kind is RouteKind.RELAY else None)
         return functools.partial(load_from_files, self._pfs, self.key, self._staging_for())
 
     def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:

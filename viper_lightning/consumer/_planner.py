@@ -8,6 +8,7 @@ failure the next one, with the file system last.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -24,6 +25,7 @@ class RouteKind(str, Enum):
     GPU_IPC = "gpu-ipc"  # a device-to-device copy out of the producer's GPU memory (same host)
     DRAM_SHM = "dram-shm"  # the producer's shared-memory segment (same host)
     GPU_NCCL = "gpu-nccl"  # NCCL point-to-point into this consumer's GPU
+    RELAY = "relay"  # torch.distributed (Gloo) from host memory, relayed host to host (fan-out)
     DRAM_ZMQ = "dram-zmq"  # streamed from the producer's memory over ZeroMQ
     COLLECTIVE = "collective"  # torch.distributed point-to-point (Gloo) from host memory
     PFS = "pfs"  # the file-system tier
@@ -41,10 +43,13 @@ DEFAULT_COSTS: dict[RouteKind, tuple[float, float]] = {
     RouteKind.DRAM_SHM: (0.001, 8e9),
     RouteKind.GPU_NCCL: (0.025, 20e9),  # a new group per transfer
     RouteKind.DRAM_ZMQ: (0.002, 1.2e9),
+    RouteKind.RELAY: (0.025, 1.9e9),  # a new group per round
     RouteKind.COLLECTIVE: (0.025, 1.9e9),  # a new group per transfer
     RouteKind.PFS: (0.005, 1.0e9),
 }
 ROUTE_KINDS = tuple(RouteKind)
+# Routes that each draw a whole copy over the producer's own link, shared with every other host.
+UPLINK_ROUTES = frozenset({RouteKind.DRAM_ZMQ, RouteKind.COLLECTIVE})
 SMOOTHING = 0.3  # weight of the newest measurement
 
 
@@ -73,7 +78,14 @@ class TransferPlanner:
         """Every usable route to the version, cheapest first (the file system last on ties)."""
         found = [Route(kind, loc, self.estimate(kind, notice.nbytes, loc.load))
                  for loc in notice.locations if (kind := self._kind(loc)) in self.allowed]
-        return sorted(found, key=lambda route: (route.cost_s, ROUTE_KINDS.index(route.kind)))
+        # A relay goes before the routes that draw a copy over the producer's link: their cost
+        # grows with every other host fetching at once, which no one consumer's estimate sees.
+        uplink = min((route.cost_s for route in found if route.kind in UPLINK_ROUTES), default=math.inf)
+
+        def rank(route: Route) -> tuple[float, int]:
+            cost = min(route.cost_s, uplink) if route.kind is RouteKind.RELAY else route.cost_s
+            return cost, ROUTE_KINDS.index(route.kind)
+        return sorted(found, key=rank)
 
     def estimate(self, kind: RouteKind, nbytes: int, load: int = 0) -> float:
         setup, _ = DEFAULT_COSTS[kind]
@@ -93,14 +105,19 @@ class TransferPlanner:
         if location.tier == "dram" and location.address.startswith("shm://"):
             return RouteKind.DRAM_SHM if location.host == self.host else None  # a segment is host-local
         if location.tier == "dram" and location.address.startswith(("gloo://", "nccl://")):
-            return RouteKind.COLLECTIVE
+            return self._collective_kind()
         if location.tier == "dram":
             return RouteKind.DRAM_ZMQ
         return None
 
+    def _collective_kind(self) -> RouteKind:
+        """A Gloo location is taken by relay when allowed (the default), not by a direct
+        transfer from the same place (see `routes`)."""
+        return RouteKind.RELAY if RouteKind.RELAY in self.allowed else RouteKind.COLLECTIVE
+
     def _gpu_kind(self, location: Location) -> RouteKind | None:
         if location.address.startswith("gloo://"):
-            return RouteKind.COLLECTIVE  # the GPU tier kept in host memory (gpu_device="cpu")
+            return self._collective_kind()  # the GPU tier kept in host memory (gpu_device="cpu")
         if not self.on_gpu:
             return None  # a CPU model gains nothing from a device copy: the dram tier is closer
         if location.address.startswith("nccl://"):

@@ -5,6 +5,7 @@ the subscriber can fall back to the next route."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -65,11 +66,12 @@ def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, stag
 
 
 def load_from_collective(timeout: float, key: bytes | None, staging: torch.Tensor, notice: Notice,
-                         location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+                         location: Location, standby: torch.nn.Module, *, relay: str | None = None) -> tuple[float, float]:
     """torch.distributed point-to-point (Gloo here; NCCL with the GPU tier), digest checked;
-    with a key, the answer vouching for the bytes must be signed."""
-    client = CollectiveClient(location.address, timeout, key)
-    return _load_streamed(client.fetch_into, notice, staging, standby)
+    with a key, the answer vouching for the bytes must be signed. `relay`: this consumer's name
+    in a relay round with the other hosts loading this version (passing the bytes on)."""
+    client = CollectiveClient(location.address, timeout, key, member=relay)
+    return _load_streamed(functools.partial(client.fetch_into, relay=relay is not None), notice, staging, standby)
 
 
 def load_from_device(context: zmq.Context, key: bytes | None, timeout: float, notice: Notice,

@@ -20,6 +20,12 @@ Requests go through the store, as JSON (nothing is ever pickled). Tickets are se
             | {"status": "error", "code": str, "reason": str}  (codes: see viper_lightning._errors)
   then both build the group on PrefixStore("viper/<t>") and the producer sends the bytes in
   chunks of `chunk_bytes` (tag = chunk index), a small window of them in flight.
+Relay (fan-out to many hosts, see _relay): a request may add "relay": true and "member" (the
+consumer's name). The server then reads the next tickets for a join window, and every relay
+request for the same version and size joins the round; each member's "ok" answer adds
+"relay": {"round": <first ticket>, "rank": 1..n, "size": n + 1}, and all build one group on
+PrefixStore("viper/<first ticket>"): the producer sends to rank 1, rank r receives from r - 1
+and passes each chunk on to r + 1. A direct transfer is the round of one: rank 1 of 2.
 Claiming with one compare_set (rather than a ticket counter, then a request) means a consumer
 that dies at any point can never leave the server waiting on a ticket nobody will fill. The
 consumer sends its expected size so a size disagreement is settled before either side builds a
@@ -28,6 +34,7 @@ group: otherwise the producer would wait a whole timeout for a consumer that nev
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -50,6 +57,8 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from ._loans import Lender, MemoryLoan
 from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
 from ._protocol import PROTO, check_proto, sign, verify_mac
+from ._relay import (JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round,
+                     receive_and_forward, relay_role, wait_for)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -71,6 +80,7 @@ _MAX_JSON_BYTES = 64 * 1024
 # often torch logs a timeout warning while nobody asks for anything.
 _IDLE_WAIT_S = 3600.0
 _ABSENT = b"\x00absent"  # not JSON, so never a real answer
+_MAX_MEMBER_CHARS = 255
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 _ADDRESS = re.compile(r"^(gloo|nccl)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
@@ -89,7 +99,7 @@ class CollectiveServer:
 
     def __init__(self, host: str, port: int, backend: str,
                  lender: Lender, key: bytes | None = None,
-                 timeout: float = 30.0, chunk_bytes: int = CHUNK_BYTES) -> None:
+                 timeout: float = 30.0, chunk_bytes: int = CHUNK_BYTES, join_window_s: float = JOIN_WINDOW_S) -> None:
         self._backend = _check_backend(backend)
         self._timeout = _check_timeout(timeout)
         self._chunk_bytes = _check_chunk_bytes(chunk_bytes)
@@ -102,7 +112,9 @@ class CollectiveServer:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._ticket = 1
-        self._nonce: str | None = None
+        self._askers: list[RelayMember] = []  # whom the request being served is answered to
+        self._round_members: frozenset[str] = frozenset()  # who was in the last relay round
+        self._join_window_s = join_window_s
         self._group: _Group | None = None
         self._thread = threading.Thread(target=self._run, name=f"viper-collective-{self._store.port}",
                                         daemon=True)
@@ -154,10 +166,11 @@ class CollectiveServer:
                 raw = self._await_request(ticket)
                 if raw is None:
                     break
-                self._serve(ticket, raw)
-                self._store.set(_NEXT, str(ticket + 1))  # before the request goes: see CollectiveClient
-                self._forget(ticket)
-                ticket += 1
+                served = self._serve(ticket, raw)
+                self._store.set(_NEXT, str(served[-1] + 1))  # before the requests go: see CollectiveClient
+                for done in served:
+                    self._forget(done)
+                ticket = served[-1] + 1
         except BaseException as exc:  # kept for the owner to raise
             self.error = exc
             log.exception("collective server %s stopped", self.address)
@@ -173,61 +186,88 @@ class CollectiveServer:
             return None if self._stop.is_set() else self._store.get(key)
         return None
 
-    def _serve(self, ticket: int, raw: bytes) -> None:
-        self._nonce = None
+    def _serve(self, ticket: int, raw: bytes) -> list[int]:
+        """Serve the request of `ticket`, with the relay requests that join its round; returns
+        the tickets served."""
+        self._askers = [RelayMember(ticket, "", "")]
         try:
             request = _parse_request(raw)
-            self._nonce = request["nonce"]
         except ProtocolError as exc:
-            self._answer(ticket, refusal(exc))
-            return
+            self._answer(refusal(exc), nonce=None)
+            return [ticket]
+        self._askers = [RelayMember(ticket, request["nonce"], request.get("member", ""))]
+        if request.get("relay"):
+            self._askers = gather_round(self._askers[0], functools.partial(self._joining, request),
+                                        expected=self._round_members, window_s=self._join_window_s)
+            self._round_members = frozenset(asker.name for asker in self._askers)
         version = request["version"]
         try:
             loan = self._lender.lend_memory(version, BACKENDS[self._backend])
             if loan is None:
-                self._answer(ticket, {"status": "gone", "version": version,
-                                      "tiers": list(self._lender.tiers_of(version))})
-                return
+                self._answer({"status": "gone", "version": version, "tiers": list(self._lender.tiers_of(version))})
+                return [asker.ticket for asker in self._askers]
         except BaseException as exc:
-            self._answer_failure(ticket, exc)
+            self._answer_failure(exc)
             raise
         try:
-            self._offer(ticket, version, request["nbytes"], loan)
+            self._offer(version, request["nbytes"], loan, relay=bool(request.get("relay")))
         except ViperError as exc:  # this request's trouble (e.g. no digest yet): answered, serving goes on
             log.warning("%s: could not serve version %d: %s", self.address, version, exc)
-            self._answer_failure(ticket, exc)
+            self._answer_failure(exc)
         except BaseException as exc:
-            self._answer_failure(ticket, exc)
+            self._answer_failure(exc)
             raise
         finally:
             loan.release()
+        return [asker.ticket for asker in self._askers]
 
-    def _offer(self, ticket: int, version: int, nbytes: int, loan: MemoryLoan) -> None:
+    def _joining(self, first: dict, ticket: int, wait_s: float) -> dict | None:
+        """The request of `ticket` if it arrives within wait_s and joins `first`'s relay round."""
+        key = _request_key(ticket)
+        self._ticket = ticket  # close() wakes this wait
+        try:
+            self._store.wait([key], timedelta(seconds=wait_s))
+        except dist.DistStoreError:
+            return None
+        if self._stop.is_set():
+            return None
+        try:
+            request = _parse_request(self._store.get(key))
+        except ProtocolError:
+            return None  # answered on its own, next
+        joins = request.get("relay") is True and (request["version"], request["nbytes"]) == (first["version"],
+                                                                                              first["nbytes"])
+        return request if joins else None
+
+    def _offer(self, version: int, nbytes: int, loan: MemoryLoan, *, relay: bool) -> None:
         data = _check_served(loan.data, self._backend, version)
         if data.numel() != nbytes:
-            self._answer(ticket, {"status": "mismatch", "version": version, "nbytes": data.numel()})
+            self._answer({"status": "mismatch", "version": version, "nbytes": data.numel()})
             return
-        self._answer(ticket, {"status": "ok", "version": version, "nbytes": nbytes,
-                              "digest": loan.digest(), "chunk_bytes": self._chunk_bytes})
+        chunk_bytes = min(self._chunk_bytes, RELAY_CHUNK_BYTES) if relay else self._chunk_bytes
+        self._answer({"status": "ok", "version": version, "nbytes": nbytes, "digest": loan.digest(),
+                      "chunk_bytes": chunk_bytes}, relay=relay)
         if nbytes:
-            self._send(ticket, version, data)
+            self._send(version, data, chunk_bytes, RELAY_WINDOW if relay else WINDOW)
 
-    def _send(self, ticket: int, version: int, data: torch.Tensor) -> None:
-        """Send `data` to the consumer of `ticket`; a failure is the consumer's, so it is logged."""
-        sent, done = 0, False
+    def _send(self, version: int, data: torch.Tensor, chunk_bytes: int, window: int) -> None:
+        """Send `data` to rank 1 (the consumer, or the first member of a relay round); a failure
+        is the consumers', so it is logged."""
+        sent, done, first = 0, False, self._askers[0].ticket
 
         def failed(why: str) -> str | None:  # nothing to say when the server is closing
             return None if self._stop.is_set() else (f"{self.address}: transfer of version {version} (ticket "
-                                                     f"{ticket}) failed after {sent} of {data.numel()} bytes: {why}")
+                                                     f"{first}) failed after {sent} of {data.numel()} bytes: {why}")
         try:
             with _torch_errors(failed, level=logging.WARNING):
-                self._group = _new_group(self._backend, self._store, ticket, 0, self._timeout, self._host)
+                self._group = _new_group(self._backend, self._store, first, 0, len(self._askers) + 1,
+                                         self._timeout, self._host)
                 pending: deque[tuple[dist.Work, int]] = deque()
-                for index, (offset, length) in enumerate(_spans(data.numel(), self._chunk_bytes)):
+                for index, (offset, length) in enumerate(_spans(data.numel(), chunk_bytes)):
                     if self._stop.is_set():
                         raise RuntimeError("the server is closing")
                     pending.append((self._group.send([data[offset:offset + length]], 1, index), length))
-                    if len(pending) >= WINDOW:
+                    if len(pending) >= window:
                         sent += _finish(pending.popleft(), self._timeout)
                 while pending:
                     sent += _finish(pending.popleft(), self._timeout)
@@ -236,20 +276,26 @@ class CollectiveServer:
             group, self._group = self._group, None
             _release(group, done)
 
-    def _answer(self, ticket: int, answer: dict[str, object]) -> None:
-        """Answers echo the request's nonce: the consumer's proof that the answer is its own. With
-        a key they are signed: the store is readable by anyone who reaches it, so another peer
-        could otherwise answer in the server's place, with a digest of its own bytes."""
-        payload = {"proto": PROTO, "nonce": self._nonce, **answer}
-        if self._key is not None:
-            payload["mac"] = sign(payload, self._key)
-        self._store.set(_answer_key(ticket), json.dumps(payload))
+    def _answer(self, answer: dict[str, object], *, relay: bool = False, nonce: str | None = "") -> None:
+        """Answer every asker of the request being served. Answers echo each request's nonce:
+        the consumer's proof that the answer is its own. With a key they are signed: the store
+        is readable by anyone who reaches it, so another peer could otherwise answer in the
+        server's place, with a digest of its own bytes. A relay answer gives each member its
+        place in the round. `nonce=None` answers a request that had none (unreadable)."""
+        first, size = self._askers[0].ticket, len(self._askers) + 1
+        for rank, asker in enumerate(self._askers, start=1):
+            payload = {"proto": PROTO, "nonce": asker.nonce if nonce == "" else nonce, **answer}
+            if relay:
+                payload["relay"] = RelayRole(first, rank, size).describe()
+            if self._key is not None:
+                payload["mac"] = sign(payload, self._key)
+            self._store.set(_answer_key(asker.ticket), json.dumps(payload))
 
-    def _answer_failure(self, ticket: int, exc: BaseException) -> None:
-        """Tell the consumer at once, rather than letting it wait out its timeout."""
-        with _torch_errors(lambda why: f"{self.address}: could not tell ticket {ticket} of a failure: {why}"):
-            self._answer(ticket, {"status": "error", "code": "server-error",
-                                  "reason": f"producer error: {first_line(exc)}"})
+    def _answer_failure(self, exc: BaseException) -> None:
+        """Tell the consumers at once, rather than letting them wait out their timeout."""
+        with _torch_errors(lambda why: f"{self.address}: could not tell tickets "
+                                       f"{[asker.ticket for asker in self._askers]} of a failure: {why}"):
+            self._answer({"status": "error", "code": "server-error", "reason": f"producer error: {first_line(exc)}"})
 
     def _forget(self, ticket: int) -> None:
         """Drop the ticket's keys (the answer is the consumer's to delete, once read)."""
@@ -263,14 +309,21 @@ class CollectiveServer:
 class CollectiveClient:
     """The consumer's side: one fetch from one producer address per call."""
 
-    def __init__(self, address: str, timeout: float = 30.0, key: bytes | None = None) -> None:
+    def __init__(self, address: str, timeout: float = 30.0, key: bytes | None = None, *,
+                 member: str | None = None) -> None:
         self._backend, self._host, self._port = parse_address(address)
         self._timeout = _check_timeout(timeout)
         self._key = key  # with a key, only a signed answer vouches for the bytes
         self.address = address
+        # the name relay requests carry: the same consumer gives the same one from version to
+        # version, so a steady round starts as soon as everyone is back (see _relay)
+        self.member = member or f"{socket.gethostname()}:{os.getpid()}"
 
-    def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
+    def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int, *, relay: bool = False) -> tuple[str, float]:
         """Receive `version` into `buffer[:nbytes]`; returns (digest, seconds spent digesting).
+
+        `relay`: join (or open) a relay round with the other hosts asking for this version now,
+        and pass the bytes on to the next of them as they land (see `_relay`).
 
         A CPU buffer is digested chunk by chunk as the bytes land, and a mismatch raises
         IntegrityError. A CUDA buffer (nccl) is digested on a host copy when a key is set (bytes
@@ -280,15 +333,16 @@ class CollectiveClient:
         _check_request(version, nbytes)
         _check_buffer(buffer, nbytes, self._backend)
         store = self._connect()
-        ticket, nonce = self._claim(store, version, nbytes)
+        ticket, nonce = self._claim(store, version, nbytes, relay)
         answer = self._await_answer(store, ticket, version)
         verify_mac(answer, self._key, f"collective answer from {self.address}")
         if answer.get("nonce") != nonce:
             raise ProtocolError(f"{self.address} answered ticket {ticket} with another consumer's nonce")
         digest, chunk_bytes = _accept(answer, version, nbytes, self.address, algorithm(self._key))
+        role = relay_role(answer, f"collective answer from {self.address}") if relay else RelayRole(ticket, 1, 2)
         if not nbytes:
             return digest, 0.0
-        return digest, self._receive(store, ticket, version, buffer[:nbytes], chunk_bytes, digest)
+        return digest, self._receive(store, role, version, buffer[:nbytes], chunk_bytes, digest)
 
     def _connect(self) -> dist.TCPStore:
         with _torch_errors(lambda why: f"cannot reach the collective server at {self.address} within "
@@ -297,11 +351,14 @@ class CollectiveClient:
             return dist.TCPStore(self._host.strip("[]"), self._port, None, False,
                                  timedelta(seconds=self._timeout), wait_for_workers=False)
 
-    def _claim(self, store: dist.TCPStore, version: int, nbytes: int) -> tuple[int, str]:
+    def _claim(self, store: dist.TCPStore, version: int, nbytes: int, relay: bool) -> tuple[int, str]:
         """Claim a ticket the server will read, with our request in it (see the module doc);
         returns (ticket, nonce)."""
         nonce = os.urandom(8).hex()
-        request = json.dumps({"proto": PROTO, "version": version, "nbytes": nbytes, "nonce": nonce}).encode()
+        fields = {"proto": PROTO, "version": version, "nbytes": nbytes, "nonce": nonce}
+        if relay:
+            fields.update(relay=True, member=self.member)
+        request = json.dumps(fields).encode()
         with _torch_errors(lambda why: f"{self.address} did not take the request for version {version} within "
                                        f"{self._timeout:g} s ({why}); producer gone or busy; 0 bytes received",
                            TransferError):
@@ -327,21 +384,27 @@ class CollectiveClient:
             store.delete_key(key)
         return load_object(raw, "collective answer", limit=_MAX_JSON_BYTES, invalid="is not JSON")
 
-    def _receive(self, store: dist.TCPStore, ticket: int, version: int, target: torch.Tensor,
+    def _receive(self, store: dist.TCPStore, role: RelayRole, version: int, target: torch.Tensor,
                  chunk_bytes: int, expected: str) -> float:
+        """Receive from rank - 1 of `role` (rank 1 of 2 for a direct transfer), passing chunks on
+        to the next member of a relay round, digesting as they land; returns the digest seconds."""
         digester = Digester(self._key, threads=ALL_THREADS) if target.device.type == "cpu" else None
         digest_s, received, group, done = 0.0, 0, None, False
+
+        def landed(offset: int, length: int) -> None:
+            nonlocal digest_s, received
+            received += length
+            if digester is not None:
+                started = time.perf_counter()
+                digester.update(target[offset:offset + length])
+                digest_s += time.perf_counter() - started
         try:
             with _torch_errors(lambda why: f"transfer of version {version} from {self.address} failed after "
                                            f"{received} of {target.numel()} bytes: {why}", TransferError):
-                group = _new_group(self._backend, store, ticket, 1, self._timeout,
+                group = _new_group(self._backend, store, role.round, role.rank, role.size, self._timeout,
                                    _local_host_towards(self._host, self._port))
-                for offset, length in _landed(group, target, chunk_bytes, self._timeout):
-                    received += length
-                    if digester is not None:
-                        started = time.perf_counter()
-                        digester.update(target[offset:offset + length])
-                        digest_s += time.perf_counter() - started
+                receive_and_forward(group, role, target, chunk_bytes, self._timeout, landed,
+                                    window=RELAY_WINDOW if role.size > 2 else WINDOW)
                 done = True
         finally:
             _release(group, done)
@@ -356,37 +419,23 @@ class CollectiveClient:
         return digest_s
 
 
-def _landed(group: _Group, target: torch.Tensor, chunk_bytes: int,
-            timeout: float) -> Iterator[tuple[int, int]]:
-    """Yield (offset, length) of each chunk once it has landed, keeping WINDOW receives posted."""
-    spans = _spans(target.numel(), chunk_bytes)
-    pending: deque[tuple[dist.Work, int]] = deque()
-    posted = 0
-    for offset, length in spans:
-        while posted < len(spans) and len(pending) < WINDOW:
-            start, size = spans[posted]
-            pending.append((group.recv([target[start:start + size]], 0, posted), size))
-            posted += 1
-        _finish(pending.popleft(), timeout)
-        yield offset, length
-
-
-def _new_group(backend: str, store: dist.Store, ticket: int, rank: int, timeout: float,
+def _new_group(backend: str, store: dist.Store, ticket: int, rank: int, size: int, timeout: float,
                host: str) -> _Group:
-    """A two-rank group of its own for one transfer (blocks until the peer joins, or times out)."""
+    """A group of its own for one transfer, named by its (first) ticket: two ranks, or a relay
+    round's (blocks until every rank joins, or times out)."""
     prefixed = dist.PrefixStore(f"viper/{ticket}", store)
     if backend == "gloo":
         options = dist.ProcessGroupGloo._Options()
         options._devices = [_gloo_device(host)]
         options._timeout = timedelta(seconds=timeout)
         options._threads = 1  # only collectives use the worker threads; send/recv do not
-        return dist.ProcessGroupGloo(prefixed, rank, 2, options)
+        return dist.ProcessGroupGloo(prefixed, rank, size, options)
     from torch.distributed import ProcessGroupNCCL  # exists only in CUDA builds
 
     options = ProcessGroupNCCL.Options()
     options.is_high_priority_stream = False
     options._timeout = timedelta(seconds=timeout)
-    return ProcessGroupNCCL(prefixed, rank, 2, options)
+    return ProcessGroupNCCL(prefixed, rank, size, options)
 
 
 def _gloo_device(host: str) -> object:
@@ -397,18 +446,9 @@ def _gloo_device(host: str) -> object:
 
 
 def _finish(item: tuple[dist.Work, int], timeout: float) -> int:
-    """Wait for one chunk's send or receive; returns its length, raises RuntimeError on failure.
-
-    With a timeout, Work.wait blocks the CPU for both backends; NCCL is also polled until its
-    event completes, in case a torch version only made the current stream wait."""
+    """Wait for one chunk's send; returns its length, raises RuntimeError on failure."""
     work, length = item
-    deadline = time.monotonic() + timeout
-    if not work.wait(timedelta(seconds=timeout)):
-        raise RuntimeError(f"no progress within {timeout:g} s")
-    while not work.is_completed():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no progress within {timeout:g} s")
-        time.sleep(0.0005)
+    wait_for(work, timeout, "sending a chunk")
     return length
 
 
@@ -561,6 +601,12 @@ def _parse_request(raw: bytes) -> dict:
     nonce = request.get("nonce")
     if not isinstance(nonce, str) or not _NONCE.match(nonce):
         raise ProtocolError(f"collective request field 'nonce' must be 16-64 hex digits, got {nonce!r:.80}")
+    if not isinstance(request.get("relay", False), bool):
+        raise ProtocolError(f"collective request field 'relay' must be true or false, got {request['relay']!r:.80}")
+    member = request.get("member", "")
+    if not isinstance(member, str) or len(member) > _MAX_MEMBER_CHARS:
+        raise ProtocolError(f"collective request field 'member' must be a name of at most {_MAX_MEMBER_CHARS} "
+                            f"characters, got {member!r:.80}")
     return request
 
 

@@ -1,0 +1,81 @@
+"""Fan-out to many hosts on an emulated cluster (network namespaces on one bridge, `tc`-shaped
+links): a relay round over Gloo sends each byte over the producer's link about once, follows
+hosts that join and leave, and survives a host killed mid-transfer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ._cluster import EmulatedCluster, unavailable
+from ._fleet import Fleet
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no emulated cluster: {unavailable()}")
+
+WAIT_S = 60.0
+
+
+def _served(fleet: Fleet, names: list[str], published: dict, timeout: float = WAIT_S) -> dict[str, dict]:
+    """Each named consumer's update to the published version, checked bit-exact."""
+    updates = {name: fleet.consumers[name].wait_for("updated", timeout, version=published["version"])
+               for name in names}
+    for name, update in updates.items():
+        assert update["sha256"] == published["sha256"], f"{name} serves other weights than version {published}"
+    return updates
+
+
+def test_relay_sends_each_byte_once_over_the_producers_link_as_hosts_join_and_leave(tmp_path) -> None:
+    megabytes = 16.0
+    with EmulatedCluster(hosts=4, link_gbit=1.0) as cluster:
+        fleet = Fleet(cluster, megabytes, tmp_path)
+        fleet.start_producer()
+        producer_host = cluster.hosts[0]
+        names = [host.name for host in cluster.hosts[1:]]
+        for host in cluster.hosts[1:]:
+            fleet.add_consumer(host)
+
+        def fanned_out(seed: int, members: list[str], copies: int = 1) -> None:
+            sent = cluster.tx_bytes(producer_host)
+            published = fleet.publish(seed)
+            updates = _served(fleet, members, published)
+            assert {update["route"] for update in updates.values()} == {"relay"}, updates
+            moved = cluster.tx_bytes(producer_host) - sent
+            # a star would send len(members) copies; the relay `copies`, plus headers and notices
+            assert moved < (copies + 0.25) * megabytes * 1e6, \
+                f"the producer sent {moved} bytes for {len(members)} hosts"
+
+        fanned_out(1, names)
+        fleet.consumers.pop(names[2]).stop(WAIT_S)  # a host leaves between versions
+        fanned_out(2, names[:2])
+        fleet.add_consumer(cluster.hosts[3])  # and joins again, as a new consumer:
+        fanned_out(3, names, copies=2)  # a round of its own if it asks after the others are back,
+        fanned_out(4, names)  # and in theirs from the next version on
+
+
+def test_a_host_killed_mid_transfer_delays_the_others_by_at_most_the_deadline(tmp_path) -> None:
+    megabytes, link_gbit, deadline = 16.0, 0.1, 3.0
+    transfer_s = megabytes * 8e6 / (link_gbit * 1e9)  # one copy over one link
+    with EmulatedCluster(hosts=4, link_gbit=link_gbit) as cluster:
+        fleet = Fleet(cluster, megabytes, tmp_path, deadline=deadline)
+        fleet.start_producer()
+        for host in cluster.hosts[1:]:
+            fleet.add_consumer(host)
+        before = {host.name: cluster.tx_bytes(host) for host in cluster.hosts[1:]}
+        fleet.producer.send("publish 1")
+        victim = None
+        give_up = time.monotonic() + WAIT_S
+        while victim is None and time.monotonic() < give_up:  # a host that forwards: someone is after it
+            victim = next((host for host in cluster.hosts[1:] if cluster.tx_bytes(host) - before[host.name] > 1e6),
+                          None)
+            time.sleep(0.01)  # a poll of the interface counters, bounded by give_up
+        assert victim is not None, "no consumer forwarded anything: no relay round formed"
+        fleet.consumers.pop(victim.name).kill()
+        published = fleet.producer.wait_for("published", WAIT_S)
+        updates = _served(fleet, list(fleet.consumers), published)
+        assert "dram-zmq" in {update["route"] for update in updates.values()}, \
+            f"nobody after {victim.name} fell back to a direct fetch: {updates}"
+        # the relay up to the kill, the deadline, then a direct fetch over a link of its own
+        bound = published["t"] + 2 * transfer_s + deadline + 2 * transfer_s
+        late = {name: update["t"] - bound for name, update in updates.items() if update["t"] > bound}
+        assert not late, f"hosts served the version later than the deadline allows (seconds late): {late}"
