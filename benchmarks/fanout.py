@@ -14,11 +14,15 @@ each of the others. Strategies:
 - `pfs`: the file-system tier, a directory every namespace sees. Here that is this machine's
   own disk, not a networked file system, so no link shapes it: it shows what the file system
   costs, not what a parallel file system would over these links.
+`fanout` also runs with the replicas switching together (`"together": true`: each loads the
+version into standby, reports ready, and swaps on the producer's switch; the producer's
+defaults otherwise), so `swap_skew_s` is measured with and without it.
 For each strategy and host count, one version is published untimed first (each consumer's
 first load, and the relay's first join window), then `--repeat` timed versions: e2e is the
 publish call to the last host serving it (every host's weights checked bit-exact against the
 producer's), `producer_tx_bytes` what the producer's interface sent meanwhile (its counter),
-`swap_skew_s` the spread of the hosts' swap times. `raw_tcp_Bps` is a plain socket `sendall`
+`swap_skew_s` the spread of the hosts' swap times (and, switching together, `left_out` the
+hosts that did not swap on the producer's switch). `raw_tcp_Bps` is a plain socket `sendall`
 of the same bytes between two hosts, and `remote_Bps` the single-stream remote path (star, one
 host: bytes over its transfer and verify time), both on the same links in the same run.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -73,30 +78,29 @@ def measure_raw_tcp(cluster: EmulatedCluster, nbytes: int) -> float:
     return nbytes / float(seconds)
 
 
-def measure(strategy: str, hosts: int, megabytes: float, link_gbit: float, repeat: int) -> list[dict[str, Any]]:
+def measure(strategy: str, hosts: int, megabytes: float, link_gbit: float, repeat: int,
+            together: bool = False) -> list[dict[str, Any]]:
     """`repeat` timed versions to `hosts` consumers (after one untimed)."""
     with EmulatedCluster(hosts=hosts + 1, link_gbit=link_gbit) as cluster, \
             tempfile.TemporaryDirectory(prefix="viper-fanout-") as workdir:
         fleet = Fleet(cluster, megabytes, Path(workdir), pfs_root=str(Path(workdir) / "pfs") if strategy == "pfs" else None)
-        fleet.start_producer()
+        fleet.start_producer(*(["--together"] if together else []))
         for host in cluster.hosts[1:]:
-            fleet.add_consumer(host, ROUTES[strategy])
+            fleet.add_consumer(host, ROUTES[strategy], together=together)
         results = []
         for seed in range(repeat + 1):
             sent = cluster.tx_bytes(cluster.hosts[0])
             published = fleet.publish(seed)
-            updates = [node.wait_for("updated", WAIT_S, version=published["version"])
-                       for node in fleet.consumers.values()]
-            wrong = [update for update in updates if update["sha256"] != published["sha256"]]
-            if wrong:
-                raise RuntimeError(f"{len(wrong)} hosts serve other weights than version {published['version']}")
+            updates = list(fleet.served(list(fleet.consumers), published, WAIT_S).values())  # checked bit-exact
             if seed == 0:
                 continue  # untimed: each consumer's first load
-            times = [update["t"] for update in updates]
+            times = [update["swapped_at"] for update in updates]
+            sent = cluster.tx_bytes(cluster.hosts[0]) - sent
             results.append({"strategy": strategy, "hosts": hosts, "size_bytes": int(megabytes * 1e6) // 4 * 4,
                             "e2e_s": max(times) - published["t"],
-                            "producer_tx_bytes": cluster.tx_bytes(cluster.hosts[0]) - sent,
-                            "swap_skew_s": max(times) - min(times), "together": False,
+                            "producer_tx_bytes": sent,
+                            "swap_skew_s": max(times) - min(times), "together": together,
+                            "left_out": sum(update["together"] not in (None, "together") for update in updates),
                             "routes": sorted({update["route"] for update in updates}),
                             "transfer_s": statistics.median(update["transfer_s"] + update["verify_s"]
                                                             for update in updates)})
@@ -112,6 +116,9 @@ def run(hosts: list[int], megabytes: float, link_gbit: float, strategies: list[s
         for strategy in strategies:
             print(f"{strategy} to {count} hosts ...", flush=True)
             results += measure(strategy, count, megabytes, link_gbit, repeat)
+            if strategy == "fanout":
+                print(f"{strategy} to {count} hosts, switching together ...", flush=True)
+                results += measure(strategy, count, megabytes, link_gbit, repeat, together=True)
     single = [r for r in results if r["strategy"] == "star" and r["hosts"] == 1]
     remote = statistics.median(r["size_bytes"] / r["transfer_s"] for r in single) if single else None
     return {"host": {"machine": platform.machine(), "cpus": _cpus(), "python": platform.python_version()},
@@ -124,13 +131,41 @@ def print_summary(report: dict[str, Any]) -> None:
     if report["remote_Bps"]:
         print(f"; remote path (one stream) {report['remote_Bps'] / 1e6:.0f} MB/s = "
               f"{report['remote_Bps'] / report['raw_tcp_Bps']:.2f} of raw TCP (aim >= 0.5)")
-    print(f"\n{'strategy':<10}{'hosts':>6}{'e2e s':>9}{'x 1 host':>10}{'tx / model':>12}{'skew ms':>9}  routes")
+    print(f"\n{'strategy':<18}{'hosts':>6}{'e2e s':>9}{'x 1 host':>10}{'tx / model':>12}{'skew ms':>9}  routes")
     for result in results:
-        one = [r["e2e_s"] for r in results if r["strategy"] == result["strategy"] and r["hosts"] == 1]
+        one = [r["e2e_s"] for r in results if (r["strategy"], r["together"]) == (result["strategy"], result["together"])
+               and r["hosts"] == 1]
         scale = result["e2e_s"] / statistics.median(one) if one else float("nan")
-        print(f"{result['strategy']:<10}{result['hosts']:>6}{result['e2e_s']:>9.2f}{scale:>10.2f}"
+        name = result["strategy"] + (" together" if result["together"] else "")
+        print(f"{name:<18}{result['hosts']:>6}{result['e2e_s']:>9.2f}{scale:>10.2f}"
               f"{result['producer_tx_bytes'] / result['size_bytes']:>12.2f}{result['swap_skew_s'] * 1e3:>9.0f}"
               f"  {','.join(result['routes'])}")
+    print("\nchecks (this run):")
+    for label, value, aim in checks(report):
+        print(f"  {label:<66}{value:>8.3f}   (aim {aim})")
+
+
+def checks(report: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """The figures issue 14 aims for, from this run: (label, value, aim)."""
+    results = report["results"]
+
+    def e2e(strategy: str, hosts: int, together: bool = False) -> float:
+        found = [r["e2e_s"] for r in results if (r["strategy"], r["hosts"], r["together"]) == (strategy, hosts, together)]
+        return statistics.median(found) if found else math.nan
+
+    most = max((r["hosts"] for r in results), default=0)
+    measured = [(f"fanout: {most} hosts / 1 host, e2e", e2e("fanout", most) / e2e("fanout", 1), "<= 2"),
+                (f"star: {most} hosts / 1 host, e2e", e2e("star", most) / e2e("star", 1), f"about {most}"),
+                ("fanout: producer's bytes sent / model bytes, most over host counts",
+                 max((r["producer_tx_bytes"] / r["size_bytes"] for r in results if r["strategy"] == "fanout"),
+                     default=math.nan), "<= 2"),
+                ("remote path / raw TCP, same link", (report["remote_Bps"] or math.nan) / report["raw_tcp_Bps"], ">= 0.5"),
+                ("swap skew switching together, most over host counts (s)",
+                 max((r["swap_skew_s"] for r in results if r["together"]), default=math.nan), "<= 0.05"),
+                ("swap skew without, most over host counts (s)",
+                 max((r["swap_skew_s"] for r in results if r["strategy"] == "fanout" and not r["together"]),
+                     default=math.nan), "for comparison")]
+    return [(label, value, aim) for label, value, aim in measured if value == value]
 
 
 def plot(report: dict[str, Any], path: str) -> None:
@@ -140,9 +175,11 @@ def plot(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for strategy in dict.fromkeys(r["strategy"] for r in report["results"]):
-        points = sorted((r["hosts"], r["e2e_s"]) for r in report["results"] if r["strategy"] == strategy)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=strategy)
+    for strategy, together in dict.fromkeys((r["strategy"], r["together"]) for r in report["results"]):
+        points = sorted((r["hosts"], r["e2e_s"]) for r in report["results"]
+                        if (r["strategy"], r["together"]) == (strategy, together))
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                  label=strategy + (" (switch together)" if together else ""))
     axis.set_xscale("log", base=2)
     axis.set_xlabel("inference hosts")
     axis.set_ylabel("seconds until the last host serves")

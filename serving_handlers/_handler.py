@@ -53,7 +53,7 @@ class ViperHandler(BaseHandler):
             model, self.settings.model_name, self.settings.endpoint, self.settings.pfs_root,
             self.settings.key(), routes=self.settings.routes, fetch_timeout=self.settings.fetch_timeout,
             zero_copy=self.settings.zero_copy, allow_keyless=self.settings.allow_keyless, on_update=self._updated,
-            on_refusal=self._refused).start()
+            on_refusal=self._refused, together=self.settings.together).start()
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:

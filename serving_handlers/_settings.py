@@ -11,7 +11,7 @@ from viper_lightning.transport._protocol import DEFAULT_ENDPOINT
 __all__ = ["ViperSettings"]
 
 _KNOWN = {"model_name", "endpoint", "pfs_root", "hmac_key", "hmac_key_file", "routes", "model_class",
-          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless"}
+          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless", "together"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ViperSettings:
     fetch_timeout: float = 10.0
     zero_copy: bool = True
     allow_keyless: bool = False  # the explicit opt-out of authentication (see ModelSubscriber)
+    together: bool = False  # switch to each version with the other replicas (see ModelSubscriber)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ViperSettings:
@@ -46,8 +47,9 @@ class ViperSettings:
         values = dict(section)
         if values.get("routes") is not None:
             values["routes"] = tuple(values["routes"])
-        if not isinstance(values.get("allow_keyless", False), bool):
-            raise ConfigurationError("viper.allow_keyless must be true or false (unquoted) in model-config.yaml")
+        for flag in ("allow_keyless", "together"):
+            if not isinstance(values.get(flag, False), bool):
+                raise ConfigurationError(f"viper.{flag} must be true or false (unquoted) in model-config.yaml")
         if not isinstance(values.get("model_kwargs", {}), dict):
             raise ConfigurationError("viper.model_kwargs must be a mapping of constructor arguments")
         return cls(**values)

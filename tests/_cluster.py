@@ -106,6 +106,13 @@ class EmulatedCluster:
         self._spawned.append(process)
         return process
 
+    def reshape(self, host: Host, link_gbit: float) -> None:
+        """Give `host`'s link another rate, both ways (a slow host among fast ones)."""
+        index = self.hosts.index(host)
+        for namespace, device in ((host.namespace, "eth0"), (self._switch, f"p{index}")):
+            subprocess.run(["tc", "-n", namespace, "qdisc", "del", "dev", device, "root"], capture_output=True)
+            self._shape(namespace, device, 0.0, link_gbit)
+
     def tx_bytes(self, host: Host) -> int:
         """Bytes `host` has sent on its link (its interface's counter)."""
         shown = subprocess.run(["ip", "-n", host.namespace, "-s", "-j", "link", "show", "eth0"],
@@ -138,25 +145,26 @@ class EmulatedCluster:
             _ip("-n", self._switch, "link", "set", port, "master", "br0", "up")
             _ip("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", "eth0")
             _ip("-n", host.namespace, "link", "set", "eth0", "up")
-            self._shape(host.namespace, "eth0", self.delay_ms)  # uplink
-            self._shape(self._switch, port, 0.0)  # downlink
+            self._shape(host.namespace, "eth0", self.delay_ms, self.link_gbit)  # uplink
+            self._shape(self._switch, port, 0.0, self.link_gbit)  # downlink
 
     def _namespace(self, name: str) -> None:
         _ip("netns", "add", name)
         self._made.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
 
-    def _shape(self, namespace: str, device: str, delay_ms: float) -> None:
-        if self.link_gbit is None and not delay_ms:
+    @staticmethod
+    def _shape(namespace: str, device: str, delay_ms: float, link_gbit: float | None) -> None:
+        if link_gbit is None and not delay_ms:
             return
         tc = ["tc", "-n", namespace, "qdisc", "add", "dev", device]
         if delay_ms:
-            rate = [] if self.link_gbit is None else ["rate", f"{self.link_gbit}gbit"]
+            rate = [] if link_gbit is None else ["rate", f"{link_gbit}gbit"]
             subprocess.run([*tc, "root", "netem", "delay", f"{delay_ms}ms", *rate], check=True, capture_output=True)
             return
-        bytes_per_s = self.link_gbit * 1e9 / 8
+        bytes_per_s = link_gbit * 1e9 / 8
         burst = max(64 * 1024, int(bytes_per_s * TIMER_TICK_S))
-        subprocess.run([*tc, "root", "tbf", "rate", f"{self.link_gbit}gbit", "burst", str(burst),
+        subprocess.run([*tc, "root", "tbf", "rate", f"{link_gbit}gbit", "burst", str(burst),
                         "latency", f"{QUEUE_S * 1e3:g}ms"], check=True, capture_output=True)
 
 

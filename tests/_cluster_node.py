@@ -7,8 +7,10 @@ Each prints JSON lines on stdout, flushed, for the test or benchmark that spawne
 - producer: {"event": "ready", "endpoint": ...}, then for each line "publish SEED" read on
   stdin {"event": "published", "version": V, "sha256": ..., "t": ...}; "quit" ends it.
 - consumer: {"event": "ready"} once subscribed, then {"event": "updated", "version": V,
-  "route": ..., "sha256": ... (of the weights it now serves), "t": ..., "transfer_s": ...,
-  "verify_s": ...} after each update.
+  "route": ..., "t": ..., "transfer_s": ..., "verify_s": ..., "swapped_at": ..., "together": ...}
+  after each update; for each line "sha" on stdin {"event": "sha", "version": V, "sha256": ...}
+  of the weights it serves (asked for once every host is done: hashing in the update itself
+  would take CPU from the hosts still loading).
 `t` is time.time(): every namespace reads the same clock.
 """
 
@@ -56,7 +58,8 @@ def producer(args: argparse.Namespace) -> None:
     key = open(args.key_file, "rb").read()
     with ModelPublisher(MODEL, f"tcp://{args.address}:*", args.pfs_root, key, fetch_endpoint=f"tcp://{args.address}:*",
                         collective_endpoint=f"gloo://{args.address}:0", resume_after=0,
-                        dram_versions=2) as publisher:
+                        dram_versions=2, together=args.together, together_quorum=args.quorum,
+                        together_deadline=args.together_deadline) as publisher:
         say(event="ready", endpoint=publisher.endpoint)
         for line in sys.stdin:
             command = line.split()
@@ -75,17 +78,21 @@ def consumer(args: argparse.Namespace) -> None:
     subscriber: ModelSubscriber | None = None
 
     def updated(record) -> None:
-        with lock, subscriber.lease() as lease:
-            say(event="updated", version=record.version, route=str(record.route), sha256=sha256_of(lease.model),
-                t=time.time(), transfer_s=record.transfer_s, verify_s=record.verify_s)
+        with lock:
+            say(event="updated", version=record.version, route=str(record.route), t=time.time(),
+                transfer_s=record.transfer_s, verify_s=record.verify_s, swapped_at=record.swapped_at,
+                together=record.together)
 
     with lock:
         subscriber = ModelSubscriber(Weights(args.megabytes), MODEL, args.endpoint, args.pfs_root, key, routes=args.routes,
                                      fetch_timeout=args.deadline, load_latest=False, on_update=updated,
-                                     zero_copy=False)
+                                     zero_copy=False, together=args.together)
     with subscriber:
         say(event="ready")
-        sys.stdin.read()  # until the spawner closes our stdin (or kills us)
+        for line in sys.stdin:  # until the spawner closes our stdin (or kills us)
+            if line.strip() == "sha":
+                with subscriber.lease() as lease:
+                    say(event="sha", version=lease.version, sha256=sha256_of(lease.model))
 
 
 def main() -> None:
@@ -97,6 +104,9 @@ def main() -> None:
     parser.add_argument("--key-file", required=True)
     parser.add_argument("--routes", nargs="+", default=["relay", "dram-zmq"])
     parser.add_argument("--pfs-root", help="the file-system tier: a directory every host sees")
+    parser.add_argument("--together", action="store_true", help="replicas switch together")
+    parser.add_argument("--quorum", type=int, help="producer: ready replicas that suffice for a switch")
+    parser.add_argument("--together-deadline", type=float, default=10.0, help="producer: seconds")
     parser.add_argument("--deadline", type=float, default=10.0, help="consumer: fetch_timeout, seconds")
     args = parser.parse_args()
     producer(args) if args.role == "producer" else consumer(args)

@@ -93,18 +93,33 @@ class Fleet:
         self.endpoint = ""
         self.consumers: dict[str, Node] = {}
 
-    def start_producer(self) -> Node:
+    def start_producer(self, *options: str) -> Node:
+        """The producer, with `_cluster_node` producer options (e.g. "--together", "--quorum", "2")."""
         host = self.cluster.hosts[0]
-        self.producer = self._spawn(host, "producer", "--address", host.address)
+        self.producer = self._spawn(host, "producer", "--address", host.address, *options)
         self.endpoint = self.producer.wait_for("ready", self.start_timeout)["endpoint"]
         return self.producer
 
-    def add_consumer(self, host: Host, routes: list[str] | None = None) -> Node:
-        extra = ["--routes", *routes] if routes else []
+    def add_consumer(self, host: Host, routes: list[str] | None = None, *, together: bool = False) -> Node:
+        extra = (["--routes", *routes] if routes else []) + (["--together"] if together else [])
         node = self._spawn(host, "consumer", "--endpoint", self.endpoint, "--deadline", str(self.deadline), *extra)
         node.wait_for("ready", self.start_timeout)
         self.consumers[host.name] = node
         return node
+
+    def served(self, names: list[str], published: dict, timeout: float) -> dict[str, dict]:
+        """Each named consumer's update to the published version, once all have it; then each
+        is asked for the SHA-256 of the weights it serves, which must be the producer's."""
+        updates = {name: self.consumers[name].wait_for("updated", timeout, version=published["version"])
+                   for name in names}
+        for name in names:
+            self.consumers[name].send("sha")
+        for name in names:
+            served = self.consumers[name].wait_for("sha", timeout)
+            if (served["version"], served["sha256"]) != (published["version"], published["sha256"]):
+                raise AssertionError(f"{name} serves version {served['version']} with SHA-256 {served['sha256']}, "
+                                     f"not version {published['version']} as published ({published['sha256']})")
+        return updates
 
     def publish(self, seed: int, timeout: float = 60.0) -> dict:
         self.producer.send(f"publish {seed}")

@@ -18,11 +18,7 @@ WAIT_S = 60.0
 
 def _served(fleet: Fleet, names: list[str], published: dict, timeout: float = WAIT_S) -> dict[str, dict]:
     """Each named consumer's update to the published version, checked bit-exact."""
-    updates = {name: fleet.consumers[name].wait_for("updated", timeout, version=published["version"])
-               for name in names}
-    for name, update in updates.items():
-        assert update["sha256"] == published["sha256"], f"{name} serves other weights than version {published}"
-    return updates
+    return fleet.served(names, published, timeout)
 
 
 def test_relay_sends_each_byte_once_over_the_producers_link_as_hosts_join_and_leave(tmp_path) -> None:
@@ -79,3 +75,34 @@ def test_a_host_killed_mid_transfer_delays_the_others_by_at_most_the_deadline(tm
         bound = published["t"] + 2 * transfer_s + deadline + 2 * transfer_s
         late = {name: update["t"] - bound for name, update in updates.items() if update["t"] > bound}
         assert not late, f"hosts served the version later than the deadline allows (seconds late): {late}"
+
+
+def test_replicas_switch_together_and_one_not_ready_by_the_deadline_is_left_out(tmp_path) -> None:
+    megabytes, deadline = 4.0, 2.0
+    with EmulatedCluster(hosts=4, link_gbit=1.0) as cluster:
+        fleet = Fleet(cluster, megabytes, tmp_path)
+        fleet.start_producer("--together", "--together-deadline", str(deadline))
+        names = [host.name for host in cluster.hosts[1:]]
+        for host in cluster.hosts[1:]:
+            fleet.add_consumer(host, ["dram-zmq"], together=True)
+
+        def swaps(updates: dict[str, dict]) -> str:
+            return ", ".join(f"{name} {u['together']} at {u['swapped_at']:.3f}" for name, u in updates.items())
+
+        # the first switch waits its deadline (nobody to wait for yet), then everyone swaps at once
+        updates = _served(fleet, names, fleet.publish(1))
+        assert {u["together"] for u in updates.values()} == {"together"}, swaps(updates)
+        times = [u["swapped_at"] for u in updates.values()]
+        assert max(times) - min(times) <= 0.05, swaps(updates)
+
+        slow = cluster.hosts[3]
+        cluster.reshape(slow, 0.005)  # its 4 MB now take 6.4 s, past the deadline
+        published = fleet.publish(2)
+        updates = _served(fleet, names, published)
+        fast = {name: u for name, u in updates.items() if name != slow.name}
+        assert {u["together"] for u in fast.values()} == {"together"}, swaps(updates)
+        times = [u["swapped_at"] for u in fast.values()]
+        assert max(times) - min(times) <= 0.05, swaps(updates)
+        assert max(times) - published["t"] < deadline + 1.5, swaps(updates)  # nobody waited for the slow one
+        assert updates[slow.name]["together"] == "left-out", swaps(updates)
+        assert updates[slow.name]["swapped_at"] > max(times), swaps(updates)

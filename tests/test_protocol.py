@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
+import torch
 
 from viper_lightning import ConfigurationError, Layout, Location, Notice, ProtocolError, take_snapshot
 from viper_lightning._digest import digest_buffer
+from viper_lightning.consumer._together import TogetherSwitch
+from viper_lightning.transport._protocol import Switch
 
 from .conftest import TinyNet
 
@@ -85,3 +89,30 @@ def test_forged_shapes_are_refused_before_any_arithmetic(shape, message) -> None
 def test_a_huge_layout_size_is_refused_and_described_briefly() -> None:
     with pytest.raises(ProtocolError, match="got an integer of 9966 bits"):
         Layout.from_json([], 10**3000)
+
+
+def test_a_switch_needs_the_key_and_a_forged_one_leaves_the_replica_waiting() -> None:
+    """Replicas that switch together swap on a signed switch only: a forged one is ignored,
+    so a replica that sees nothing else swaps alone after its timeout, never on a forgery."""
+    key, notice = b"k" * 32, Notice("m", 5, 8, None, Layout.for_state_dict({"w": torch.zeros(2)}), "producer-1")
+    forged = Switch("m", 5, "producer-1").encode(b"x" * 32)
+    with pytest.raises(ProtocolError, match="wrong MAC") as refused:
+        Switch.decode(forged, key)
+    assert refused.value.code == "forged"
+    assert not Switch.announced_by(notice.encode(key))
+    stop, ready = threading.Event(), []
+
+    def waited(while_loading: list[bytes], once_ready: list[bytes]) -> str:
+        replica = TogetherSwitch("replica-1", timeout=0.2)
+        ready.clear()
+        return replica.wait(notice, lambda timeout: iter(once_ready if ready else while_loading),
+                            lambda: ready.append(1), stop, 0.05, key)
+
+    genuine = Switch("m", 5, "producer-1").encode(key)
+    assert waited([], [forged]) == "alone"
+    assert ready == [1]
+    assert waited([], [genuine]) == "together"
+    assert waited([genuine], []) == "left-out"  # it came while the replica was loading
+    assert ready == []  # nothing to report: the switch has gone
+    assert waited([], [Switch("m", 5, "another-producer").encode(key)]) == "alone"
+    assert waited([], [Switch("m", 6, "producer-1").encode(key)]) == "left-out"  # a newer version went

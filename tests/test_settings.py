@@ -24,6 +24,9 @@ BAD_PUBLISHER_SETTINGS = [
     ({"background_niceness": 20}, "background_niceness=20"),
     ({"background_niceness": -1}, "background_niceness=-1"),
     ({"background_niceness": "19"}, "background_niceness='19'"),
+    ({"together": "true"}, "together='true'"),
+    ({"together_quorum": 0}, "together_quorum=0"),
+    ({"together_deadline": 0}, "together_deadline=0"),
 ]
 
 
@@ -65,6 +68,7 @@ def test_viper_section_key_file_is_read(tmp_path) -> None:
     ({"viper": {"model_class": "M"}}, "viper.model_name must be a string"),
     ({"viper": {"model_name": "m", "model_class": 3}}, "viper.model_class must be a string"),
     ({"viper": {"model_name": "m", "model_class": "M", "model_kwargs": [1]}}, "model_kwargs must be a mapping"),
+    ({"viper": {"model_name": "m", "model_class": "M", "together": "yes"}}, "viper.together must be true or false"),
 ])
 def test_viper_section_errors_name_the_key_and_the_fix(config, message) -> None:
     with pytest.raises(ConfigurationError, match=message):

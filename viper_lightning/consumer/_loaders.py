@@ -4,9 +4,6 @@ buffers those functions reuse from one update to the next."""
 from __future__ import annotations
 
 import functools
-import os
-import socket
-import uuid
 from collections.abc import Callable
 
 import torch
@@ -31,7 +28,7 @@ class RouteLoaders:
     model straight from the producer's segments on the "dram-shm" route."""
 
     def __init__(self, device: torch.device | None, pfs: FileSystemTier | None, key: bytes | None,
-                 fetch_timeout: float, nbytes: int, *, zero_copy: bool) -> None:
+                 fetch_timeout: float, nbytes: int, *, zero_copy: bool, member: str) -> None:
         self._device, self._pfs, self._timeout, self._nbytes = device, pfs, fetch_timeout, nbytes
         self.key = key  # the subscriber's, once it has one
         self.context: zmq.Context | None = None  # the subscriber's, while it runs
@@ -39,7 +36,7 @@ class RouteLoaders:
         self._device_staging: torch.Tensor | None = None
         self._read_only_maps = ReadOnlyMappings()
         self.zero_copy = ZeroCopyWeights() if zero_copy and device == torch.device("cpu") else None
-        self._member = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # in relay rounds
+        self._member = member  # this consumer's name in relay rounds
 
     def loader(self, kind: RouteKind | str) -> Loader:
         kind = RouteKind(kind)

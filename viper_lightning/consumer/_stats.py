@@ -17,7 +17,10 @@ class UpdateRecord:
     included); transfer: bytes into the staging buffer; verify: the digest check over them;
     swap: flip the standby copy in (the copy into it is part of transfer); latency: publish
     call to the new version answering requests. `route` is how the bytes came ("dram-shm",
-    "dram-zmq", "pfs"), `trigger` what started the update, `why` the planner's reasoning."""
+    "dram-zmq", "pfs"), `trigger` what started the update, `why` the planner's reasoning.
+    `swapped_at` is when the swap happened (time.time(), comparable across hosts with synced
+    clocks); `together` is None unless the replica switches together, else "together",
+    "left-out" or "alone" (see consumer._together)."""
 
     version: int
     step: int | None
@@ -30,6 +33,8 @@ class UpdateRecord:
     latency_s: float
     trigger: str
     why: str
+    swapped_at: float = 0.0
+    together: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
@@ -22,12 +24,14 @@ from .._layout import Layout, check_compatible
 from ..storage._keys import key_file_for, read_key
 from ..storage._pfs import FileSystemTier
 from ..transport._reports import ConsumerReport, ReportSender
-from ..transport._protocol import DEFAULT_ENDPOINT, Location, Notice, check_endpoint, check_model_name, normalize_key
+from ..transport._protocol import (DEFAULT_ENDPOINT, Location, Notice, Switch, check_endpoint, check_model_name,
+                                   normalize_key)
 from ..transport._pubsub import NoticeListener
 from ._loaders import RouteLoaders
 from ._planner import Route, RouteKind, TransferPlanner, explain
 from ._double_buffer import Lease, DoubleBuffer
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
+from ._together import DEFAULT_TOGETHER_TIMEOUT_S, TogetherSwitch
 
 __all__ = ["ModelSubscriber"]
 
@@ -66,6 +70,10 @@ class ModelSubscriber:
             explicit opt-out). By default a subscriber without a key uses the key the producer of
             this model created on this host (see viper_lightning.storage._keys) and refuses
             everything until it has it.
+        together: switch together with the other replicas of a producer made with
+            `together=True`: load each version into standby, report ready, and swap when the
+            producer's signed switch comes (`stats.updates[-1].together` says how it went).
+        together_timeout: seconds a ready replica waits for the switch before it swaps alone.
     """
 
     def __init__(
@@ -87,6 +95,8 @@ class ModelSubscriber:
         history: int = 1000,
         planner: TransferPlanner | None = None,
         allow_keyless: bool = False,
+        together: bool = False,
+        together_timeout: float = DEFAULT_TOGETHER_TIMEOUT_S,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -113,8 +123,11 @@ class ModelSubscriber:
         self._expected = Layout.for_state_dict(model.state_dict())
         self._buffers = DoubleBuffer(model)
         self._recorder = StatsRecorder(history)
+        name = f"{self._planner.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # in relay rounds and ready reports
         self._loaders = RouteLoaders(device, self._pfs, self._key, fetch_timeout, self._expected.nbytes,
-                                     zero_copy=zero_copy)
+                                     zero_copy=zero_copy, member=name)
+        self._together = TogetherSwitch(name, together_timeout) if together else None
+        self._listener: NoticeListener | None = None  # the subscriber thread's, while it runs
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._newest_announced = 0
         self._version_changed = threading.Condition()
@@ -198,7 +211,7 @@ class ModelSubscriber:
         try:
             with NoticeListener(self._context, self.endpoint, self.model_name) as listener, \
                     closing(ReportSender(self._context)) as reports:
-                self._report_sender = reports
+                self._report_sender, self._listener = reports, listener
                 self._listening.set()
                 if self._load_latest and self._pfs is not None:
                     self._load_latest_version()
@@ -269,6 +282,9 @@ class ModelSubscriber:
         seen: set[str] = set()
         ends = time.monotonic() + _BURST_S
         for payload in payloads:
+            if Switch.announced_by(payload):  # for replicas that switch together; others ignore it
+                self._note_switch(payload)
+                continue
             received_at = time.time()
             fingerprint = hashlib.blake2b(payload, digest_size=16).hexdigest()
             notice = self._parse(payload, fingerprint) if fingerprint not in seen else None
@@ -279,6 +295,27 @@ class ModelSubscriber:
             if time.monotonic() > ends:
                 break
         return newest
+
+    def _note_switch(self, payload: bytes) -> None:
+        if self._together is None:
+            return
+        try:
+            key = self._verifying_key()
+        except ConfigurationError:  # no key yet: nothing this replica could have loaded either
+            return
+        self._together.note(payload, key, self.model_name)
+
+    def _await_switch(self, notice: Notice) -> str | None:
+        """For a replica that switches together: report ready, wait for the switch (see _together)."""
+        if self._together is None or self._listener is None:
+            return None
+        how = self._together.wait(notice, self._listener.receive, lambda: self._report_ready(notice), self._stop,
+                                  self._poll_interval, self._verifying_key())
+        if how == "alone":
+            log.warning("%s v%d: no switch from the producer within %.0f s of being ready; swapping alone (is the "
+                        "producer made with together=True, and is its fetch endpoint reachable for reports?)",
+                        self.model_name, notice.version, self._together.timeout)
+        return how
 
     def _parse(self, payload: bytes, fingerprint: str) -> Notice | None:
         if fingerprint in self._refused:
@@ -354,13 +391,16 @@ class ModelSubscriber:
                 raise
             route, why, transfer_s, verify_s = self._load(durable, self._planner.routes(durable), standby)
             why = f"the announced routes failed ({exc}); read the file-system tier's copy instead"
+        together = self._await_switch(notice)
         swap_started = time.perf_counter()
         self._buffers.swap(notice.version)
+        swapped_at = time.time()
         record = UpdateRecord(
             version=notice.version, step=notice.step, route=route.kind.value, nbytes=notice.nbytes,
             discovery_s=max(0.0, received_at - notice.created_at), transfer_s=transfer_s,
             verify_s=verify_s, swap_s=time.perf_counter() - swap_started,
-            latency_s=max(0.0, time.time() - notice.created_at), trigger=trigger, why=why)
+            latency_s=max(0.0, time.time() - notice.created_at), trigger=trigger, why=why, swapped_at=swapped_at,
+            together=together)
         self._loaders.after_swap()
         return record
 
@@ -388,11 +428,16 @@ class ModelSubscriber:
     def _report_to_producer(self, notice: Notice, record: UpdateRecord) -> None:
         """Tell the producer (its fetch endpoint, if the notice names one) how long this update
         took to serve: its schedule plans with that. One-way, it never waits."""
-        endpoint = next((location.address for location in notice.locations
-                         if location.tier == "dram" and location.address.startswith("tcp://")), None)
+        endpoint = _fetch_endpoint_of(notice)
         if endpoint is not None and self._report_sender is not None:
             self._report_sender.send(endpoint, self.model_name, self._key,
                                      ConsumerReport(record.version, record.latency_s, record.route))
+
+    def _report_ready(self, notice: Notice) -> None:
+        """Tell the producer this replica has `notice`'s version loaded (one-way)."""
+        endpoint = _fetch_endpoint_of(notice)
+        if endpoint is not None and self._report_sender is not None and self._together is not None:
+            self._report_sender.ready(endpoint, self.model_name, self._key, notice.version, self._together.name)
 
     def _durable_copy(self, notice: Notice) -> Notice | None:
         """The version as the file-system tier holds it, when the notice predates its write (the
@@ -455,3 +500,9 @@ def _device_of(model: torch.nn.Module) -> torch.device | None:
 
 def _is_cuda(device: torch.device | None) -> bool:
     return device is not None and device.type == "cuda"
+
+
+def _fetch_endpoint_of(notice: Notice) -> str | None:
+    """The producer's fetch endpoint, where reports go, if the notice names one."""
+    return next((location.address for location in notice.locations
+                 if location.tier == "dram" and location.address.startswith("tcp://")), None)

@@ -1,7 +1,8 @@
 """The announcer: the one thread that owns the notice socket (ZeroMQ sockets are not
 thread-safe). It sends each version's notice, re-sends the newest to every new subscriber and
 as a heartbeat, and never sends a version older than one already announced (consumers would
-rightly refuse it)."""
+rightly refuse it). It also sends the switches of replicas that switch together (see
+_switcher), repeating the newest with each heartbeat."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ log = logging.getLogger("viper_lightning.publisher")
 
 _POLL_S = 0.02  # how often the idle announcer looks for new subscribers
 _STOP = object()
+_SWITCH = "switch"
 
 
 class Announcer:
@@ -50,6 +52,10 @@ class Announcer:
         """Queue a notice; `final` marks the last notice a version gets (its tiers are settled)."""
         self._inbox.put((version, final))
 
+    def switch(self, version: int) -> None:
+        """Queue the switch to `version` for replicas that switch together."""
+        self._inbox.put((version, _SWITCH))
+
     def wait_for_subscribers(self, count: int, timeout: float | None) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: self._subscriptions >= count, timeout)
@@ -74,6 +80,7 @@ class Announcer:
 
     def _serve(self, broadcaster: NoticeBroadcaster) -> None:
         newest = 0
+        switch: bytes | None = None  # the newest switch, repeated with the heartbeat
         last_sent = time.monotonic()
         while True:
             try:
@@ -82,7 +89,10 @@ class Announcer:
                 item = None
             if item is _STOP:
                 return
-            if item is not None:
+            if item is not None and item[1] == _SWITCH:
+                switch = self._notices.switch(item[0])
+                broadcaster.send(self._model, switch)
+            elif item is not None:
                 version, final = item
                 if version >= newest and self._send(broadcaster, version):
                     newest, last_sent = version, time.monotonic()
@@ -91,6 +101,8 @@ class Announcer:
             joined = self._count_subscriptions(broadcaster)
             if newest and (joined or time.monotonic() - last_sent >= self._heartbeat_s):
                 self._send(broadcaster, newest)
+                if switch is not None:
+                    broadcaster.send(self._model, switch)
                 last_sent = time.monotonic()
 
     def _send(self, broadcaster: NoticeBroadcaster, version: int) -> bool:

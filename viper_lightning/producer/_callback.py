@@ -20,6 +20,7 @@ from ._device import MAX_COPIES
 from ._probes import ServedLossProbe
 from ._publisher import ModelPublisher
 from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, PublisherSettings
+from ._switcher import DEFAULT_TOGETHER_DEADLINE_S
 
 __all__ = ["ViperCallback"]
 
@@ -62,6 +63,10 @@ class ViperCallback(Callback):
         background_niceness: how far below training's CPU priority the publisher's background
             writers run (Linux nice values, 0 to 19; default 19): training's threads get the
             cores first, and the digest and write of a version fill the gaps they leave.
+        together: replicas subscribed with `together=True` swap to each version at once, on a
+            signed switch sent when they are ready (see ModelPublisher).
+        together_quorum: ready replicas that suffice for a switch (None: those of the last one).
+        together_deadline: seconds after which replicas not ready are left out of a switch.
     """
 
     def __init__(
@@ -84,6 +89,9 @@ class ViperCallback(Callback):
         allow_keyless: bool = False,
         keep_every_version: bool = False,
         background_niceness: int = BACKGROUND_NICENESS,
+        together: bool = False,
+        together_quorum: int | None = None,
+        together_deadline: float = DEFAULT_TOGETHER_DEADLINE_S,
     ) -> None:
         key = _read_key(hmac_key, hmac_key_file)
         # Checked here, when the callback is built (not at train start); "auto" is resolved then.
@@ -92,7 +100,8 @@ class ViperCallback(Callback):
             gpu_device=None if gpu_device == "auto" else gpu_device, fetch_endpoint=fetch_endpoint,
             collective_endpoint=collective_endpoint, keep_versions=keep_versions,
             heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
-            keep_every_version=keep_every_version, background_niceness=background_niceness)
+            keep_every_version=keep_every_version, background_niceness=background_niceness, together=together,
+            together_quorum=together_quorum, together_deadline=together_deadline)
         self._auto_gpu = gpu_device == "auto"
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):

@@ -4,7 +4,7 @@ that hold the version at this moment (tiers change as versions are demoted, flus
 from __future__ import annotations
 
 from ..transport._collective import BACKENDS, CollectiveServer
-from ..transport._protocol import Location, Notice
+from ..transport._protocol import Location, Notice, Switch
 from ._catalog import VersionCatalog
 from ._device import DeviceTier
 from ._store import HostCopy, TieredStore
@@ -38,6 +38,10 @@ class NoticeBoard:
             return None
         self._last = (key, notice.encode(self._key))
         return self._last[1]
+
+    def switch(self, version: int) -> bytes:
+        """The signed switch to `version`, for replicas that switch together."""
+        return Switch(self._catalog.model, version, self._catalog.producer_id).encode(self._key)
 
     def latest(self) -> bytes | None:
         """The newest version in memory, for a consumer that joins late."""

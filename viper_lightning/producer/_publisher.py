@@ -25,7 +25,7 @@ from ..storage._keys import load_or_create_key
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import CollectiveServer, parse_address
 from ..transport._fetch import FetchServer
-from ..transport._reports import ConsumerReport, ReportBox
+from ..transport._reports import ConsumerReport, ReadyBoard, ReportBox
 from ._announcer import Announcer
 from ._cascade import Cascade
 from ._catalog import CommitRecord, VersionCatalog, VersionRecord
@@ -38,6 +38,7 @@ from ._notices import NoticeBoard
 from ._reservations import VersionReservations
 from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, DEFAULT_FLUSH_DELAY_S, PublisherSettings
 from ._store import TieredStore
+from ._switcher import DEFAULT_TOGETHER_DEADLINE_S, Switcher
 
 __all__ = ["ModelPublisher", "CommitRecord", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT"]
 
@@ -97,6 +98,13 @@ class ModelPublisher:
             write versions, fault new slots in and copy the GPU tier to host memory (Linux), so
             that training's threads get the cores first and the background work fills the gaps
             they leave (default 19, the lowest priority; 0 runs them at training's priority).
+        together: replicas that subscribe with `together=True` switch to each version at once:
+            each loads it into standby and reports ready, and a signed switch goes out on the
+            notice socket once the replicas waited for are ready (see `together_quorum`).
+        together_quorum: ready replicas that suffice for a switch; None (default): every replica
+            that was ready for the previous switch (the first switch waits its deadline).
+        together_deadline: seconds after a version is announced by which replicas not ready
+            are left out of its switch (they swap alone once ready, and say so).
     """
 
     def __init__(
@@ -120,13 +128,17 @@ class ModelPublisher:
         allow_keyless: bool = False,
         keep_every_version: bool = False,
         background_niceness: int = BACKGROUND_NICENESS,
+        together: bool = False,
+        together_quorum: int | None = None,
+        together_deadline: float = DEFAULT_TOGETHER_DEADLINE_S,
     ) -> None:
         self.settings = PublisherSettings(
             model_name, endpoint, pfs_root, hmac_key, dram_versions=dram_versions, dram_bytes=dram_bytes,
             gpu_device=gpu_device, fetch_endpoint=fetch_endpoint, collective_endpoint=collective_endpoint,
             keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
             resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
-            keep_every_version=keep_every_version, background_niceness=background_niceness)
+            keep_every_version=keep_every_version, background_niceness=background_niceness, together=together,
+            together_quorum=together_quorum, together_deadline=together_deadline)
         self.model_name = model_name
         key = _key_for(self.settings)
         host = host_id or socket.gethostname()
@@ -148,6 +160,7 @@ class ModelPublisher:
         lends_device_memory = self._device is not None and self._device.on_gpu and key is not None
         self._context = zmq.Context()
         self._reports = ReportBox()
+        self._ready = ReadyBoard() if together else None
         with contextlib.ExitStack() as resources:  # unwound here if construction fails, else by close()
             resources.callback(self._context.term)
             if reservations is not None:  # closed after everything that announces
@@ -188,7 +201,11 @@ class ModelPublisher:
                 resources.callback(self._flusher.close)
                 self._health.add(FILE_SYSTEM_TIER)
                 self._store.on_starved = self._flusher.hurry
-            self._cascade = Cascade(self._catalog, self._store, self._announcer, self._flusher)
+            self._switcher = Switcher(self.model_name, self._ready, self._announcer, quorum=together_quorum,
+                                      deadline_s=together_deadline) if self._ready is not None else None
+            if self._switcher is not None:
+                resources.callback(self._switcher.close)  # it has the announcer switch: closed first
+            self._cascade = Cascade(self._catalog, self._store, self._announcer, self._flusher, self._switcher)
             self._demoter = Demoter(self.model_name, self._device, self._store, self._catalog, self._cascade,
                                     self._health, keeps_borrow=self._flusher is not None,
                                     niceness=background_niceness) if self._device else None
@@ -352,7 +369,8 @@ class ModelPublisher:
         return version
 
     def _start_fetch_server(self, endpoint: str, key: bytes | None, lender: MemoryLender) -> FetchServer:
-        server = FetchServer(self._context, endpoint, self.model_name, key, lender, reports=self._reports)
+        server = FetchServer(self._context, endpoint, self.model_name, key, lender, reports=self._reports,
+                             ready=self._ready)
         server.start()
         return server
 

@@ -16,6 +16,7 @@ from ..storage._pfs import FileSystemTier
 from ..transport._collective import parse_address
 from ..transport._protocol import DEFAULT_ENDPOINT, MAX_VERSION, check_endpoint, check_model_name, normalize_key
 from ._device import parse_device
+from ._switcher import DEFAULT_TOGETHER_DEADLINE_S
 
 __all__ = ["PublisherSettings", "DEFAULT_ENDPOINT", "DEFAULT_FETCH_ENDPOINT", "DEFAULT_FLUSH_DELAY_S"]
 
@@ -46,6 +47,9 @@ class PublisherSettings:
     allow_keyless: bool = False
     keep_every_version: bool = False
     background_niceness: int = BACKGROUND_NICENESS
+    together: bool = False
+    together_quorum: int | None = None
+    together_deadline: float = DEFAULT_TOGETHER_DEADLINE_S
 
     def __post_init__(self) -> None:
         check_model_name(self.model_name)
@@ -73,7 +77,13 @@ class PublisherSettings:
                                      "seconds")
         if not (_is_number(self.flush_delay) and 0 <= self.flush_delay < 60):
             raise ConfigurationError(f"flush_delay={self.flush_delay!r}: use seconds in [0, 60), e.g. 0.05")
-        for name in ("allow_keyless", "keep_every_version"):
+        if self.together_quorum is not None and not (_is_int(self.together_quorum) and self.together_quorum >= 1):
+            raise ConfigurationError(f"together_quorum={self.together_quorum!r}: use a number of replicas (1 or "
+                                     "more), or None to wait for every replica of the previous switch")
+        if not (_is_number(self.together_deadline) and 0 < self.together_deadline <= 3600):
+            raise ConfigurationError(f"together_deadline={self.together_deadline!r}: use seconds in (0, 3600], "
+                                     "e.g. 10")
+        for name in ("allow_keyless", "keep_every_version", "together"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"{name}={getattr(self, name)!r}: use True or False (a string such as "
                                          "'false' would be taken as true)")

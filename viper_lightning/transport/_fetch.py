@@ -8,6 +8,7 @@ Requests (JSON, signed when a key is configured):
                                           "lease", "lease_s"}   (the GPU tier, same host only)
   {"op": "release", "model", "lease"} -> {"status": "ok"}
   {"op": "report", "model", "version", "latency_s", "route"} -> no answer (see _reports)
+  {"op": "ready", "model", "version", "replica"} -> no answer (a replica switching together is ready)
 An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives, a
 refused request {"status": "error", "code", "reason"} (codes: see viper_lightning._errors).
 The client keeps a small window of chunk reads in flight, receives each data frame straight
@@ -39,7 +40,7 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from ._loans import IpcLoan, Lender, MemoryLoan
 from ._messages import count, load_object, raise_for_answer, refusal
 from ._protocol import check_proto, sign, signed_request, verify_mac
-from ._reports import ReportBox, parse_report
+from ._reports import ReadyBoard, ReportBox, parse_ready, parse_report
 
 __all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES", "LEASE_S"]
 
@@ -61,7 +62,8 @@ class FetchServer:
     CUDA IPC leases) and answers "gone" with the tiers that still hold an evicted version."""
 
     def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None, lender: Lender, *,
-                 lease_s: float = LEASE_S, reports: ReportBox | None = None) -> None:
+                 lease_s: float = LEASE_S, reports: ReportBox | None = None,
+                 ready: ReadyBoard | None = None) -> None:
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -76,6 +78,7 @@ class FetchServer:
         self._model, self._key = model, key
         self._lender = lender
         self._reports = reports  # consumers' update reports go here (None: dropped)
+        self._ready = ready  # replicas' ready reports (None: nobody switches together)
         # (peer, tracker, loan, deadline): chunks zmq is still sending, their bytes kept in place
         self._in_flight: list[tuple[bytes, zmq.MessageTracker, MemoryLoan, float]] = []
         self._lease_s = lease_s
@@ -122,7 +125,7 @@ class FetchServer:
             op = request.get("op")
             handler = {"open": self._open, "read": self._read, "latest": self._latest,
                        "ipc": self._lend, "release": self._end_lease, "report": self._report,
-                       }.get(op) if isinstance(op, str) else None
+                       "ready": self._replica_ready}.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolError(f"unknown fetch op {op!r}")
             handler(peer, request)
@@ -171,6 +174,11 @@ class FetchServer:
         report = parse_report(request)  # a bad one is answered with the refusal
         if self._reports is not None:
             self._reports.add(report)
+
+    def _replica_ready(self, peer: bytes, request: dict) -> None:
+        version, replica = parse_ready(request)  # a bad one is answered with the refusal
+        if self._ready is not None:
+            self._ready.add(version, replica)
 
     def _latest(self, peer: bytes, request: dict) -> None:
         notice = self._lender.latest_notice()

@@ -17,7 +17,7 @@ from .._errors import ConfigurationError, ProtocolError
 from .._layout import Layout
 from ._messages import canonical_json, count, load_object, object_of
 
-__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "MAX_VERSION", "Location", "Notice", "check_model_name",
+__all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "MAX_VERSION", "Location", "Notice", "Switch", "check_model_name",
            "check_endpoint", "check_proto", "normalize_key", "sign", "verify_mac"]
 
 PROTO = 1
@@ -173,6 +173,43 @@ class Notice:
 
     def with_locations(self, locations: tuple[Location, ...]) -> Notice:
         return replace(self, locations=locations)
+
+
+SWITCH_PREFIX = b'{"kind":"switch"'  # canonical JSON sorts keys: "kind" comes first, no notice has it
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Tells replicas that switch together to swap to `version` now (DESIGN §9): sent on the
+    notice socket, under the model's topic, once the replicas the producer waits for are ready
+    with it loaded. Signed like a notice when a key is set."""
+
+    model: str
+    version: int
+    producer: str
+
+    def encode(self, key: bytes | None) -> bytes:
+        payload: dict[str, object] = {"kind": "switch", "proto": PROTO, "model": self.model,
+                                      "version": self.version, "producer": self.producer}
+        if key is not None:
+            payload["mac"] = sign(payload, key)
+        return canonical_json(payload)
+
+    @staticmethod
+    def announced_by(data: bytes) -> bool:
+        """Whether a message on the notice socket is a switch (not a notice): checked on the
+        bytes, so a big notice is never parsed twice."""
+        return data.startswith(SWITCH_PREFIX)
+
+    @classmethod
+    def decode(cls, data: bytes, key: bytes | None) -> Switch:
+        payload = load_object(data, "switch", limit=64 * 1024)
+        check_proto(payload, "switch")
+        verify_mac(payload, key, "switch")
+        if payload.get("kind") != "switch":
+            raise ProtocolError(f"switch: 'kind' must be 'switch', got {payload.get('kind')!r:.40}")
+        return cls(_model_field(payload, "switch"), count(payload, "version", "switch", minimum=1, maximum=MAX_VERSION),
+                   _string(payload, "producer", "switch"))
 
 
 def _model_field(payload: dict[str, object], what: str) -> str:

@@ -14,6 +14,7 @@ import math
 import re
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -22,7 +23,8 @@ from .._errors import ProtocolError
 from ._messages import count
 from ._protocol import signed_request
 
-__all__ = ["ConsumerReport", "ReportBox", "ReportSender", "parse_report", "send_report", "MAX_LATENCY_S"]
+__all__ = ["ConsumerReport", "ReportBox", "ReportSender", "ReadyBoard", "parse_report", "parse_ready", "send_report",
+           "MAX_LATENCY_S"]
 
 log = logging.getLogger("viper_lightning.subscriber")
 
@@ -30,6 +32,8 @@ MAX_LATENCY_S = 24 * 3600.0  # a report beyond a day is not a load time
 LINGER_MS = 200  # how long a closed reporting socket may still try to deliver its report
 REPORT_HWM = 16  # reports queued for a producer that is not reading; beyond, they are dropped
 _ROUTE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+MAX_REPLICA_CHARS = 255
+READY_VERSIONS = 8  # versions whose ready replicas are kept (older ones are never switched to)
 
 
 @dataclass(frozen=True)
@@ -64,15 +68,22 @@ class ReportSender:
         self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
 
     def send(self, endpoint: str, model: str, key: bytes | None, report: ConsumerReport) -> None:
-        request = signed_request(model, key, {"op": "report", "version": report.version,
-                                              "latency_s": report.latency_s, "route": report.route})
+        self._send(endpoint, model, key, report.version, {"op": "report", "version": report.version,
+                                                          "latency_s": report.latency_s, "route": report.route})
+
+    def ready(self, endpoint: str, model: str, key: bytes | None, version: int, replica: str) -> None:
+        """A replica that switches together has `version` loaded and waits for the switch."""
+        self._send(endpoint, model, key, version, {"op": "ready", "version": version, "replica": replica})
+
+    def _send(self, endpoint: str, model: str, key: bytes | None, version: int, fields: dict) -> None:
+        request = signed_request(model, key, fields)
         try:
             socket = self._socket(endpoint)
             while socket.poll(0, zmq.POLLIN):  # a producer's refusals: nothing waits for them
                 socket.recv(zmq.NOBLOCK)
             socket.send(request, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.debug("could not report %s v%d to %s: %s", model, report.version, endpoint, exc)
+            log.debug("could not report %s v%d to %s: %s", model, version, endpoint, exc)
 
     def close(self) -> None:
         for socket in self._sockets.values():
@@ -140,3 +151,40 @@ class ReportBox:
             taken = list(self._reports)
             self._reports.clear()
         return taken
+
+
+def parse_ready(request: dict) -> tuple[int, str]:
+    """(version, replica) of a (verified) ready report; bad fields raise ProtocolError naming them."""
+    replica = request.get("replica")
+    if not isinstance(replica, str) or not 0 < len(replica) <= MAX_REPLICA_CHARS:
+        raise ProtocolError(f"ready field 'replica' must be a name of 1-{MAX_REPLICA_CHARS} characters, "
+                            f"got {replica!r:.40}")
+    return count(request, "version", "ready", minimum=1), replica
+
+
+class ReadyBoard:
+    """Which replicas that switch together have which version loaded: the fetch server adds,
+    the switcher waits (thread-safe). Only the newest READY_VERSIONS versions are kept."""
+
+    def __init__(self) -> None:
+        self._ready: dict[int, set[str]] = {}
+        self._changed = threading.Condition()
+
+    def add(self, version: int, replica: str) -> None:
+        with self._changed:
+            if self._ready and version < min(self._ready) and len(self._ready) >= READY_VERSIONS:
+                return  # too old to be switched to
+            self._ready.setdefault(version, set()).add(replica)
+            while len(self._ready) > READY_VERSIONS:
+                del self._ready[min(self._ready)]
+            self._changed.notify_all()
+
+    def wait(self, version: int, enough: Callable[[frozenset[str]], bool], timeout: float) -> frozenset[str]:
+        """The replicas ready with `version` once `enough` of them are, or when `timeout` ends."""
+        with self._changed:
+            self._changed.wait_for(lambda: enough(self.ready_with(version)), max(0.0, timeout))
+            return self.ready_with(version)
+
+    def ready_with(self, version: int) -> frozenset[str]:
+        with self._changed:
+            return frozenset(self._ready.get(version, ()))
