@@ -19,7 +19,7 @@ Lightning run of the same model (batch 8): `throughput_cost` pairs, within one r
 steps that start with a publish with the blocks of 10 steps after them, which have none (6 pairs
 after the first); `throughput_cost_runs` cross-checks it on separate runs with and without
 publishing (see measure_throughput; `copies_per_step`: how many memory copies of the weights a
-step takes).
+step takes). `lightning-throughput-nice19` is the paired measure with `background_niceness=19`.
 `--runs K` repeats the whole measurement K times, each in a fresh interpreter, and prints each
 ratio's best, median and worst over runs (a user gets every run, not the median); the JSON
 then has `"runs": K` and, per result, the run with the median e2e plus `e2e_s_worst`,
@@ -319,7 +319,7 @@ class _Consumers(L.Callback):
         self.followers.stop()
 
 
-def measure_throughput(megabytes: float, consumers: int = 1) -> dict[str, Any]:
+def measure_throughput(megabytes: float, consumers: int = 1, niceness: int = 0) -> dict[str, Any]:
     """What publishing every PUBLISH_EVERY steps costs a real Lightning run of this model,
     publishing through `ViperCallback` (its defaults: keyed, the file-system tier on, here a
     temporary directory) to `consumers` same-host consumer processes.
@@ -337,10 +337,16 @@ def measure_throughput(megabytes: float, consumers: int = 1) -> dict[str, Any]:
     `throughput_cost_runs` cross-checks it on separate runs, as a user would compare them: the
     mean step of a run publishing every PUBLISH_EVERY steps against the same run without
     publishing, each run twice, alternating, the faster of each kept; that figure carries the
-    drift between runs. `copies_per_step` says how heavy the step is against one memory copy."""
+    drift between runs. `copies_per_step` says how heavy the step is against one memory copy.
+
+    `niceness` is ViperCallback's `background_niceness` (0, its default, or 19, what it tells
+    CPU training of big models to set); with 19 only the paired run is made."""
     from viper_lightning.schedules import EveryNSteps
 
-    paired = _paired_blocks(megabytes, consumers)
+    paired = _paired_blocks(megabytes, consumers, niceness)
+    if niceness:
+        return {"e2e_s": paired["step_s_with"], "training_stall_s": None, "stages": {}, **paired,
+                "background_niceness": niceness, "publish_every": PUBLISH_EVERY, "consumers": consumers}
     step_s = {"without": [], "with": []}
     for _ in range(2):
         for mode in ("without", "with"):
@@ -355,10 +361,10 @@ def measure_throughput(megabytes: float, consumers: int = 1) -> dict[str, Any]:
             "throughput_cost_runs": 1.0 - without / with_publishing,
             "step_s_runs": {"without": without, "with": with_publishing, "all": step_s},
             "publish_every": PUBLISH_EVERY, "copies_per_step": paired["step_s_without"] / copy_s,
-            "consumers": consumers}
+            "consumers": consumers, "background_niceness": 0}
 
 
-def _paired_blocks(megabytes: float, consumers: int) -> dict[str, Any]:
+def _paired_blocks(megabytes: float, consumers: int, niceness: int = 0) -> dict[str, Any]:
     """The paired-block run (see measure_throughput)."""
     from viper_lightning.schedules import EveryNSteps
 
@@ -366,7 +372,7 @@ def _paired_blocks(megabytes: float, consumers: int) -> dict[str, Any]:
     first = 2 * block  # EveryNSteps publishes after steps 2 * block, 4 * block, ...
     with tempfile.TemporaryDirectory(prefix="viper-bench-tput-") as root:
         durations = _step_durations(megabytes, first + 2 * block * (THROUGHPUT_PAIRS + 1), root,
-                                    EveryNSteps(2 * block), consumers)
+                                    EveryNSteps(2 * block), consumers, niceness)
     # durations[k] is step k + 1's. A publish at the end of step p is in that step's time (the
     # stall), its background work in the steps after: its block is steps p to p + block - 1.
     pairs = []
@@ -381,7 +387,8 @@ def _paired_blocks(megabytes: float, consumers: int) -> dict[str, Any]:
             "paired_block_steps": block, "pairs": THROUGHPUT_PAIRS}
 
 
-def _step_durations(megabytes: float, steps: int, root: str, schedule: Any, consumers: int) -> list[float]:
+def _step_durations(megabytes: float, steps: int, root: str, schedule: Any, consumers: int,
+                    niceness: int = 0) -> list[float]:
     """Each step's duration in a real Lightning run of `steps` steps, publishing on `schedule`
     (None: no publishing): item k is step k + 1's (NaN for the first, which has no start)."""
     from viper_lightning import ViperCallback
@@ -392,7 +399,7 @@ def _step_durations(megabytes: float, steps: int, root: str, schedule: Any, cons
     followers = None
     if schedule is not None:
         viper = ViperCallback("bench-tput", "tcp://127.0.0.1:*", pfs_root=root, schedule=schedule,
-                              fetch_endpoint="tcp://127.0.0.1:*")
+                              fetch_endpoint="tcp://127.0.0.1:*", background_niceness=niceness)
         followers = _Consumers(viper, megabytes, consumers, root)
         callbacks = [viper, followers]
     inputs = torch.randn(THROUGHPUT_BATCH, model.hparams["input_length"])
@@ -441,6 +448,7 @@ STRATEGIES: dict[str, Callable[[torch.nn.Module, int, float], dict[str, Any]]] =
     "torchserve-register": lambda model, repeat, megabytes: measure_torchserve_register(megabytes, repeat),
     "torchserve-viper": lambda model, repeat, megabytes: measure_torchserve_viper(megabytes, repeat),
     "lightning-throughput": lambda model, repeat, megabytes: measure_throughput(megabytes),
+    "lightning-throughput-nice19": lambda model, repeat, megabytes: measure_throughput(megabytes, niceness=19),
 }
 
 
@@ -456,8 +464,9 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
     `keyless` runs the Viper strategies that need no key with the keyless opt-out."""
     cases = [(name, functools.partial(measure_viper, name, keyless=keyless) if name in VIPER_CASES
               else STRATEGIES[name]) for name in strategies]
-    cases = [(name, (lambda model, repeat, megabytes: measure_throughput(megabytes, consumers))
-              if name == "lightning-throughput" else measure) for name, measure in cases]
+    cases = [(name, (lambda model, repeat, megabytes, nice=int(name.endswith("19")) * 19:
+                     measure_throughput(megabytes, consumers, nice))
+              if name.startswith("lightning-throughput") else measure) for name, measure in cases]
     if consumers > 1:
         cases.append((f"dram-shm-x{consumers}",
                       functools.partial(measure_viper, "dram-shm", consumers=consumers, keyless=keyless)))
@@ -485,10 +494,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if "throughput_cost" in result:
             print(f"{result['strategy']:<26}{result['size_bytes'] / 1e6:>6.0f}  step {result['step_s_without'] * 1e3:.0f} ms "
                   f"in quiet blocks, {result['step_s_with'] * 1e3:.0f} ms in blocks with a publish "
-                  f"(every {result['publish_every']} steps, {result['consumers']} consumer(s)): "
-                  f"{result['throughput_cost'] * 100:.1f}% of the throughput; separate runs: "
-                  f"{result['step_s_runs']['without'] * 1e3:.0f} ms against {result['step_s_runs']['with'] * 1e3:.0f} ms, "
-                  f"{result['throughput_cost_runs'] * 100:.1f}%")
+                  f"(every {result['publish_every']} steps, {result['consumers']} consumer(s), background_niceness "
+                  f"{result['background_niceness']}): {result['throughput_cost'] * 100:.1f}% of the throughput")
+            if "throughput_cost_runs" in result:
+                print(f"{'':<26}separate runs: {result['step_s_runs']['without'] * 1e3:.0f} ms against "
+                      f"{result['step_s_runs']['with'] * 1e3:.0f} ms, {result['throughput_cost_runs'] * 100:.1f}%")
             print(f"{'':<26}each pair: " + ", ".join(f"{c * 100:.1f}%" for c in result["throughput_cost_pairs"])
                   + f"; a quiet block's first step over its median: {result['spill_s'] * 1e3:+.0f} ms")
             continue
@@ -541,6 +551,9 @@ def ratios(results: list[dict[str, Any]]) -> list[tuple[float, str, float, str]]
                            throughput["throughput_cost"], "<= 0.05"))
             checks.append(("  same, separate runs (carries the drift between runs)",
                            throughput["throughput_cost_runs"], "<= 0.05"))
+        niced = peers.get("lightning-throughput-nice19")
+        if niced is not None:
+            checks.append(("  same, background_niceness=19", niced["throughput_cost"], "<= 0.05"))
         measured += [(size, label, value, aim) for label, value, aim in checks if value == value]  # not NaN
     return measured
 

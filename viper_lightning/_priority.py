@@ -5,8 +5,14 @@ new snapshot slot in, copying the GPU tier down to host memory) is a burst of CP
 publish. When training runs on every core, a burst at the same priority takes a core away from
 one of torch's intra-op threads, and the others wait for it at the next barrier: the step loses
 about the burst's CPU time once per intra-op thread. At a lower priority (a higher nice value)
-the kernel runs the burst in the moments training leaves a core idle instead, and still runs it
-when training does not (nice never starves a thread, unlike SCHED_IDLE)."""
+the kernel runs the burst in the moments training leaves a core idle instead.
+
+The price is that the burst may wait long when training leaves no core idle: small models whose
+steps are a few milliseconds keep torch's threads spinning between operations, and then a
+flush at nice 19 gets about 1.5% of a core, holds its snapshot slot for that long, and later
+publishes are skipped (reported) for want of a free slot. So it is an opt-in for CPU training
+of big models, where a publish's burst is long and the steps leave gaps; GPU training leaves
+the CPU mostly idle and needs neither."""
 
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ import os
 import sys
 import threading
 
-__all__ = ["BACKGROUND_NICENESS", "MAX_NICE", "lower_this_thread"]
+__all__ = ["BACKGROUND_NICENESS", "RECOMMENDED_NICENESS", "MAX_NICE", "lower_this_thread"]
 
 log = logging.getLogger("viper_lightning.publisher")
 
-BACKGROUND_NICENESS = 19  # added to the thread's nice value: the lowest normal priority, as for backups
+BACKGROUND_NICENESS = 0  # the default: background threads at training's priority (see the module doc)
+RECOMMENDED_NICENESS = 19  # for CPU training of big models: the lowest normal priority, as for backups
 MAX_NICE = 19
 
 

@@ -95,9 +95,11 @@ class ModelPublisher:
             training. `writes_skipped` counts them; the newest version is always written.
             True also makes `publish` wait for a free snapshot slot rather than skip.
         background_niceness: added to the nice value of the background threads that digest and
-            write versions, fault new slots in and copy the GPU tier to host memory (Linux), so
-            that training's threads get the cores first and the background work fills the gaps
-            they leave (default 19, the lowest priority; 0 runs them at training's priority).
+            write versions, fault new slots in and copy the GPU tier to host memory (Linux).
+            0 (default): training's priority. 19 for CPU training of big models: training's
+            threads then get the cores first, and the background work fills the gaps they
+            leave; a model whose steps leave no gaps may then see publishes skipped while a
+            flush waits for the CPU (see viper_lightning._priority).
         together: replicas that subscribe with `together=True` switch to each version at once:
             each loads it into standby and reports ready, and a signed switch goes out on the
             notice socket once the replicas waited for are ready (see `together_quorum`).
