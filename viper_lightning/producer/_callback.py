@@ -60,10 +60,9 @@ class ViperCallback(Callback):
             by default a key is created for the model on this host (see ModelPublisher).
         keep_every_version: write every version to the file system; by default a version a
             newer one replaced before its write started is skipped (the last is always written).
-        background_niceness: how far below training's CPU priority the publisher's background
-            writers run (Linux nice values, 0 to 19; default 0). 19 suits CPU training of big
-            models: the digest and write of a version then fill the gaps training leaves, rather
-            than take a core from torch's threads (see ModelPublisher).
+        background_niceness: how far below training's CPU priority the publisher's file-system
+            writer runs (Linux nice values, 0 to 19; default 0; see ModelPublisher for what it
+            does and what it measured).
         together: replicas subscribed with `together=True` swap to each version at once, on a
             signed switch sent when they are ready (see ModelPublisher).
         together_quorum: ready replicas that suffice for a switch (None: those of the last one).

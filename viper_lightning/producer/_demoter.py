@@ -8,7 +8,6 @@ import queue
 import threading
 from collections.abc import Callable
 
-from .._priority import lower_this_thread
 from ._cascade import Cascade
 from ._catalog import VersionCatalog
 from ._device import DeviceCopy, DeviceTier
@@ -30,11 +29,10 @@ class Demoter:
     marked failed, so the publisher's next call raises it rather than piling up work."""
 
     def __init__(self, model: str, device: DeviceTier, store: TieredStore, catalog: VersionCatalog,
-                 cascade: Cascade, health: Health, *, keeps_borrow: bool, niceness: int = 0) -> None:
+                 cascade: Cascade, health: Health, *, keeps_borrow: bool) -> None:
         self._model, self._device, self._store, self._catalog = model, device, store, catalog
         self._cascade, self._health = cascade, health
         self._keeps_borrow = keeps_borrow  # a flusher will give the host copy back
-        self._niceness = niceness  # of its thread (see _priority)
         self._failure: BaseException | None = None
         self._inbox: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"viper-demoter-{model}", daemon=True)
@@ -52,7 +50,6 @@ class Demoter:
         self._thread.join()
 
     def _run(self) -> None:
-        lower_this_thread(self._niceness)
         while (item := self._inbox.get()) is not _STOP:
             host_copy = None
             try:

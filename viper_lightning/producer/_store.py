@@ -33,7 +33,6 @@ import torch
 from .._buffers import allocate_buffer
 from .._digest import digest_buffer
 from .._errors import ConfigurationError, StorageError, TransferError
-from .._priority import lower_this_thread
 from .._layout import Layout
 from ..storage._shm import SHM_DIR, Segment, reclaim_stale_segments, segment_prefix
 from ..transport._protocol import Location
@@ -102,9 +101,8 @@ class TieredStore:
     """Slots, the versions they hold, borrowing and eviction; thread-safe."""
 
     def __init__(self, model: str, host: str, *, dram_versions: int, dram_bytes: int | None = None,
-                 digest_key: bytes | None = None, niceness: int = 0) -> None:
+                 digest_key: bytes | None = None) -> None:
         self.model = model
-        self._niceness = niceness  # of the threads that make slots (see _priority)
         self._digest_key = digest_key
         self.host = host
         self.dram_versions = dram_versions
@@ -306,7 +304,6 @@ class TieredStore:
 
     def _warm_spare(self, nbytes: int) -> None:
         """Make a slot and fault its pages in, so a publish into it stalls for a copy only."""
-        lower_this_thread(self._niceness)
         slot = None
         try:
             slot = self._new_slot(nbytes)
