@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -178,3 +179,13 @@ def test_a_model_whose_notice_is_over_16_mb_is_still_followed(model_name, events
         assert subscriber.wait_for_version(version, WAIT_S * 3)
         with subscriber.serving() as served:
             assert next(iter(served.buffers())).item() == 7.0
+
+
+def test_a_publisher_switching_together_closes_without_waiting_out_its_deadline(model_name) -> None:
+    """Nobody is ready for the switch: close() must not wait `together_deadline` for them."""
+    publisher = ModelPublisher(model_name, LOOPBACK_ANY_PORT, together=True, together_deadline=WAIT_S * 3,
+                               allow_keyless=True)
+    publisher.publish(TinyNet())
+    started = time.monotonic()
+    publisher.close()
+    assert time.monotonic() - started < WAIT_S

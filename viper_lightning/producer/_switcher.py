@@ -42,6 +42,7 @@ class Switcher:
         self.switched = 0  # versions switched to
         self.left_out = 0  # replicas expected but not ready by a deadline, summed over switches
         self._inbox: queue.Queue[object] = queue.Queue()
+        self._closing = threading.Event()  # ends a wait for replicas at once
         self._thread = threading.Thread(target=self._run, name=f"viper-switcher-{model}", daemon=True)
         self._thread.start()
 
@@ -50,6 +51,8 @@ class Switcher:
         self._inbox.put((version, time.monotonic()))
 
     def close(self) -> None:
+        self._closing.set()
+        self._board.wake()
         self._inbox.put(_STOP)
         self._thread.join()
 
@@ -69,11 +72,15 @@ class Switcher:
         expected, quorum = self._board.ready_with(self._last) if self._last else frozenset(), self._quorum
 
         def enough(ready: frozenset[str]) -> bool:
+            if self._closing.is_set():
+                return True
             if quorum is not None:
                 return len(ready) >= quorum
             return bool(expected) and expected <= ready
 
         ready = self._board.wait(version, enough, announced + self._deadline_s - time.monotonic())
+        if self._closing.is_set():
+            return
         missing = expected - ready
         if missing:
             log.warning("%s v%d: switching without %d replica(s) not ready within %.1f s: %s", self._model,

@@ -193,7 +193,7 @@ class CollectiveServer:
         try:
             request = _parse_request(raw)
         except ProtocolError as exc:
-            self._answer(refusal(exc), nonce=None)
+            self._answer(refusal(exc), unread=True)
             return [ticket]
         self._askers = [RelayMember(ticket, request["nonce"], request.get("member", ""))]
         if request.get("relay"):
@@ -276,15 +276,15 @@ class CollectiveServer:
             group, self._group = self._group, None
             _release(group, done)
 
-    def _answer(self, answer: dict[str, object], *, relay: bool = False, nonce: str | None = "") -> None:
+    def _answer(self, answer: dict[str, object], *, relay: bool = False, unread: bool = False) -> None:
         """Answer every asker of the request being served. Answers echo each request's nonce:
         the consumer's proof that the answer is its own. With a key they are signed: the store
         is readable by anyone who reaches it, so another peer could otherwise answer in the
         server's place, with a digest of its own bytes. A relay answer gives each member its
-        place in the round. `nonce=None` answers a request that had none (unreadable)."""
+        place in the round. `unread`: the request could not be read, so there is no nonce to echo."""
         first, size = self._askers[0].ticket, len(self._askers) + 1
         for rank, asker in enumerate(self._askers, start=1):
-            payload = {"proto": PROTO, "nonce": asker.nonce if nonce == "" else nonce, **answer}
+            payload = {"proto": PROTO, "nonce": None if unread else asker.nonce, **answer}
             if relay:
                 payload["relay"] = RelayRole(first, rank, size).describe()
             if self._key is not None:

@@ -185,6 +185,11 @@ class ReadyBoard:
             self._changed.wait_for(lambda: enough(self.ready_with(version)), max(0.0, timeout))
             return self.ready_with(version)
 
+    def wake(self) -> None:
+        """Have every wait check its condition again now (e.g. its owner is closing)."""
+        with self._changed:
+            self._changed.notify_all()
+
     def ready_with(self, version: int) -> frozenset[str]:
         with self._changed:
             return frozenset(self._ready.get(version, ()))
