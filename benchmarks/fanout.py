@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -121,7 +122,7 @@ def run(hosts: list[int], megabytes: float, link_gbit: float, strategies: list[s
                 results += measure(strategy, count, megabytes, link_gbit, repeat, together=True)
     single = [r for r in results if r["strategy"] == "star" and r["hosts"] == 1]
     remote = statistics.median(r["size_bytes"] / r["transfer_s"] for r in single) if single else None
-    return {"host": {"machine": platform.machine(), "cpus": _cpus(), "python": platform.python_version()},
+    return {"host": {"machine": platform.machine(), "cpus": os.cpu_count() or 0, "python": platform.python_version()},
             "link_gbit": link_gbit, "raw_tcp_Bps": raw, "remote_Bps": remote, "results": results}
 
 
@@ -187,12 +188,6 @@ def plot(report: dict[str, Any], path: str) -> None:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path)
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 def main() -> None:

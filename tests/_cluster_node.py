@@ -26,6 +26,7 @@ import time
 import torch
 
 from viper_lightning import ModelPublisher, ModelSubscriber
+from viper_lightning.producer._switcher import DEFAULT_TOGETHER_DEADLINE_S
 
 MODEL = "fleet"
 
@@ -57,8 +58,8 @@ def say(**event: object) -> None:
 def producer(args: argparse.Namespace) -> None:
     key = open(args.key_file, "rb").read()
     with ModelPublisher(MODEL, f"tcp://{args.address}:*", args.pfs_root, key, fetch_endpoint=f"tcp://{args.address}:*",
-                        collective_endpoint=f"gloo://{args.address}:0", resume_after=0,
-                        dram_versions=2, together=args.together, together_quorum=args.quorum,
+                        collective_endpoint=f"gloo://{args.address}:0", together=args.together,
+                        together_quorum=args.quorum,
                         together_deadline=args.together_deadline) as publisher:
         say(event="ready", endpoint=publisher.endpoint)
         for line in sys.stdin:
@@ -85,8 +86,7 @@ def consumer(args: argparse.Namespace) -> None:
 
     with lock:
         subscriber = ModelSubscriber(Weights(args.megabytes), MODEL, args.endpoint, args.pfs_root, key, routes=args.routes,
-                                     fetch_timeout=args.deadline, load_latest=False, on_update=updated,
-                                     zero_copy=False, together=args.together)
+                                     fetch_timeout=args.deadline, on_update=updated, together=args.together)
     with subscriber:
         say(event="ready")
         for line in sys.stdin:  # until the spawner closes our stdin (or kills us)
@@ -106,8 +106,9 @@ def main() -> None:
     parser.add_argument("--pfs-root", help="the file-system tier: a directory every host sees")
     parser.add_argument("--together", action="store_true", help="replicas switch together")
     parser.add_argument("--quorum", type=int, help="producer: ready replicas that suffice for a switch")
-    parser.add_argument("--together-deadline", type=float, default=10.0, help="producer: seconds")
-    parser.add_argument("--deadline", type=float, default=10.0, help="consumer: fetch_timeout, seconds")
+    parser.add_argument("--together-deadline", type=float, default=DEFAULT_TOGETHER_DEADLINE_S,
+                        help="producer: seconds (ModelPublisher's default)")
+    parser.add_argument("--deadline", type=float, default=10.0, help="consumer: fetch_timeout, seconds (ModelSubscriber's default)")
     args = parser.parse_args()
     producer(args) if args.role == "producer" else consumer(args)
 

@@ -56,9 +56,9 @@ from .._digest import ALL_THREADS, Digester, algorithm, mismatch
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError, ViperError
 from ._loans import Lender, MemoryLoan
 from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
-from ._protocol import PROTO, check_proto, sign, verify_mac
+from ._protocol import PROTO, check_proto, consumer_name, sign, verify_mac
 from ._relay import (JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round,
-                     receive_and_forward, relay_role, wait_for)
+                     receive_and_forward, relay_role, spans, wait_for)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -80,7 +80,6 @@ _MAX_JSON_BYTES = 64 * 1024
 # often torch logs a timeout warning while nobody asks for anything.
 _IDLE_WAIT_S = 3600.0
 _ABSENT = b"\x00absent"  # not JSON, so never a real answer
-_MAX_MEMBER_CHARS = 255
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 _ADDRESS = re.compile(r"^(gloo|nccl)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
@@ -263,7 +262,7 @@ class CollectiveServer:
                 self._group = _new_group(self._backend, self._store, first, 0, len(self._askers) + 1,
                                          self._timeout, self._host)
                 pending: deque[tuple[dist.Work, int]] = deque()
-                for index, (offset, length) in enumerate(_spans(data.numel(), chunk_bytes)):
+                for index, (offset, length) in enumerate(spans(data.numel(), chunk_bytes)):
                     if self._stop.is_set():
                         raise RuntimeError("the server is closing")
                     pending.append((self._group.send([data[offset:offset + length]], 1, index), length))
@@ -603,10 +602,7 @@ def _parse_request(raw: bytes) -> dict:
         raise ProtocolError(f"collective request field 'nonce' must be 16-64 hex digits, got {nonce!r:.80}")
     if not isinstance(request.get("relay", False), bool):
         raise ProtocolError(f"collective request field 'relay' must be true or false, got {request['relay']!r:.80}")
-    member = request.get("member", "")
-    if not isinstance(member, str) or len(member) > _MAX_MEMBER_CHARS:
-        raise ProtocolError(f"collective request field 'member' must be a name of at most {_MAX_MEMBER_CHARS} "
-                            f"characters, got {member!r:.80}")
+    consumer_name(request, "member", "collective request", required=False)
     return request
 
 
@@ -645,10 +641,6 @@ def _answered(store: dist.Store, ticket: int, nonce: str) -> bool:
         return load_object(raw, "collective answer", limit=_MAX_JSON_BYTES).get("nonce") == nonce
     except ProtocolError:
         return False
-
-
-def _spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    return [(offset, min(chunk_bytes, nbytes - offset)) for offset in range(0, nbytes, chunk_bytes)]
 
 
 def _request_key(ticket: int) -> str:

@@ -48,6 +48,19 @@ def check_endpoint(endpoint: object) -> str:
     return endpoint
 
 
+MAX_CONSUMER_NAME_CHARS = 255
+
+
+def consumer_name(message: dict[str, object], field: str, what: str, *, required: bool) -> str:
+    """The name a consumer gives itself (host, process, instance) in relay requests and ready
+    reports: used to count who is back or ready, never trusted for anything else."""
+    value = message.get(field, None if required else "")
+    if not isinstance(value, str) or len(value) > MAX_CONSUMER_NAME_CHARS or (required and not value):
+        raise ProtocolError(f"{what} field {field!r} must be a name of {1 if required else 0}-"
+                            f"{MAX_CONSUMER_NAME_CHARS} characters, got {value!r:.80}")
+    return value
+
+
 def normalize_key(key: str | bytes | None) -> bytes | None:
     """A shared MAC key as bytes; short keys are refused because they are guessable."""
     if key is None:

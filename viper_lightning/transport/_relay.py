@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from torch._C._distributed_c10d import Backend as _Group
 
 __all__ = ["RelayRole", "RelayMember", "RELAY_CHUNK_BYTES", "RELAY_WINDOW", "JOIN_WINDOW_S", "MAX_MEMBERS",
-           "gather_round", "relay_role", "receive_and_forward", "wait_for"]
+           "gather_round", "relay_role", "receive_and_forward", "spans", "wait_for"]
 
 log = logging.getLogger("viper_lightning.collective")
 
@@ -115,64 +115,58 @@ def gather_round(first: RelayMember, next_request: Callable[[int, float], dict |
     return members
 
 
+def spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) of each chunk of `nbytes`."""
+    return [(offset, min(chunk_bytes, nbytes - offset)) for offset in range(0, nbytes, chunk_bytes)]
+
+
 def receive_and_forward(group: _Group, role: RelayRole, target: torch.Tensor, chunk_bytes: int, timeout: float,
-                        landed: Callable[[int, int], None], *, window: int = RELAY_WINDOW) -> int:
+                        landed: Callable[[int, int], None], *, window: int = RELAY_WINDOW) -> None:
     """Receive `target` chunk by chunk from rank - 1 and pass each chunk on to rank + 1 (unless
     last), keeping `window` chunks in flight each way; `landed(offset, length)` runs on each
-    chunk as it lands (the digest). A direct transfer is rank 1 of 2. Returns the
-    bytes forwarded. A failed receive raises RuntimeError (the caller falls back); a failed
-    forward is logged and forwarding stops: this member's own copy does not depend on it."""
-    spans = [(offset, min(chunk_bytes, target.numel() - offset)) for offset in range(0, target.numel(), chunk_bytes)]
+    chunk as it lands (the digest). A direct transfer is rank 1 of 2. A failed receive raises
+    RuntimeError (the caller falls back); a failed forward is logged and forwarding stops (the
+    ranks after this one fall back): this member's own copy does not depend on it."""
+    chunks = spans(target.numel(), chunk_bytes)
     receives: deque[dist.Work] = deque()
-    sends: deque[tuple[dist.Work, int]] = deque()
-    forwarding, forwarded, posted = role.rank + 1 < role.size, 0, 0
-    try:
-        for index, (offset, length) in enumerate(spans):
-            while posted < len(spans) and len(receives) < window:
-                start, size = spans[posted]
-                receives.append(group.recv([target[start:start + size]], role.rank - 1, posted))
-                posted += 1
-            wait_for(receives.popleft(), timeout, f"chunk {index} from rank {role.rank - 1}")
-            landed(offset, length)
-            if forwarding:
-                forwarding, done = _forward(group, role, sends, target[offset:offset + length], index, timeout, window)
-                forwarded += done
-        while forwarding and sends:
-            forwarding, done = _settle(sends, role, timeout)
-            forwarded += done
-    finally:
-        if not forwarding and sends:
-            log.warning("relay round %d: rank %d stopped forwarding to rank %d; it falls back to another route",
-                        role.round, role.rank, role.rank + 1)
-    return forwarded
+    sends: deque[dist.Work] = deque()
+    forwarding, posted = role.rank + 1 < role.size, 0
+    for index, (offset, length) in enumerate(chunks):
+        while posted < len(chunks) and len(receives) < window:
+            start, size = chunks[posted]
+            receives.append(group.recv([target[start:start + size]], role.rank - 1, posted))
+            posted += 1
+        wait_for(receives.popleft(), timeout, f"chunk {index} from rank {role.rank - 1}")
+        landed(offset, length)
+        if forwarding:
+            forwarding = _forward(group, role, sends, target[offset:offset + length], index, timeout, window)
+    while forwarding and sends:
+        forwarding = _settle(sends, role, timeout)
 
 
-def _forward(group: _Group, role: RelayRole, sends: deque[tuple[dist.Work, int]], chunk: torch.Tensor,
-             index: int, timeout: float, window: int) -> tuple[bool, int]:
-    """Post `chunk` to rank + 1, keeping `window` sends in flight; (still forwarding, bytes settled)."""
+def _forward(group: _Group, role: RelayRole, sends: deque[dist.Work], chunk: torch.Tensor, index: int,
+             timeout: float, window: int) -> bool:
+    """Post `chunk` to rank + 1, keeping `window` sends in flight; False once forwarding failed."""
     try:
-        sends.append((group.send([chunk], role.rank + 1, index), chunk.numel()))
+        sends.append(group.send([chunk], role.rank + 1, index))
     except RuntimeError as exc:
-        log.warning("relay round %d: forwarding chunk %d to rank %d failed: %s", role.round, index, role.rank + 1,
-                    exc)
-        return False, 0
-    settled = 0
+        log.warning("relay round %d: rank %d stopped forwarding: chunk %d to rank %d failed: %s", role.round,
+                    role.rank, index, role.rank + 1, exc)
+        return False
     while len(sends) > window:
-        still, done = _settle(sends, role, timeout)
-        settled += done
-        if not still:
-            return False, settled
-    return True, settled
+        if not _settle(sends, role, timeout):
+            return False
+    return True
 
 
-def _settle(sends: deque[tuple[dist.Work, int]], role: RelayRole, timeout: float) -> tuple[bool, int]:
-    work, length = sends.popleft()
+def _settle(sends: deque[dist.Work], role: RelayRole, timeout: float) -> bool:
+    """Wait for the oldest send; False (logged) when it failed."""
     try:
-        wait_for(work, timeout, f"forwarding to rank {role.rank + 1}")
+        wait_for(sends.popleft(), timeout, f"forwarding to rank {role.rank + 1}")
     except RuntimeError as exc:
-        log.warning("relay round %d: %s", role.round, exc)
-        return False, 0
-    return True, length
+        log.warning("relay round %d: rank %d stopped forwarding: %s", role.round, role.rank, exc)
+        return False
+    return True
 
 
 def wait_for(work: dist.Work, timeout: float, what: str) -> None:

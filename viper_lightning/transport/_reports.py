@@ -21,7 +21,7 @@ import zmq
 
 from .._errors import ProtocolError
 from ._messages import count
-from ._protocol import signed_request
+from ._protocol import consumer_name, signed_request
 
 __all__ = ["ConsumerReport", "ReportBox", "ReportSender", "ReadyBoard", "parse_report", "parse_ready", "send_report",
            "MAX_LATENCY_S"]
@@ -32,7 +32,6 @@ MAX_LATENCY_S = 24 * 3600.0  # a report beyond a day is not a load time
 LINGER_MS = 200  # how long a closed reporting socket may still try to deliver its report
 REPORT_HWM = 16  # reports queued for a producer that is not reading; beyond, they are dropped
 _ROUTE = re.compile(r"[a-z][a-z0-9-]{0,31}")
-MAX_REPLICA_CHARS = 255
 READY_VERSIONS = 8  # versions whose ready replicas are kept (older ones are never switched to)
 
 
@@ -155,10 +154,7 @@ class ReportBox:
 
 def parse_ready(request: dict) -> tuple[int, str]:
     """(version, replica) of a (verified) ready report; bad fields raise ProtocolError naming them."""
-    replica = request.get("replica")
-    if not isinstance(replica, str) or not 0 < len(replica) <= MAX_REPLICA_CHARS:
-        raise ProtocolError(f"ready field 'replica' must be a name of 1-{MAX_REPLICA_CHARS} characters, "
-                            f"got {replica!r:.40}")
+    replica = consumer_name(request, "replica", "ready", required=True)
     return count(request, "version", "ready", minimum=1), replica
 
 
