@@ -10,7 +10,8 @@ each of the others. Strategies:
 - `star`: today's direct fetch: every host streams the version from the producer over ZeroMQ
   (route `dram-zmq`), so the producer's link carries one copy per host;
 - `fanout`: the relay over Gloo (route `relay`, falling back to `dram-zmq`): the producer sends
-  one copy, each host passes it on;
+  one copy, each host passes it on; received into the host's shared copy (`host-shm`, on by
+  default), which the host's other consumers would map;
 - `pfs`: the file-system tier, a directory every namespace sees. Here that is this machine's
   own disk, not a networked file system, so no link shapes it: it shows what the file system
   costs, not what a parallel file system would over these links.
@@ -45,7 +46,7 @@ from typing import Any
 from tests._cluster import EmulatedCluster, unavailable
 from tests._fleet import Fleet
 
-ROUTES = {"star": ["dram-zmq"], "fanout": ["relay", "dram-zmq"], "pfs": ["pfs"]}
+ROUTES = {"star": ["dram-zmq"], "fanout": ["host-shm", "relay", "dram-zmq"], "pfs": ["pfs"]}
 WAIT_S = 600.0
 _RAW_SERVER = r"""
 import socket, sys, time

@@ -1,5 +1,6 @@
 """An emulated cluster on one machine: each host a network namespace (with its own host name),
-all joined to one bridge through veth pairs, each link shaped by `tc`.
+all joined to one bridge through veth pairs, each link shaped by `tc`, each with a /dev/shm of
+its own (processes on one host share memory, as on a real one; hosts do not).
 
     with EmulatedCluster(hosts=4, link_gbit=1.0) as cluster:
         producer = cluster.spawn(cluster.hosts[0], [sys.executable, "-m", "some.module"])
@@ -28,6 +29,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +52,7 @@ def unavailable() -> str | None:
     """Why no emulated cluster can be made on this machine, or None."""
     if os.geteuid() != 0:
         return "network namespaces need root (CAP_NET_ADMIN); run as root or in a privileged container"
-    for tool in ("ip", "tc", "unshare"):
+    for tool in ("ip", "tc", "unshare", "mount"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (iproute2 / util-linux)"
     return None
@@ -83,6 +85,7 @@ class EmulatedCluster:
         self.hosts = [Host(f"{tag}-h{index}", f"{tag}-h{index}", f"{SUBNET}.{index + 1}") for index in range(hosts)]
         self._made: list[str] = []
         self._spawned: list[subprocess.Popen] = []
+        self._shm = ""  # a directory per host, mounted as that host's /dev/shm
 
     def __enter__(self) -> EmulatedCluster:
         why = unavailable()
@@ -99,9 +102,12 @@ class EmulatedCluster:
         self.close()
 
     def spawn(self, host: Host, argv: list[str], **popen: Any) -> subprocess.Popen:
-        """Run `argv` on `host`: in its network namespace, under its host name."""
+        """Run `argv` on `host`: in its network namespace, under its host name, with its own
+        /dev/shm (`ip netns exec` gives each process a mount namespace that does not pass its
+        mounts back, so the host's directory is bound there for this process alone)."""
         command = ["ip", "netns", "exec", host.namespace, "unshare", "--uts", "sh", "-c",
-                   'hostname "$0" && exec "$@"', host.name, *argv]
+                   'hostname "$0" && mount --bind "$1" /dev/shm && shift && exec "$@"', host.name,
+                   os.path.join(self._shm, host.name), *argv]
         process = subprocess.Popen(command, start_new_session=True, **popen)
         self._spawned.append(process)
         return process
@@ -115,9 +121,17 @@ class EmulatedCluster:
 
     def tx_bytes(self, host: Host) -> int:
         """Bytes `host` has sent on its link (its interface's counter)."""
+        return self._counter(host, "tx")
+
+    def rx_bytes(self, host: Host) -> int:
+        """Bytes `host` has received on its link."""
+        return self._counter(host, "rx")
+
+    @staticmethod
+    def _counter(host: Host, direction: str) -> int:
         shown = subprocess.run(["ip", "-n", host.namespace, "-s", "-j", "link", "show", "eth0"],
                                check=True, capture_output=True, text=True).stdout
-        return int(json.loads(shown)[0]["stats64"]["tx"]["bytes"])
+        return int(json.loads(shown)[0]["stats64"][direction]["bytes"])
 
     def close(self) -> None:
         """Kill what was spawned here, then delete the namespaces (their links go with them)."""
@@ -132,8 +146,15 @@ class EmulatedCluster:
         for namespace in reversed(self._made):
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         self._made.clear()
+        if self._shm:
+            shutil.rmtree(self._shm, ignore_errors=True)
+            self._shm = ""
 
     def _make(self) -> None:
+        self._shm = tempfile.mkdtemp(prefix=f"{self._switch}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        for host in self.hosts:
+            os.mkdir(os.path.join(self._shm, host.name), 0o1777)
+            os.chmod(os.path.join(self._shm, host.name), 0o1777)  # as /dev/shm is (mkdir applies the umask)
         self._namespace(self._switch)
         _ip("-n", self._switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", self._switch, "link", "set", "br0", "up")

@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--endpoint", help="consumer: the producer's notice endpoint")
     parser.add_argument("--megabytes", type=float, required=True)
     parser.add_argument("--key-file", required=True)
-    parser.add_argument("--routes", nargs="+", default=["relay", "dram-zmq"])
+    parser.add_argument("--routes", nargs="+", default=["host-shm", "relay", "dram-zmq"])
     parser.add_argument("--pfs-root", help="the file-system tier: a directory every host sees")
     parser.add_argument("--together", action="store_true", help="replicas switch together")
     parser.add_argument("--quorum", type=int, help="producer: ready replicas that suffice for a switch")

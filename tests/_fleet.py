@@ -100,11 +100,13 @@ class Fleet:
         self.endpoint = self.producer.wait_for("ready", self.start_timeout)["endpoint"]
         return self.producer
 
-    def add_consumer(self, host: Host, routes: list[str] | None = None, *, together: bool = False) -> Node:
+    def add_consumer(self, host: Host, routes: list[str] | None = None, *, together: bool = False,
+                     name: str | None = None) -> Node:
+        """A consumer process on `host`, known as `name` (default: the host's name)."""
         extra = (["--routes", *routes] if routes else []) + (["--together"] if together else [])
         node = self._spawn(host, "consumer", "--endpoint", self.endpoint, "--deadline", str(self.deadline), *extra)
         node.wait_for("ready", self.start_timeout)
-        self.consumers[host.name] = node
+        self.consumers[name or host.name] = node
         return node
 
     def served(self, names: list[str], published: dict, timeout: float) -> dict[str, dict]:

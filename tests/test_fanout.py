@@ -49,6 +49,28 @@ def test_relay_sends_each_byte_once_over_the_producers_link_as_hosts_join_and_le
         fanned_out(4, names)  # and in theirs from the next version on
 
 
+def test_consumers_on_one_host_draw_each_version_over_its_link_once(tmp_path) -> None:
+    """Two consumers on one host: one joins the relay, the other maps its copy (host-shm), so the
+    host's link carries the model once per version; a host with one consumer relays as before."""
+    megabytes = 16.0
+    with EmulatedCluster(hosts=3, link_gbit=1.0) as cluster:
+        fleet = Fleet(cluster, megabytes, tmp_path)
+        fleet.start_producer()
+        shared, alone = cluster.hosts[1], cluster.hosts[2]
+        fleet.add_consumer(shared, name="shared-a")
+        fleet.add_consumer(shared, name="shared-b")
+        fleet.add_consumer(alone)
+        for seed in (1, 2):
+            received = cluster.rx_bytes(shared)
+            published = fleet.publish(seed)
+            updates = _served(fleet, ["shared-a", "shared-b", alone.name], published)
+            assert sorted(updates[name]["route"] for name in ("shared-a", "shared-b")) == ["host-shm", "relay"], \
+                updates
+            assert updates[alone.name]["route"] == "relay", updates
+            moved = cluster.rx_bytes(shared) - received
+            assert moved < 1.25 * megabytes * 1e6, f"the host of two consumers received {moved} bytes for one version"
+
+
 def test_a_host_killed_mid_transfer_delays_the_others_by_at_most_the_deadline(tmp_path) -> None:
     megabytes, link_gbit, deadline = 16.0, 0.1, 3.0
     transfer_s = megabytes * 8e6 / (link_gbit * 1e9)  # one copy over one link
@@ -106,3 +128,10 @@ def test_replicas_switch_together_and_one_not_ready_by_the_deadline_is_left_out(
         assert max(times) - published["t"] < deadline + 1.5, swaps(updates)  # nobody waited for the slow one
         assert updates[slow.name]["together"] == "left-out", swaps(updates)
         assert updates[slow.name]["swapped_at"] > max(times), swaps(updates)
+
+        # a replica left out is waited for from the next version on: it reported ready all the same
+        cluster.reshape(slow, 0.03)  # within the deadline again: its 4 MB take about 1.1 s
+        updates = _served(fleet, names, fleet.publish(3))
+        assert {u["together"] for u in updates.values()} == {"together"}, swaps(updates)
+        times = [u["swapped_at"] for u in updates.values()]
+        assert max(times) - min(times) <= 0.05, swaps(updates)

@@ -17,10 +17,15 @@ from ._planner import RouteKind
 from ._routes import (ZeroCopyWeights, load_from_collective, load_from_device, load_from_files, load_from_peer,
                       load_from_segment)
 
-__all__ = ["RouteLoaders", "Loader"]
+__all__ = ["RouteLoaders", "Loader", "Fetcher", "FROM_OFF_HOST"]
 
 # (notice, location, standby model) -> (transfer seconds, verify seconds)
 Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
+# (notice, location) -> (transfer seconds, verify seconds): fetched into a host copy, no model loaded
+Fetcher = Callable[[Notice, Location], tuple[float, float]]
+# The routes that bring a version's bytes to this host's memory from off the host: what a host
+# copy (see _host_share) is fetched by.
+FROM_OFF_HOST = frozenset({RouteKind.RELAY, RouteKind.COLLECTIVE, RouteKind.DRAM_ZMQ})
 
 
 class RouteLoaders:
@@ -40,7 +45,7 @@ class RouteLoaders:
 
     def loader(self, kind: RouteKind | str) -> Loader:
         kind = RouteKind(kind)
-        if kind is RouteKind.DRAM_SHM:
+        if kind in (RouteKind.DRAM_SHM, RouteKind.HOST_SHM):
             return self.zero_copy.load if self.zero_copy is not None \
                 else functools.partial(load_from_segment, self._read_only_maps)
         if kind is RouteKind.GPU_IPC:
@@ -54,9 +59,21 @@ class RouteLoaders:
                                      relay=self._member if kind is RouteKind.RELAY else None)
         return functools.partial(load_from_files, self._pfs, self.key, self._staging_for())
 
+    def fetcher(self, kind: RouteKind | str, buffer: torch.Tensor) -> Fetcher:
+        """For a route in FROM_OFF_HOST: fetch a version into `buffer` and check its digest."""
+        kind = RouteKind(kind)
+        if kind is RouteKind.DRAM_ZMQ:
+            load = functools.partial(load_from_peer, self.context, self.key, self._timeout, buffer)
+        elif kind in (RouteKind.COLLECTIVE, RouteKind.RELAY):
+            load = functools.partial(load_from_collective, self._timeout, self.key, buffer,
+                                     relay=self._member if kind is RouteKind.RELAY else None)
+        else:
+            raise ValueError(f"{kind} does not fetch from off this host")
+        return lambda notice, location: load(notice, location, None)
+
     def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:
         """A route other than zero-copy loads into `standby`'s own memory: give it back first."""
-        if self.zero_copy is not None and RouteKind(kind) is not RouteKind.DRAM_SHM:
+        if self.zero_copy is not None and RouteKind(kind) not in (RouteKind.DRAM_SHM, RouteKind.HOST_SHM):
             self.zero_copy.unshare(standby)
 
     def after_swap(self) -> None:

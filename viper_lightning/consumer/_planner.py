@@ -24,6 +24,7 @@ class RouteKind(str, Enum):
 
     GPU_IPC = "gpu-ipc"  # a device-to-device copy out of the producer's GPU memory (same host)
     DRAM_SHM = "dram-shm"  # the producer's shared-memory segment (same host)
+    HOST_SHM = "host-shm"  # the copy another consumer on this host fetched from off the host (shared)
     GPU_NCCL = "gpu-nccl"  # NCCL point-to-point into this consumer's GPU
     RELAY = "relay"  # torch.distributed (Gloo) from host memory, relayed host to host (fan-out)
     DRAM_ZMQ = "dram-zmq"  # streamed from the producer's memory over ZeroMQ
@@ -41,6 +42,7 @@ class RouteKind(str, Enum):
 DEFAULT_COSTS: dict[RouteKind, tuple[float, float]] = {
     RouteKind.GPU_IPC: (0.002, 100e9),
     RouteKind.DRAM_SHM: (0.001, 8e9),
+    RouteKind.HOST_SHM: (0.001, 8e9),
     RouteKind.GPU_NCCL: (0.025, 20e9),  # a new group per transfer
     RouteKind.DRAM_ZMQ: (0.002, 1.2e9),
     RouteKind.RELAY: (0.025, 1.9e9),  # a new group per round

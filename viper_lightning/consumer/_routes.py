@@ -59,14 +59,16 @@ def load_from_segment(maps: ReadOnlyMappings, notice: Notice, location: Location
 
 
 def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, staging: torch.Tensor,
-                   notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
-    """Other host (or forced): stream from the producer's fetch endpoint, digest as it lands."""
+                   notice: Notice, location: Location, standby: torch.nn.Module | None) -> tuple[float, float]:
+    """Other host (or forced): stream from the producer's fetch endpoint, digest as it lands.
+    With no `standby`, only into staging (a host copy, see _host_share)."""
     client = FetchClient(context, location.address, notice.model, key, timeout)
     return _load_streamed(client.fetch_into, notice, staging, standby)
 
 
 def load_from_collective(timeout: float, key: bytes | None, staging: torch.Tensor, notice: Notice,
-                         location: Location, standby: torch.nn.Module, *, relay: str | None = None) -> tuple[float, float]:
+                         location: Location, standby: torch.nn.Module | None, *,
+                         relay: str | None = None) -> tuple[float, float]:
     """torch.distributed point-to-point (Gloo here; NCCL with the GPU tier), digest checked;
     with a key, the answer vouching for the bytes must be signed. `relay`: this consumer's name
     in a relay round with the other hosts loading this version (passing the bytes on)."""
@@ -93,14 +95,16 @@ def load_from_device(context: zmq.Context, key: bytes | None, timeout: float, no
 
 
 def _load_streamed(fetch_into: Callable[[int, torch.Tensor, int], tuple[str, float]], notice: Notice,
-                   staging: torch.Tensor, standby: torch.nn.Module) -> tuple[float, float]:
-    """A peer streams the version into staging (digesting it); check that digest against the notice's."""
+                   staging: torch.Tensor, standby: torch.nn.Module | None) -> tuple[float, float]:
+    """A peer streams the version into staging (digesting it); check that digest against the
+    notice's; then load `standby` from staging, if there is one."""
     started = time.perf_counter()
     digest, digest_s = fetch_into(notice.version, staging, notice.nbytes)
     if notice.digest is not None and digest != notice.digest:
         raise IntegrityError(f"the producer served digest {digest} for version {notice.version}, "
                              f"but its notice announced {notice.digest}")  # both verified before
-    load_tensors(standby, notice.layout.views(staging))
+    if standby is not None:
+        load_tensors(standby, notice.layout.views(staging))
     return time.perf_counter() - started - digest_s, digest_s
 
 

@@ -23,11 +23,13 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Storage
 from .._layout import Layout, check_compatible
 from ..storage._keys import key_file_for, read_key
 from ..storage._pfs import FileSystemTier
+from ..storage._shm import SHM_DIR
 from ..transport._reports import ConsumerReport, ReportSender
 from ..transport._protocol import (DEFAULT_ENDPOINT, Location, Notice, Switch, check_endpoint, check_model_name,
                                    normalize_key)
 from ..transport._pubsub import NoticeListener
-from ._loaders import RouteLoaders
+from ._host_share import HostShare
+from ._loaders import FROM_OFF_HOST, RouteLoaders
 from ._planner import Route, RouteKind, TransferPlanner, explain
 from ._double_buffer import Lease, DoubleBuffer
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
@@ -39,6 +41,7 @@ log = logging.getLogger("viper_lightning.subscriber")
 
 _IDLE_WAIT_S = 1.0  # one wait for in-flight requests on the standby copy
 _REMEMBERED_REFUSALS = 1024  # refused (or served) payloads recognised when heartbeats repeat them
+HOST_COPY_WAIT_BPS = 10e6  # a host copy's waiters allow its fetch fetch_timeout plus its bytes at this rate
 _BURST_S = 1.0  # the longest a burst of notices is parsed before the newest is applied
 _PERMANENT = (ProtocolError, IntegrityError)  # refused for good; storage/transfer errors are retried
 
@@ -53,8 +56,11 @@ class ModelSubscriber:
         pfs_root: the file-system tier as this host sees it; when None, a notice's file
             location is followed only if it is a local absolute path.
         hmac_key: the producer's shared key; notices, manifests and fetches are authenticated.
-        routes: allowed transfer routes ("gpu-ipc", "dram-shm", "gpu-nccl", "dram-zmq", "collective",
-            "pfs"); None allows all. The gpu routes are taken only by a model on a GPU.
+        routes: allowed transfer routes ("gpu-ipc", "dram-shm", "host-shm", "gpu-nccl", "relay", "dram-zmq",
+            "collective", "pfs"); None allows all. The gpu routes are taken only by a model on a GPU.
+            "host-shm" shares a version that comes from off this host among the consumers of the
+            model here: the first fetches it into shared memory, the others map it (waiting for
+            that fetch up to `fetch_timeout` plus its bytes at 10 MB/s, then fetching on their own).
         zero_copy: on the "dram-shm" route, serve straight from the producer's segment
             (copy-on-write, locked against reuse while in use) instead of copying it; needs a CPU model.
         host_id: this host's name, compared with the notice's to use shared memory (default:
@@ -127,6 +133,9 @@ class ModelSubscriber:
         self._loaders = RouteLoaders(device, self._pfs, self._key, fetch_timeout, self._expected.nbytes,
                                      zero_copy=zero_copy, member=name)
         self._together = TogetherSwitch(name, together_timeout) if together else None
+        self._share = HostShare(self.model_name, self._planner.host,
+                                fetch_timeout + self._expected.nbytes / HOST_COPY_WAIT_BPS) \
+            if RouteKind.HOST_SHM in self._planner.allowed and os.path.isdir(SHM_DIR) else None
         self._listener: NoticeListener | None = None  # the subscriber thread's, while it runs
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._newest_announced = 0
@@ -142,6 +151,7 @@ class ModelSubscriber:
     def start(self) -> ModelSubscriber:
         """Connect and start following updates (returns once the socket is connected)."""
         if self._thread is None:
+            self._join_host()
             self._context = self._loaders.context = zmq.Context()
             self._thread = threading.Thread(target=self._run, name=f"viper-subscriber-{self.model_name}",
                                             daemon=True)
@@ -150,6 +160,17 @@ class ModelSubscriber:
             if self._error is not None:
                 self.close()
         return self
+
+    def _join_host(self) -> None:
+        """List this consumer among the model's consumers here, so that they share host copies."""
+        if self._share is None:
+            return
+        try:
+            self._share.join()
+        except OSError as exc:
+            log.warning("%s: cannot list this consumer in %s (%s); it will not share host copies",
+                        self.model_name, SHM_DIR, exc.strerror)
+            self._share = None
 
     def close(self) -> None:
         """Stop listening; raises the subscriber thread's error if it died of one."""
@@ -163,6 +184,9 @@ class ModelSubscriber:
             self._context.term()
             self._context = self._loaders.context = None
         self._loaders.close(self._buffers.models())
+        if self._share is not None:
+            self._share.leave()
+            self._share.remove_unused()
         self._raise_if_failed()
 
     def __enter__(self) -> ModelSubscriber:
@@ -220,7 +244,7 @@ class ModelSubscriber:
                     if newest is not None:
                         self._update(*newest, "notice")
                     elif listener.idle:  # no message for a whole poll: work no update waits for
-                        self._loaders.housekeeping()
+                        self._housekeeping()
         except BaseException as exc:  # a bug, not bad input: kept and raised by close()
             self._error = exc
             log.exception("subscriber of %r stopped", self.model_name)
@@ -228,6 +252,11 @@ class ModelSubscriber:
             self._listening.set()
             with self._version_changed:
                 self._version_changed.notify_all()
+
+    def _housekeeping(self) -> None:
+        self._loaders.housekeeping()
+        if self._share is not None and self.version is not None:
+            self._share.remove_unused(below=self.version)  # the host copies nobody serves from any more
 
     def _load_latest_version(self) -> None:
         try:
@@ -406,8 +435,14 @@ class ModelSubscriber:
 
     def _load(self, notice: Notice, routes: list[Route], standby: torch.nn.Module
               ) -> tuple[Route, str, float, float]:
-        """Try the routes cheapest first; the first that delivers wins."""
+        """Try the routes cheapest first; the first that delivers wins. A version that comes
+        from off this host comes through the host's shared copy when allowed (see _host_share)."""
         failures: list[ViperError] = []
+        if self._share is not None and routes and routes[0].kind in FROM_OFF_HOST:
+            shared = self._load_shared(notice, routes, standby, failures)
+            if shared is not None:
+                return shared
+            routes = [route for route in routes if route.kind not in FROM_OFF_HOST or not failures]
         for route in routes:
             try:
                 self._loaders.before(route.kind, standby)
@@ -424,6 +459,49 @@ class ModelSubscriber:
         gone = any(isinstance(f, TransferError) and f.code == "gone" and not f.tiers for f in failures)
         raise TransferError("every route failed: " + "; ".join(str(f) for f in failures),
                             code="gone" if gone else None)  # gone: the producer says no tier holds it
+
+    def _load_shared(self, notice: Notice, routes: list[Route], standby: torch.nn.Module,
+                     failures: list[ViperError]) -> tuple[Route, str, float, float] | None:
+        """Through the host copy: map another consumer's, or fetch it for every consumer here
+        (by the routes from off the host, cheapest first) and then map it. None when it could
+        not be done; `failures` then says which fetches failed (each was tried once)."""
+        claim = self._share.claim(notice)
+        if claim is None:
+            return None
+        if isinstance(claim, Location):  # another consumer here fetched it
+            route = Route(RouteKind.HOST_SHM, claim, self._planner.estimate(RouteKind.HOST_SHM, notice.nbytes))
+            try:
+                transfer_s, verify_s = self._map_host_copy(notice, claim, standby)
+            except ViperError as exc:
+                log.warning("%s v%d: the host copy failed (%s); fetching it for this consumer", notice.model,
+                            notice.version, exc)
+                return None
+            return route, f"another consumer on this host fetched it ({claim.address})", transfer_s, verify_s
+        with claim:
+            for route in (route for route in routes if route.kind in FROM_OFF_HOST):
+                try:
+                    transfer_s, verify_s = self._loaders.fetcher(route.kind, claim.buffer)(notice, route.location)
+                except ViperError as exc:
+                    failures.append(exc)
+                    log.warning("%s v%d via %s failed, trying the next route: %s", notice.model,
+                                notice.version, route.kind, exc)
+                    continue
+                self._planner.observe(route.kind, notice.nbytes, transfer_s + verify_s)
+                claim.publish()
+                self._share.remove_unused(below=notice.version)
+                try:
+                    mapped_s, _ = self._map_host_copy(notice, claim.location, standby)
+                except ViperError as exc:  # e.g. a full /dev/shm on a private mapping's first write
+                    failures.append(exc)
+                    return None
+                why = explain(route, routes, [str(f) for f in failures]) + f"; shared on this host as " \
+                                                                           f"{claim.location.address}"
+                return route, why, transfer_s + mapped_s, verify_s
+        return None
+
+    def _map_host_copy(self, notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+        self._loaders.before(RouteKind.HOST_SHM, standby)
+        return self._loaders.loader(RouteKind.HOST_SHM)(notice, location, standby)
 
     def _report_to_producer(self, notice: Notice, record: UpdateRecord) -> None:
         """Tell the producer (its fetch endpoint, if the notice names one) how long this update

@@ -55,9 +55,9 @@ class TogetherSwitch:
         goes (see the module doc). `messages(timeout)` yields what arrives on the notice socket:
         notices met while waiting are dropped (the heartbeat repeats the newest)."""
         self._read(messages(0.0), key, notice.model)  # what came while this replica was loading
+        report_ready()  # also when left out: the producer waits for this replica from the next version on
         if self._switched.get(notice.producer, 0) >= notice.version:
             return "left-out"
-        report_ready()
         deadline = time.monotonic() + self.timeout
         while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
             self._read(messages(min(poll_s, left)), key, notice.model)

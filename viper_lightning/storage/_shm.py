@@ -93,6 +93,50 @@ class Segment:
         array = numpy.frombuffer(self._map, dtype=numpy.uint8, count=capacity, offset=HEADER_BYTES)
         self.buffer = torch.from_numpy(array)  # the snapshot is copied straight in here
 
+    @classmethod
+    def claimed(cls, name: str, capacity: int, temporary: str, reuse: list[str] = ()) -> Segment:
+        """A segment that appears under `name` already locked and marked WRITING, so whoever
+        finds it there can wait on its lock; FileExistsError when `name` exists. It is made
+        (or, when one of the `reuse` paths is of the right size and nobody holds it, taken
+        over: its pages are already in) under `temporary`, then linked to `name`: an atomic claim."""
+        segment = next(filter(None, (cls._taken_over(path, capacity, temporary) for path in reuse)), None)
+        segment = segment if segment is not None else cls(temporary, capacity)
+        segment.begin_write()
+        try:
+            os.link(segment.path, os.path.join(SHM_DIR, name))
+        except BaseException:
+            segment.unlink()
+            raise
+        os.unlink(segment.path)
+        segment.name = name
+        return segment
+
+    @classmethod
+    def _taken_over(cls, path: str, capacity: int, temporary: str) -> Segment | None:
+        """The segment at `path`, renamed to `temporary` and locked for rewriting; None unless it
+        is ours, of `capacity`, and nobody holds it."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid() or info.st_size != HEADER_BYTES + max(capacity, 1):
+                raise BlockingIOError
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mapping = mmap.mmap(fd, info.st_size)
+            header = _read_header(mapping, path)
+            os.rename(path, os.path.join(SHM_DIR, temporary))  # under the lock: still the file we hold
+        except (OSError, TransferError):
+            os.close(fd)
+            return None
+        segment = cls.__new__(cls)
+        segment.name, segment.capacity, segment._fd, segment._map = temporary, capacity, fd, mapping
+        segment._generation = header.generation  # carried on, so a reader's seqlock sees the rewrite
+        segment.buffer = torch.from_numpy(numpy.frombuffer(mapping, dtype=numpy.uint8, count=capacity,
+                                                           offset=HEADER_BYTES))
+        return segment
+
     @property
     def path(self) -> str:
         return os.path.join(SHM_DIR, self.name)
@@ -147,13 +191,9 @@ class Segment:
         self.name = name
         return True
 
-    def unlink(self) -> None:
-        """Remove the name and let go of the memory: the descriptor now, the mapping as soon as no
-        tensor views it (right away when the owner dropped its views first)."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+    def close(self) -> None:
+        """Let go of this process's handle (descriptor and mapping); the segment stays, for the
+        processes that open it by name."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -162,6 +202,15 @@ class Segment:
             self._map.close()
         except BufferError:  # a tensor somewhere still views it: it goes with that tensor
             pass
+
+    def unlink(self) -> None:
+        """Remove the name and let go of the memory: the descriptor now, the mapping as soon as no
+        tensor views it (right away when the owner dropped its views first)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.close()
 
     def _write_header(self, version: int, state: int, nbytes: int) -> None:
         HEADER.pack_into(self._map, 0, MAGIC, version, state, nbytes, self._generation, os.getpid())

@@ -1,0 +1,257 @@
+"""HostShare: one copy per host of each version that comes over the network (DESIGN §3).
+
+Several consumers on one host (TorchServe workers, replicas) that each fetched a remote version
+would draw it over the host's link once per consumer, and hold a copy each. Instead the first
+to claim a version fetches it into a shared-memory segment of its own (`viper.MODEL.host.TAG.V`,
+0600, as the producer's segments are); the others wait for it and map it, exactly as they map
+a same-host producer's segment on the "dram-shm" route.
+
+Claiming is linking a new, locked file to the copy's name (so the name never shows an unlocked
+file being made): the winner holds it exclusively locked while it fetches, and publishes it READY once the bytes arrived and their digest checked out. A consumer
+that finds the file waits on that lock (a blocking flock on a helper thread, bounded by its
+`wait_s`), so it wakes when the fetch ends. When the fetch failed, or its consumer died (the
+kernel drops a dead process's lock), or the file is another user's, the waiter fetches the
+version itself: sharing saves the host's link, it never makes a version unreachable.
+
+A copy is removed once nobody serves from it: zero-copy consumers hold a shared lock on it for
+as long as they serve from it, so a consumer that finds the exclusive lock free can unlink it
+(those still mapping it keep their pages). Whoever publishes a copy removes the older ones so
+freed, and a closing subscriber removes those left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import threading
+
+from .._errors import ConfigurationError, TransferError
+from ..storage._shm import FREE, HEADER, HEADER_BYTES, MAGIC, READY, SHM_DIR, Segment, segment_prefix
+from ..transport._protocol import Location, Notice
+
+__all__ = ["HostShare", "Lead"]
+
+log = logging.getLogger("viper_lightning.subscriber")
+_serial = itertools.count()  # temporary names of claims in this process
+
+
+class Lead:
+    """This consumer's claim on a version: fetch into `buffer`, then `publish()`; a lead left
+    unpublished (`abandon()`, or leaving the `with` block) is removed, so waiters fetch it
+    themselves."""
+
+    def __init__(self, segment: Segment, notice: Notice, host: str) -> None:
+        self._segment, self._version, self._nbytes = segment, notice.version, notice.nbytes
+        self.buffer = segment.buffer[:notice.nbytes]
+        self.location = Location("dram", host, f"shm://{segment.name}")
+        self.published = False
+
+    def publish(self) -> None:
+        """The bytes are in and verified: mark the copy READY and let the waiters map it."""
+        self.buffer = None
+        self._segment.publish(self._version, self._nbytes, self._segment.name)
+        self._segment.close()
+        self.published = True
+
+    def abandon(self) -> None:
+        if not self.published:
+            self.buffer = None
+            self._segment.unlink()
+
+    def __enter__(self) -> Lead:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abandon()
+
+
+class HostShare:
+    """The host copies of `model` for one consumer on `host` (see the module docstring).
+
+    Between `join()` and `leave()` the consumer is listed on the host (a file it holds locked,
+    which the kernel unlocks if it dies): a consumer alone on its host makes no copy to share
+    and fetches as it would without sharing, into memory of its own."""
+
+    def __init__(self, model: str, host: str, wait_s: float) -> None:
+        self._prefix = f"{segment_prefix(model)}host."
+        self._host, self._wait_s = host, wait_s
+        self._membership: int | None = None  # the descriptor of this consumer's listing, locked
+        self._member_path = ""
+
+    def join(self) -> None:
+        """List this consumer (locked before its name appears, so nobody takes it for a dead one's)."""
+        serial = f"{os.getpid()}.{next(_serial)}"
+        temporary = os.path.join(SHM_DIR, f"{self._prefix}new.{serial}")
+        fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._member_path = os.path.join(SHM_DIR, f"{self._prefix}member.{serial}")
+            os.rename(temporary, self._member_path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        self._membership = fd
+
+    def leave(self) -> None:
+        if self._membership is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._member_path)
+            os.close(self._membership)
+            self._membership = None
+
+    def alone(self) -> bool:
+        """Whether no other consumer of the model is listed on this host (listings their dead
+        consumers left are removed on the way)."""
+        for name in self._names():
+            path = os.path.join(SHM_DIR, name)
+            if not name.startswith(f"{self._prefix}member.") or path == self._member_path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_uid != os.geteuid():
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                os.unlink(path)  # nobody holds it: its consumer is gone
+            except BlockingIOError:
+                return False
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return True
+
+    def name(self, notice: Notice) -> str:
+        """A copy's name: the version, and a tag of its producer and layout, so that a copy made
+        for another producer's (or another model shape's) version of the same number is never
+        taken for it."""
+        described = json.dumps([notice.producer, notice.layout.to_json()], sort_keys=True).encode()
+        tag = hashlib.blake2b(described, digest_size=8).hexdigest()
+        return f"{self._prefix}{tag}.{notice.version}"
+
+    def claim(self, notice: Notice) -> Lead | Location | None:
+        """A Lead when this consumer is the first on the host to want `notice`'s version; the
+        location of the copy when another consumer has it (waiting up to `wait_s` for its fetch
+        to end); None when there is no usable copy to wait for (the reason is logged). A lead
+        rewrites an older copy that nobody serves from any more, when there is one: its pages
+        (and the page tables of the consumers that mapped it) are already in place."""
+        name = self.name(notice)
+        try:
+            if not os.path.lexists(os.path.join(SHM_DIR, name)):  # else: no need to allocate to find out
+                if self.alone():
+                    return None
+                temporary = f"{self._prefix}new.{os.getpid()}.{next(_serial)}"
+                segment = Segment.claimed(name, notice.nbytes, temporary, self._older(notice.version))
+                return Lead(segment, notice, self._host)
+        except FileExistsError:  # another consumer claimed it first
+            pass
+        except ConfigurationError as exc:  # e.g. /dev/shm full: fetch privately, as without sharing
+            log.warning("%s v%d: cannot make a host copy to share (%s); fetching it for this consumer alone",
+                        notice.model, notice.version, exc)
+            return None
+        try:
+            return self._await_copy(name, notice)
+        except TransferError as exc:
+            log.warning("%s v%d: not using the host copy %s: %s", notice.model, notice.version, name, exc)
+            return None
+
+    def _await_copy(self, name: str, notice: Notice) -> Location | None:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:  # its fetch failed and it was removed just now
+            return None
+        except OSError as exc:
+            raise TransferError(f"cannot open it ({exc.strerror})") from None
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid():
+                raise TransferError(f"it belongs to uid {info.st_uid}, not to this user")
+            if not _unlocked_within(fd, self._wait_s):
+                raise TransferError(f"the consumer fetching it did not finish within {self._wait_s:g} s")
+            header = os.pread(fd, HEADER.size, 0)
+        finally:
+            os.close(fd)
+        magic, version, state, nbytes, _, _ = HEADER.unpack(header) if len(header) == HEADER.size else (b"",) * 6
+        if magic != MAGIC or state != READY or version != notice.version or nbytes != notice.nbytes:
+            return None  # its fetch failed (or it is not a copy of this version): fetch it here
+        return Location("dram", self._host, f"shm://{name}")
+
+    def remove_unused(self, below: int | None = None) -> None:
+        """Unlink this model's host copies (of versions below `below`, or all) that nobody
+        serves from; a copy being fetched or served stays. Those of the two versions before
+        `below` stay too, for a later lead to rewrite (see `claim`)."""
+        copies = self._copies()
+        if below is not None:
+            kept = sorted({version for version, _ in copies if version < below})[-2:]
+            copies = [(version, path) for version, path in copies if version < below and version not in kept]
+        for _, path in copies:
+            _unlink_if_unused(path)
+
+    def _older(self, version: int) -> list[str]:
+        """The copies of versions before `version`, oldest first."""
+        return [path for copy_version, path in sorted(self._copies()) if copy_version < version]
+
+    def _names(self) -> list[str]:
+        try:
+            return [name for name in os.listdir(SHM_DIR) if name.startswith(self._prefix)]
+        except OSError:
+            return []
+
+    def _copies(self) -> list[tuple[int, str]]:
+        """(version, path) of this model's host copies; a claim that died before it linked its
+        copy counts as version 0."""
+        found = []
+        for name in self._names():
+            if name.startswith(f"{self._prefix}member."):
+                continue
+            version = name.rsplit(".", 1)[-1]
+            being_made = name.startswith(f"{self._prefix}new.")
+            if being_made or version.isdigit():
+                found.append((0 if being_made else int(version), os.path.join(SHM_DIR, name)))
+        return found
+
+
+def _unlocked_within(fd: int, wait_s: float) -> bool:
+    """Whether the exclusive lock on `fd`'s file (held while its copy is fetched) is let go
+    within `wait_s`: a shared lock taken on a helper thread, through a separate open file
+    description, so a wait that times out leaves nothing locked once that thread gets it."""
+    separate = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    unlocked = threading.Event()
+
+    def take() -> None:
+        try:
+            fcntl.flock(separate, fcntl.LOCK_SH)
+            unlocked.set()
+        finally:
+            os.close(separate)
+
+    threading.Thread(target=take, name="viper-host-copy-wait", daemon=True).start()
+    return unlocked.wait(wait_s)
+
+
+def _unlink_if_unused(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return  # another user's file is never ours to remove
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        header = os.pread(fd, HEADER_BYTES, 0)
+        if header[:8] == MAGIC and HEADER.unpack_from(header)[2] != FREE:
+            os.unlink(path)
+    except (BlockingIOError, FileNotFoundError, PermissionError):
+        pass
+    finally:
+        os.close(fd)
