@@ -28,11 +28,11 @@ needs_shm = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason=f"needs {SHM_D
 
 def _host_files(model_name: str) -> list[str]:
     """The host copies of the model, and the listings of its consumers on this host."""
-    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"viper.{model_name}.host."))
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"viper.{model_name}~host."))
 
 
 def _host_copies(model_name: str) -> list[str]:
-    return [name for name in _host_files(model_name) if ".host.member." not in name]
+    return [name for name in _host_files(model_name) if "~host.member." not in name]
 
 
 def _publisher(model_name: str, pfs_root: str) -> ModelPublisher:
@@ -60,7 +60,7 @@ def _copy_path(publisher: ModelPublisher, producer: torch.nn.Module, version: in
     """Where the consumers of `publisher` will look for the host copy of `version`."""
     layout = Layout.for_state_dict(producer.state_dict())
     notice = Notice(publisher.model_name, version, layout.nbytes, None, layout, publisher.producer_id)
-    return os.path.join(SHM_DIR, HostShare(publisher.model_name, "any", 1.0).name(notice))
+    return os.path.join(SHM_DIR, HostShare(publisher.model_name, "any", 1.0, threading.Event()).name(notice))
 
 
 def _leave_copy(path: str, state: int, version: int, nbytes: int) -> int:
@@ -101,7 +101,8 @@ def test_a_copy_whose_fetch_died_is_fetched_again_by_the_next_consumer(model_nam
     """A consumer died mid-fetch: its copy is WRITING and nobody holds its lock. The next consumer
     must not wait for it, nor serve its bytes: it fetches the version itself."""
     producer = perturbed(TinyNet(), 1)
-    with _publisher(model_name, pfs_root) as publisher, _subscriber(publisher, model_name, events) as subscriber:
+    with _publisher(model_name, pfs_root) as publisher, \
+            _subscriber(publisher, model_name, events, fetch_timeout=5.0) as subscriber:
         assert publisher.wait_for_subscribers(1, WAIT_S)
         path = _copy_path(publisher, producer, 1)
         os.close(_leave_copy(path, WRITING, 1, Layout.for_state_dict(producer.state_dict()).nbytes))
@@ -109,7 +110,9 @@ def test_a_copy_whose_fetch_died_is_fetched_again_by_the_next_consumer(model_nam
         assert subscriber.wait_for_version(1, WAIT_S)
         with subscriber.serving() as served:
             assert_same_weights(producer, served)
-        assert events.wait_for_updates(1)[0].route == "dram-zmq"
+        record = events.wait_for_updates(1)[0]
+        assert record.route == "dram-zmq"
+        assert record.latency_s < 5.0, f"it waited for a dead fetch: {record}"  # its bound is 5 s and more
 
 
 @needs_shm
@@ -184,3 +187,45 @@ def test_a_consumer_alone_on_its_host_makes_no_copy_to_share(model_name, pfs_roo
         assert subscriber.wait_for_version(version, WAIT_S)
         assert events.wait_for_updates(1)[0].route == "dram-zmq"
         assert _host_copies(model_name) == []
+
+
+@needs_shm
+def test_consumers_that_copy_rather_than_map_share_too(model_name, pfs_root) -> None:
+    """zero_copy=False (as for a model on a GPU): the others copy out of the host copy; a copy
+    they read is never rewritten under them unnoticed (the segment's seqlock)."""
+    producer = TinyNet()
+    with _publisher(model_name, pfs_root) as publisher, contextlib.ExitStack() as stack:
+        events = [Events() for _ in range(3)]
+        subscribers = [stack.enter_context(_subscriber(publisher, model_name, e, zero_copy=False)) for e in events]
+        assert publisher.wait_for_subscribers(3, WAIT_S)
+        for round_ in range(1, 5):
+            version = publisher.publish(perturbed(producer, round_))
+            for subscriber in subscribers:
+                assert subscriber.wait_for_version(version, WAIT_S)
+                with subscriber.serving() as served:
+                    assert_same_weights(producer, served)
+            routes = sorted(e.wait_for_updates(round_)[round_ - 1].route for e in events)
+            assert routes == ["dram-zmq", "host-shm", "host-shm"], f"version {version}: {routes}"
+            publisher.flush(WAIT_S)
+    assert _host_files(model_name) == []
+
+
+@needs_shm
+def test_fifos_planted_under_the_shared_names_hang_nobody(model_name, pfs_root) -> None:
+    """A FIFO under a listing's name and under the next copy's name (opening one for reading
+    would block until someone writes): the consumers pass them by and serve the version."""
+    producer = perturbed(TinyNet(), 6)
+    with _publisher(model_name, pfs_root) as publisher, contextlib.ExitStack() as stack:
+        planted = [os.path.join(SHM_DIR, f"viper.{model_name}~host.member.1.1"), _copy_path(publisher, producer, 1)]
+        for path in planted:
+            os.mkfifo(path, 0o600)
+            stack.callback(os.unlink, path)
+        events = [Events() for _ in range(2)]
+        subscribers = [stack.enter_context(_subscriber(publisher, model_name, e)) for e in events]
+        assert publisher.wait_for_subscribers(2, WAIT_S)
+        assert publisher.publish(producer) == 1
+        for subscriber in subscribers:
+            assert subscriber.wait_for_version(1, WAIT_S)
+            with subscriber.serving() as served:
+                assert_same_weights(producer, served)
+        assert [e.wait_for_updates(1)[0].route for e in events] == ["dram-zmq", "dram-zmq"]

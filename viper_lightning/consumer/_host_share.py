@@ -2,12 +2,14 @@
 
 Several consumers on one host (TorchServe workers, replicas) that each fetched a remote version
 would draw it over the host's link once per consumer, and hold a copy each. Instead the first
-to claim a version fetches it into a shared-memory segment of its own (`viper.MODEL.host.TAG.V`,
-0600, as the producer's segments are); the others wait for it and map it, exactly as they map
-a same-host producer's segment on the "dram-shm" route.
+to claim a version fetches it into a shared-memory segment of its own (`viper.MODEL~host.TAG.V`,
+0600, as the producer's segments are: '~' cannot appear in a model name, so no other model's
+segment has these names); the others wait for it and map it, exactly as they map a same-host
+producer's segment on the "dram-shm" route.
 
 Claiming is linking a new, locked file to the copy's name (so the name never shows an unlocked
-file being made): the winner holds it exclusively locked while it fetches, and publishes it READY once the bytes arrived and their digest checked out. A consumer
+file being made): the winner holds it exclusively locked while it fetches, and publishes it
+READY once the bytes arrived and their digest checked out. A consumer
 that finds the file waits on that lock (a blocking flock on a helper thread, bounded by its
 `wait_s`), so it wakes when the fetch ends. When the fetch failed, or its consumer died (the
 kernel drops a dead process's lock), or the file is another user's, the waiter fetches the
@@ -15,8 +17,13 @@ version itself: sharing saves the host's link, it never makes a version unreacha
 
 A copy is removed once nobody serves from it: zero-copy consumers hold a shared lock on it for
 as long as they serve from it, so a consumer that finds the exclusive lock free can unlink it
-(those still mapping it keep their pages). Whoever publishes a copy removes the older ones so
-freed, and a closing subscriber removes those left.
+(those still mapping it keep their pages). Idle consumers remove the older ones so freed
+(keeping one for the next version to rewrite), and the last consumer of the model on the host
+removes what is left when it closes, or finds left over when it starts.
+
+Every file here is opened without following links or blocking (a FIFO planted under one of
+these names by another user would otherwise hang the opener) and used only if it is a regular
+file of this user's.
 """
 
 from __future__ import annotations
@@ -28,16 +35,20 @@ import itertools
 import json
 import logging
 import os
+import re
+import stat
 import threading
+import time
 
 from .._errors import ConfigurationError, TransferError
-from ..storage._shm import FREE, HEADER, HEADER_BYTES, MAGIC, READY, SHM_DIR, Segment, segment_prefix
+from ..storage._shm import HEADER, MAGIC, READY, SHM_DIR, Segment
 from ..transport._protocol import Location, Notice
 
 __all__ = ["HostShare", "Lead"]
 
 log = logging.getLogger("viper_lightning.subscriber")
 _serial = itertools.count()  # temporary names of claims in this process
+_STOP_CHECK_S = 0.1  # how often a wait for another consumer's fetch checks that the subscriber is not closing
 
 
 class Lead:
@@ -77,14 +88,18 @@ class HostShare:
     which the kernel unlocks if it dies): a consumer alone on its host makes no copy to share
     and fetches as it would without sharing, into memory of its own."""
 
-    def __init__(self, model: str, host: str, wait_s: float) -> None:
-        self._prefix = f"{segment_prefix(model)}host."
-        self._host, self._wait_s = host, wait_s
+    def __init__(self, model: str, host: str, wait_s: float, stop: threading.Event) -> None:
+        self._prefix = f"viper.{model}~host."
+        self._copy_name = re.compile(re.escape(self._prefix) + r"[0-9a-f]{16}\.([0-9]+)")
+        self._host, self._wait_s, self._stop = host, wait_s, stop
         self._membership: int | None = None  # the descriptor of this consumer's listing, locked
         self._member_path = ""
 
     def join(self) -> None:
-        """List this consumer (locked before its name appears, so nobody takes it for a dead one's)."""
+        """List this consumer (locked before its name appears, so nobody takes it for a dead
+        one's); the first consumer of the model here removes what earlier ones left."""
+        if self.alone():
+            self.remove_unused()
         serial = f"{os.getpid()}.{next(_serial)}"
         temporary = os.path.join(SHM_DIR, f"{self._prefix}new.{serial}")
         fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
@@ -100,11 +115,15 @@ class HostShare:
         self._membership = fd
 
     def leave(self) -> None:
-        if self._membership is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._member_path)
-            os.close(self._membership)
-            self._membership = None
+        """Unlist this consumer; the last one here removes the copies nobody serves from."""
+        if self._membership is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._member_path)
+        os.close(self._membership)
+        self._membership = None
+        if self.alone():
+            self.remove_unused()
 
     def alone(self) -> bool:
         """Whether no other consumer of the model is listed on this host (listings their dead
@@ -113,13 +132,10 @@ class HostShare:
             path = os.path.join(SHM_DIR, name)
             if not name.startswith(f"{self._prefix}member.") or path == self._member_path:
                 continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
+            fd = _open_ours(path)
+            if fd is None:
                 continue
             try:
-                if os.fstat(fd).st_uid != os.geteuid():
-                    continue
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 os.unlink(path)  # nobody holds it: its consumer is gone
             except BlockingIOError:
@@ -154,29 +170,22 @@ class HostShare:
                 return Lead(segment, notice, self._host)
         except FileExistsError:  # another consumer claimed it first
             pass
-        except ConfigurationError as exc:  # e.g. /dev/shm full: fetch privately, as without sharing
+        except (ConfigurationError, OSError) as exc:  # e.g. /dev/shm full: fetch privately, as without sharing
             log.warning("%s v%d: cannot make a host copy to share (%s); fetching it for this consumer alone",
                         notice.model, notice.version, exc)
             return None
         try:
             return self._await_copy(name, notice)
-        except TransferError as exc:
+        except (TransferError, OSError) as exc:
             log.warning("%s v%d: not using the host copy %s: %s", notice.model, notice.version, name, exc)
             return None
 
     def _await_copy(self, name: str, notice: Notice) -> Location | None:
-        path = os.path.join(SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:  # its fetch failed and it was removed just now
+        fd = _open_ours(os.path.join(SHM_DIR, name))
+        if fd is None:  # gone (its fetch failed and it was removed just now), or not ours
             return None
-        except OSError as exc:
-            raise TransferError(f"cannot open it ({exc.strerror})") from None
         try:
-            info = os.fstat(fd)
-            if info.st_uid != os.geteuid():
-                raise TransferError(f"it belongs to uid {info.st_uid}, not to this user")
-            if not _unlocked_within(fd, self._wait_s):
+            if not _unlocked_within(fd, self._wait_s, self._stop):
                 raise TransferError(f"the consumer fetching it did not finish within {self._wait_s:g} s")
             header = os.pread(fd, HEADER.size, 0)
         finally:
@@ -192,7 +201,7 @@ class HostShare:
         `below` stay too, for a later lead to rewrite (see `claim`)."""
         copies = self._copies()
         if below is not None:
-            kept = sorted({version for version, _ in copies if version < below})[-2:]
+            kept = sorted({version for version, _ in copies if 0 < version < below})[-2:]
             copies = [(version, path) for version, path in copies if version < below and version not in kept]
         for _, path in copies:
             _unlink_if_unused(path)
@@ -212,20 +221,33 @@ class HostShare:
         copy counts as version 0."""
         found = []
         for name in self._names():
-            if name.startswith(f"{self._prefix}member."):
-                continue
-            version = name.rsplit(".", 1)[-1]
-            being_made = name.startswith(f"{self._prefix}new.")
-            if being_made or version.isdigit():
-                found.append((0 if being_made else int(version), os.path.join(SHM_DIR, name)))
+            if name.startswith(f"{self._prefix}new."):
+                found.append((0, os.path.join(SHM_DIR, name)))
+            elif match := self._copy_name.fullmatch(name):
+                found.append((int(match.group(1)), os.path.join(SHM_DIR, name)))
         return found
 
 
-def _unlocked_within(fd: int, wait_s: float) -> bool:
+def _open_ours(path: str, flags: int = os.O_RDONLY) -> int | None:
+    """A descriptor of `path` if it is a regular file of this user's (None otherwise, or if it
+    is gone): opened without following a link or blocking on a FIFO."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlocked_within(fd: int, wait_s: float, stop: threading.Event) -> bool:
     """Whether the exclusive lock on `fd`'s file (held while its copy is fetched) is let go
-    within `wait_s`: a shared lock taken on a helper thread, through a separate open file
-    description, so a wait that times out leaves nothing locked once that thread gets it."""
-    separate = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    within `wait_s` (or before `stop` is set): a shared lock taken on a helper thread, through
+    a separate open file description, so a wait that ends first leaves nothing locked once
+    that thread gets the lock (it ends with the lock's holder)."""
+    separate = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
     unlocked = threading.Event()
 
     def take() -> None:
@@ -235,23 +257,28 @@ def _unlocked_within(fd: int, wait_s: float) -> bool:
         finally:
             os.close(separate)
 
-    threading.Thread(target=take, name="viper-host-copy-wait", daemon=True).start()
-    return unlocked.wait(wait_s)
+    try:
+        threading.Thread(target=take, name="viper-host-copy-wait", daemon=True).start()
+    except BaseException:
+        os.close(separate)
+        raise
+    deadline = time.monotonic() + wait_s
+    while not unlocked.wait(min(_STOP_CHECK_S, max(0.0, deadline - time.monotonic()))):
+        if stop.is_set() or time.monotonic() >= deadline:
+            return False
+    return True
 
 
 def _unlink_if_unused(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+    """Unlink a copy that nobody holds (a lead holds its copy while it fetches, and zero-copy
+    consumers while they serve from it; an unlocked copy is finished or abandoned)."""
+    fd = _open_ours(path)
+    if fd is None:
         return
     try:
-        if os.fstat(fd).st_uid != os.geteuid():
-            return  # another user's file is never ours to remove
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        header = os.pread(fd, HEADER_BYTES, 0)
-        if header[:8] == MAGIC and HEADER.unpack_from(header)[2] != FREE:
-            os.unlink(path)
-    except (BlockingIOError, FileNotFoundError, PermissionError):
+        os.unlink(path)
+    except OSError:  # held (BlockingIOError), or already gone
         pass
     finally:
         os.close(fd)

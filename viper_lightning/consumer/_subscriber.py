@@ -133,14 +133,14 @@ class ModelSubscriber:
         self._loaders = RouteLoaders(device, self._pfs, self._key, fetch_timeout, self._expected.nbytes,
                                      zero_copy=zero_copy, member=name)
         self._together = TogetherSwitch(name, together_timeout) if together else None
-        self._share = HostShare(self.model_name, self._planner.host,
-                                fetch_timeout + self._expected.nbytes / HOST_COPY_WAIT_BPS) \
-            if RouteKind.HOST_SHM in self._planner.allowed and os.path.isdir(SHM_DIR) else None
         self._listener: NoticeListener | None = None  # the subscriber thread's, while it runs
         self._refused: OrderedDict[str, None] = OrderedDict()
         self._newest_announced = 0
         self._version_changed = threading.Condition()
         self._stop = threading.Event()
+        self._share = HostShare(self.model_name, self._planner.host,
+                                fetch_timeout + self._expected.nbytes / HOST_COPY_WAIT_BPS, self._stop) \
+            if RouteKind.HOST_SHM in self._planner.allowed and os.path.isdir(SHM_DIR) else None
         self._listening = threading.Event()
         self._error: BaseException | None = None
         self._context: zmq.Context | None = None
@@ -186,7 +186,6 @@ class ModelSubscriber:
         self._loaders.close(self._buffers.models())
         if self._share is not None:
             self._share.leave()
-            self._share.remove_unused()
         self._raise_if_failed()
 
     def __enter__(self) -> ModelSubscriber:
@@ -256,7 +255,10 @@ class ModelSubscriber:
     def _housekeeping(self) -> None:
         self._loaders.housekeeping()
         if self._share is not None and self.version is not None:
-            self._share.remove_unused(below=self.version)  # the host copies nobody serves from any more
+            try:
+                self._share.remove_unused(below=self.version)  # the host copies nobody serves from any more
+            except OSError as exc:  # e.g. /dev/shm unreadable for a moment: the next idle poll tries again
+                log.debug("%s: could not tidy the host copies: %s", self.model_name, exc)
 
     def _load_latest_version(self) -> None:
         try:
@@ -491,8 +493,9 @@ class ModelSubscriber:
                 self._share.remove_unused(below=notice.version)
                 try:
                     mapped_s, _ = self._map_host_copy(notice, claim.location, standby)
-                except ViperError as exc:  # e.g. a full /dev/shm on a private mapping's first write
-                    failures.append(exc)
+                except ViperError as exc:  # removed meanwhile, say: the routes are tried again, into private memory
+                    log.warning("%s v%d: could not map the host copy just fetched (%s); fetching it again",
+                                notice.model, notice.version, exc)
                     return None
                 why = explain(route, routes, [str(f) for f in failures]) + f"; shared on this host as " \
                                                                            f"{claim.location.address}"

@@ -7,7 +7,8 @@ swaps within the notice's delivery time of the others. How each swap went is the
 record's `together`:
 - "together": on the producer's switch, with the replicas that were ready;
 - "left-out": the switch had gone (to this version or a newer one) before this replica was
-  ready, so it swaps at once, alone;
+  ready, so it swaps at once, alone (it reports ready all the same, so the producer waits for
+  it at the next version: a replica that is always late delays every switch by the deadline);
 - "alone": no switch came within `timeout` of being ready (the producer is gone or stalled).
 """
 

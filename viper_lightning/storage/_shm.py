@@ -19,6 +19,7 @@ import functools
 import logging
 import mmap
 import os
+import stat
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -116,17 +117,20 @@ class Segment:
         """The segment at `path`, renamed to `temporary` and locked for rewriting; None unless it
         is ours, of `capacity`, and nobody holds it."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)  # a planted FIFO must not block
         except OSError:
             return None
         try:
             info = os.fstat(fd)
-            if info.st_uid != os.geteuid() or info.st_size != HEADER_BYTES + max(capacity, 1):
+            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
+                    or info.st_size != HEADER_BYTES + max(capacity, 1)):
                 raise BlockingIOError
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.lstat(path).st_ino != info.st_ino:
+                raise BlockingIOError  # the name went to another file meanwhile: not ours to move
             mapping = mmap.mmap(fd, info.st_size)
             header = _read_header(mapping, path)
-            os.rename(path, os.path.join(SHM_DIR, temporary))  # under the lock: still the file we hold
+            os.rename(path, os.path.join(SHM_DIR, temporary))
         except (OSError, TransferError):
             os.close(fd)
             return None
@@ -463,10 +467,15 @@ def _open_segment(name: str, version: int, nbytes: int) -> tuple[int, str]:
         raise TransferError(f"segment name {name!r} is not a Viper segment name")
     what = f"segment {name} (version {version})"
     try:
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TransferError(f"{what} is gone (evicted, or its producer exited)") from None
+    except OSError as exc:  # a link planted under the name (ELOOP), say
+        raise TransferError(f"{what} cannot be opened ({exc.strerror})") from None
     info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise TransferError(f"{what} is not a regular file; refusing it")
     if info.st_uid != os.getuid() or info.st_size < HEADER_BYTES + nbytes:
         os.close(fd)
         problem = (f"belongs to uid {info.st_uid}, not to this user" if info.st_uid != os.getuid()
