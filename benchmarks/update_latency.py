@@ -12,10 +12,14 @@ of the same bytes into a reused buffer: the physical limit) and `lightning-model
 TorchServe, until its first answer) and `torchserve-viper` (publish until TorchServe's
 ViperHandler answers with the new version; both on a one-layer model of the same size, cheap to
 run).
-`--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together.
+`--consumers 8` adds `dram-shm-x8`: eight same-host consumers updating together, measured
+update by update alternately with a second publisher of the same model that has one consumer:
+its `over_one` is the median over those pairs of the eight's e2e over the one's (`one_e2e_s`),
+and the ratio to the separate `dram-shm` case is printed beside it as a cross-check.
 `lightning-throughput` is not an update's latency but what publishing every 10 steps through
 `ViperCallback` (its defaults) to `--consumers` same-host consumers (default 1) costs a real
-Lightning run of the same model (batch 8): `throughput_cost` pairs, within one run, blocks of 10
+Lightning run of the same model (batch 8; the run fails unless every consumer served the last
+version published): `throughput_cost` pairs, within one run, blocks of 10
 steps that start with a publish with the blocks of 10 steps after them, which have none (6 pairs
 after the first); `throughput_cost_runs` cross-checks it on separate runs with and without
 publishing (see measure_throughput; `copies_per_step`: how many memory copies of the weights a
