@@ -26,6 +26,10 @@ producer's), `producer_tx_bytes` what the producer's interface sent meanwhile (i
 hosts that did not swap on the producer's switch). `raw_tcp_Bps` is a plain socket `sendall`
 of the same bytes between two hosts, and `remote_Bps` the single-stream remote path (star, one
 host: bytes over its transfer and verify time), both on the same links in the same run.
+With `fanout` and more than one host, `dead_host` repeats the relay at the largest host count
+with the first host that forwards killed mid-transfer (usually the chain's head): `delay_s` is
+how much later the last survivor serves than without, against their `deadline_s` (the
+consumers' `fetch_timeout`, its default 10 s).
 """
 
 from __future__ import annotations
@@ -109,6 +113,37 @@ def measure(strategy: str, hosts: int, megabytes: float, link_gbit: float, repea
         return results
 
 
+def measure_dead_host(hosts: int, megabytes: float, link_gbit: float) -> dict[str, Any]:
+    """The relay to `hosts` hosts with the first host that forwards killed mid-transfer (the head
+    of the chain, as a rule: the worst place), against the same relay without: `delay_s` is how
+    much later the last survivor serves, to compare with their `fetch_timeout` (`deadline_s`,
+    ModelSubscriber's default)."""
+    with EmulatedCluster(hosts=hosts + 1, link_gbit=link_gbit) as cluster, \
+            tempfile.TemporaryDirectory(prefix="viper-fanout-") as workdir:
+        fleet = Fleet(cluster, megabytes, Path(workdir))
+        fleet.start_producer()
+        consumers = cluster.hosts[1:]
+        for host in consumers:
+            fleet.add_consumer(host, ROUTES["fanout"])
+        fleet.served(list(fleet.consumers), fleet.publish(0), WAIT_S)  # untimed: each consumer's first load
+        published = fleet.publish(1)
+        normal = max(u["t"] for u in fleet.served(list(fleet.consumers), published, WAIT_S).values()) - published["t"]
+        sent = {host.name: cluster.tx_bytes(host) for host in consumers}
+        fleet.producer.send("publish 2")
+        victim, give_up = None, time.monotonic() + WAIT_S
+        while victim is None and time.monotonic() < give_up:  # a poll of the interface counters, bounded
+            victim = next((host for host in consumers if cluster.tx_bytes(host) - sent[host.name] > 1e6), None)
+            time.sleep(0.005)
+        if victim is None:
+            raise RuntimeError("no host forwarded anything: no relay round formed")
+        fleet.consumers.pop(victim.name).kill()
+        published = fleet.producer.wait_for("published", WAIT_S)
+        updates = fleet.served(list(fleet.consumers), published, WAIT_S)  # checked bit-exact
+        last = max(u["t"] for u in updates.values()) - published["t"]
+        return {"hosts": hosts, "e2e_s": last, "normal_e2e_s": normal, "delay_s": last - normal,
+                "deadline_s": fleet.deadline, "routes": sorted({u["route"] for u in updates.values()})}
+
+
 def run(hosts: list[int], megabytes: float, link_gbit: float, strategies: list[str], repeat: int) -> dict[str, Any]:
     nbytes = int(megabytes * 1e6) // 4 * 4
     with EmulatedCluster(hosts=2, link_gbit=link_gbit) as cluster:
@@ -121,10 +156,15 @@ def run(hosts: list[int], megabytes: float, link_gbit: float, strategies: list[s
             if strategy == "fanout":
                 print(f"{strategy} to {count} hosts, switching together ...", flush=True)
                 results += measure(strategy, count, megabytes, link_gbit, repeat, together=True)
+    dead_host = None
+    if "fanout" in strategies and max(hosts) > 1:
+        print(f"fanout to {max(hosts)} hosts, one killed mid-transfer ...", flush=True)
+        dead_host = measure_dead_host(max(hosts), megabytes, link_gbit)
     single = [r for r in results if r["strategy"] == "star" and r["hosts"] == 1]
     remote = statistics.median(r["size_bytes"] / r["transfer_s"] for r in single) if single else None
     return {"host": {"machine": platform.machine(), "cpus": os.cpu_count() or 0, "python": platform.python_version()},
-            "link_gbit": link_gbit, "raw_tcp_Bps": raw, "remote_Bps": remote, "results": results}
+            "link_gbit": link_gbit, "raw_tcp_Bps": raw, "remote_Bps": remote, "results": results,
+            "dead_host": dead_host}
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -142,6 +182,11 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"{name:<18}{result['hosts']:>6}{result['e2e_s']:>9.2f}{scale:>10.2f}"
               f"{result['producer_tx_bytes'] / result['size_bytes']:>12.2f}{result['swap_skew_s'] * 1e3:>9.0f}"
               f"  {','.join(result['routes'])}")
+    dead = report.get("dead_host")
+    if dead:
+        print(f"fanout to {dead['hosts']} hosts, the first forwarder killed mid-transfer: the last survivor served "
+              f"after {dead['e2e_s']:.2f} s against {dead['normal_e2e_s']:.2f} s without ({dead['delay_s']:.2f} s "
+              f"later; deadline {dead['deadline_s']:g} s), by {','.join(dead['routes'])}")
     print("\nchecks (this run):")
     for label, value, aim in checks(report):
         print(f"  {label:<66}{value:>8.3f}   (aim {aim})")
@@ -164,6 +209,9 @@ def checks(report: dict[str, Any]) -> list[tuple[str, float, str]]:
                 ("remote path / raw TCP, same link", (report["remote_Bps"] or math.nan) / report["raw_tcp_Bps"], ">= 0.5"),
                 ("swap skew switching together, most over host counts (s)",
                  max((r["swap_skew_s"] for r in results if r["together"]), default=math.nan), "<= 0.05"),
+                ("dead host: delay of the last survivor / its deadline",
+                 (report.get("dead_host") or {}).get("delay_s", math.nan)
+                 / (report.get("dead_host") or {}).get("deadline_s", math.nan), "<= 1"),
                 ("swap skew without, most over host counts (s)",
                  max((r["swap_skew_s"] for r in results if r["strategy"] == "fanout" and not r["together"]),
                      default=math.nan), "for comparison")]

@@ -200,7 +200,7 @@ def test_consumer_times_out_when_nobody_answers() -> None:
         fetch(address, CHUNK, timeout=0.5)
     assert time.monotonic() - started < 5.0
     request = json.loads(store.get("viper/req/1"))
-    assert request.pop("nonce") and request == {"proto": 1, "version": VERSION, "nbytes": CHUNK}
+    assert request.pop("nonce") and request == {"proto": 1, "version": VERSION, "nbytes": CHUNK, "timeout": 0.5}
 
 
 def test_server_survives_a_consumer_that_dies_mid_transfer(serve, caplog) -> None:

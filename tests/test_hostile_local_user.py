@@ -27,6 +27,7 @@ from viper_lightning._digest import digest_buffer
 from viper_lightning.storage._keys import key_file_for, read_key
 from viper_lightning.storage._shm import segment_prefix
 from viper_lightning.transport._fetch import FetchClient
+from viper_lightning.transport._protocol import PROTO
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, TinyNet, perturbed
 
@@ -140,7 +141,9 @@ def _garbage_everywhere(notice_endpoint: str, fetch_endpoint: str, collective: s
         host, port = collective.split("://")[1].rsplit(":", 1)
         store = dist.TCPStore(host, int(port), None, False, timedelta(seconds=5), wait_for_workers=False)
         ticket = int(store.get("viper/next"))
-        for offset, garbage in enumerate((b"\x80not json", b"[" * 100_000)):
+        bad_timeouts = [json.dumps({"proto": PROTO, "version": 1, "nbytes": 8, "nonce": "ab" * 8, "relay": True,
+                                    "timeout": timeout}).encode() for timeout in (0, -1, 1e30, "soon", True)]
+        for offset, garbage in enumerate((b"\x80not json", b"[" * 100_000, *bad_timeouts)):
             store.compare_set(f"viper/req/{ticket + offset}", b"", garbage)
         return "sent"
 

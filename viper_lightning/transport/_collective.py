@@ -57,7 +57,7 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from ._loans import Lender, MemoryLoan
 from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
 from ._protocol import PROTO, check_proto, consumer_name, sign, verify_mac
-from ._relay import (JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round,
+from ._relay import (BROKEN_ROUND, JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round,
                      receive_and_forward, relay_role, spans, wait_for)
 
 if TYPE_CHECKING:
@@ -72,6 +72,10 @@ log = logging.getLogger("viper_lightning.collective")
 BACKENDS = {"gloo": "cpu", "nccl": "cuda"}  # backend -> the device type of its tensors
 CHUNK_BYTES = 64 * 1024 * 1024
 WINDOW = 2  # chunks in flight: the next one lands while the previous one is digested
+# A request says how long its consumer waits without progress (at most MAX_TIMEOUT_S); the
+# server sends to a round no longer than its members wait, nor less than MIN_SEND_TIMEOUT_S.
+MAX_TIMEOUT_S = 24 * 3600.0
+MIN_SEND_TIMEOUT_S = 1.0
 MAX_CHUNK_BYTES = 1 << 30
 _NEXT = "viper/next"
 _MAX_CLAIM_TRIES = 1000  # each try that fails means another consumer claimed a ticket meanwhile
@@ -194,7 +198,7 @@ class CollectiveServer:
         except ProtocolError as exc:
             self._answer(refusal(exc), unread=True)
             return [ticket]
-        self._askers = [RelayMember(ticket, request["nonce"], request.get("member", ""))]
+        self._askers = [RelayMember(ticket, request["nonce"], request.get("member", ""), request.get("timeout"))]
         if request.get("relay"):
             self._askers = gather_round(self._askers[0], functools.partial(self._joining, request),
                                         expected=self._round_members, window_s=self._join_window_s)
@@ -253,6 +257,9 @@ class CollectiveServer:
         """Send `data` to rank 1 (the consumer, or the first member of a relay round); a failure
         is the consumers', so it is logged."""
         sent, done, first = 0, False, self._askers[0].ticket
+        # No longer than the consumers wait: a dead first member must not hold the server (and
+        # everyone's next request, such as the round the others form again) for its own timeout.
+        timeout = max(MIN_SEND_TIMEOUT_S, min([self._timeout, *(a.timeout_s for a in self._askers if a.timeout_s)]))
 
         def failed(why: str) -> str | None:  # nothing to say when the server is closing
             return None if self._stop.is_set() else (f"{self.address}: transfer of version {version} (ticket "
@@ -260,16 +267,16 @@ class CollectiveServer:
         try:
             with _torch_errors(failed, level=logging.WARNING):
                 self._group = _new_group(self._backend, self._store, first, 0, len(self._askers) + 1,
-                                         self._timeout, self._host)
+                                         timeout, self._host)
                 pending: deque[tuple[dist.Work, int]] = deque()
                 for index, (offset, length) in enumerate(spans(data.numel(), chunk_bytes)):
                     if self._stop.is_set():
                         raise RuntimeError("the server is closing")
                     pending.append((self._group.send([data[offset:offset + length]], 1, index), length))
                     if len(pending) >= window:
-                        sent += _finish(pending.popleft(), self._timeout)
+                        sent += _finish(pending.popleft(), timeout)
                 while pending:
-                    sent += _finish(pending.popleft(), self._timeout)
+                    sent += _finish(pending.popleft(), timeout)
                 done = True
         finally:
             group, self._group = self._group, None
@@ -331,9 +338,22 @@ class CollectiveClient:
         producer's, and the caller's layout check still applies."""
         _check_request(version, nbytes)
         _check_buffer(buffer, nbytes, self._backend)
+        try:
+            return self._fetch(version, buffer, nbytes, relay, self._timeout)
+        except TransferError as exc:
+            if exc.code != BROKEN_ROUND:
+                raise
+            log.warning("%s: %s; asking again, as a new round", self.address, exc)
+        # The members after the failure ask again together and form a new round, so the producer's
+        # link carries one more copy rather than one per member left. The server may still be
+        # finishing the broken round for as long as its members wait (our timeout): wait that too.
+        return self._fetch(version, buffer, nbytes, relay, 2 * self._timeout)
+
+    def _fetch(self, version: int, buffer: torch.Tensor, nbytes: int, relay: bool,
+               answer_wait_s: float) -> tuple[str, float]:
         store = self._connect()
         ticket, nonce = self._claim(store, version, nbytes, relay)
-        answer = self._await_answer(store, ticket, version)
+        answer = self._await_answer(store, ticket, version, answer_wait_s)
         verify_mac(answer, self._key, f"collective answer from {self.address}")
         if answer.get("nonce") != nonce:
             raise ProtocolError(f"{self.address} answered ticket {ticket} with another consumer's nonce")
@@ -354,7 +374,8 @@ class CollectiveClient:
         """Claim a ticket the server will read, with our request in it (see the module doc);
         returns (ticket, nonce)."""
         nonce = os.urandom(8).hex()
-        fields = {"proto": PROTO, "version": version, "nbytes": nbytes, "nonce": nonce}
+        fields = {"proto": PROTO, "version": version, "nbytes": nbytes, "nonce": nonce,
+                  "timeout": min(self._timeout, MAX_TIMEOUT_S)}
         if relay:
             fields.update(relay=True, member=self.member)
         request = json.dumps(fields).encode()
@@ -373,12 +394,12 @@ class CollectiveClient:
         raise TransferError(f"{self.address}: no free ticket after {_MAX_CLAIM_TRIES} tries; too many "
                             "consumers at once, retry later")
 
-    def _await_answer(self, store: dist.TCPStore, ticket: int, version: int) -> dict:
+    def _await_answer(self, store: dist.TCPStore, ticket: int, version: int, wait_s: float) -> dict:
         key = _answer_key(ticket)
         with _torch_errors(lambda why: f"{self.address} did not answer the request for version {version} within "
-                                       f"{self._timeout:g} s ({why}); producer gone or busy; 0 bytes received",
+                                       f"{wait_s:g} s ({why}); producer gone or busy; 0 bytes received",
                            TransferError):
-            store.wait([key], timedelta(seconds=self._timeout))
+            store.wait([key], timedelta(seconds=wait_s))
             raw = store.get(key)
             store.delete_key(key)
         return load_object(raw, "collective answer", limit=_MAX_JSON_BYTES, invalid="is not JSON")
@@ -405,6 +426,11 @@ class CollectiveClient:
                 receive_and_forward(group, role, target, chunk_bytes, self._timeout, landed,
                                     window=RELAY_WINDOW if role.size > 2 else WINDOW)
                 done = True
+        except TransferError as exc:
+            if role.size <= 2:
+                raise
+            raise TransferError(f"{exc} (relay round {role.round}, member {role.rank} of {role.size - 1})",
+                                code=BROKEN_ROUND) from None
         finally:
             _release(group, done)
         if digester is None and self._key is not None:  # keyed: device bytes are checked too
@@ -603,6 +629,11 @@ def _parse_request(raw: bytes) -> dict:
     if not isinstance(request.get("relay", False), bool):
         raise ProtocolError(f"collective request field 'relay' must be true or false, got {request['relay']!r:.80}")
     consumer_name(request, "member", "collective request", required=False)
+    timeout = request.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= MAX_TIMEOUT_S):
+        raise ProtocolError(f"collective request field 'timeout' must be seconds in (0, {MAX_TIMEOUT_S:g}], "
+                            f"got {timeout!r:.80}")
     return request
 
 

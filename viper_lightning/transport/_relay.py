@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from torch._C._distributed_c10d import Backend as _Group
 
 __all__ = ["RelayRole", "RelayMember", "RELAY_CHUNK_BYTES", "RELAY_WINDOW", "JOIN_WINDOW_S", "MAX_MEMBERS",
-           "gather_round", "relay_role", "receive_and_forward", "spans", "wait_for"]
+           "BROKEN_ROUND", "gather_round", "relay_role", "receive_and_forward", "spans", "wait_for"]
 
 log = logging.getLogger("viper_lightning.collective")
 
@@ -56,6 +56,10 @@ RELAY_WINDOW = 4  # chunks in flight each way per member: receiving, digesting, 
 # a while to ask), short against a transfer. Only paid in full when the set of hosts changed.
 JOIN_WINDOW_S = 0.25
 MAX_MEMBERS = 1024
+# The code of the TransferError a member raises when its round broke mid-transfer (a member
+# before it, or the producer, failed): the members after the failure may ask again as a new
+# round, rather than each fetching the whole version over the producer's link at once.
+BROKEN_ROUND = "broken-round"
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class RelayMember:
     ticket: int
     nonce: str
     name: str
+    timeout_s: float | None = None  # how long it waits without progress before giving up
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ def gather_round(first: RelayMember, next_request: Callable[[int, float], dict |
         request = next_request(ticket, left)
         if request is None:
             break
-        members.append(RelayMember(ticket, request["nonce"], request.get("member", "")))
+        members.append(RelayMember(ticket, request["nonce"], request.get("member", ""), request.get("timeout")))
     return members
 
 
