@@ -72,12 +72,17 @@ def _leave_copy(path: str, state: int, version: int, nbytes: int) -> int:
 
 
 @needs_shm
-def test_three_consumers_fetch_each_version_once_and_all_serve_it_bit_exact(model_name, pfs_root) -> None:
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["mapped", "copied"])
+def test_three_consumers_fetch_each_version_once_and_all_serve_it_bit_exact(model_name, pfs_root,
+                                                                             zero_copy: bool) -> None:
+    """zero_copy=False (as for a model on a GPU): the others copy out of the host copy; a copy
+    they read is never rewritten under them unnoticed (the segment's seqlock)."""
     producer = TinyNet()
     inodes: set[int] = set()
     with _publisher(model_name, pfs_root) as publisher, contextlib.ExitStack() as stack:
         events = [Events() for _ in range(3)]
-        subscribers = [stack.enter_context(_subscriber(publisher, model_name, e)) for e in events]
+        subscribers = [stack.enter_context(_subscriber(publisher, model_name, e, zero_copy=zero_copy))
+                       for e in events]
         assert publisher.wait_for_subscribers(3, WAIT_S)
         for round_ in range(1, 7):
             version = publisher.publish(perturbed(producer, round_))
@@ -187,27 +192,6 @@ def test_a_consumer_alone_on_its_host_makes_no_copy_to_share(model_name, pfs_roo
         assert subscriber.wait_for_version(version, WAIT_S)
         assert events.wait_for_updates(1)[0].route == "dram-zmq"
         assert _host_copies(model_name) == []
-
-
-@needs_shm
-def test_consumers_that_copy_rather_than_map_share_too(model_name, pfs_root) -> None:
-    """zero_copy=False (as for a model on a GPU): the others copy out of the host copy; a copy
-    they read is never rewritten under them unnoticed (the segment's seqlock)."""
-    producer = TinyNet()
-    with _publisher(model_name, pfs_root) as publisher, contextlib.ExitStack() as stack:
-        events = [Events() for _ in range(3)]
-        subscribers = [stack.enter_context(_subscriber(publisher, model_name, e, zero_copy=False)) for e in events]
-        assert publisher.wait_for_subscribers(3, WAIT_S)
-        for round_ in range(1, 5):
-            version = publisher.publish(perturbed(producer, round_))
-            for subscriber in subscribers:
-                assert subscriber.wait_for_version(version, WAIT_S)
-                with subscriber.serving() as served:
-                    assert_same_weights(producer, served)
-            routes = sorted(e.wait_for_updates(round_)[round_ - 1].route for e in events)
-            assert routes == ["dram-zmq", "host-shm", "host-shm"], f"version {version}: {routes}"
-            publisher.flush(WAIT_S)
-    assert _host_files(model_name) == []
 
 
 @needs_shm

@@ -445,16 +445,14 @@ class ModelSubscriber:
             if shared is not None:
                 return shared
             routes = [route for route in routes if route.kind not in FROM_OFF_HOST or not failures]
-        for route in routes:
-            try:
-                self._loaders.before(route.kind, standby)
-                transfer_s, verify_s = self._loaders.loader(route.kind)(notice, route.location, standby)
-            except ViperError as exc:
-                failures.append(exc)
-                log.warning("%s v%d via %s failed, trying the next route: %s", notice.model,
-                            notice.version, route.kind, exc)
-                continue
-            self._planner.observe(route.kind, notice.nbytes, transfer_s + verify_s)
+
+        def load(route: Route) -> tuple[float, float]:
+            self._loaders.before(route.kind, standby)
+            return self._loaders.loader(route.kind)(notice, route.location, standby)
+
+        delivered = self._first_delivering(notice, routes, failures, load)
+        if delivered is not None:
+            route, transfer_s, verify_s = delivered
             return route, explain(route, routes, [str(f) for f in failures]), transfer_s, verify_s
         if len(failures) == 1:
             raise failures[0]  # keep its kind: integrity and storage errors say more than "transfer"
@@ -480,26 +478,37 @@ class ModelSubscriber:
                 return None
             return route, f"another consumer on this host fetched it ({claim.address})", transfer_s, verify_s
         with claim:
-            for route in (route for route in routes if route.kind in FROM_OFF_HOST):
-                try:
-                    transfer_s, verify_s = self._loaders.fetcher(route.kind, claim.buffer)(notice, route.location)
-                except ViperError as exc:
-                    failures.append(exc)
-                    log.warning("%s v%d via %s failed, trying the next route: %s", notice.model,
-                                notice.version, route.kind, exc)
-                    continue
-                self._planner.observe(route.kind, notice.nbytes, transfer_s + verify_s)
-                claim.publish()
-                self._share.remove_unused(below=notice.version)
-                try:
-                    mapped_s, _ = self._map_host_copy(notice, claim.location, standby)
-                except ViperError as exc:  # removed meanwhile, say: the routes are tried again, into private memory
-                    log.warning("%s v%d: could not map the host copy just fetched (%s); fetching it again",
-                                notice.model, notice.version, exc)
-                    return None
-                why = explain(route, routes, [str(f) for f in failures]) + f"; shared on this host as " \
-                                                                           f"{claim.location.address}"
-                return route, why, transfer_s + mapped_s, verify_s
+            delivered = self._first_delivering(
+                notice, [route for route in routes if route.kind in FROM_OFF_HOST], failures,
+                lambda route: self._loaders.fetcher(route.kind, claim.buffer)(notice, route.location))
+            if delivered is None:
+                return None
+            route, transfer_s, verify_s = delivered
+            claim.publish()
+        self._share.remove_unused(below=notice.version)
+        try:
+            mapped_s, _ = self._map_host_copy(notice, claim.location, standby)
+        except ViperError as exc:  # removed meanwhile, say: the routes are tried again, into private memory
+            log.warning("%s v%d: could not map the host copy just fetched (%s); fetching it again",
+                        notice.model, notice.version, exc)
+            return None
+        why = explain(route, routes, [str(f) for f in failures]) + f"; shared on this host as {claim.location.address}"
+        return route, why, transfer_s + mapped_s, verify_s
+
+    def _first_delivering(self, notice: Notice, routes: list[Route], failures: list[ViperError],
+                          attempt: Callable[[Route], tuple[float, float]]) -> tuple[Route, float, float] | None:
+        """`attempt(route)` on each route in turn, cheapest first: the first that delivers wins,
+        and its speed is learned; each failure is logged and added to `failures`."""
+        for route in routes:
+            try:
+                transfer_s, verify_s = attempt(route)
+            except ViperError as exc:
+                failures.append(exc)
+                log.warning("%s v%d via %s failed, trying the next route: %s", notice.model,
+                            notice.version, route.kind, exc)
+                continue
+            self._planner.observe(route.kind, notice.nbytes, transfer_s + verify_s)
+            return route, transfer_s, verify_s
         return None
 
     def _map_host_copy(self, notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
