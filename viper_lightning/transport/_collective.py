@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import NamedTuple, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -89,6 +89,32 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 _ADDRESS = re.compile(r"^(gloo|nccl)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
 
 
+class _Relayed(NamedTuple):
+    """Who fetched what by relay, for a round to know whom it waits for: those that fetched
+    the newest version relayed (over all its rounds: a host that joined late had one of its
+    own), those that fetched the one before, and the members of the last round."""
+
+    version: int
+    members: frozenset[str]
+    before: frozenset[str]
+    last: frozenset[str]
+
+    def asked_for(self, version: int) -> _Relayed:
+        """A request for `version`: a newer version starts a new set."""
+        return _Relayed(version, frozenset(), self.members, self.last) if version > self.version else self
+
+    def expected(self, version: int) -> frozenset[str]:
+        """Whom a round of `version` closes early for: everyone who fetched the version before
+        it (or, before there was one, the last round); an older version's round waits its window."""
+        if version != self.version:
+            return frozenset()
+        return self.before or self.last
+
+    def served(self, version: int, names: set[str]) -> _Relayed:
+        members = self.members | names if version == self.version else self.members
+        return _Relayed(self.version, members, self.before, frozenset(names))
+
+
 class CollectiveServer:
     """The producer's side: a TCPStore for requests and rendezvous, served by its own thread.
 
@@ -116,7 +142,7 @@ class CollectiveServer:
         self._stop = threading.Event()
         self._ticket = 1
         self._askers: list[RelayMember] = []  # whom the request being served is answered to
-        self._round_members: frozenset[str] = frozenset()  # who was in the last relay round
+        self._relayed = _Relayed(0, frozenset(), frozenset(), frozenset())  # whom a round expects back
         self._join_window_s = join_window_s
         self._group: _Group | None = None
         self._thread = threading.Thread(target=self._run, name=f"viper-collective-{self._store.port}",
@@ -200,9 +226,11 @@ class CollectiveServer:
             return [ticket]
         self._askers = [RelayMember(ticket, request["nonce"], request.get("member", ""), request.get("timeout"))]
         if request.get("relay"):
+            self._relayed = self._relayed.asked_for(request["version"])
             self._askers = gather_round(self._askers[0], functools.partial(self._joining, request),
-                                        expected=self._round_members, window_s=self._join_window_s)
-            self._round_members = frozenset(asker.name for asker in self._askers)
+                                        expected=self._relayed.expected(request["version"]),
+                                        window_s=self._join_window_s)
+            self._relayed = self._relayed.served(request["version"], {asker.name for asker in self._askers})
         version = request["version"]
         try:
             loan = self._lender.lend_memory(version, BACKENDS[self._backend])

@@ -11,13 +11,15 @@ first. Gloo moves CPU tensors, NCCL CUDA tensors: the same calls (point-to-point
 for a direct transfer. (A group broadcast would not do: Gloo's sends every byte from the root
 to each member, which is the star this replaces.)
 
-The join window closes early once every member of the previous round has asked again, so with
-a steady set of hosts a round starts as soon as the last of them asks; a host that left costs
-the others one window, once, and a host that joins late gets a round of its own.
+The join window closes early once every host that fetched the previous version (in any of its
+rounds) has asked again, so with a steady set of hosts a round starts as soon as the last of
+them asks; a host that left costs the others one window, once, and a host that joins late gets
+a round of its own, and is in the others' from the next version on.
 
 A member whose successor fails stops forwarding and keeps its own copy; a member whose
-predecessor fails (died, stalled) gives up after the transfer's timeout and falls back to its
-next route (a direct fetch, the file system), as does every member after it. Nobody waits on a
+predecessor fails (died, stalled) gives up after the transfer's timeout, and every member
+after it at once; they ask again once, together, as a new round (BROKEN_ROUND), and if that
+fails too they fall back to their next route (a direct fetch, the file system). Nobody waits on a
 dead host beyond that deadline. Each member checks the digest of what it received against the
 producer's signed answer, exactly as on a direct transfer, so a member that relays altered
 bytes is caught by the next one.
@@ -65,7 +67,7 @@ BROKEN_ROUND = "broken-round"
 @dataclass(frozen=True)
 class RelayMember:
     """A consumer that asked to join a round: its ticket, its request's nonce, and the name it
-    gave (host and process: used only to know when everyone of the last round is back, never
+    gave (host and process: used only to know when everyone of the last version is back, never
     trusted for anything else)."""
 
     ticket: int
@@ -99,8 +101,9 @@ def relay_role(answer: dict, what: str) -> RelayRole:
 def gather_round(first: RelayMember, next_request: Callable[[int, float], dict | None], *,
                  expected: frozenset[str], window_s: float = JOIN_WINDOW_S) -> list[RelayMember]:
     """The members of the round `first` opens: the relay requests for the same version and size
-    on the tickets after it, until the window closes, every member named in `expected` (the last
-    round's) has asked, or a ticket asks for something else (it is then served on its own).
+    on the tickets after it, until the window closes, every member named in `expected` (those
+    that fetched the previous version, over all its rounds) has asked, or a ticket asks for
+    something else (it is then served on its own).
 
     `next_request(ticket, wait_s)` returns that ticket's request if it is a matching relay
     request that arrived within wait_s, else None."""
