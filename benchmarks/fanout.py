@@ -128,15 +128,8 @@ def measure_dead_host(hosts: int, megabytes: float, link_gbit: float) -> dict[st
         fleet.served(list(fleet.consumers), fleet.publish(0), WAIT_S)  # untimed: each consumer's first load
         published = fleet.publish(1)
         normal = max(u["t"] for u in fleet.served(list(fleet.consumers), published, WAIT_S).values()) - published["t"]
-        sent = {host.name: cluster.tx_bytes(host) for host in consumers}
-        fleet.producer.send("publish 2")
-        victim, give_up = None, time.monotonic() + WAIT_S
-        while victim is None and time.monotonic() < give_up:  # a poll of the interface counters, bounded
-            victim = next((host for host in consumers if cluster.tx_bytes(host) - sent[host.name] > 1e6), None)
-            time.sleep(0.005)
-        if victim is None:
+        if fleet.kill_first_forwarder(2, WAIT_S) is None:
             raise RuntimeError("no host forwarded anything: no relay round formed")
-        fleet.consumers.pop(victim.name).kill()
         published = fleet.producer.wait_for("published", WAIT_S)
         updates = fleet.served(list(fleet.consumers), published, WAIT_S)  # checked bit-exact
         last = max(u["t"] for u in updates.values()) - published["t"]

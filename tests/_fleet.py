@@ -20,6 +20,8 @@ from ._cluster import EmulatedCluster, Host
 __all__ = ["Fleet", "Node"]
 
 _ROOT = Path(__file__).resolve().parent.parent  # the nodes import this checkout, as the spawner does
+FORWARDED_BYTES = 1_000_000  # sent by a consumer's host: it is relaying to the next one
+_COUNTER_POLL_S = 0.005
 
 
 class Node:
@@ -122,6 +124,21 @@ class Fleet:
                 raise AssertionError(f"{name} serves version {served['version']} with SHA-256 {served['sha256']}, "
                                      f"not version {published['version']} as published ({published['sha256']})")
         return updates
+
+    def kill_first_forwarder(self, seed: int, timeout: float) -> Host | None:
+        """Publish `seed` and kill, mid-transfer, the first consumer whose host passes bytes on
+        (sends more than FORWARDED_BYTES: someone is after it in the relay); its host, or None
+        if none did within `timeout`. The interface counters have no event to wait on: polled."""
+        before = {name: self.cluster.tx_bytes(node.host) for name, node in self.consumers.items()}
+        self.producer.send(f"publish {seed}")
+        deadline, tick = time.monotonic() + timeout, threading.Event()
+        while time.monotonic() < deadline:
+            for name, node in list(self.consumers.items()):
+                if self.cluster.tx_bytes(node.host) - before[name] > FORWARDED_BYTES:
+                    self.consumers.pop(name).kill()
+                    return node.host
+            tick.wait(_COUNTER_POLL_S)
+        return None
 
     def publish(self, seed: int, timeout: float = 60.0) -> dict:
         self.producer.send(f"publish {seed}")

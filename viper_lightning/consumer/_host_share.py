@@ -36,12 +36,11 @@ import json
 import logging
 import os
 import re
-import stat
 import threading
 import time
 
 from .._errors import ConfigurationError, TransferError
-from ..storage._shm import HEADER, MAGIC, READY, SHM_DIR, Segment
+from ..storage._shm import HEADER, READY, SHM_DIR, Segment, open_ours, read_header
 from ..transport._protocol import Location, Notice
 
 __all__ = ["HostShare", "Lead"]
@@ -132,7 +131,7 @@ class HostShare:
             path = os.path.join(SHM_DIR, name)
             if not name.startswith(f"{self._prefix}member.") or path == self._member_path:
                 continue
-            fd = _open_ours(path)
+            fd = open_ours(path)
             if fd is None:
                 continue
             try:
@@ -181,17 +180,20 @@ class HostShare:
             return None
 
     def _await_copy(self, name: str, notice: Notice) -> Location | None:
-        fd = _open_ours(os.path.join(SHM_DIR, name))
+        fd = open_ours(os.path.join(SHM_DIR, name))
         if fd is None:  # gone (its fetch failed and it was removed just now), or not ours
             return None
         try:
             if not _unlocked_within(fd, self._wait_s, self._stop):
                 raise TransferError(f"the consumer fetching it did not finish within {self._wait_s:g} s")
-            header = os.pread(fd, HEADER.size, 0)
+            raw = os.pread(fd, HEADER.size, 0)
         finally:
             os.close(fd)
-        magic, version, state, nbytes, _, _ = HEADER.unpack(header) if len(header) == HEADER.size else (b"",) * 6
-        if magic != MAGIC or state != READY or version != notice.version or nbytes != notice.nbytes:
+        try:
+            header = read_header(raw, name) if len(raw) == HEADER.size else None
+        except TransferError:  # not a segment (bad magic)
+            header = None
+        if header is None or (header.state, header.version, header.nbytes) != (READY, notice.version, notice.nbytes):
             return None  # its fetch failed (or it is not a copy of this version): fetch it here
         return Location("dram", self._host, f"shm://{name}")
 
@@ -228,20 +230,6 @@ class HostShare:
         return found
 
 
-def _open_ours(path: str, flags: int = os.O_RDONLY) -> int | None:
-    """A descriptor of `path` if it is a regular file of this user's (None otherwise, or if it
-    is gone): opened without following a link or blocking on a FIFO."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-        os.close(fd)
-        return None
-    return fd
-
-
 def _unlocked_within(fd: int, wait_s: float, stop: threading.Event) -> bool:
     """Whether the exclusive lock on `fd`'s file (held while its copy is fetched) is let go
     within `wait_s` (or before `stop` is set): a shared lock taken on a helper thread, through
@@ -272,7 +260,7 @@ def _unlocked_within(fd: int, wait_s: float, stop: threading.Event) -> bool:
 def _unlink_if_unused(path: str) -> None:
     """Unlink a copy that nobody holds (a lead holds its copy while it fetches, and zero-copy
     consumers while they serve from it; an unlocked copy is finished or abandoned)."""
-    fd = _open_ours(path)
+    fd = open_ours(path)
     if fd is None:
         return
     try:

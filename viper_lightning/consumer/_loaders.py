@@ -52,24 +52,24 @@ class RouteLoaders:
             return functools.partial(load_from_device, self.context, self.key, self._timeout)
         if kind is RouteKind.GPU_NCCL:
             return functools.partial(load_from_collective, self._timeout, self.key, self._device_staging_for())
-        if kind is RouteKind.DRAM_ZMQ:
-            return functools.partial(load_from_peer, self.context, self.key, self._timeout, self._staging_for())
-        if kind in (RouteKind.COLLECTIVE, RouteKind.RELAY):
-            return functools.partial(load_from_collective, self._timeout, self.key, self._staging_for(),
-                                     relay=self._member if kind is RouteKind.RELAY else None)
+        if kind in FROM_OFF_HOST:
+            return self._streamed(kind, self._staging_for())
         return functools.partial(load_from_files, self._pfs, self.key, self._staging_for())
 
     def fetcher(self, kind: RouteKind | str, buffer: torch.Tensor) -> Fetcher:
         """For a route in FROM_OFF_HOST: fetch a version into `buffer` and check its digest."""
         kind = RouteKind(kind)
-        if kind is RouteKind.DRAM_ZMQ:
-            load = functools.partial(load_from_peer, self.context, self.key, self._timeout, buffer)
-        elif kind in (RouteKind.COLLECTIVE, RouteKind.RELAY):
-            load = functools.partial(load_from_collective, self._timeout, self.key, buffer,
-                                     relay=self._member if kind is RouteKind.RELAY else None)
-        else:
+        if kind not in FROM_OFF_HOST:
             raise ValueError(f"{kind} does not fetch from off this host")
+        load = self._streamed(kind, buffer)
         return lambda notice, location: load(notice, location, None)
+
+    def _streamed(self, kind: RouteKind, buffer: torch.Tensor) -> Loader:
+        """The loader of a route in FROM_OFF_HOST, streaming the version through `buffer`."""
+        if kind is RouteKind.DRAM_ZMQ:
+            return functools.partial(load_from_peer, self.context, self.key, self._timeout, buffer)
+        return functools.partial(load_from_collective, self._timeout, self.key, buffer,
+                                 relay=self._member if kind is RouteKind.RELAY else None)
 
     def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:
         """A route other than zero-copy loads into `standby`'s own memory: give it back first."""

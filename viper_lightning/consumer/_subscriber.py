@@ -485,7 +485,6 @@ class ModelSubscriber:
                 return None
             route, transfer_s, verify_s = delivered
             claim.publish()
-        self._share.remove_unused(below=notice.version)
         try:
             mapped_s, _ = self._map_host_copy(notice, claim.location, standby)
         except ViperError as exc:  # removed meanwhile, say: the routes are tried again, into private memory

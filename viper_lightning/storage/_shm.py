@@ -31,7 +31,7 @@ import torch
 from .._errors import ConfigurationError, TransferError
 
 __all__ = ["SHM_DIR", "Segment", "SegmentView", "ReadOnlyMappings", "LockedMapping", "ZeroCopyMappings",
-           "reclaim_stale_segments", "segment_prefix"]
+           "reclaim_stale_segments", "segment_prefix", "read_header", "open_ours"]
 
 log = logging.getLogger("viper_lightning.subscriber")
 
@@ -56,7 +56,7 @@ class _Header:
     owner: int
 
 
-def _read_header(buffer: mmap.mmap, what: str) -> _Header:
+def read_header(buffer: mmap.mmap | bytes, what: str) -> _Header:
     magic, version, state, nbytes, generation, owner = HEADER.unpack_from(buffer, 0)
     if magic != MAGIC:
         raise TransferError(f"{what} is not a Viper segment (bad magic)")
@@ -116,20 +116,18 @@ class Segment:
     def _taken_over(cls, path: str, capacity: int, temporary: str) -> Segment | None:
         """The segment at `path`, renamed to `temporary` and locked for rewriting; None unless it
         is ours, of `capacity`, and nobody holds it."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)  # a planted FIFO must not block
-        except OSError:
+        fd = open_ours(path, os.O_RDWR)
+        if fd is None:
             return None
         try:
             info = os.fstat(fd)
-            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
-                    or info.st_size != HEADER_BYTES + max(capacity, 1)):
+            if info.st_size != HEADER_BYTES + max(capacity, 1):
                 raise BlockingIOError
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.lstat(path).st_ino != info.st_ino:
                 raise BlockingIOError  # the name went to another file meanwhile: not ours to move
             mapping = mmap.mmap(fd, info.st_size)
-            header = _read_header(mapping, path)
+            header = read_header(mapping, path)
             os.rename(path, os.path.join(SHM_DIR, temporary))
         except (OSError, TransferError):
             os.close(fd)
@@ -220,6 +218,21 @@ class Segment:
         HEADER.pack_into(self._map, 0, MAGIC, version, state, nbytes, self._generation, os.getpid())
 
 
+def open_ours(path: str, flags: int = os.O_RDONLY) -> int | None:
+    """A descriptor of `path` if it is a regular file of this user's (None otherwise, or if it
+    is gone): opened without following a link or blocking on a FIFO, which another user may
+    have planted under a name this process expects."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        return None
+    return fd
+
+
 def populate(mapping: mmap.mmap, advice: int) -> None:
     """Fault every page of a writable shared mapping in: with `advice` (MADV_POPULATE_WRITE)
     where the kernel knows it, else by writing a zero to each page after the first (which holds
@@ -264,7 +277,7 @@ class SegmentView:
         self.data = numpy.frombuffer(mapping, dtype=numpy.uint8, count=nbytes, offset=HEADER_BYTES)
 
     def _check(self) -> _Header:
-        header = _read_header(self._map, self.what)
+        header = read_header(self._map, self.what)
         if header.state != READY or header.version != self._version or header.nbytes != self._nbytes:
             raise TransferError(f"{self.what} no longer holds that version (it was reused)")
         return header
