@@ -71,24 +71,28 @@ def test_consumers_on_one_host_draw_each_version_over_its_link_once(tmp_path) ->
 
 
 def test_a_host_killed_mid_transfer_delays_the_others_by_at_most_the_deadline(tmp_path) -> None:
-    """The hosts after it in the chain give up on it after their deadline and form a new round."""
-    megabytes, link_gbit, deadline = 16.0, 0.1, 3.0
-    transfer_s = megabytes * 8e6 / (link_gbit * 1e9)  # one copy over one link
+    """Those after it in the chain give up on it after half their deadline at most (at once where
+    Gloo reports its closed connections) and form a new round in the other half."""
+    megabytes, link_gbit = 16.0, 0.1  # a copy takes 1.3 s over a link, against the default deadline of 10 s
     with EmulatedCluster(hosts=4, link_gbit=link_gbit) as cluster:
-        fleet = Fleet(cluster, megabytes, tmp_path, deadline=deadline)
+        fleet = Fleet(cluster, megabytes, tmp_path)
+        deadline = fleet.deadline
         fleet.start_producer()
         for host in cluster.hosts[1:]:
             fleet.add_consumer(host)
-        victim = fleet.kill_first_forwarder(1, WAIT_S)
+        _served(fleet, list(fleet.consumers), fleet.publish(0))  # each consumer's first load
+        published = fleet.publish(1)
+        normal = max(u["t"] for u in _served(fleet, list(fleet.consumers), published).values()) - published["t"]
+        victim = fleet.kill_first_forwarder(2, WAIT_S)
         assert victim is not None, "no consumer forwarded anything: no relay round formed"
         published = fleet.producer.wait_for("published", WAIT_S)
         updates = _served(fleet, list(fleet.consumers), published)
         # those after it asked again as a new round, rather than each fetching over the producer's link
         assert {update["route"] for update in updates.values()} == {"relay"}, updates
-        # the relay up to the kill, the deadline, then the new round
-        bound = published["t"] + 2 * transfer_s + deadline + 2 * transfer_s
-        late = {name: update["t"] - bound for name, update in updates.items() if update["t"] > bound}
-        assert not late, f"hosts served the version later than the deadline allows (seconds late): {late}"
+        delays = {name: round(update["t"] - published["t"] - normal, 2) for name, update in updates.items()}
+        assert max(delays.values()) <= deadline, \
+            f"hosts were delayed past their deadline of {deadline} s (seconds, against {normal:.2f} s): {delays}; " \
+            f"the producer's stderr ends:\n{fleet.producer.stderr()}"
 
 
 def test_replicas_switch_together_and_one_not_ready_by_the_deadline_is_left_out(tmp_path) -> None:

@@ -43,6 +43,7 @@ import re
 import socket
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -57,7 +58,7 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from ._loans import Lender, MemoryLoan
 from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
 from ._protocol import PROTO, check_proto, consumer_name, sign, verify_mac
-from ._relay import (BROKEN_ROUND, JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round,
+from ._relay import (BROKEN_ROUND, JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round, stall_timeout,
                      receive_and_forward, relay_role, spans, wait_for)
 
 if TYPE_CHECKING:
@@ -279,15 +280,17 @@ class CollectiveServer:
         self._answer({"status": "ok", "version": version, "nbytes": nbytes, "digest": loan.digest(),
                       "chunk_bytes": chunk_bytes}, relay=relay)
         if nbytes:
-            self._send(version, data, chunk_bytes, RELAY_WINDOW if relay else WINDOW)
+            self._send(version, data, chunk_bytes, relay)
 
-    def _send(self, version: int, data: torch.Tensor, chunk_bytes: int, window: int) -> None:
+    def _send(self, version: int, data: torch.Tensor, chunk_bytes: int, relay: bool) -> None:
         """Send `data` to rank 1 (the consumer, or the first member of a relay round); a failure
         is the consumers', so it is logged."""
         sent, done, first = 0, False, self._askers[0].ticket
+        window = RELAY_WINDOW if relay else WINDOW
         # No longer than the consumers wait: a dead first member must not hold the server (and
         # everyone's next request, such as the round the others form again) for its own timeout.
-        timeout = max(MIN_SEND_TIMEOUT_S, min([self._timeout, *(a.timeout_s for a in self._askers if a.timeout_s)]))
+        timeout = min([self._timeout, *(a.timeout_s for a in self._askers if a.timeout_s)])
+        timeout = max(MIN_SEND_TIMEOUT_S, stall_timeout(timeout) if relay else timeout)
 
         def failed(why: str) -> str | None:  # nothing to say when the server is closing
             return None if self._stop.is_set() else (f"{self.address}: transfer of version {version} (ticket "
@@ -446,21 +449,31 @@ class CollectiveClient:
                 started = time.perf_counter()
                 digester.update(target[offset:offset + length])
                 digest_s += time.perf_counter() - started
+        failure, relay = None, role.size > 2
+        timeout = stall_timeout(self._timeout) if relay else self._timeout
         try:
-            with _torch_errors(lambda why: f"transfer of version {version} from {self.address} failed after "
-                                           f"{received} of {target.numel()} bytes: {why}", TransferError):
-                group = _new_group(self._backend, store, role.round, role.rank, role.size, self._timeout,
-                                   _local_host_towards(self._host, self._port))
-                receive_and_forward(group, role, target, chunk_bytes, self._timeout, landed,
-                                    window=RELAY_WINDOW if role.size > 2 else WINDOW)
-                done = True
-        except TransferError as exc:
-            if role.size <= 2:
-                raise
-            raise TransferError(f"{exc} (relay round {role.round}, member {role.rank} of {role.size - 1})",
-                                code=BROKEN_ROUND) from None
+            group = _new_group(self._backend, store, role.round, role.rank, role.size, timeout,
+                               _local_host_towards(self._host, self._port))
+            receive_and_forward(group, role, target, chunk_bytes, timeout, landed,
+                                window=RELAY_WINDOW if relay else WINDOW)
+            done = True
+        except RuntimeError as exc:
+            failure = first_line(exc)
+            # The frames of the traceback hold the group and its pending receives: cleared, the
+            # group goes with the last reference below, and its connections close, so the next
+            # member of a relay round sees its receive fail now rather than after its timeout
+            # (an abort alone leaves them open), and so on down the chain.
+            traceback.clear_frames(exc.__traceback__)
         finally:
             _release(group, done)
+            group = None
+        if failure is not None:
+            message = f"transfer of version {version} from {self.address} failed after {received} of " \
+                      f"{target.numel()} bytes: {failure}"
+            if not relay:
+                raise TransferError(message)
+            raise TransferError(f"{message} (relay round {role.round}, member {role.rank} of {role.size - 1})",
+                                code=BROKEN_ROUND)
         if digester is None and self._key is not None:  # keyed: device bytes are checked too
             started = time.perf_counter()
             digester = Digester(self._key, threads=ALL_THREADS)

@@ -17,10 +17,14 @@ them asks; a host that left costs the others one window, once, and a host that j
 a round of its own, and is in the others' from the next version on.
 
 A member whose successor fails stops forwarding and keeps its own copy; a member whose
-predecessor fails (died, stalled) gives up after the transfer's timeout, and every member
-after it at once; they ask again once, together, as a new round (BROKEN_ROUND), and if that
-fails too they fall back to their next route (a direct fetch, the file system). Nobody waits on a
-dead host beyond that deadline. Each member checks the digest of what it received against the
+predecessor fails (died, stalled) gives up, and every member after it at once (it drops its
+group, whose closed connections fail their receives); they ask again once, together, as a new
+round (BROKEN_ROUND), and if that fails too they fall back to their next route (a direct fetch,
+the file system). A member, and the producer sending to a round, gives up on a peer that makes
+no progress for half its timeout (`stall_timeout`): Gloo does not report every dead peer (a
+receive under way when its sender dies waits out its timeout, seen with a host killed mid-chunk
+on shaped links), so the other half is left for the new round, and a dead host delays the others
+by at most their timeout when one round's transfer takes less than half of it. Each member checks the digest of what it received against the
 producer's signed answer, exactly as on a direct transfer, so a member that relays altered
 bytes is caught by the next one.
 """
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
     from torch._C._distributed_c10d import Backend as _Group
 
 __all__ = ["RelayRole", "RelayMember", "RELAY_CHUNK_BYTES", "RELAY_WINDOW", "JOIN_WINDOW_S", "MAX_MEMBERS",
-           "BROKEN_ROUND", "gather_round", "relay_role", "receive_and_forward", "spans", "wait_for"]
+           "BROKEN_ROUND", "STALL_SHARE", "gather_round", "stall_timeout", "relay_role", "receive_and_forward", "spans", "wait_for"]
 
 log = logging.getLogger("viper_lightning.collective")
 
@@ -62,6 +66,9 @@ MAX_MEMBERS = 1024
 # before it, or the producer, failed): the members after the failure may ask again as a new
 # round, rather than each fetching the whole version over the producer's link at once.
 BROKEN_ROUND = "broken-round"
+# The share of a member's timeout it waits on a relay peer that makes no progress: the rest is
+# for the round the members form again without a dead one (see the module doc).
+STALL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,11 @@ def gather_round(first: RelayMember, next_request: Callable[[int, float], dict |
             break
         members.append(RelayMember(ticket, request["nonce"], request.get("member", ""), request.get("timeout")))
     return members
+
+
+def stall_timeout(timeout: float) -> float:
+    """How long a relay round waits on a peer that makes no progress, for a member's `timeout`."""
+    return timeout * STALL_SHARE
 
 
 def spans(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
