@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import struct
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import numpy
 import pytest
+import safetensors.torch
 import torch
 
 from viper_lightning import (ConfigurationError, FileSystemTier, IntegrityError, ModelPublisher, Notice, StorageError,
                              take_snapshot)
 from viper_lightning._buffers import allocate_buffer
 from viper_lightning._digest import digest_buffer
+from viper_lightning.storage._files import DIRECT_ALIGN, DIRECT_MIN_BYTES, LocalFiles
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, FullDisk, TinyNet, assert_same_weights, needs_dev_full, perturbed
 
@@ -237,3 +243,78 @@ def test_the_writer_skips_versions_replaced_before_their_write_started(pfs_root,
     tier = FileSystemTier(pfs_root)
     assert tier.versions("tiny") == expected and tier.latest("tiny") == 6
     assert_same_weights(models[-1].state_dict(), read_back(tier, 6))
+
+
+def _direct_io_refused(directory: str) -> str | None:
+    """Why files in `directory` cannot be opened for direct I/O, or None."""
+    probe = os.path.join(directory, ".direct-probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600))
+    except OSError as exc:
+        return f"{directory}: {exc.strerror}"
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return None if hasattr(os, "O_DIRECT") else "no O_DIRECT on this system"
+
+
+def _resident_pages(path: str) -> int:
+    """How many of the file's pages are in the page cache (mincore on a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ) as mapping:
+        vector = (ctypes.c_ubyte * pages)()
+        address = numpy.frombuffer(mapping, dtype=numpy.uint8).ctypes.data
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(byte & 1 for byte in vector)
+
+
+@pytest.mark.parametrize("file_offset", [0, 13, 4096 - 8, 4096])
+@pytest.mark.parametrize("memory_offset", [0, 64, 3])
+def test_large_chunks_are_written_bit_exact_whatever_their_alignment(tmp_path, file_offset, memory_offset) -> None:
+    """Direct I/O for the aligned middle where memory and file offsets agree within a page,
+    buffered ends, and a buffered write where they cannot agree (memory offset 3)."""
+    size = DIRECT_MIN_BYTES + 4097
+    backing = mmap.mmap(-1, size + memory_offset)  # page-aligned, as a segment is
+    payload = numpy.frombuffer(backing, dtype=numpy.uint8, count=size, offset=memory_offset)
+    payload[:] = numpy.random.default_rng(file_offset).integers(0, 256, size, dtype=numpy.uint8)
+    path = str(tmp_path / "chunks")
+    LocalFiles().write_file(path, [b"h" * file_offset, memoryview(payload), b"tail"])
+    with open(path, "rb") as handle:
+        written = handle.read()
+    assert written[:file_offset] == b"h" * file_offset
+    assert written[file_offset:file_offset + size] == payload.tobytes()
+    assert written[file_offset + size:] == b"tail"
+
+
+def test_a_large_version_goes_to_the_file_system_past_the_page_cache(pfs_root) -> None:
+    """The payload of a version in a segment (64 bytes into a page) is written with direct I/O:
+    its pages are not left in the page cache, the data section starts at the same offset within
+    a page, and the file is a safetensors file that reads back bit-exact."""
+    os.makedirs(pfs_root)
+    if (why := _direct_io_refused(pfs_root)) is not None:
+        pytest.skip(f"the file system takes no direct I/O: {why}")
+    tensors = {"w": torch.arange(3 * DIRECT_MIN_BYTES // 4, dtype=torch.float32), "b": torch.ones(5)}
+    snapshot = take_snapshot(tensors)
+    backing = mmap.mmap(-1, 64 + snapshot.layout.nbytes)
+    data = torch.frombuffer(backing, dtype=torch.uint8, count=snapshot.layout.nbytes, offset=64)
+    data.copy_(snapshot.data[:snapshot.layout.nbytes])
+    notice = Notice(model="big", version=1, nbytes=snapshot.layout.nbytes, digest=digest_buffer(data),
+                    layout=snapshot.layout, producer="test")
+    tier = FileSystemTier(pfs_root)
+    tier.write(notice, data, notice.encode(with_locations=False))
+    path = os.path.join(pfs_root, "big", "v1", "model.safetensors")
+    with open(path, "rb") as handle:
+        (header_length,) = struct.unpack("<Q", handle.read(8))
+    assert (8 + header_length) % DIRECT_ALIGN == 64
+    resident = _resident_pages(path)
+    assert resident <= 3, f"{resident} of the file's pages are in the page cache after the write"
+    loaded = safetensors.torch.load_file(path)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), name
+    buffer = allocate_buffer(notice.nbytes)
+    tier.read_into(tier.read_manifest("big", 1, None), buffer)
+    assert torch.equal(buffer[:notice.nbytes], data)

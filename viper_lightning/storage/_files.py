@@ -1,9 +1,18 @@
 """The file-system seam: the few operations the file tier needs, for a local path (with fsync,
 so a rename really publishes durable bytes) and for any other fsspec URL (NFS/Lustre mounts are
-local paths; object stores such as s3:// go through fsspec)."""
+local paths; object stores such as s3:// go through fsspec).
+
+A local path writes large payloads with direct I/O (O_DIRECT) where the file system takes it:
+a buffered write copies every byte into the page cache first, on the writing thread, and the
+kernel's writeback works on them again; the producer's flusher runs beside training, so that
+CPU comes out of training's steps. Direct I/O needs the file offset, the length and the memory
+address aligned (DIRECT_ALIGN): the file tier pads the safetensors header so the payload lands
+in the file at the offset its memory has within a page, the unaligned ends are written buffered,
+and a file system without direct I/O (tmpfs) gets a buffered write."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -12,17 +21,24 @@ from collections.abc import Iterable
 from typing import BinaryIO, Protocol
 
 import fsspec
+import numpy
 from fsspec.implementations.local import LocalFileSystem
 
 from .._errors import StorageError
 
-__all__ = ["Files", "LocalFiles", "FsspecFiles", "files_for"]
+__all__ = ["Files", "LocalFiles", "FsspecFiles", "files_for", "DIRECT_ALIGN", "address_of"]
 
 Chunk = bytes | memoryview
+# O_DIRECT wants offset, length and memory aligned to the device's logical block: a page covers
+# every common one (512 and 4096 bytes).
+DIRECT_ALIGN = 4096
+DIRECT_MIN_BYTES = 8 * 1024 * 1024  # below this the page-cache copy is cheap: written buffered
+DIRECT_WRITE_BYTES = 64 * 1024 * 1024  # one pwrite at most: the kernel pins the pages it writes
 
 
 class Files(Protocol):
     renames_atomically: bool  # False: a directory rename is a copy (object stores)
+    direct_io: bool  # large chunks may go straight to the device if aligned (see the module doc)
 
     def join(self, *parts: str) -> str: ...
     def makedirs(self, path: str) -> None: ...
@@ -40,6 +56,7 @@ class LocalFiles:
     """Plain POSIX files: write, fsync, rename, and fsync the directory so the rename survives."""
 
     renames_atomically = True
+    direct_io = True
 
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
@@ -50,9 +67,11 @@ class LocalFiles:
     def write_file(self, path: str, chunks: Iterable[Chunk]) -> None:
         with open(path, "wb") as out:
             for chunk in chunks:
-                out.write(chunk)
+                view = memoryview(chunk).cast("B")
+                if len(view) < DIRECT_MIN_BYTES or not _write_direct(out, path, view):
+                    out.write(view)
             out.flush()
-            os.fsync(out.fileno())
+            os.fsync(out.fileno())  # the direct writes' too: it flushes the device's cache
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(src, dst)
@@ -96,6 +115,7 @@ class FsspecFiles:
     atomic, but a directory "rename" is a copy, so versions are written in place instead."""
 
     renames_atomically = False
+    direct_io = False
 
     def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
         self._fs = fs
@@ -142,6 +162,48 @@ def files_for(root: str) -> tuple[Files, str]:
     if isinstance(fs, LocalFileSystem):
         return LocalFiles(), os.path.abspath(path)
     return FsspecFiles(fs), path.rstrip("/")
+
+
+def address_of(view: memoryview) -> int:
+    """The memory address of a buffer's first byte."""
+    return numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data if len(view) else 0
+
+
+def _write_direct(out: BinaryIO, path: str, view: memoryview) -> bool:
+    """Append `view` to `out` (a buffered file open on `path`), its aligned middle by direct I/O;
+    False, with nothing written, where that cannot be done (then the caller writes it buffered)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    out.flush()
+    start = out.tell()
+    head = -start % DIRECT_ALIGN  # buffered, up to the first aligned offset
+    middle = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
+    if (address_of(view) + head) % DIRECT_ALIGN or middle <= 0:
+        return False  # memory and file offsets disagree within a block: see the module doc
+    try:
+        direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:  # this file system has no direct I/O (tmpfs): EINVAL
+        return False
+    try:
+        out.write(view[:head])
+        out.flush()
+        done = head
+        while done < head + middle:
+            end = min(done + DIRECT_WRITE_BYTES, head + middle)
+            try:
+                written = os.pwrite(direct, view[done:end], start + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # a full disk, an I/O error: the caller's to report
+                    raise
+                break  # this device refuses the alignment: the rest goes buffered
+            done += written
+            if written % DIRECT_ALIGN:
+                break  # a short write off the alignment: the rest goes buffered
+    finally:
+        os.close(direct)
+    out.seek(start + done)
+    out.write(view[done:])
+    return True
 
 
 def _fsync_dir(path: str) -> None:

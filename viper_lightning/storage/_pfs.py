@@ -21,7 +21,7 @@ from .._digest import ALL_THREADS, Digester, mismatch
 from .._errors import IntegrityError, StorageError
 from .._layout import Layout
 from ..transport._protocol import MAX_VERSION, Notice
-from ._files import Files, files_for
+from ._files import DIRECT_ALIGN, DIRECT_MIN_BYTES, Files, address_of, files_for
 
 __all__ = ["FileSystemTier", "safetensors_header"]
 
@@ -36,8 +36,13 @@ _VERSION_DIR = re.compile(r"^v([0-9]+)$")
 _TEMPORARY = re.compile(r"^\.(v[0-9]+|LATEST|RESERVED)\.tmp-[0-9a-f]{32}$")
 
 
-def safetensors_header(layout: Layout, metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file whose data section is the buffer."""
+def safetensors_header(layout: Layout, metadata: dict[str, str], *, data_at: int | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file whose data section is the buffer.
+
+    `data_at`: the header is padded (with spaces, as safetensors allows) so that the data
+    section starts at an offset congruent to it modulo DIRECT_ALIGN, the buffer's own offset
+    within a page, so the payload can be written with direct I/O (see `_files`). A multiple
+    of 8: safetensors aligns the data section to 8 bytes."""
     header: dict[str, object] = {
         spec.name: {"dtype": spec.dtype, "shape": list(spec.shape),
                     "data_offsets": [spec.offset, spec.offset + spec.nbytes]}
@@ -45,7 +50,8 @@ def safetensors_header(layout: Layout, metadata: dict[str, str]) -> bytes:
     }
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    modulus, target = (8, 0) if data_at is None else (DIRECT_ALIGN, data_at)
+    raw += b" " * ((target - 8 - len(raw)) % modulus)
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -152,8 +158,10 @@ class FileSystemTier:
         self._files.makedirs(directory)
         metadata = {"format": "pt", "viper.model": notice.model, "viper.version": str(notice.version),
                     "viper.digest": notice.digest, "viper.aliases": json.dumps(notice.layout.aliases())}
-        header = safetensors_header(notice.layout, metadata)
         payload = memoryview(data[:notice.nbytes].numpy())
+        page_offset = address_of(payload) % DIRECT_ALIGN
+        aligned = self._files.direct_io and notice.nbytes >= DIRECT_MIN_BYTES and page_offset % 8 == 0
+        header = safetensors_header(notice.layout, metadata, data_at=page_offset if aligned else None)
         self._files.write_file(self._files.join(directory, WEIGHTS), [header, payload])
         self._files.write_file(self._files.join(directory, MANIFEST), [manifest])
 
