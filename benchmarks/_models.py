@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from examples.nt3.model import NT3, dense_units_for_megabytes
@@ -21,11 +23,15 @@ def state_nbytes(model: torch.nn.Module) -> int:
     return sum(tensor.nbytes for tensor in model.state_dict().values())
 
 
-def nudge(model: torch.nn.Module, seed: int) -> None:
-    """A cheap stand-in for a training step: change one small tensor so each version differs."""
+def nudge(model: torch.nn.Module, seed: int, fraction: float = 1.0) -> None:
+    """A stand-in for a training step that changes `fraction` of the weights' bytes: the first
+    `fraction` of every floating-point parameter's elements (1.0: every weight, as training does;
+    less: what a run with frozen parts or adapters changes, spread over every tensor)."""
     with torch.no_grad():
-        last = list(model.parameters())[-1]
-        last.add_(float(seed))
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and parameter.numel():
+                flat = parameter.view(-1)
+                flat[:max(1, math.ceil(fraction * flat.numel()))].add_(float(seed + 1))
 
 
 WIDE_OUTPUTS = 1024

@@ -24,6 +24,11 @@ steps that start with a publish with the blocks of 10 steps after them, which ha
 after the first); `throughput_cost_runs` cross-checks it on separate runs with and without
 publishing (see measure_throughput; `copies_per_step`: how many memory copies of the weights a
 step takes). `lightning-throughput-nice19` is the paired measure with `background_niceness=19`.
+Each version changes every weight, as training does (`changed_fraction` 1.0 in the JSON);
+`--changed-fraction 1 0.2 0.05` runs each Viper strategy once per fraction, each version then
+changing that fraction of every parameter's elements (a run with frozen parts or adapters):
+`dram-zmq` then moves only the changed blocks (consumer._delta), and `bytes_moved` is what the
+slowest consumer read from the producer (0 for a mapping).
 `--runs K` repeats the whole measurement K times, each in a fresh interpreter, and prints each
 ratio's best, median and worst over runs (a user gets every run, not the median); the JSON
 then has `"runs": K` and, per result, the run with the median e2e plus `e2e_s_worst`,
@@ -138,13 +143,14 @@ def skipped(strategies: list[str]) -> dict[str, str]:
 
 
 def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes: float,
-                  consumers: int = 1, keyless: bool = False) -> dict[str, Any]:
+                  consumers: int = 1, keyless: bool = False, fraction: float = 1.0) -> dict[str, Any]:
     """Publish `repeat` versions (after WARMUP_PUBLISHES cold ones) to `consumers` processes; e2e is the
     publish call to the last consumer serving the version. The file-system tier is always on:
-    for the memory strategies it is the burst buffer draining in the background."""
-    with _Followed(strategy, model, megabytes, consumers, keyless, "bench") as followed:
+    for the memory strategies it is the burst buffer draining in the background. Each version
+    changes `fraction` of the weights' bytes (see _models.nudge)."""
+    with _Followed(strategy, model, megabytes, consumers, keyless, "bench", fraction) as followed:
         runs = [followed.update(seed) for seed in range(repeat + WARMUP_PUBLISHES)][WARMUP_PUBLISHES:]
-    return {**_summarise(runs), "keyed": followed.keyed}
+    return {**_summarise(runs), "keyed": followed.keyed, "changed_fraction": fraction}
 
 
 def measure_fanout(model: torch.nn.Module, repeat: int, megabytes: float, consumers: int,
@@ -169,12 +175,12 @@ class _Followed:
     processes following it; `update(seed)` publishes once and waits for all of them."""
 
     def __init__(self, strategy: str, model: torch.nn.Module, megabytes: float, consumers: int,
-                 keyless: bool, name: str) -> None:
+                 keyless: bool, name: str, fraction: float = 1.0) -> None:
         self.case = VIPER_CASES[strategy]
         self.key = secrets.token_hex(16) if self.case.keyed else None
         self.keyed = not (keyless and self.key is None)
         self.model = copy.deepcopy(model).to(self.case.gpu_device) if self.case.gpu_device is not None else model
-        self.megabytes, self.consumers, self.name = megabytes, consumers, name
+        self.megabytes, self.consumers, self.name, self.fraction = megabytes, consumers, name, fraction
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _Followed:
@@ -199,7 +205,7 @@ class _Followed:
         self._stack.close()
 
     def update(self, seed: int) -> dict[str, float]:
-        return _one_update(self.publisher, self.model, self.reports, self.consumers, seed, self.limit)
+        return _one_update(self.publisher, self.model, self.reports, self.consumers, seed, self.limit, self.fraction)
 
 
 class _ConsumerProcesses:
@@ -280,10 +286,11 @@ class _CopyLimit:
 
 
 def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, consumers: int,
-                seed: int, limit: _CopyLimit | None = None) -> dict[str, float]:
-    """Publish once and wait until every consumer serves it; then let the flush finish. With
-    `limit`, a memory copy of the same bytes is timed just before (not part of the e2e)."""
-    nudge(model, seed)
+                seed: int, limit: _CopyLimit | None = None, fraction: float = 1.0) -> dict[str, float]:
+    """Publish once (`fraction` of the bytes changed) and wait until every consumer serves it;
+    then let the flush finish. With `limit`, a memory copy of the same bytes is timed just
+    before (not part of the e2e)."""
+    nudge(model, seed, fraction)
     memcpy = limit.time() if limit is not None else None
     device_stall = None
     if on_gpu := next(model.parameters()).is_cuda:
@@ -312,7 +319,8 @@ def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, cons
     stages.update(transfer=slowest["transfer_s"], verify=slowest["verify_s"], swap=slowest["swap_s"],
                   first_touch=slowest["touch_s"])
     return {"e2e_s": slowest["latency_s"] + slowest["touch_s"], **stages, "training_stall_s": stall,
-            "device_stall_s": device_stall, "memcpy_s": memcpy, "first_ready_s": first_ready}
+            "device_stall_s": device_stall, "memcpy_s": memcpy, "first_ready_s": first_ready,
+            "bytes_moved": slowest["moved_bytes"]}
 
 
 def measure_modelcheckpoint(model: torch.nn.Module, repeat: int, workdir: str) -> dict[str, Any]:
@@ -488,9 +496,10 @@ def _summarise(runs: list[dict[str, float]]) -> dict[str, Any]:
     """The run with the median e2e, whole, so its stages add up to its e2e; and, where a copy
     was timed before each publish, the median over publishes of e2e and stall over that copy."""
     median = sorted(runs, key=lambda run: run["e2e_s"])[len(runs) // 2]
-    totals = ("e2e_s", "training_stall_s", "device_stall_s", "memcpy_s", "first_ready_s")
+    totals = ("e2e_s", "training_stall_s", "device_stall_s", "memcpy_s", "first_ready_s", "bytes_moved")
     stages = {key: value for key, value in median.items() if key not in totals}
-    summary = {"e2e_s": median["e2e_s"], "stages": stages, "training_stall_s": median["training_stall_s"]}
+    summary = {"e2e_s": median["e2e_s"], "stages": stages, "training_stall_s": median["training_stall_s"],
+               "bytes_moved": statistics.median(run["bytes_moved"] for run in runs)}
     if median["device_stall_s"] is not None:
         summary["device_stall_s"] = median["device_stall_s"]
     if all(run["memcpy_s"] for run in runs):
@@ -520,15 +529,20 @@ def _in_temp_dir(measure, model, repeat):
 
 
 def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: int = 1,
-        on_result: Callable[[list[dict[str, Any]]], None] | None = None, keyless: bool = False) -> list[dict[str, Any]]:
+        on_result: Callable[[list[dict[str, Any]]], None] | None = None, keyless: bool = False,
+        fractions: tuple[float, ...] = (1.0,)) -> list[dict[str, Any]]:
     """Every strategy at every size, side by side; with consumers > 1 also `dram-shm` fanned out.
     `on_result` sees the results so far after each case (a run cut short keeps what it measured);
-    `keyless` runs the Viper strategies that need no key with the keyless opt-out."""
-    cases = [(name, functools.partial(measure_viper, name, keyless=keyless) if name in VIPER_CASES
-              else STRATEGIES[name]) for name in strategies]
-    cases = [(name, (lambda model, repeat, megabytes, nice=int(name.endswith("19")) * 19:
-                     measure_throughput(megabytes, consumers, nice))
-              if name.startswith("lightning-throughput") else measure) for name, measure in cases]
+    `keyless` runs the Viper strategies that need no key with the keyless opt-out; each Viper
+    strategy runs once per changed fraction in `fractions`."""
+    cases = [(name, functools.partial(measure_viper, name, keyless=keyless, fraction=fraction))
+             for name in strategies if name in VIPER_CASES for fraction in fractions]
+    cases += [(name, (lambda model, repeat, megabytes, nice=int(name.endswith("19")) * 19:
+                      measure_throughput(megabytes, consumers, nice))
+               if name.startswith("lightning-throughput") else STRATEGIES[name])
+              for name in strategies if name not in VIPER_CASES]
+    order = {name: index for index, name in enumerate(strategies)}
+    cases.sort(key=lambda case: order[case[0]])  # as asked, each Viper strategy's fractions together
     if consumers > 1:
         cases.append((f"dram-shm-x{consumers}",
                       functools.partial(measure_fanout, consumers=consumers, keyless=keyless)))
@@ -541,8 +555,10 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
             model = nt3_of_size(megabytes)
             for name, measure in cases:
                 bar.set_postfix_str(f"{name} @ {megabytes:g} MB")
-                results.append({"strategy": name, "size_mb": megabytes, "size_bytes": state_nbytes(model),
-                                "repeat": repeat, **measure(model, repeat, megabytes)})
+                size = state_nbytes(model)
+                results.append({"strategy": name, "size_mb": megabytes, "size_bytes": size, "repeat": repeat,
+                                "changed_fraction": 1.0, "bytes_moved": size if name.startswith("memcpy") else None,
+                                **measure(model, repeat, megabytes)})
                 bar.update()
                 if on_result is not None:
                     on_result(results)
@@ -566,10 +582,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
             continue
         peers = _peers(results, result["size_bytes"])
         memcpy, pfs = peers.get("memcpy"), peers.get("pfs")
-        print(f"{result['strategy']:<26}{result['size_bytes'] / 1e6:>6.0f}{result['e2e_s'] * 1e3:>10.1f}"
+        fraction = result.get("changed_fraction", 1.0)
+        label = result["strategy"] + (f" {fraction:g} changed" if fraction != 1.0 else "")
+        print(f"{label:<26}{result['size_bytes'] / 1e6:>6.0f}{result['e2e_s'] * 1e3:>10.1f}"
               f"{(result['training_stall_s'] or 0) * 1e3:>10.1f}"
               f"{_ratio(result, memcpy, 'e2e_s'):>12.2f}{_ratio(pfs, result, 'e2e_s'):>9.2f}")
-        print(f"{'':<26}stages ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["stages"].items()))
+        print(f"{'':<26}stages ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["stages"].items())
+              + (f"; {result['bytes_moved'] / 1e6:.1f} MB moved" if result.get("bytes_moved") is not None else ""))
         if "device_stall_s" in result:
             print(f"{'':<26}the training stream waited {result['device_stall_s'] * 1e3:.2f} ms for the device copy")
 
@@ -617,6 +636,13 @@ def ratios(results: list[dict[str, Any]]) -> list[tuple[float, str, float, str]]
         niced = peers.get("lightning-throughput-nice19")
         if niced is not None:
             checks.append(("  same, background_niceness=19", niced["throughput_cost"], "<= 0.05"))
+        for fraction in sorted({r.get("changed_fraction", 1.0) for r in results} - {1.0}, reverse=True):
+            delta = _peers(results, size, fraction).get("dram-zmq")
+            checks.append((f"dram-zmq e2e, {fraction:g} of the bytes changed / all", _ratio(delta, peers.get("dram-zmq"),
+                                                                                         "e2e_s"),
+                           "<= 0.15" if fraction <= 0.05 else "lower is better"))
+            checks.append((f"  bytes moved, {fraction:g} changed / all",
+                           _ratio(delta, peers.get("dram-zmq"), "bytes_moved"), f"about {fraction:g}"))
         measured += [(size, label, value, aim) for label, value, aim in checks if value == value]  # not NaN
     return measured
 
@@ -640,6 +666,7 @@ def print_checks(runs: list[list[dict[str, Any]]]) -> None:
 
 
 def _print_scaling(results: list[dict[str, Any]]) -> None:
+    results = [r for r in results if r.get("changed_fraction", 1.0) == 1.0]  # whole updates
     for strategy in dict.fromkeys(r["strategy"] for r in results):
         points = sorted((r["size_bytes"], r["e2e_s"]) for r in results if r["strategy"] == strategy)
         if len(points) > 1:
@@ -647,11 +674,13 @@ def _print_scaling(results: list[dict[str, Any]]) -> None:
             print(f"  {strategy:<26} ms per GB at each size: {per_gb} (flat = linear)")
 
 
-def _peers(results: list[dict[str, Any]], size: int) -> dict[str, dict[str, Any]]:
+def _peers(results: list[dict[str, Any]], size: int, fraction: float = 1.0) -> dict[str, dict[str, Any]]:
     """Strategies measured at the same requested size (the TorchServe ones use another model
-    of that size, so exact byte counts differ slightly)."""
+    of that size, so exact byte counts differ slightly), with `fraction` of the bytes changed
+    by each version (1.0: whole updates)."""
     requested = next(r["size_mb"] for r in results if r["size_bytes"] == size)
-    return {r["strategy"]: r for r in results if r["size_mb"] == requested}
+    return {r["strategy"]: r for r in results
+            if r["size_mb"] == requested and r.get("changed_fraction", 1.0) == fraction}
 
 
 def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> float:
@@ -666,7 +695,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in results if "throughput_cost" not in r]  # steps, not an update's latency
+    # steps are not an update's latency; deltas are compared in the checks, whole updates here
+    results = [r for r in results if "throughput_cost" not in r and r.get("changed_fraction", 1.0) == 1.0]
     figure, (anatomy, scaling) = plt.subplots(1, 2, figsize=(13, 5))
     largest = max(r["size_bytes"] for r in results)
     _plot_anatomy(anatomy, [r for r in results if r["size_bytes"] == largest], largest)
@@ -714,6 +744,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also measure this many same-host consumer processes updating together")
     parser.add_argument("--keyless", action="store_true",
                         help="run the Viper strategies keyless (xxh3 digests), to compare with the keyed default")
+    parser.add_argument("--changed-fraction", type=_fraction, nargs="+", default=[1.0],
+                        help="run each Viper strategy with versions that change this fraction of the bytes "
+                             "(1: every weight; each fraction a case)")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write the figure here (PNG)")
     parser.add_argument("--runs", type=int, default=1,
@@ -735,12 +768,19 @@ def main(argv: list[str] | None = None) -> None:
         results = combine_runs(runs)
     else:
         results = run(args.sizes_mb, args.repeat, args.strategies, args.consumers, on_result=save,
-                      keyless=args.keyless)
+                      keyless=args.keyless, fractions=tuple(args.changed_fraction))
         runs = [results]
     print_table(results)
     print_checks(runs)
     if args.plot:
         plot(results, args.plot)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a changed fraction is more than 0 and at most 1")
+    return value
 
 
 def _run_in_fresh_process(argv: list[str], index: int) -> list[dict[str, Any]]:
@@ -771,9 +811,11 @@ def combine_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One result per strategy and size: the run with the median e2e, whole (its stages add up),
     with the worst and best e2e and training stall over runs, and every run's values."""
     combined = []
+    def case(result: dict[str, Any]) -> tuple[str, float, float]:
+        return result["strategy"], result["size_mb"], result.get("changed_fraction", 1.0)
+
     for first in runs[0]:
-        same = [result for results in runs for result in results
-                if (result["strategy"], result["size_mb"]) == (first["strategy"], first["size_mb"])]
+        same = [result for results in runs for result in results if case(result) == case(first)]
         median = sorted(same, key=lambda result: result["e2e_s"])[len(same) // 2]
         entry = dict(median)
         for key in ("e2e_s", "training_stall_s", "throughput_cost", "throughput_cost_runs", "over_one"):

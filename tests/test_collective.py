@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from viper_lightning._digest import digest_buffer
+from viper_lightning._digest import PLAIN, digest_buffer
 from viper_lightning import ConfigurationError, IntegrityError, TransferError
 from viper_lightning.transport import _collective
 from viper_lightning.transport._collective import CollectiveClient, CollectiveServer
@@ -152,7 +152,7 @@ def test_two_spawned_consumers_asking_at_once_both_get_exact_bytes(serve) -> Non
 
 def test_lying_digest_is_detected_and_the_server_keeps_serving(serve) -> None:
     data = make_data(3, 3 * CHUNK)
-    lender = CountingLender(data, digest="xxh3_128:" + "0" * 32)
+    lender = CountingLender(data, digest=f"{PLAIN}:" + "0" * 32)
     server = serve(lender)
     with pytest.raises(IntegrityError, match="digest mismatch"):
         fetch(server.address, data.numel())

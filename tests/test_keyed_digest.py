@@ -66,7 +66,21 @@ def test_a_keyed_reader_refuses_bytes_vouched_for_by_xxh3_alone(pfs_root) -> Non
                     layout=snapshot.layout, producer="test")
     tier.write(notice, snapshot.data, notice.encode(KEY, with_locations=False))
     manifest = tier.read_manifest("tiny", 1, KEY)  # the MAC is good
-    with pytest.raises(IntegrityError, match="announced as 'xxh3_128'.*verifies with 'blake3_keyed'"):
+    with pytest.raises(IntegrityError, match="announced as 'xxh3_128_blocks'.*verifies with 'blake3_keyed_blocks'"):
+        tier.read_into(manifest, allocate_buffer(manifest.nbytes), key=KEY)
+
+
+@pytest.mark.parametrize("legacy", ["xxh3_128", "blake3_keyed"])
+def test_a_version_digested_before_the_block_digest_is_refused_with_the_reason(pfs_root, legacy) -> None:
+    """A release before the block digest wrote whole-buffer digests: its versions are refused,
+    and the message says why and what to do, not that the bytes were damaged."""
+    tier = FileSystemTier(pfs_root)
+    snapshot = take_snapshot(TinyNet().state_dict())
+    notice = Notice(model="tiny", version=1, nbytes=snapshot.layout.nbytes, digest=f"{legacy}:{'0' * 32}",
+                    layout=snapshot.layout, producer="test")
+    tier.write(notice, snapshot.data, notice.encode(KEY, with_locations=False))
+    manifest = tier.read_manifest("tiny", 1, KEY)
+    with pytest.raises(IntegrityError, match="older than the block digest: publish the version again"):
         tier.read_into(manifest, allocate_buffer(manifest.nbytes), key=KEY)
 
 

@@ -13,16 +13,17 @@ from .._buffers import ensure_capacity
 from ..storage._pfs import FileSystemTier
 from ..storage._shm import ReadOnlyMappings
 from ..transport._protocol import Location, Notice
+from ._delta import DeltaLoads
 from ._planner import RouteKind
-from ._routes import (ZeroCopyWeights, load_from_collective, load_from_device, load_from_files, load_from_peer,
-                      load_from_segment)
+from ._routes import (Loaded, ZeroCopyWeights, load_from_collective, load_from_device, load_from_files,
+                      load_from_peer, load_from_segment)
 
 __all__ = ["RouteLoaders", "Loader", "Fetcher", "FROM_OFF_HOST"]
 
-# (notice, location, standby model) -> (transfer seconds, verify seconds)
-Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
-# (notice, location) -> (transfer seconds, verify seconds): fetched into a host copy, no model loaded
-Fetcher = Callable[[Notice, Location], tuple[float, float]]
+# (notice, location, standby model) -> what the load cost
+Loader = Callable[[Notice, Location, torch.nn.Module], Loaded]
+# (notice, location) -> what the fetch cost: fetched into a host copy, no model loaded
+Fetcher = Callable[[Notice, Location], Loaded]
 # The routes that bring a version's bytes to this host's memory from off the host: what a host
 # copy (see _host_share) is fetched by.
 FROM_OFF_HOST = frozenset({RouteKind.RELAY, RouteKind.COLLECTIVE, RouteKind.DRAM_ZMQ})
@@ -42,6 +43,7 @@ class RouteLoaders:
         self._read_only_maps = ReadOnlyMappings()
         self.zero_copy = ZeroCopyWeights() if zero_copy and device == torch.device("cpu") else None
         self._member = member  # this consumer's name in relay rounds
+        self._deltas = DeltaLoads()  # what staging and the standby models hold, for dram-zmq deltas
 
     def loader(self, kind: RouteKind | str) -> Loader:
         kind = RouteKind(kind)
@@ -52,6 +54,8 @@ class RouteLoaders:
             return functools.partial(load_from_device, self.context, self.key, self._timeout)
         if kind is RouteKind.GPU_NCCL:
             return functools.partial(load_from_collective, self._timeout, self.key, self._device_staging_for())
+        if kind is RouteKind.DRAM_ZMQ:
+            return functools.partial(self._deltas.load, self.context, self.key, self._timeout, self._staging_buffer())
         if kind in FROM_OFF_HOST:
             return self._streamed(kind, self._staging_for())
         return functools.partial(load_from_files, self._pfs, self.key, self._staging_for())
@@ -72,9 +76,13 @@ class RouteLoaders:
                                  relay=self._member if kind is RouteKind.RELAY else None)
 
     def before(self, kind: RouteKind | str, standby: torch.nn.Module) -> None:
-        """A route other than zero-copy loads into `standby`'s own memory: give it back first."""
-        if self.zero_copy is not None and RouteKind(kind) not in (RouteKind.DRAM_SHM, RouteKind.HOST_SHM):
+        """A route other than zero-copy loads into `standby`'s own memory: give it back first.
+        A route other than dram-zmq leaves it holding what no delta can start from."""
+        kind = RouteKind(kind)
+        if self.zero_copy is not None and kind not in (RouteKind.DRAM_SHM, RouteKind.HOST_SHM):
             self.zero_copy.unshare(standby)
+        if kind is not RouteKind.DRAM_ZMQ:
+            self._deltas.forget(standby)
 
     def after_swap(self) -> None:
         if self.zero_copy is not None:
@@ -90,6 +98,11 @@ class RouteLoaders:
             self.zero_copy.close(models)
 
     def _staging_for(self) -> torch.Tensor:
+        """The staging buffer, for a route that overwrites it whole."""
+        self._deltas.forget_staging()
+        return self._staging_buffer()
+
+    def _staging_buffer(self) -> torch.Tensor:
         # pinned only for a model on a GPU: the staged bytes go on to the device from there
         pin = self._device is not None and self._device.type == "cuda"
         self._staging = ensure_capacity(self._staging, self._nbytes, pin=pin)

@@ -1,7 +1,7 @@
 """The ways a consumer loads a version into its idle standby model, one function per route.
 
-Each returns (transfer seconds, verify seconds) and raises a ViperError naming what failed, so
-the subscriber can fall back to the next route."""
+Each returns a `Loaded` (transfer seconds, verify seconds, bytes moved) and raises a ViperError
+naming what failed, so the subscriber can fall back to the next route."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -23,18 +24,30 @@ from ..transport._cuda_ipc import import_cuda_tensor
 from ..transport._fetch import FetchClient
 from ..transport._protocol import Location, Notice
 
-__all__ = ["load_from_segment", "load_from_peer", "load_from_collective", "load_from_device", "load_from_files",
-           "load_tensors", "ZeroCopyWeights"]
-
-Loader = Callable[[Notice, Location, torch.nn.Module], tuple[float, float]]
+__all__ = ["Loaded", "load_from_segment", "load_from_peer", "load_from_collective", "load_from_device",
+           "load_from_files", "load_tensors", "ZeroCopyWeights"]
 
 
-def load_tensors(model: torch.nn.Module, sources: dict[str, torch.Tensor | numpy.ndarray]) -> None:
-    """Copy each source into the model's tensor of that name (tied weights copied once)."""
+class Loaded(NamedTuple):
+    """What one load cost: seconds moving the bytes (the copy into the model included), seconds
+    verifying them, and the bytes read from the version's source (all of them, but the blocks
+    that changed for a delta, and none for a mapping)."""
+
+    transfer_s: float
+    verify_s: float
+    moved_bytes: int
+
+Loader = Callable[[Notice, Location, torch.nn.Module], Loaded]
+
+
+def load_tensors(model: torch.nn.Module, sources: dict[str, torch.Tensor | numpy.ndarray],
+                 only: set[str] | None = None) -> None:
+    """Copy each source into the model's tensor of that name (tied weights copied once);
+    `only`: these names alone (the others hold their bytes already)."""
     loaded: set[int] = set()
     with torch.no_grad():
         for name, target in model.state_dict(keep_vars=True).items():
-            if id(target) in loaded:
+            if id(target) in loaded or (only is not None and name not in only):
                 continue
             source = sources[name]
             if isinstance(source, numpy.ndarray):
@@ -45,7 +58,7 @@ def load_tensors(model: torch.nn.Module, sources: dict[str, torch.Tensor | numpy
 
 
 def load_from_segment(maps: ReadOnlyMappings, notice: Notice, location: Location,
-                      standby: torch.nn.Module) -> tuple[float, float]:
+                      standby: torch.nn.Module) -> Loaded:
     """Same host: map the producer's segment and copy straight into the standby model.
 
     The segment is the producer's own 0600 memory announced by a (MAC'd) notice, so only the
@@ -55,11 +68,11 @@ def load_from_segment(maps: ReadOnlyMappings, notice: Notice, location: Location
     load_tensors(standby, {spec.name: view.data[spec.offset:spec.offset + spec.nbytes]
                            for spec in notice.layout.tensors})
     view.confirm()
-    return time.perf_counter() - started, 0.0
+    return Loaded(time.perf_counter() - started, 0.0, notice.nbytes)
 
 
 def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, staging: torch.Tensor,
-                   notice: Notice, location: Location, standby: torch.nn.Module | None) -> tuple[float, float]:
+                   notice: Notice, location: Location, standby: torch.nn.Module | None) -> Loaded:
     """Other host (or forced): stream from the producer's fetch endpoint, digest as it lands.
     With no `standby`, only into staging (a host copy, see _host_share)."""
     client = FetchClient(context, location.address, notice.model, key, timeout)
@@ -68,7 +81,7 @@ def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, stag
 
 def load_from_collective(timeout: float, key: bytes | None, staging: torch.Tensor, notice: Notice,
                          location: Location, standby: torch.nn.Module | None, *,
-                         relay: str | None = None) -> tuple[float, float]:
+                         relay: str | None = None) -> Loaded:
     """torch.distributed point-to-point (Gloo here; NCCL with the GPU tier), digest checked;
     with a key, the answer vouching for the bytes must be signed. `relay`: this consumer's name
     in a relay round with the other hosts loading this version (passing the bytes on)."""
@@ -77,7 +90,7 @@ def load_from_collective(timeout: float, key: bytes | None, staging: torch.Tenso
 
 
 def load_from_device(context: zmq.Context, key: bytes | None, timeout: float, notice: Notice,
-                     location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+                     location: Location, standby: torch.nn.Module) -> Loaded:
     """Same host, GPU tier: lease the producer's device copy over CUDA IPC and copy device to
     device. No digest (it runs on the host copy): a same-user lease, the signed description and
     notice vouch for it."""
@@ -91,11 +104,11 @@ def load_from_device(context: zmq.Context, key: bytes | None, timeout: float, no
         load_tensors(standby, notice.layout.views(shared))
         torch.cuda.current_stream(shared.device).synchronize()  # done reading before the lease ends
         del shared
-    return time.perf_counter() - started, 0.0
+    return Loaded(time.perf_counter() - started, 0.0, notice.nbytes)
 
 
 def _load_streamed(fetch_into: Callable[[int, torch.Tensor, int], tuple[str, float]], notice: Notice,
-                   staging: torch.Tensor, standby: torch.nn.Module | None) -> tuple[float, float]:
+                   staging: torch.Tensor, standby: torch.nn.Module | None) -> Loaded:
     """A peer streams the version into staging (digesting it); check that digest against the
     notice's; then load `standby` from staging, if there is one."""
     started = time.perf_counter()
@@ -105,11 +118,11 @@ def _load_streamed(fetch_into: Callable[[int, torch.Tensor, int], tuple[str, flo
                              f"but its notice announced {notice.digest}")  # both verified before
     if standby is not None:
         load_tensors(standby, notice.layout.views(staging))
-    return time.perf_counter() - started - digest_s, digest_s
+    return Loaded(time.perf_counter() - started - digest_s, digest_s, notice.nbytes)
 
 
 def load_from_files(pfs: FileSystemTier | None, key: bytes | None, staging: torch.Tensor, notice: Notice,
-                    location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+                    location: Location, standby: torch.nn.Module) -> Loaded:
     """The file-system tier, read into staging with the digest (keyed with a key) checked as it streams."""
     started = time.perf_counter()
     if pfs is not None:
@@ -117,7 +130,7 @@ def load_from_files(pfs: FileSystemTier | None, key: bytes | None, staging: torc
     else:
         digest_s = _announced_tier(location).read_into(notice, staging, directory=location.address, key=key)
     load_tensors(standby, notice.layout.views(staging))
-    return time.perf_counter() - started - digest_s, digest_s
+    return Loaded(time.perf_counter() - started - digest_s, digest_s, notice.nbytes)
 
 
 def _announced_tier(location: Location) -> FileSystemTier:
@@ -145,7 +158,7 @@ class ZeroCopyWeights:
         self._retired: list[object] = []
         self._mappings = ZeroCopyMappings()
 
-    def load(self, notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+    def load(self, notice: Notice, location: Location, standby: torch.nn.Module) -> Loaded:
         started = time.perf_counter()
         lock = self._mappings.lock(location.address.removeprefix("shm://"), notice.version, notice.nbytes)
         views = notice.layout.views(lock.buffer)
@@ -155,7 +168,7 @@ class ZeroCopyWeights:
                 target.data = views[name]
         self._retired.append(self._locks.pop(id(standby), None))
         self._locks[id(standby)] = lock
-        return time.perf_counter() - started, 0.0
+        return Loaded(time.perf_counter() - started, 0.0, 0)
 
     def reap(self) -> None:
         """Drop what the last load replaced, after the swap (off the update's critical path).

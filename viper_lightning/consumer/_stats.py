@@ -20,7 +20,9 @@ class UpdateRecord:
     "dram-zmq", "pfs"), `trigger` what started the update, `why` the planner's reasoning.
     `swapped_at` is when the swap happened (time.time(), comparable across hosts with synced
     clocks); `together` is None unless the replica switches together, else "together",
-    "left-out" or "alone" (see consumer._together)."""
+    "left-out" or "alone" (see consumer._together). `moved_bytes` is what the route read from
+    the version's source: `nbytes` for a whole version, the changed blocks for a delta
+    (consumer._delta), 0 for a mapping."""
 
     version: int
     step: int | None
@@ -35,6 +37,7 @@ class UpdateRecord:
     why: str
     swapped_at: float = 0.0
     together: str | None = None
+    moved_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ..transport._protocol import (DEFAULT_ENDPOINT, Location, Notice, Switch, c
 from ..transport._pubsub import NoticeListener
 from ._host_share import HostShare
 from ._loaders import FROM_OFF_HOST, RouteLoaders
+from ._routes import Loaded
 from ._planner import Route, RouteKind, TransferPlanner, explain
 from ._double_buffer import Lease, DoubleBuffer
 from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
@@ -415,12 +416,12 @@ class ModelSubscriber:
                                 f"{[loc.to_json() for loc in notice.locations]}")
         standby = self._wait_for_idle_standby()
         try:
-            route, why, transfer_s, verify_s = self._load(notice, routes, standby)
+            route, why, loaded = self._load(notice, routes, standby)
         except (TransferError, StorageError) as exc:
             durable = self._durable_copy(notice)
             if durable is None:
                 raise
-            route, why, transfer_s, verify_s = self._load(durable, self._planner.routes(durable), standby)
+            route, why, loaded = self._load(durable, self._planner.routes(durable), standby)
             why = f"the announced routes failed ({exc}); read the file-system tier's copy instead"
         together = self._await_switch(notice)
         swap_started = time.perf_counter()
@@ -428,15 +429,14 @@ class ModelSubscriber:
         swapped_at = time.time()
         record = UpdateRecord(
             version=notice.version, step=notice.step, route=route.kind.value, nbytes=notice.nbytes,
-            discovery_s=max(0.0, received_at - notice.created_at), transfer_s=transfer_s,
-            verify_s=verify_s, swap_s=time.perf_counter() - swap_started,
+            discovery_s=max(0.0, received_at - notice.created_at), transfer_s=loaded.transfer_s,
+            verify_s=loaded.verify_s, swap_s=time.perf_counter() - swap_started, moved_bytes=loaded.moved_bytes,
             latency_s=max(0.0, time.time() - notice.created_at), trigger=trigger, why=why, swapped_at=swapped_at,
             together=together)
         self._loaders.after_swap()
         return record
 
-    def _load(self, notice: Notice, routes: list[Route], standby: torch.nn.Module
-              ) -> tuple[Route, str, float, float]:
+    def _load(self, notice: Notice, routes: list[Route], standby: torch.nn.Module) -> tuple[Route, str, Loaded]:
         """Try the routes cheapest first; the first that delivers wins. A version that comes
         from off this host comes through the host's shared copy when allowed (see _host_share)."""
         failures: list[ViperError] = []
@@ -446,14 +446,14 @@ class ModelSubscriber:
                 return shared
             routes = [route for route in routes if route.kind not in FROM_OFF_HOST or not failures]
 
-        def load(route: Route) -> tuple[float, float]:
+        def load(route: Route) -> Loaded:
             self._loaders.before(route.kind, standby)
             return self._loaders.loader(route.kind)(notice, route.location, standby)
 
         delivered = self._first_delivering(notice, routes, failures, load)
         if delivered is not None:
-            route, transfer_s, verify_s = delivered
-            return route, explain(route, routes, [str(f) for f in failures]), transfer_s, verify_s
+            route, loaded = delivered
+            return route, explain(route, routes, [str(f) for f in failures]), loaded
         if len(failures) == 1:
             raise failures[0]  # keep its kind: integrity and storage errors say more than "transfer"
         gone = any(isinstance(f, TransferError) and f.code == "gone" and not f.tiers for f in failures)
@@ -461,7 +461,7 @@ class ModelSubscriber:
                             code="gone" if gone else None)  # gone: the producer says no tier holds it
 
     def _load_shared(self, notice: Notice, routes: list[Route], standby: torch.nn.Module,
-                     failures: list[ViperError]) -> tuple[Route, str, float, float] | None:
+                     failures: list[ViperError]) -> tuple[Route, str, Loaded] | None:
         """Through the host copy: map another consumer's, or fetch it for every consumer here
         (by the routes from off the host, cheapest first) and then map it. None when it could
         not be done; `failures` then says which fetches failed (each was tried once)."""
@@ -471,46 +471,46 @@ class ModelSubscriber:
         if isinstance(claim, Location):  # another consumer here fetched it
             route = Route(RouteKind.HOST_SHM, claim, self._planner.estimate(RouteKind.HOST_SHM, notice.nbytes))
             try:
-                transfer_s, verify_s = self._map_host_copy(notice, claim, standby)
+                loaded = self._map_host_copy(notice, claim, standby)
             except ViperError as exc:
                 log.warning("%s v%d: the host copy failed (%s); fetching it for this consumer", notice.model,
                             notice.version, exc)
                 return None
-            return route, f"another consumer on this host fetched it ({claim.address})", transfer_s, verify_s
+            return route, f"another consumer on this host fetched it ({claim.address})", loaded
         with claim:
             delivered = self._first_delivering(
                 notice, [route for route in routes if route.kind in FROM_OFF_HOST], failures,
                 lambda route: self._loaders.fetcher(route.kind, claim.buffer)(notice, route.location))
             if delivered is None:
                 return None
-            route, transfer_s, verify_s = delivered
+            route, fetched = delivered
             claim.publish()
         try:
-            mapped_s, _ = self._map_host_copy(notice, claim.location, standby)
+            mapped = self._map_host_copy(notice, claim.location, standby)
         except ViperError as exc:  # removed meanwhile, say: the routes are tried again, into private memory
             log.warning("%s v%d: could not map the host copy just fetched (%s); fetching it again",
                         notice.model, notice.version, exc)
             return None
         why = explain(route, routes, [str(f) for f in failures]) + f"; shared on this host as {claim.location.address}"
-        return route, why, transfer_s + mapped_s, verify_s
+        return route, why, fetched._replace(transfer_s=fetched.transfer_s + mapped.transfer_s)
 
     def _first_delivering(self, notice: Notice, routes: list[Route], failures: list[ViperError],
-                          attempt: Callable[[Route], tuple[float, float]]) -> tuple[Route, float, float] | None:
+                          attempt: Callable[[Route], Loaded]) -> tuple[Route, Loaded] | None:
         """`attempt(route)` on each route in turn, cheapest first: the first that delivers wins,
         and its speed is learned; each failure is logged and added to `failures`."""
         for route in routes:
             try:
-                transfer_s, verify_s = attempt(route)
+                loaded = attempt(route)
             except ViperError as exc:
                 failures.append(exc)
                 log.warning("%s v%d via %s failed, trying the next route: %s", notice.model,
                             notice.version, route.kind, exc)
                 continue
-            self._planner.observe(route.kind, notice.nbytes, transfer_s + verify_s)
-            return route, transfer_s, verify_s
+            self._planner.observe(route.kind, loaded.moved_bytes, loaded.transfer_s + loaded.verify_s)
+            return route, loaded
         return None
 
-    def _map_host_copy(self, notice: Notice, location: Location, standby: torch.nn.Module) -> tuple[float, float]:
+    def _map_host_copy(self, notice: Notice, location: Location, standby: torch.nn.Module) -> Loaded:
         self._loaders.before(RouteKind.HOST_SHM, standby)
         return self._loaders.loader(RouteKind.HOST_SHM)(notice, location, standby)
 

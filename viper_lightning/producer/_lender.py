@@ -36,7 +36,8 @@ class MemoryLender:
         host_copy = self._store.borrow(version)
         if host_copy is None:
             return None
-        return MemoryLoan(host_copy.data, host_copy.digest, lambda: self._store.give_back(host_copy))
+        return MemoryLoan(host_copy.data, host_copy.digest, lambda: self._store.give_back(host_copy),
+                          host_copy.blocks)
 
     def lend_ipc(self, version: int) -> IpcLoan | None:
         """CUDA IPC for a same-host consumer: the copy stays borrowed until its lease ends."""

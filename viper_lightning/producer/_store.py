@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._buffers import allocate_buffer
-from .._digest import digest_buffer
+from .._digest import Digester
 from .._errors import ConfigurationError, StorageError, TransferError
 from .._layout import Layout
 from ..storage._shm import SHM_DIR, Segment, reclaim_stale_segments, segment_prefix
@@ -78,6 +78,7 @@ class HostCopy:
     evicted: bool = False
     digest_key: bytes | None = field(default=None, repr=False)  # keyed BLAKE3 when set
     _digest: str | None = None
+    _blocks: bytes | None = field(default=None, repr=False)  # the block map, with the digest
     _digest_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -93,8 +94,15 @@ class HostCopy:
         """Computed once, by whichever thread needs it first (flusher or fetch server)."""
         with self._digest_lock:
             if self._digest is None:
-                self._digest = digest_buffer(self.data, self.digest_key)
+                digester = Digester(self.digest_key)
+                digester.update(self.data)
+                self._blocks, self._digest = digester.blocks(), digester.hexdigest()
             return self._digest
+
+    def blocks(self) -> bytes:
+        """The block map the digest is computed from (see `_digest`): what a delta is taken by."""
+        self.digest()
+        return self._blocks
 
 
 class TieredStore:

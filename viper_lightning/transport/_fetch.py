@@ -3,6 +3,8 @@
 Requests (JSON, signed when a key is configured):
   {"op": "open", "model", "version"}  -> {"status": "ok", "nbytes", "digest", "chunk_bytes"}
   {"op": "read", "model", "version", "offset", "length"} -> header frame + one data frame
+  {"op": "blocks", "model", "version"} -> {"status": "ok", "nbytes", "digest"} + the block map
+                                          (see _digest: what a delta is taken by)
   {"op": "latest", "model"}           -> {"status": "ok", "notice": <the latest notice>}
   {"op": "ipc", "model", "version"}   -> {"status": "ok", "nbytes", "ipc": <CUDA IPC description>,
                                           "lease", "lease_s"}   (the GPU tier, same host only)
@@ -12,7 +14,9 @@ Requests (JSON, signed when a key is configured):
 An evicted version is answered {"status": "gone", "tiers": [...]} naming where it still lives, a
 refused request {"status": "error", "code", "reason"} (codes: see viper_lightning._errors).
 The client keeps a small window of chunk reads in flight, receives each data frame straight
-into its buffer (no intermediate copy) and digests it as it lands. A CUDA IPC lease keeps the
+into its buffer (no intermediate copy) and digests it as it lands. A client whose buffer holds
+another version of the same size asks for the block map first, checks it against the signed
+digest, and reads only the blocks whose leaves differ, each checked against its leaf. A CUDA IPC lease keeps the
 producer from reusing its device copy while the consumer copies from it; a consumer that never
 releases loses the lease after `lease_s`, so a crashed consumer cannot pin the copy forever.
 
@@ -29,20 +33,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import zmq
 
-from .._digest import ALL_THREADS, Digester, mismatch
+from .._digest import (ALL_THREADS, BLOCK_BYTES, Digester, block_count, digest_of_blocks, leaf_bytes, leaf_of,
+                       mismatch)
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
 from ._loans import IpcLoan, Lender, MemoryLoan
 from ._messages import count, load_object, raise_for_answer, refusal
 from ._protocol import check_proto, sign, signed_request, verify_mac
 from ._reports import ReadyBoard, ReportBox, parse_ready, parse_report
 
-__all__ = ["FetchServer", "FetchClient", "CHUNK_BYTES", "LEASE_S"]
+__all__ = ["FetchServer", "FetchClient", "Fetched", "CHUNK_BYTES", "LEASE_S"]
 
 log = logging.getLogger("viper_lightning.fetch")
 
@@ -123,7 +129,7 @@ class FetchServer:
         try:
             request = _parse_request(raw, self._key, self._model)
             op = request.get("op")
-            handler = {"open": self._open, "read": self._read, "latest": self._latest,
+            handler = {"open": self._open, "read": self._read, "blocks": self._blocks, "latest": self._latest,
                        "ipc": self._lend, "release": self._end_lease, "report": self._report,
                        "ready": self._replica_ready}.get(op) if isinstance(op, str) else None
             if handler is None:
@@ -145,6 +151,27 @@ class FetchServer:
                 self._reply(peer, answer)
             finally:
                 loan.release()
+
+    def _blocks(self, peer: bytes, request: dict) -> None:
+        """The version's block map, after a header like open's (signed: its digest vouches for
+        the map, and the map for each block)."""
+        loan = self._borrowed(peer, request)
+        if loan is None:
+            return
+        try:
+            if loan.blocks is None:
+                raise ProtocolError("the producer keeps no block map of this version; fetch it whole",
+                                    code="no-blocks")
+            blocks = loan.blocks()
+            answer = {"status": "ok", "model": self._model, "version": _count(request, "version"),
+                      "nbytes": loan.data.numel(), "digest": loan.digest()}
+            if self._key is not None:
+                answer["mac"] = sign(answer, self._key)
+            self._socket.send_multipart([peer, json.dumps(answer).encode(), blocks], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("dropped a block map for a fetch peer that is gone or not reading: %s", exc)
+        finally:
+            loan.release()
 
     def _read(self, peer: bytes, request: dict) -> None:
         offset, length = _count(request, "offset"), _count(request, "length")  # before borrowing anything
@@ -245,6 +272,16 @@ class FetchServer:
         self._in_flight = still
 
 
+class Fetched(NamedTuple):
+    """What a fetch brought: the digest verified, the seconds spent verifying, the bytes read
+    from the producer, and the version's block map (for the next fetch's delta)."""
+
+    digest: str
+    digest_s: float
+    moved_bytes: int
+    blocks: bytes
+
+
 class FetchClient:
     """One fetch from one producer endpoint (a DEALER created and closed per fetch)."""
 
@@ -255,11 +292,61 @@ class FetchClient:
 
     def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
         """Stream `version` into `buffer`, verifying its digest; returns (digest, digest seconds)."""
+        fetched = self.fetch_changed_into(version, buffer, nbytes, None)
+        return fetched.digest, fetched.digest_s
+
+    def fetch_changed_into(self, version: int, buffer: torch.Tensor, nbytes: int, held: bytes | None) -> Fetched:
+        """Make `buffer[:nbytes]` hold `version`, verified. `held`: the block map of the version
+        the buffer holds now (verified when it was fetched): then only the blocks whose leaves
+        differ are read, each checked against the version's block map, itself checked against
+        the version's signed digest. Without one, or when the maps cannot be compared (another
+        size), the whole version is streamed."""
         with self._dealer() as socket:
-            opened = self._ask(socket, {"op": "open", "version": version})
-            self._check_answer(opened, version, nbytes)
-            digest_s = self._stream(socket, version, buffer, nbytes, opened["digest"])
-            return opened["digest"], digest_s
+            if held is None:
+                return self._stream(socket, version, buffer, nbytes)
+            try:
+                answer, blocks = self._block_map(socket, version, nbytes)
+            except TransferError as exc:  # no map of this version, or a server that has no "blocks"
+                if exc.code not in ("no-blocks", "malformed"):
+                    raise
+                return self._stream(socket, version, buffer, nbytes)
+            if len(held) != len(blocks):
+                return self._stream(socket, version, buffer, nbytes)
+            size = leaf_bytes(self._key)
+            changed = [index for index in range(len(blocks) // size)
+                       if blocks[index * size:(index + 1) * size] != held[index * size:(index + 1) * size]]
+            spans = _spans_of_blocks(changed, nbytes)
+            target = memoryview(buffer[:nbytes].numpy()).cast("B")
+            checked_s = 0.0
+
+            def landed(offset: int, length: int) -> None:
+                nonlocal checked_s
+                started = time.perf_counter()
+                for start in range(offset, offset + length, BLOCK_BYTES):
+                    index = start // BLOCK_BYTES
+                    leaf = leaf_of(target[start:min(start + BLOCK_BYTES, nbytes)], self._key, threads=ALL_THREADS)
+                    if leaf != blocks[index * size:(index + 1) * size]:
+                        raise IntegrityError(f"version {version} from {self._endpoint}: block {index} does not "
+                                             "match the version's block map; the bytes were damaged or replaced")
+                checked_s += time.perf_counter() - started
+            self._read_spans(socket, version, target, spans, landed)
+            return Fetched(answer["digest"], checked_s, sum(length for _, length in spans), blocks)
+
+    def _block_map(self, socket: zmq.Socket, version: int, nbytes: int) -> tuple[dict, bytes]:
+        """The version's open answer and its block map, checked against the answer's digest."""
+        answer = self._ask(socket, {"op": "blocks", "version": version})
+        self._check_answer(answer, version, nbytes)
+        if not socket.getsockopt(zmq.RCVMORE):
+            raise ProtocolError(f"{self._endpoint} answered the block map of version {version} without the map")
+        blocks = self._recv(socket, "the block map")
+        expected = block_count(nbytes) * leaf_bytes(self._key)
+        if len(blocks) != expected:
+            raise ProtocolError(f"{self._endpoint} sent a block map of {len(blocks)} bytes for version {version}; "
+                                f"{nbytes} bytes take {expected}")
+        why = mismatch(answer.get("digest"), digest_of_blocks(blocks, self._key))
+        if why is not None:
+            raise IntegrityError(f"the block map of version {version} from {self._endpoint}: {why}")
+        return answer, blocks
 
     @contextmanager
     def borrow_device_copy(self, version: int, nbytes: int) -> Iterator[dict[str, object]]:
@@ -302,24 +389,38 @@ class FetchClient:
             notice = self._ask(socket, {"op": "latest"}).get("notice")
             return notice.encode() if isinstance(notice, str) else None
 
-    def _stream(self, socket: zmq.Socket, version: int, buffer: torch.Tensor, nbytes: int, digest: str) -> float:
+    def _stream(self, socket: zmq.Socket, version: int, buffer: torch.Tensor, nbytes: int) -> Fetched:
+        """The whole version, digested as it lands."""
+        opened = self._ask(socket, {"op": "open", "version": version})
+        self._check_answer(opened, version, nbytes)
         target = memoryview(buffer[:nbytes].numpy()).cast("B")
-        offsets = list(range(0, nbytes, CHUNK_BYTES))
-        digester, digest_s, sent = Digester(self._key, threads=ALL_THREADS), 0.0, 0
-        for received, offset in enumerate(offsets):
-            while sent < len(offsets) and sent < received + WINDOW:
-                self._send(socket, {"op": "read", "version": version, "offset": offsets[sent],
-                                    "length": min(CHUNK_BYTES, nbytes - offsets[sent])})
-                sent += 1
-            length = min(CHUNK_BYTES, nbytes - offset)
-            self._receive_chunk(socket, target[offset:offset + length], offset, version)
+        digester, digest_s = Digester(self._key, threads=ALL_THREADS), 0.0
+
+        def landed(offset: int, length: int) -> None:
+            nonlocal digest_s
             started = time.perf_counter()
             digester.update(target[offset:offset + length])
             digest_s += time.perf_counter() - started
-        why = mismatch(digest, digester.hexdigest())
+        self._read_spans(socket, version, target, [(0, nbytes)] if nbytes else [], landed)
+        why = mismatch(opened["digest"], digester.hexdigest())
         if why is not None:
             raise IntegrityError(f"version {version} from {self._endpoint}: {why}")
-        return digest_s
+        return Fetched(opened["digest"], digest_s, nbytes, digester.blocks())
+
+    def _read_spans(self, socket: zmq.Socket, version: int, target: memoryview, spans: list[tuple[int, int]],
+                    landed: Callable[[int, int], None]) -> None:
+        """Read each (offset, length) span into `target` in chunks, WINDOW reads in flight, in
+        order; `landed(offset, length)` runs on each chunk as it lands."""
+        reads = [(offset + start, min(CHUNK_BYTES, length - start))
+                 for offset, length in spans for start in range(0, length, CHUNK_BYTES)]
+        sent = 0
+        for received, (offset, length) in enumerate(reads):
+            while sent < len(reads) and sent < received + WINDOW:
+                self._send(socket, {"op": "read", "version": version, "offset": reads[sent][0],
+                                    "length": reads[sent][1]})
+                sent += 1
+            self._receive_chunk(socket, target[offset:offset + length], offset, version)
+            landed(offset, length)
 
     def _receive_chunk(self, socket: zmq.Socket, target: memoryview, offset: int, version: int) -> None:
         header = _load_answer(self._recv(socket, f"chunk at byte {offset}"), version)
@@ -352,6 +453,18 @@ class FetchClient:
             raise TransferError(f"{self._endpoint} did not answer {what} within {self._timeout_ms / 1000:g} s "
                                 "(producer gone or overloaded)")
         return socket.recv()
+
+
+def _spans_of_blocks(indices: list[int], nbytes: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run of consecutive blocks among `indices` (sorted)."""
+    spans: list[tuple[int, int]] = []
+    for index in indices:
+        start, end = index * BLOCK_BYTES, min((index + 1) * BLOCK_BYTES, nbytes)
+        if spans and spans[-1][0] + spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], end - spans[-1][0])
+        else:
+            spans.append((start, end - start))
+    return spans
 
 
 def _load_answer(raw: bytes, version: int | None) -> dict:

@@ -18,11 +18,13 @@ __all__ = ["MemoryLoan", "IpcLoan", "Lender"]
 @dataclass(frozen=True)
 class MemoryLoan:
     """A version's bytes as a flat uint8 tensor, kept in place until `release()`; `digest()`
-    names what the bytes must hash to (computed once, on first need)."""
+    names what the bytes must hash to (computed once, on first need), and `blocks()`, where
+    given, the block map that digest is computed from (what a consumer takes a delta by)."""
 
     data: torch.Tensor
     digest: Callable[[], str]
     release: Callable[[], None]
+    blocks: Callable[[], bytes] | None = None
 
 
 @dataclass(frozen=True)
