@@ -23,15 +23,33 @@ def state_nbytes(model: torch.nn.Module) -> int:
     return sum(tensor.nbytes for tensor in model.state_dict().values())
 
 
-def nudge(model: torch.nn.Module, seed: int, fraction: float = 1.0) -> None:
-    """A stand-in for a training step that changes `fraction` of the weights' bytes: the first
-    `fraction` of every floating-point parameter's elements (1.0: every weight, as training does;
-    less: what a run with frozen parts or adapters changes, spread over every tensor)."""
+LAYERS = 20  # of the layered model: each layer holds 5% of its bytes
+
+
+def layered_of_size(megabytes: float, layers: int = LAYERS) -> torch.nn.Module:
+    """A stack of `layers` equal square Linear layers of about `megabytes` MB in all: with the
+    first ones frozen (see `freeze_all_but`), a backbone under a trained head."""
+    torch.manual_seed(0)
+    width = max(1, int(math.sqrt(megabytes * 1e6 / 4 / layers)))
+    return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
+
+
+def freeze_all_but(model: torch.nn.Module, fraction: float) -> None:
+    """Leave the last layers that hold `fraction` of a layered model's bytes trainable and
+    freeze the others (requires_grad=False): what a run with a frozen backbone changes."""
+    layers = list(model.children())
+    trainable = max(1, round(fraction * len(layers)))
+    for index, layer in enumerate(layers):
+        layer.requires_grad_(index >= len(layers) - trainable)
+
+
+def nudge(model: torch.nn.Module, seed: int) -> None:
+    """A stand-in for a training step: change every element of every trainable parameter (a
+    frozen one, requires_grad=False, keeps its bytes, as under an optimizer)."""
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.is_floating_point() and parameter.numel():
-                flat = parameter.view(-1)
-                flat[:max(1, math.ceil(fraction * flat.numel()))].add_(float(seed + 1))
+            if parameter.requires_grad:
+                parameter.add_(float(seed + 1))
 
 
 WIDE_OUTPUTS = 1024

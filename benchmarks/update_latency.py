@@ -24,11 +24,14 @@ steps that start with a publish with the blocks of 10 steps after them, which ha
 after the first); `throughput_cost_runs` cross-checks it on separate runs with and without
 publishing (see measure_throughput; `copies_per_step`: how many memory copies of the weights a
 step takes). `lightning-throughput-nice19` is the paired measure with `background_niceness=19`.
-Each version changes every weight, as training does (`changed_fraction` 1.0 in the JSON);
-`--changed-fraction 1 0.2 0.05` runs each Viper strategy once per fraction, each version then
-changing that fraction of every parameter's elements (a run with frozen parts or adapters):
-`dram-zmq` then moves only the changed blocks (consumer._delta), and `bytes_moved` is what the
-slowest consumer read from the producer (0 for a mapping).
+Each version changes every weight, as training does (`changed_fraction` 1.0 in the JSON).
+`--changed-fraction 1 0.2 0.05` runs each Viper strategy once per fraction on another model of
+the same size, 20 equal layers (`_models.layered_of_size`), all but the last layers holding that
+fraction of the bytes frozen (requires_grad=False), with the publisher's
+`skip_unchanged_frozen=True`, the setting users training with frozen parts are told to use: the
+producer copies and digests only the trained layers, and `dram-zmq` moves only the changed
+blocks (consumer._delta). `bytes_moved` is what the slowest consumer read from the producer (0
+for a mapping).
 `--runs K` repeats the whole measurement K times, each in a fresh interpreter, and prints each
 ratio's best, median and worst over runs (a user gets every run, not the median); the JSON
 then has `"runs": K` and, per result, the run with the median e2e plus `e2e_s_worst`,
@@ -72,7 +75,7 @@ from tqdm import tqdm
 from viper_lightning import ModelPublisher, ModelSubscriber
 from viper_lightning._buffers import copy_tensor
 
-from ._models import nt3_of_size, nudge, state_nbytes
+from ._models import freeze_all_but, layered_of_size, nt3_of_size, nudge, state_nbytes
 from ._torchserve_cases import measure_torchserve_register, measure_torchserve_viper
 
 WAIT_S = 300.0
@@ -143,14 +146,19 @@ def skipped(strategies: list[str]) -> dict[str, str]:
 
 
 def measure_viper(strategy: str, model: torch.nn.Module, repeat: int, megabytes: float,
-                  consumers: int = 1, keyless: bool = False, fraction: float = 1.0) -> dict[str, Any]:
+                  consumers: int = 1, keyless: bool = False, fraction: float | None = None) -> dict[str, Any]:
     """Publish `repeat` versions (after WARMUP_PUBLISHES cold ones) to `consumers` processes; e2e is the
     publish call to the last consumer serving the version. The file-system tier is always on:
-    for the memory strategies it is the burst buffer draining in the background. Each version
-    changes `fraction` of the weights' bytes (see _models.nudge)."""
+    for the memory strategies it is the burst buffer draining in the background. With a
+    `fraction`, the model is the layered one with all but that fraction of its bytes frozen, and
+    the publisher skips unchanged frozen tensors, as users training so are told to set."""
+    if fraction is not None:
+        model = layered_of_size(megabytes)
+        freeze_all_but(model, fraction)
     with _Followed(strategy, model, megabytes, consumers, keyless, "bench", fraction) as followed:
         runs = [followed.update(seed) for seed in range(repeat + WARMUP_PUBLISHES)][WARMUP_PUBLISHES:]
-    return {**_summarise(runs), "keyed": followed.keyed, "changed_fraction": fraction}
+    extra = {} if fraction is None else {"model": "layered", "size_bytes": state_nbytes(model)}
+    return {**_summarise(runs), "keyed": followed.keyed, "changed_fraction": fraction or 1.0, **extra}
 
 
 def measure_fanout(model: torch.nn.Module, repeat: int, megabytes: float, consumers: int,
@@ -175,7 +183,7 @@ class _Followed:
     processes following it; `update(seed)` publishes once and waits for all of them."""
 
     def __init__(self, strategy: str, model: torch.nn.Module, megabytes: float, consumers: int,
-                 keyless: bool, name: str, fraction: float = 1.0) -> None:
+                 keyless: bool, name: str, fraction: float | None = None) -> None:
         self.case = VIPER_CASES[strategy]
         self.key = secrets.token_hex(16) if self.case.keyed else None
         self.keyed = not (keyless and self.key is None)
@@ -189,11 +197,12 @@ class _Followed:
             root = stack.enter_context(tempfile.TemporaryDirectory(prefix="viper-bench-"))
             self.publisher = stack.enter_context(ModelPublisher(
                 self.name, "tcp://127.0.0.1:*", root, hmac_key=self.key, dram_versions=case.dram_versions,
-                gpu_device=case.gpu_device, collective_endpoint=case.collective, allow_keyless=not self.keyed))
+                gpu_device=case.gpu_device, collective_endpoint=case.collective, allow_keyless=not self.keyed,
+                skip_unchanged_frozen=self.fraction is not None))
             followers = _ConsumerProcesses(self.consumers)
             stack.callback(followers.stop)
             followers.start(self.publisher, self.megabytes, root, case.route, case.consumer_device, self.key,
-                            not self.keyed, self.name)
+                            not self.keyed, self.name, "nt3" if self.fraction is None else "layered")
             self.reports = followers.reports
             # The first publishes fault in fresh slots (and, with many zero-copy consumers, grow the
             # pool to what their pins need): not the steady state of a long training run.
@@ -205,7 +214,7 @@ class _Followed:
         self._stack.close()
 
     def update(self, seed: int) -> dict[str, float]:
-        return _one_update(self.publisher, self.model, self.reports, self.consumers, seed, self.limit, self.fraction)
+        return _one_update(self.publisher, self.model, self.reports, self.consumers, seed, self.limit)
 
 
 class _ConsumerProcesses:
@@ -218,11 +227,11 @@ class _ConsumerProcesses:
         self._processes: list[Any] = []
 
     def start(self, publisher: ModelPublisher, megabytes: float, root: str, route: str, device: str,
-              key: str | None, keyless: bool, name: str = "bench") -> None:
+              key: str | None, keyless: bool, name: str = "bench", model: str = "nt3") -> None:
         """Start them and wait until every one has subscribed."""
         self._processes = [self._spawn.Process(target=_follow, args=(megabytes, publisher.endpoint, root, route,
                                                                      device, key, keyless, self.reports, self._done,
-                                                                     name))
+                                                                     name, model))
                            for _ in range(self.count)]
         for process in self._processes:
             process.start()
@@ -236,7 +245,7 @@ class _ConsumerProcesses:
 
 
 def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, device: str, key: str | None,
-            keyless: bool, reports, done, name: str) -> None:
+            keyless: bool, reports, done, name: str, model: str = "nt3") -> None:
     """A consumer process: report each update once the new weights are ready to answer."""
 
     def report(record) -> None:
@@ -244,7 +253,8 @@ def _follow(megabytes: float, endpoint: str, pfs_root: str, route: str, device: 
             touch_s = _first_touch(served)
         reports.put({**asdict(record), "touch_s": touch_s})
 
-    subscriber = ModelSubscriber(nt3_of_size(megabytes).to(device), name, endpoint, pfs_root, hmac_key=key,
+    served = nt3_of_size(megabytes) if model == "nt3" else layered_of_size(megabytes)
+    subscriber = ModelSubscriber(served.to(device), name, endpoint, pfs_root, hmac_key=key,
                                  routes=[route], allow_keyless=keyless,
                                  load_latest=False, on_update=report,
                                  on_refusal=lambda refusal: reports.put({"refused": refusal.reason}))
@@ -286,11 +296,10 @@ class _CopyLimit:
 
 
 def _one_update(publisher: ModelPublisher, model: torch.nn.Module, reports, consumers: int,
-                seed: int, limit: _CopyLimit | None = None, fraction: float = 1.0) -> dict[str, float]:
-    """Publish once (`fraction` of the bytes changed) and wait until every consumer serves it;
-    then let the flush finish. With `limit`, a memory copy of the same bytes is timed just
-    before (not part of the e2e)."""
-    nudge(model, seed, fraction)
+                seed: int, limit: _CopyLimit | None = None) -> dict[str, float]:
+    """Publish once and wait until every consumer serves it; then let the flush finish. With
+    `limit`, a memory copy of the same bytes is timed just before (not part of the e2e)."""
+    nudge(model, seed)
     memcpy = limit.time() if limit is not None else None
     device_stall = None
     if on_gpu := next(model.parameters()).is_cuda:
@@ -535,7 +544,9 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
     `on_result` sees the results so far after each case (a run cut short keeps what it measured);
     `keyless` runs the Viper strategies that need no key with the keyless opt-out; each Viper
     strategy runs once per changed fraction in `fractions`."""
-    cases = [(name, functools.partial(measure_viper, name, keyless=keyless, fraction=fraction))
+    fractions_asked = tuple(fractions) != (1.0,)
+    cases = [(name, functools.partial(measure_viper, name, keyless=keyless,
+                                      fraction=fraction if fractions_asked else None))
              for name in strategies if name in VIPER_CASES for fraction in fractions]
     cases += [(name, (lambda model, repeat, megabytes, nice=int(name.endswith("19")) * 19:
                       measure_throughput(megabytes, consumers, nice))

@@ -1,6 +1,7 @@
-"""Updates that move only what changed (dram-zmq): a consumer holding one version fetches only
-the blocks whose leaves differ in the next, checked against the signed digest, and patches only
-the tensors they span; every swap stays bit-exact, and a forged block map or block is refused."""
+"""Updates that move only what changed. The producer copies and digests a frozen parameter only
+when torch saw it change; a dram-zmq consumer holding one version fetches only the blocks whose
+leaves differ in the next, checked against the signed digest, and patches only those bytes;
+every swap stays bit-exact, and a forged block map or block is refused."""
 
 from __future__ import annotations
 
@@ -13,17 +14,22 @@ import pytest
 import torch
 import zmq
 
-from viper_lightning import IntegrityError, ModelPublisher, ModelSubscriber, take_snapshot
+from viper_lightning import FileSystemTier, IntegrityError, ModelPublisher, ModelSubscriber, take_snapshot
+from viper_lightning._buffers import allocate_buffer
 from viper_lightning._digest import BLOCK_BYTES, digest_buffer, leaf_of
+from viper_lightning._layout import Layout
+from viper_lightning.producer._snapshot import fill_buffer
 from viper_lightning.transport._fetch import FetchClient
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, Events, assert_same_weights
 
 
 def _frozen_backbone_and_head() -> torch.nn.Module:
-    """A 4 MB backbone (several blocks) under a small head, as in transfer learning."""
+    """A 4 MB backbone (several blocks), frozen, under a small head, as in transfer learning."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 16))
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 16))
+    model[0].requires_grad_(False)
+    return model
 
 
 def _train(model: torch.nn.Module, *, backbone: bool, seed: int) -> None:
@@ -35,10 +41,10 @@ def _train(model: torch.nn.Module, *, backbone: bool, seed: int) -> None:
 
 
 @contextmanager
-def _following(model_name: str, key: bytes | None = b"k" * 32) -> Iterator[tuple[ModelPublisher, ModelSubscriber,
-                                                                                Events, Callable]]:
+def _following(model_name: str, key: bytes | None = b"k" * 32, **options: object
+               ) -> Iterator[tuple[ModelPublisher, ModelSubscriber, Events, Callable]]:
     events = Events()
-    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=key) as publisher, \
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=key, **options) as publisher, \
             ModelSubscriber(_frozen_backbone_and_head(), model_name, publisher.endpoint, hmac_key=key,
                             routes=["dram-zmq"], load_latest=False, on_update=events.on_update) as subscriber:
 
@@ -58,7 +64,8 @@ def _following(model_name: str, key: bytes | None = b"k" * 32) -> Iterator[tuple
 def test_a_head_only_update_moves_the_blocks_it_changed_and_serves_bit_exact(model_name, keyed) -> None:
     producer = _frozen_backbone_and_head()
     nbytes = take_snapshot(producer.state_dict()).layout.nbytes
-    with _following(model_name, b"k" * 32 if keyed else None) as (_, _, _, publish_and_check):
+    with _following(model_name, b"k" * 32 if keyed else None, skip_unchanged_frozen=True) as \
+            (_, _, _, publish_and_check):
         assert publish_and_check(producer) == nbytes  # nothing held yet: the whole version
         _train(producer, backbone=False, seed=1)
         moved = publish_and_check(producer)
@@ -71,7 +78,7 @@ def test_the_standby_copy_takes_what_changed_since_the_version_it_holds(model_na
     """The staging buffer holds the last version and the standby copy the one before: a head-only
     change after a backbone change moves one block, but the standby needs the backbone too."""
     producer = _frozen_backbone_and_head()
-    with _following(model_name) as (_, _, _, publish_and_check):
+    with _following(model_name, skip_unchanged_frozen=True) as (_, _, _, publish_and_check):
         publish_and_check(producer)
         _train(producer, backbone=True, seed=1)
         publish_and_check(producer)
@@ -92,6 +99,57 @@ def test_weights_written_in_place_by_the_serving_code_are_copied_again(model_nam
             served[0].weight.add_(1.0)
         for seed in (2, 3):  # the changed copy is the standby at the second of these
             _train(producer, backbone=False, seed=seed)
+            publish_and_check(producer)
+
+
+def test_a_frozen_tensor_is_copied_only_when_torch_saw_it_change() -> None:
+    model = _frozen_backbone_and_head()
+    state = model.state_dict(keep_vars=True)
+    layout, buffer = Layout.for_state_dict(state), allocate_buffer(Layout.for_state_dict(state).nbytes)
+    frozen = frozenset({"0.weight", "0.bias"})
+    first = fill_buffer(layout, state, buffer, frozen=frozen)
+    assert sum(end - start for start, end in first.written) == layout.nbytes
+    _train(model, backbone=False, seed=1)
+    second = fill_buffer(layout, state, buffer, frozen=frozen, before=first)
+    head = {(spec.offset, spec.offset + spec.nbytes) for spec in layout.unique_tensors() if spec.name.startswith("2.")}
+    assert set(second.written) == head
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # an in-place write: its version counter moves
+    third = fill_buffer(layout, state, buffer, frozen=frozen, before=second)
+    bias = next(spec for spec in layout.unique_tensors() if spec.name == "0.bias")
+    assert (bias.offset, bias.offset + bias.nbytes) in third.written
+    assert torch.equal(layout.views(buffer)["0.bias"], model[0].bias)
+
+
+def test_versions_with_a_frozen_part_reach_the_file_system_with_their_digest(model_name, pfs_root) -> None:
+    """The producer digests only the blocks a fill wrote: each version read back from the file
+    system, where the whole digest is checked, is bit-exact, the frozen part changed in place too."""
+    producer = _frozen_backbone_and_head()
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, pfs_root, hmac_key=b"k" * 32, keep_every_version=True,
+                        dram_versions=1, skip_unchanged_frozen=True) as publisher:
+        expected = {}
+        for seed in range(1, 6):
+            _train(producer, backbone=False, seed=seed)
+            if seed == 4:
+                with torch.no_grad():
+                    producer[0].weight.mul_(2.0)
+            expected[publisher.publish(producer)] = {k: v.clone() for k, v in producer.state_dict().items()}
+        assert publisher.flush(WAIT_S)
+    tier = FileSystemTier(pfs_root)
+    for version, weights in expected.items():
+        notice = tier.read_manifest(model_name, version, b"k" * 32)
+        buffer = allocate_buffer(notice.nbytes)
+        tier.read_into(notice, buffer, key=b"k" * 32)
+        assert_same_weights(weights, notice.layout.views(buffer))
+
+
+def test_by_default_frozen_weights_written_where_torch_does_not_see_it_are_published(model_name) -> None:
+    """A write through `.data` (PEFT's adapter merge writes so) moves no version counter: by
+    default every tensor is copied every time, so every version carries it."""
+    producer = _frozen_backbone_and_head()
+    with _following(model_name) as (_, _, _, publish_and_check):
+        for seed in range(1, 5):  # through every slot of the pool
+            producer[0].weight.data.add_(float(seed))
             publish_and_check(producer)
 
 

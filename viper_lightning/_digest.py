@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 __all__ = ["KEYED", "PLAIN", "BLOCK_BYTES", "Digester", "algorithm", "block_count", "digest_buffer",
-           "digest_of_blocks", "leaf_bytes", "leaf_of", "mismatch"]
+           "digest_of_blocks", "digest_reusing", "leaf_bytes", "leaf_of", "mismatch"]
 
 PLAIN = "xxh3_128_blocks"
 KEYED = "blake3_keyed_blocks"
@@ -91,6 +91,25 @@ def digest_of_blocks(blocks: bytes, key: bytes | None = None) -> str:
     if key is None:
         return f"{PLAIN}:{xxhash.xxh3_128_hexdigest(blocks)}"
     return f"{KEYED}:{blake3.blake3(blocks, key=_derived(key, _ROOT_CONTEXT)).hexdigest()}"
+
+
+def digest_reusing(buffer: torch.Tensor | memoryview | bytes, key: bytes | None, before: bytes,
+                   written: tuple[tuple[int, int], ...]) -> tuple[str, bytes]:
+    """The digest and block map of `buffer`, hashing only the blocks that the (start, end) spans
+    `written` touch: the others' leaves are taken from `before`, the block map of what the
+    buffer held before those writes (a map of another size: every block is hashed)."""
+    view = memoryview(_as_bytes_view(buffer)).cast("B")
+    count, size = block_count(len(view)), leaf_bytes(key)
+    if len(before) != count * size:
+        digester = Digester(key)
+        digester.update(view)
+        return digester.hexdigest(), digester.blocks()
+    dirty = {index for start, end in written if end > start
+             for index in range(start // BLOCK_BYTES, (end - 1) // BLOCK_BYTES + 1)}
+    leaves = bytearray(before)
+    for index in sorted(dirty):
+        leaves[index * size:(index + 1) * size] = leaf_of(view[index * BLOCK_BYTES:(index + 1) * BLOCK_BYTES], key)
+    return digest_of_blocks(bytes(leaves), key), bytes(leaves)
 
 
 def leaf_of(block: memoryview | bytes | torch.Tensor, key: bytes | None = None, *, threads: int = 1) -> bytes:

@@ -63,6 +63,8 @@ class ViperCallback(Callback):
         background_niceness: how far below training's CPU priority the publisher's file-system
             writer runs (Linux nice values, 0 to 19; default 0; see ModelPublisher for what it
             does and what it measured).
+        skip_unchanged_frozen: copy (and digest) a frozen parameter (requires_grad=False) only
+            when torch saw it change; off by default (see ModelPublisher for why).
         together: replicas subscribed with `together=True` swap to each version at once, on a
             signed switch sent when they are ready (see ModelPublisher).
         together_quorum: ready replicas that suffice for a switch (None: those of the last one).
@@ -89,6 +91,7 @@ class ViperCallback(Callback):
         allow_keyless: bool = False,
         keep_every_version: bool = False,
         background_niceness: int = BACKGROUND_NICENESS,
+        skip_unchanged_frozen: bool = False,
         together: bool = False,
         together_quorum: int | None = None,
         together_deadline: float = DEFAULT_TOGETHER_DEADLINE_S,
@@ -100,8 +103,9 @@ class ViperCallback(Callback):
             gpu_device=None if gpu_device == "auto" else gpu_device, fetch_endpoint=fetch_endpoint,
             collective_endpoint=collective_endpoint, keep_versions=keep_versions,
             heartbeat_interval=heartbeat_interval, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
-            keep_every_version=keep_every_version, background_niceness=background_niceness, together=together,
-            together_quorum=together_quorum, together_deadline=together_deadline)
+            keep_every_version=keep_every_version, background_niceness=background_niceness,
+            skip_unchanged_frozen=skip_unchanged_frozen, together=together, together_quorum=together_quorum,
+            together_deadline=together_deadline)
         self._auto_gpu = gpu_device == "auto"
         self.schedule = schedule if schedule is not None else EveryNSteps(100)
         if not isinstance(self.schedule, PublishSchedule):

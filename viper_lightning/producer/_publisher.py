@@ -101,6 +101,12 @@ class ModelPublisher:
             in others, and a model whose steps leave no idle core may see publishes skipped
             while a flush waits (see viper_lightning._priority). Threads that a publish may
             wait for (the slot warmer, the GPU tier's copy down) always run at training's.
+        skip_unchanged_frozen: copy a parameter with requires_grad=False into a reused snapshot
+            slot, and digest it, only when torch saw it change since that slot took it (its
+            storage or version counter moved): a frozen backbone or base model then costs its
+            bytes once, not at every publish. Off by default: a write torch does not see
+            (through `.data`, as PEFT's adapter merge does, or numpy) would not be published.
+            Turn it on for training with frozen parts when nothing writes them that way.
         together: replicas that subscribe with `together=True` switch to each version at once:
             each loads it into standby and reports ready, and a signed switch goes out on the
             notice socket once the replicas waited for are ready (see `together_quorum`).
@@ -131,6 +137,7 @@ class ModelPublisher:
         allow_keyless: bool = False,
         keep_every_version: bool = False,
         background_niceness: int = BACKGROUND_NICENESS,
+        skip_unchanged_frozen: bool = False,
         together: bool = False,
         together_quorum: int | None = None,
         together_deadline: float = DEFAULT_TOGETHER_DEADLINE_S,
@@ -140,8 +147,9 @@ class ModelPublisher:
             gpu_device=gpu_device, fetch_endpoint=fetch_endpoint, collective_endpoint=collective_endpoint,
             keep_versions=keep_versions, heartbeat_interval=heartbeat_interval, flush_delay=flush_delay,
             resume_after=resume_after, host_id=host_id, on_tier_error=on_tier_error, allow_keyless=allow_keyless,
-            keep_every_version=keep_every_version, background_niceness=background_niceness, together=together,
-            together_quorum=together_quorum, together_deadline=together_deadline)
+            keep_every_version=keep_every_version, background_niceness=background_niceness,
+            skip_unchanged_frozen=skip_unchanged_frozen, together=together, together_quorum=together_quorum,
+            together_deadline=together_deadline)
         self.model_name = model_name
         key = _key_for(self.settings)
         host = host_id or socket.gethostname()
@@ -288,6 +296,9 @@ class ModelPublisher:
         if self._closed:
             raise ViperError(f"publisher of {self.model_name!r} is closed; create a new ModelPublisher")
         state_dict = _state_dict_of(module_or_state_dict)
+        frozen = frozenset(name for name, tensor in state_dict.items()
+                           if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad) \
+            if self.settings.skip_unchanged_frozen else frozenset()
         created_at = time.time()  # latencies are measured from the publish call
         started = time.perf_counter()
         record = VersionRecord(Layout.for_state_dict(state_dict), step, epoch, created_at)
@@ -296,8 +307,8 @@ class ModelPublisher:
             if version is not None:
                 return version
         waits = wait_for_slot or self.settings.keep_every_version
-        slot = self._store.capture(record.layout, state_dict) if waits \
-            else self._store.try_capture(record.layout, state_dict)
+        slot = self._store.capture(record.layout, state_dict, frozen=frozen) if waits \
+            else self._store.try_capture(record.layout, state_dict, frozen=frozen)
         if slot is None:
             self._skipped_publishes += 1
             log.log(logging.WARNING if self._skipped_publishes in (1, 10, 100, 1000) else logging.INFO,
@@ -418,7 +429,7 @@ def _remove_temporaries(pfs: FileSystemTier, model: str) -> None:
 
 def _state_dict_of(source: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     if isinstance(source, torch.nn.Module):
-        return source.state_dict()
+        return source.state_dict(keep_vars=True)  # parameters as such: requires_grad says which are frozen
     if isinstance(source, Mapping):
         return source
     raise ConfigurationError(

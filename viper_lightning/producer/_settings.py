@@ -47,6 +47,7 @@ class PublisherSettings:
     allow_keyless: bool = False
     keep_every_version: bool = False
     background_niceness: int = BACKGROUND_NICENESS
+    skip_unchanged_frozen: bool = False
     together: bool = False
     together_quorum: int | None = None
     together_deadline: float = DEFAULT_TOGETHER_DEADLINE_S
@@ -83,7 +84,7 @@ class PublisherSettings:
         if not (_is_number(self.together_deadline) and 0 < self.together_deadline <= 3600):
             raise ConfigurationError(f"together_deadline={self.together_deadline!r}: use seconds in (0, 3600], "
                                      "e.g. 10")
-        for name in ("allow_keyless", "keep_every_version", "together"):
+        for name in ("allow_keyless", "keep_every_version", "skip_unchanged_frozen", "together"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"{name}={getattr(self, name)!r}: use True or False (a string such as "
                                          "'false' would be taken as true)")

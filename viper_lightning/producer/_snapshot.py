@@ -3,19 +3,26 @@
 The copy is the only thing the training loop waits for, so buffers are allocated once and
 reused: a copy into fresh memory is many times slower than into warm memory, because every page
 faults on first touch (benchmarks/results has the figures).
+
+A frozen parameter (requires_grad=False: a backbone under a trained head, a model under its
+adapters) is copied into a reused buffer only when it changed since that buffer last took it:
+torch moves a tensor's version counter on every in-place write, and its storage on every
+reassignment, so a frozen parameter whose storage and counter are where they were holds the
+bytes the buffer already has. A write that torch does not see (through `.data`, or numpy) would
+go unnoticed, so the publisher does this only with `skip_unchanged_frozen=True`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .._buffers import copy_tensor, ensure_capacity
 from .._layout import Layout
 
-__all__ = ["Snapshot", "take_snapshot", "fill_buffer"]
+__all__ = ["Snapshot", "Filled", "take_snapshot", "fill_buffer", "frozen_names"]
 
 
 @dataclass
@@ -43,9 +50,37 @@ def take_snapshot(state_dict: Mapping[str, torch.Tensor], buffer: torch.Tensor |
     return Snapshot(layout, buffer)
 
 
-def fill_buffer(layout: Layout, state_dict: Mapping[str, torch.Tensor], buffer: torch.Tensor) -> None:
-    """Copy each distinct tensor once into its place in `buffer` (tied names share one copy)."""
+@dataclass(frozen=True)
+class Filled:
+    """What a fill left in a buffer: its layout, the frozen tensors' marks (storage, version
+    counter) as copied, and the byte spans this fill wrote (the rest the buffer held before)."""
+
+    layout: Layout
+    marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    written: tuple[tuple[int, int], ...] = ()
+
+
+def fill_buffer(layout: Layout, state_dict: Mapping[str, torch.Tensor], buffer: torch.Tensor, *,
+                frozen: frozenset[str] = frozenset(), before: Filled | None = None) -> Filled:
+    """Copy each distinct tensor once into its place in `buffer` (tied names share one copy),
+    but a `frozen` one that `before` (what the buffer holds) shows unchanged (see the module doc)."""
     views = layout.views(buffer)
+    held = before.marks if before is not None and before.layout == layout else {}
+    marks, written = {}, []
     with torch.no_grad():
         for spec in layout.unique_tensors():
-            copy_tensor(views[spec.name], state_dict[spec.name])
+            tensor = state_dict[spec.name]
+            if spec.name in frozen:
+                marks[spec.name] = (tensor.data_ptr(), tensor._version)
+                if held.get(spec.name) == marks[spec.name]:
+                    continue
+            copy_tensor(views[spec.name], tensor)
+            if spec.nbytes:
+                written.append((spec.offset, spec.offset + spec.nbytes))
+    return Filled(layout, marks, tuple(written))
+
+
+def frozen_names(module: torch.nn.Module) -> frozenset[str]:
+    """The state_dict names of `module`'s parameters that do not require grad."""
+    frozen = {id(parameter) for parameter in module.parameters() if not parameter.requires_grad}
+    return frozenset(name for name, tensor in module.state_dict(keep_vars=True).items() if id(tensor) in frozen)

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .._buffers import allocate_buffer
-from .._digest import Digester
+from .._digest import Digester, digest_reusing
 from .._errors import ConfigurationError, StorageError, TransferError
 from .._layout import Layout
 from ..storage._shm import SHM_DIR, Segment, reclaim_stale_segments, segment_prefix
 from ..transport._protocol import Location
-from ._snapshot import fill_buffer
+from ._snapshot import Filled, fill_buffer
 
 __all__ = ["TieredStore", "HostCopy"]
 
@@ -59,6 +59,10 @@ _NAME_TRIES = 16  # segment names tried when another user's files squat them
 class _Slot:
     buffer: torch.Tensor
     segment: Segment | None = None
+    filled: Filled | None = None  # what the last fill left (None: unknown, such as a GPU tier's download)
+    blocks: bytes | None = None  # the block map of what it holds, once a digest computed it
+    # the block map of what it held before the last fill, and the spans that fill wrote over it
+    before: tuple[bytes, tuple[tuple[int, int], ...]] | None = None
 
     @property
     def capacity(self) -> int:
@@ -91,12 +95,18 @@ class HostCopy:
         return self._digest
 
     def digest(self) -> str:
-        """Computed once, by whichever thread needs it first (flusher or fetch server)."""
+        """Computed once, by whichever thread needs it first (flusher or fetch server): only
+        the blocks the slot's last fill wrote, when the block map of what it held before is
+        known (a frozen part not copied again is not digested again either)."""
         with self._digest_lock:
             if self._digest is None:
-                digester = Digester(self.digest_key)
-                digester.update(self.data)
-                self._blocks, self._digest = digester.blocks(), digester.hexdigest()
+                if self.slot.before is not None:
+                    self._digest, self._blocks = digest_reusing(self.data, self.digest_key, *self.slot.before)
+                else:
+                    digester = Digester(self.digest_key)
+                    digester.update(self.data)
+                    self._blocks, self._digest = digester.blocks(), digester.hexdigest()
+                self.slot.blocks = self._blocks
             return self._digest
 
     def blocks(self) -> bytes:
@@ -143,24 +153,26 @@ class TieredStore:
         return self.dram_versions > 0
 
     # -- the training thread ---------------------------------------------------------------
-    def capture(self, layout: Layout, state_dict: Mapping[str, torch.Tensor], timeout: float | None = None) -> _Slot:
+    def capture(self, layout: Layout, state_dict: Mapping[str, torch.Tensor], timeout: float | None = None, *,
+                frozen: frozenset[str] = frozenset()) -> _Slot:
         """Copy a state_dict laid out as `layout` into a free slot (the only work the training
-        loop waits for)."""
-        return self.capture_filled(layout.nbytes, lambda buffer: fill_buffer(layout, state_dict, buffer), timeout)
+        loop waits for); `frozen` tensors only if they changed since the slot took them."""
+        return self._fill(self._acquire(layout.nbytes, timeout), _filler(layout, state_dict, frozen))
 
     def capture_filled(self, nbytes: int, fill: Callable[[torch.Tensor], None], timeout: float | None = None) -> _Slot:
         """A free slot of at least `nbytes`, filled by `fill(buffer)` (the GPU tier's download);
         it waits for one, up to `timeout`: for background threads, not the training thread."""
-        return self._fill(self._acquire(nbytes, timeout), fill)
+        return self._fill(self._acquire(nbytes, timeout), lambda buffer, before: fill(buffer))
 
-    def try_capture(self, layout: Layout, state_dict: Mapping[str, torch.Tensor]) -> _Slot | None:
+    def try_capture(self, layout: Layout, state_dict: Mapping[str, torch.Tensor], *,
+                    frozen: frozenset[str] = frozenset()) -> _Slot | None:
         """`capture` for the training thread: into a warm slot (see `_take_warm`), or None when
         every slot is held and the pool may not grow. Only a pool without any slot makes one
         here, faults and all: the first publish, unless `prepare` ran before it."""
         slot = self._take_warm(layout.nbytes)
         if slot is None:
             return None
-        return self._fill(slot, lambda buffer: fill_buffer(layout, state_dict, buffer))
+        return self._fill(slot, _filler(layout, state_dict, frozen))
 
     def prepare(self, nbytes: int) -> None:
         """Make and fault in slots of `nbytes`, up to the pool's ready size, in the background,
@@ -168,14 +180,22 @@ class TieredStore:
         with self._changed:
             self._warm_ahead(nbytes)
 
-    def _fill(self, slot: _Slot, fill: Callable[[torch.Tensor], None]) -> _Slot:
+    def _fill(self, slot: _Slot, fill: Callable[[torch.Tensor, Filled | None], Filled | None]) -> _Slot:
+        """Fill `slot` (`fill(buffer, what it holds)` returns what it left, None if unknown) and
+        keep what a digest of it may reuse (see HostCopy.digest)."""
+        before, blocks = slot.filled, slot.blocks
+        slot.filled, slot.blocks, slot.before = None, None, None  # unknown until the fill is done
         try:
             if slot.segment is not None:
                 slot.segment.begin_write()
-            fill(slot.buffer)
+            filled = fill(slot.buffer, before)
         except BaseException:
             self._release(slot)
             raise
+        slot.filled = filled
+        if filled is not None and before is not None and blocks is not None \
+                and before.layout.nbytes == filled.layout.nbytes:
+            slot.before = (blocks, filled.written)
         return slot
 
     def release_slot(self, slot: _Slot) -> None:
@@ -453,6 +473,11 @@ class TieredStore:
         if slot.segment is not None:
             self._segments.discard(slot.segment)
             slot.segment.unlink()
+
+
+def _filler(layout: Layout, state_dict: Mapping[str, torch.Tensor],
+            frozen: frozenset[str]) -> Callable[[torch.Tensor, Filled | None], Filled]:
+    return lambda buffer, before: fill_buffer(layout, state_dict, buffer, frozen=frozen, before=before)
 
 
 def _unlink_segments(segments: set[Segment]) -> None:
