@@ -18,6 +18,7 @@ from viper_lightning import FileSystemTier, IntegrityError, ModelPublisher, Mode
 from viper_lightning._buffers import allocate_buffer
 from viper_lightning._digest import BLOCK_BYTES, digest_buffer, leaf_of
 from viper_lightning._layout import Layout
+from viper_lightning._marks import mark_of, unchanged
 from viper_lightning.producer._snapshot import fill_buffer
 from viper_lightning.transport._fetch import FetchClient
 
@@ -151,6 +152,79 @@ def test_by_default_frozen_weights_written_where_torch_does_not_see_it_are_publi
         for seed in range(1, 5):  # through every slot of the pool
             producer[0].weight.data.add_(float(seed))
             publish_and_check(producer)
+
+
+def test_a_mark_tells_other_storage_at_the_same_address_apart() -> None:
+    """An allocator hands a freed block out again: same address, version counter 0, other bytes."""
+    memory = bytearray(4096)
+    first = torch.frombuffer(memory, dtype=torch.uint8)
+    mark = mark_of(first)
+    assert unchanged(mark, first)
+    del first
+    second = torch.frombuffer(memory, dtype=torch.uint8)  # another storage over the same address
+    assert (second.data_ptr(), second._version) == (mark.address, mark.version)
+    assert not unchanged(mark, second)
+    second.add_(1)
+    assert not unchanged(mark_of(torch.zeros(1)), second)
+    with torch.inference_mode():
+        assert mark_of(torch.zeros(1)) is None
+
+
+def test_frozen_weights_reassigned_to_recycled_memory_are_published(model_name) -> None:
+    """load_state_dict(assign=True) gives a frozen parameter new storage at version 0, often at an
+    address the allocator had handed out before: a mark by address and version alone would take
+    it for unchanged."""
+    producer = _frozen_backbone_and_head()
+    generator = torch.Generator().manual_seed(7)
+    with _following(model_name, skip_unchanged_frozen=True) as (_, _, _, publish_and_check):
+        for _ in range(6):
+            producer[0].load_state_dict({"weight": torch.randn(1024, 1024, generator=generator),
+                                         "bias": torch.randn(1024, generator=generator)}, assign=True)
+            producer[0].requires_grad_(False)
+            publish_and_check(producer)
+
+
+def test_tied_weights_are_patched_in_every_name_that_views_them(model_name) -> None:
+    """The producer ties two names to one tensor (one region of its layout); a consumer that does
+    not tie them gets that region's changed bytes in both."""
+    def pair() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(1024, 1024, bias=False), torch.nn.Linear(1024, 1024),
+                                   torch.nn.Linear(1024, 1024, bias=False))
+
+    producer, served_model = pair(), pair()
+    producer[2].weight = producer[0].weight
+    events = Events()
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=b"k" * 32) as publisher, \
+            ModelSubscriber(served_model, model_name, publisher.endpoint, hmac_key=b"k" * 32, routes=["dram-zmq"],
+                            load_latest=False, on_update=events.on_update) as subscriber:
+        for version, changed in enumerate([None, producer[0], producer[1], producer[0]], start=1):
+            if changed is not None:
+                with torch.no_grad():
+                    changed.weight.add_(1.0)
+            assert publisher.publish(producer) == version
+            assert subscriber.wait_for_version(version, WAIT_S)
+            with subscriber.serving() as served:
+                assert_same_weights(producer, served)
+            moved = [u.moved_bytes for u in events.wait_for_updates(version)][-1]
+            assert version == 1 or moved <= 5 << 20, f"one 4 MB tensor changed, {moved} bytes moved"
+
+
+def test_a_model_made_under_inference_mode_takes_every_update(model_name) -> None:
+    """Inference tensors keep no version counter: the standby they make is loaded whole."""
+    with torch.inference_mode():
+        served_model = _frozen_backbone_and_head()
+    producer = _frozen_backbone_and_head()
+    events = Events()
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=b"k" * 32) as publisher, \
+            ModelSubscriber(served_model, model_name, publisher.endpoint, hmac_key=b"k" * 32, routes=["dram-zmq"],
+                            load_latest=False, on_update=events.on_update) as subscriber:
+        for seed in range(1, 5):
+            _train(producer, backbone=seed % 2 == 0, seed=seed)
+            version = publisher.publish(producer)
+            assert subscriber.wait_for_version(version, WAIT_S), subscriber.stats.refusals
+            with subscriber.serving() as served:
+                assert_same_weights(producer, served)
 
 
 class _ForgingServer:

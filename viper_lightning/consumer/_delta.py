@@ -9,7 +9,7 @@ versions gains as well: the map is compared with whatever version it holds.
 
 The standby model is patched the same way: only the bytes of the changed blocks are copied into
 its tensors, when it holds a version whose block map is known and nothing has written its
-tensors since (their storage and torch's version counters are as this module left them). Any
+tensors since, as torch saw it (see `_marks`). Any
 other load into it (another route, a mapping) forgets what it held, and then every tensor is
 copied. Frozen tensors, a backbone under a trained head, a model under its adapters: after the
 first version they cost nothing.
@@ -30,6 +30,7 @@ from .._buffers import copy_tensor
 from .._digest import BLOCK_BYTES, block_count
 from .._errors import IntegrityError
 from .._layout import Layout
+from .._marks import Mark, mark_of, unchanged
 from ..transport._fetch import FetchClient
 from ..transport._protocol import Location, Notice
 from ._routes import Loaded, load_tensors
@@ -43,7 +44,12 @@ class _Held:
 
     blocks: bytes
     layout: Layout
-    marks: tuple[tuple[int, int], ...]
+    marks: dict[str, Mark | None]
+
+    def untouched(self, model: torch.nn.Module) -> bool:
+        tensors = model.state_dict(keep_vars=True)
+        return tensors.keys() == self.marks.keys() and all(unchanged(self.marks[name], tensor)
+                                                           for name, tensor in tensors.items())
 
 
 class DeltaLoads:
@@ -80,17 +86,16 @@ class DeltaLoads:
 
     def _patch(self, standby: torch.nn.Module, notice: Notice, staging: torch.Tensor, blocks: bytes) -> None:
         held = self._standbys.pop(standby, None)
-        if (held is not None and held.layout == notice.layout and len(held.blocks) == len(blocks)
-                and held.marks == _marks(standby)):
+        if held is not None and held.layout == notice.layout and len(held.blocks) == len(blocks) \
+                and held.untouched(standby):
             _copy_changed(standby, notice.layout, staging, _changed_spans(notice.layout.nbytes, held.blocks, blocks))
         else:
             load_tensors(standby, notice.layout.views(staging))
         self._standbys[standby] = _Held(blocks, notice.layout, _marks(standby))
 
 
-def _marks(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
-    """Each tensor's storage and version counter: both move when anything writes it through torch."""
-    return tuple((tensor.data_ptr(), tensor._version) for tensor in model.state_dict(keep_vars=True).values())
+def _marks(model: torch.nn.Module) -> dict[str, Mark | None]:
+    return {name: mark_of(tensor) for name, tensor in model.state_dict(keep_vars=True).items()}
 
 
 def _changed_spans(nbytes: int, before: bytes, after: bytes) -> list[tuple[int, int]]:
@@ -118,10 +123,12 @@ def _copy_changed(model: torch.nn.Module, layout: Layout, staging: torch.Tensor,
         for name, target in model.state_dict(keep_vars=True).items():
             spec = specs[name]
             first, end = spec.offset, spec.offset + spec.nbytes
-            inside = [(max(start, first), min(stop, end)) for start, stop in spans if start < end and stop > first]
-            if id(target) in done or not inside:
+            if id(target) in done:  # tied here: written once, from the first name, as a whole load does
                 continue
             done.add(id(target))
+            inside = [(max(start, first), min(stop, end)) for start, stop in spans if start < end and stop > first]
+            if not inside:
+                continue
             if not target.is_contiguous():
                 copy_tensor(target, views[name])
                 continue

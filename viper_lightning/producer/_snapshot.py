@@ -5,11 +5,11 @@ reused: a copy into fresh memory is many times slower than into warm memory, bec
 faults on first touch (benchmarks/results has the figures).
 
 A frozen parameter (requires_grad=False: a backbone under a trained head, a model under its
-adapters) is copied into a reused buffer only when it changed since that buffer last took it:
-torch moves a tensor's version counter on every in-place write, and its storage on every
-reassignment, so a frozen parameter whose storage and counter are where they were holds the
-bytes the buffer already has. A write that torch does not see (through `.data`, or numpy) would
-go unnoticed, so the publisher does this only with `skip_unchanged_frozen=True`.
+adapters) is copied into a reused buffer only when it changed since that buffer last took it, as
+torch saw it (see `_marks`). A write that torch does not see (through `.data`, numpy, or a
+collective writing into it) would go unnoticed, so the publisher does this only with
+`skip_unchanged_frozen=True`, and only for a module (a plain mapping's tensors are not
+parameters).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 
 from .._buffers import copy_tensor, ensure_capacity
 from .._layout import Layout
+from .._marks import Mark, mark_of, unchanged
 
-__all__ = ["Snapshot", "Filled", "take_snapshot", "fill_buffer", "frozen_names"]
+__all__ = ["Snapshot", "Filled", "take_snapshot", "fill_buffer"]
 
 
 @dataclass
@@ -52,11 +53,11 @@ def take_snapshot(state_dict: Mapping[str, torch.Tensor], buffer: torch.Tensor |
 
 @dataclass(frozen=True)
 class Filled:
-    """What a fill left in a buffer: its layout, the frozen tensors' marks (storage, version
-    counter) as copied, and the byte spans this fill wrote (the rest the buffer held before)."""
+    """What a fill left in a buffer: its layout, the frozen tensors' marks (see `_marks`) as
+    copied, and the byte spans this fill wrote (the rest the buffer held before)."""
 
     layout: Layout
-    marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    marks: dict[str, Mark | None] = field(default_factory=dict)
     written: tuple[tuple[int, int], ...] = ()
 
 
@@ -71,16 +72,11 @@ def fill_buffer(layout: Layout, state_dict: Mapping[str, torch.Tensor], buffer: 
         for spec in layout.unique_tensors():
             tensor = state_dict[spec.name]
             if spec.name in frozen:
-                marks[spec.name] = (tensor.data_ptr(), tensor._version)
-                if held.get(spec.name) == marks[spec.name]:
+                if unchanged(held.get(spec.name), tensor):
+                    marks[spec.name] = held[spec.name]
                     continue
+                marks[spec.name] = mark_of(tensor)
             copy_tensor(views[spec.name], tensor)
             if spec.nbytes:
                 written.append((spec.offset, spec.offset + spec.nbytes))
     return Filled(layout, marks, tuple(written))
-
-
-def frozen_names(module: torch.nn.Module) -> frozenset[str]:
-    """The state_dict names of `module`'s parameters that do not require grad."""
-    frozen = {id(parameter) for parameter in module.parameters() if not parameter.requires_grad}
-    return frozenset(name for name, tensor in module.state_dict(keep_vars=True).items() if id(tensor) in frozen)

@@ -63,6 +63,7 @@ class _Slot:
     blocks: bytes | None = None  # the block map of what it holds, once a digest computed it
     # the block map of what it held before the last fill, and the spans that fill wrote over it
     before: tuple[bytes, tuple[tuple[int, int], ...]] | None = None
+    fills: int = 0  # how many fills it took: a host copy's digest describes the slot only for its own
 
     @property
     def capacity(self) -> int:
@@ -83,6 +84,7 @@ class HostCopy:
     digest_key: bytes | None = field(default=None, repr=False)  # keyed BLAKE3 when set
     _digest: str | None = None
     _blocks: bytes | None = field(default=None, repr=False)  # the block map, with the digest
+    fill: int = 0  # the slot's fill that holds this version (see _Slot.fills)
     _digest_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -100,13 +102,16 @@ class HostCopy:
         known (a frozen part not copied again is not digested again either)."""
         with self._digest_lock:
             if self._digest is None:
-                if self.slot.before is not None:
-                    self._digest, self._blocks = digest_reusing(self.data, self.digest_key, *self.slot.before)
+                ours = self.slot.fills == self.fill  # else evicted and refilled: the slot's state is another's
+                before = self.slot.before if ours else None
+                if before is not None:
+                    self._digest, self._blocks = digest_reusing(self.data, self.digest_key, *before)
                 else:
                     digester = Digester(self.digest_key)
                     digester.update(self.data)
                     self._blocks, self._digest = digester.blocks(), digester.hexdigest()
-                self.slot.blocks = self._blocks
+                if ours and self.slot.fills == self.fill:
+                    self.slot.blocks = self._blocks
             return self._digest
 
     def blocks(self) -> bytes:
@@ -185,6 +190,7 @@ class TieredStore:
         keep what a digest of it may reuse (see HostCopy.digest)."""
         before, blocks = slot.filled, slot.blocks
         slot.filled, slot.blocks, slot.before = None, None, None  # unknown until the fill is done
+        slot.fills += 1
         try:
             if slot.segment is not None:
                 slot.segment.begin_write()
@@ -208,7 +214,7 @@ class TieredStore:
         if slot.segment is not None:
             slot.segment.publish(version, layout.nbytes, f"{segment_prefix(self.model)}v{version}")
         held = HostCopy(version, layout, slot, borrowers=1 if borrowed else 0, flushing=borrowed,
-                        digest_key=self._digest_key)
+                        digest_key=self._digest_key, fill=slot.fills)
         with self._changed:
             self._held.append(held)
             self._evict_surplus()

@@ -180,9 +180,9 @@ def _write_direct(out: BinaryIO, path: str, view: memoryview) -> bool:
     middle = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
     if (address_of(view) + head) % DIRECT_ALIGN or middle <= 0:
         return False  # memory and file offsets disagree within a block: see the module doc
-    try:
-        direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:  # this file system has no direct I/O (tmpfs): EINVAL
+    try:  # the same file as `out` (through its descriptor: a path could be swapped meanwhile)
+        direct = os.open(f"/proc/self/fd/{out.fileno()}", os.O_WRONLY | os.O_DIRECT)
+    except OSError:  # this file system has no direct I/O (tmpfs: EINVAL), or no /proc
         return False
     try:
         out.write(view[:head])
@@ -196,9 +196,9 @@ def _write_direct(out: BinaryIO, path: str, view: memoryview) -> bool:
                 if exc.errno != errno.EINVAL:  # a full disk, an I/O error: the caller's to report
                     raise
                 break  # this device refuses the alignment: the rest goes buffered
-            done += written
-            if written % DIRECT_ALIGN:
-                break  # a short write off the alignment: the rest goes buffered
+            done += max(written, 0)
+            if written <= 0 or written % DIRECT_ALIGN:
+                break  # nothing written, or a short write off the alignment: the rest goes buffered
     finally:
         os.close(direct)
     out.seek(start + done)

@@ -40,12 +40,12 @@ from typing import NamedTuple
 import torch
 import zmq
 
-from .._digest import (ALL_THREADS, BLOCK_BYTES, Digester, block_count, digest_of_blocks, leaf_bytes, leaf_of,
-                       mismatch)
+from .._digest import (ALL_THREADS, BLOCK_BYTES, Digester, algorithm, block_count, digest_of_blocks, leaf_bytes,
+                       leaf_of, mismatch)
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
 from ._loans import IpcLoan, Lender, MemoryLoan
 from ._messages import count, load_object, raise_for_answer, refusal
-from ._protocol import check_proto, sign, signed_request, verify_mac
+from ._protocol import MAX_NOTICE_BYTES, check_proto, sign, signed_request, verify_mac
 from ._reports import ReadyBoard, ReportBox, parse_ready, parse_report
 
 __all__ = ["FetchServer", "FetchClient", "Fetched", "CHUNK_BYTES", "LEASE_S"]
@@ -59,6 +59,7 @@ LEASE_S = 30.0  # how long a CUDA IPC import may take before the producer reuses
 MAX_LEASES = 64
 MAX_READS_PER_PEER = 2 * WINDOW  # chunk reads one peer may have queued and unsent
 MAX_REQUEST_BYTES = 1 << 20  # the server socket's MAXMSGSIZE: requests are small
+_FRAME_MARGIN = 1 << 16  # over the largest payload a frame carries: its JSON header
 
 
 class FetchServer:
@@ -301,7 +302,7 @@ class FetchClient:
         differ are read, each checked against the version's block map, itself checked against
         the version's signed digest. Without one, or when the maps cannot be compared (another
         size), the whole version is streamed."""
-        with self._dealer() as socket:
+        with self._dealer(block_count(nbytes) * leaf_bytes(self._key)) as socket:
             if held is None:
                 return self._stream(socket, version, buffer, nbytes)
             try:
@@ -336,6 +337,10 @@ class FetchClient:
         """The version's open answer and its block map, checked against the answer's digest."""
         answer = self._ask(socket, {"op": "blocks", "version": version})
         self._check_answer(answer, version, nbytes)
+        ours = algorithm(self._key)
+        if str(answer.get("digest")).partition(":")[0] != ours:  # another key setting: say so, not "size"
+            raise IntegrityError(f"the block map of version {version} from {self._endpoint}: "
+                                 f"{mismatch(answer.get('digest'), ours + ':')}")
         if not socket.getsockopt(zmq.RCVMORE):
             raise ProtocolError(f"{self._endpoint} answered the block map of version {version} without the map")
         blocks = self._recv(socket, "the block map")
@@ -430,11 +435,14 @@ class FetchClient:
         if got != len(target):
             raise TransferError(f"chunk at byte {offset} of version {version} has {got} bytes, expected {len(target)}")
 
-    def _dealer(self) -> zmq.Socket:
-        """A socket of this fetch alone (use it in a with block: it is closed at the end)."""
+    def _dealer(self, largest: int = 0) -> zmq.Socket:
+        """A socket of this fetch alone (use it in a with block: it is closed at the end). It takes
+        no frame over a chunk, a notice, or `largest` (zmq holds a whole message before any
+        check runs: a peer must not make this process hold more)."""
         socket = self._context.socket(zmq.DEALER)
         try:
             socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.MAXMSGSIZE, max(CHUNK_BYTES, MAX_NOTICE_BYTES, largest) + _FRAME_MARGIN)
             socket.connect(self._endpoint)
         except BaseException:
             socket.close(0)
