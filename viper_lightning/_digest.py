@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 __all__ = ["KEYED", "PLAIN", "BLOCK_BYTES", "Digester", "algorithm", "block_count", "digest_buffer",
-           "digest_of_blocks", "digest_reusing", "leaf_bytes", "leaf_of", "mismatch"]
+           "changed_spans", "digest_of_blocks", "digest_reusing", "leaf_bytes", "leaf_of", "mismatch"]
 
 PLAIN = "xxh3_128_blocks"
 KEYED = "blake3_keyed_blocks"
@@ -126,6 +126,22 @@ def leaf_bytes(key: bytes | None) -> int:
 
 def block_count(nbytes: int) -> int:
     return -(-nbytes // BLOCK_BYTES)
+
+
+def changed_spans(before: bytes, after: bytes, nbytes: int) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of the runs of blocks whose leaves differ between two block maps
+    of `nbytes` bytes (maps of the same size, so with the same key setting)."""
+    size = len(after) // max(1, block_count(nbytes))
+    spans: list[tuple[int, int]] = []
+    for index in range(block_count(nbytes)):
+        if before[index * size:(index + 1) * size] == after[index * size:(index + 1) * size]:
+            continue
+        start, end = index * BLOCK_BYTES, min((index + 1) * BLOCK_BYTES, nbytes)
+        if spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    return spans
 
 def mismatch(announced: str | None, actual: str) -> str | None:
     """Why the bytes digested to `actual` are not the ones announced, or None when they are."""

@@ -27,7 +27,7 @@ import torch
 import zmq
 
 from .._buffers import copy_tensor
-from .._digest import BLOCK_BYTES, block_count
+from .._digest import changed_spans
 from .._errors import IntegrityError
 from .._layout import Layout
 from .._marks import Mark, mark_of, unchanged
@@ -88,7 +88,7 @@ class DeltaLoads:
         held = self._standbys.pop(standby, None)
         if held is not None and held.layout == notice.layout and len(held.blocks) == len(blocks) \
                 and held.untouched(standby):
-            _copy_changed(standby, notice.layout, staging, _changed_spans(notice.layout.nbytes, held.blocks, blocks))
+            _copy_changed(standby, notice.layout, staging, changed_spans(held.blocks, blocks, notice.layout.nbytes))
         else:
             load_tensors(standby, notice.layout.views(staging))
         self._standbys[standby] = _Held(blocks, notice.layout, _marks(standby))
@@ -96,21 +96,6 @@ class DeltaLoads:
 
 def _marks(model: torch.nn.Module) -> dict[str, Mark | None]:
     return {name: mark_of(tensor) for name, tensor in model.state_dict(keep_vars=True).items()}
-
-
-def _changed_spans(nbytes: int, before: bytes, after: bytes) -> list[tuple[int, int]]:
-    """(start, end) byte ranges of the runs of blocks whose leaves differ between two maps."""
-    size = len(after) // max(1, block_count(nbytes))
-    spans: list[tuple[int, int]] = []
-    for index in range(block_count(nbytes)):
-        if before[index * size:(index + 1) * size] == after[index * size:(index + 1) * size]:
-            continue
-        start, end = index * BLOCK_BYTES, min((index + 1) * BLOCK_BYTES, nbytes)
-        if spans and spans[-1][1] == start:
-            spans[-1] = (spans[-1][0], end)
-        else:
-            spans.append((start, end))
-    return spans
 
 
 def _copy_changed(model: torch.nn.Module, layout: Layout, staging: torch.Tensor,

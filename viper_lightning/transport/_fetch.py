@@ -40,8 +40,8 @@ from typing import NamedTuple
 import torch
 import zmq
 
-from .._digest import (ALL_THREADS, BLOCK_BYTES, Digester, algorithm, block_count, digest_of_blocks, leaf_bytes,
-                       leaf_of, mismatch)
+from .._digest import (ALL_THREADS, BLOCK_BYTES, Digester, algorithm, block_count, changed_spans, digest_of_blocks,
+                       leaf_bytes, leaf_of, mismatch)
 from .._errors import ConfigurationError, IntegrityError, ProtocolError, TransferError
 from ._loans import IpcLoan, Lender, MemoryLoan
 from ._messages import count, load_object, raise_for_answer, refusal
@@ -314,9 +314,7 @@ class FetchClient:
             if len(held) != len(blocks):
                 return self._stream(socket, version, buffer, nbytes)
             size = leaf_bytes(self._key)
-            changed = [index for index in range(len(blocks) // size)
-                       if blocks[index * size:(index + 1) * size] != held[index * size:(index + 1) * size]]
-            spans = _spans_of_blocks(changed, nbytes)
+            spans = [(start, end - start) for start, end in changed_spans(held, blocks, nbytes)]
             target = memoryview(buffer[:nbytes].numpy()).cast("B")
             checked_s = 0.0
 
@@ -461,18 +459,6 @@ class FetchClient:
             raise TransferError(f"{self._endpoint} did not answer {what} within {self._timeout_ms / 1000:g} s "
                                 "(producer gone or overloaded)")
         return socket.recv()
-
-
-def _spans_of_blocks(indices: list[int], nbytes: int) -> list[tuple[int, int]]:
-    """(offset, length) of each run of consecutive blocks among `indices` (sorted)."""
-    spans: list[tuple[int, int]] = []
-    for index in indices:
-        start, end = index * BLOCK_BYTES, min((index + 1) * BLOCK_BYTES, nbytes)
-        if spans and spans[-1][0] + spans[-1][1] == start:
-            spans[-1] = (spans[-1][0], end - spans[-1][0])
-        else:
-            spans.append((start, end - start))
-    return spans
 
 
 def _load_answer(raw: bytes, version: int | None) -> dict:
