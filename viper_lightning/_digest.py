@@ -143,6 +143,7 @@ def changed_spans(before: bytes, after: bytes, nbytes: int) -> list[tuple[int, i
             spans.append((start, end))
     return spans
 
+
 def mismatch(announced: str | None, actual: str) -> str | None:
     """Why the bytes digested to `actual` are not the ones announced, or None when they are."""
     if announced == actual:
