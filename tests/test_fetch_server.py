@@ -29,6 +29,24 @@ def test_latest_op_answers_a_late_joiner(model_name) -> None:
         assert [loc.tier for loc in notice.locations] == ["dram", "dram"]
 
 
+def test_an_answer_of_another_producer_run_is_refused(model_name) -> None:
+    """The same model, version number and key from another run (replayed on the path, or a stale
+    producer still bound there) must not pass for the run the notice came from."""
+    with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY) as publisher:
+        version = publisher.publish(TinyNet())
+        notice = Notice.decode(FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, KEY,
+                                           WAIT_S).latest_notice(), KEY)
+        nbytes, buffer = notice.nbytes, torch.empty(notice.nbytes, dtype=torch.uint8)
+        ours = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, KEY, WAIT_S,
+                           producer=notice.producer)
+        assert ours.fetch_into(version, buffer, nbytes)[0].startswith("blake3_keyed_blocks:")
+        for held in (None, bytes(32)):  # the whole version, and the block map a delta starts with
+            other = FetchClient(zmq.Context.instance(), publisher.fetch_endpoint, model_name, KEY, WAIT_S,
+                                producer="elsewhere:1:00000000")
+            with pytest.raises(ProtocolError, match="another run's answer"):
+                other.fetch_changed_into(version, buffer, nbytes, held)
+
+
 def test_fetch_requests_without_the_key_are_refused(model_name) -> None:
     with ModelPublisher(model_name, LOOPBACK_ANY_PORT, hmac_key=KEY) as publisher:
         version = publisher.publish(TinyNet())

@@ -75,7 +75,7 @@ class DeltaLoads:
         held = self._staging_blocks if staging is self._staging else None
         self._staging, self._staging_blocks = staging, None  # unknown until the fetch is verified
         started = time.perf_counter()
-        client = FetchClient(context, location.address, notice.model, key, timeout)
+        client = FetchClient(context, location.address, notice.model, key, timeout, producer=notice.producer)
         fetched = client.fetch_changed_into(notice.version, staging, notice.nbytes, held)
         if notice.digest is not None and fetched.digest != notice.digest:
             raise IntegrityError(f"the producer served digest {fetched.digest} for version {notice.version}, "

@@ -75,7 +75,7 @@ def load_from_peer(context: zmq.Context, key: bytes | None, timeout: float, stag
                    notice: Notice, location: Location, standby: torch.nn.Module | None) -> Loaded:
     """Other host (or forced): stream from the producer's fetch endpoint, digest as it lands.
     With no `standby`, only into staging (a host copy, see _host_share)."""
-    client = FetchClient(context, location.address, notice.model, key, timeout)
+    client = FetchClient(context, location.address, notice.model, key, timeout, producer=notice.producer)
     return _load_streamed(client.fetch_into, notice, staging, standby)
 
 
@@ -95,7 +95,7 @@ def load_from_device(context: zmq.Context, key: bytes | None, timeout: float, no
     device. No digest (it runs on the host copy): a same-user lease, the signed description and
     notice vouch for it."""
     started = time.perf_counter()
-    client = FetchClient(context, location.address, notice.model, key, timeout)
+    client = FetchClient(context, location.address, notice.model, key, timeout, producer=notice.producer)
     with client.borrow_device_copy(notice.version, notice.nbytes) as description:
         shared = import_cuda_tensor(description)
         if shared.dtype != torch.uint8 or tuple(shared.shape) != (notice.nbytes,):

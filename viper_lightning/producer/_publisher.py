@@ -382,8 +382,8 @@ class ModelPublisher:
         return version
 
     def _start_fetch_server(self, endpoint: str, key: bytes | None, lender: MemoryLender) -> FetchServer:
-        server = FetchServer(self._context, endpoint, self.model_name, key, lender, reports=self._reports,
-                             ready=self._ready)
+        server = FetchServer(self._context, endpoint, self.model_name, key, lender, producer=self.producer_id,
+                             reports=self._reports, ready=self._ready)
         server.start()
         return server
 

@@ -70,7 +70,8 @@ class FetchServer:
 
     def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None, lender: Lender, *,
                  lease_s: float = LEASE_S, reports: ReportBox | None = None,
-                 ready: ReadyBoard | None = None) -> None:
+                 ready: ReadyBoard | None = None, producer: str | None = None) -> None:
+        self._producer = producer  # named in the answers that vouch for bytes (see FetchClient)
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -145,8 +146,9 @@ class FetchServer:
         loan = self._borrowed(peer, request)
         if loan is not None:
             try:
-                answer = {"status": "ok", "model": self._model, "version": _count(request, "version"),
-                          "nbytes": loan.data.numel(), "digest": loan.digest(), "chunk_bytes": CHUNK_BYTES}
+                answer = {"status": "ok", "model": self._model, "producer": self._producer,
+                          "version": _count(request, "version"), "nbytes": loan.data.numel(),
+                          "digest": loan.digest(), "chunk_bytes": CHUNK_BYTES}
                 if self._key is not None:  # the digest vouches for every byte that follows: sign it
                     answer["mac"] = sign(answer, self._key)
                 self._reply(peer, answer)
@@ -164,8 +166,8 @@ class FetchServer:
                 raise ProtocolError("the producer keeps no block map of this version; fetch it whole",
                                     code="no-blocks")
             blocks = loan.blocks()
-            answer = {"status": "ok", "model": self._model, "version": _count(request, "version"),
-                      "nbytes": loan.data.numel(), "digest": loan.digest()}
+            answer = {"status": "ok", "model": self._model, "producer": self._producer,
+                      "version": _count(request, "version"), "nbytes": loan.data.numel(), "digest": loan.digest()}
             if self._key is not None:
                 answer["mac"] = sign(answer, self._key)
             self._socket.send_multipart([peer, json.dumps(answer).encode(), blocks], zmq.NOBLOCK)
@@ -227,8 +229,8 @@ class FetchServer:
             return
         lease = os.urandom(8).hex()
         self._leases[lease] = (export, time.monotonic() + self._lease_s)
-        answer = {"status": "ok", "model": self._model, "version": version, "nbytes": export.nbytes,
-                  "ipc": export.description, "lease": lease, "lease_s": self._lease_s}
+        answer = {"status": "ok", "model": self._model, "producer": self._producer, "version": version,
+                  "nbytes": export.nbytes, "ipc": export.description, "lease": lease, "lease_s": self._lease_s}
         if self._key is not None:  # the description says which memory to read: sign it
             answer["mac"] = sign(answer, self._key)
         self._reply(peer, answer)
@@ -284,11 +286,17 @@ class Fetched(NamedTuple):
 
 
 class FetchClient:
-    """One fetch from one producer endpoint (a DEALER created and closed per fetch)."""
+    """One fetch from one producer endpoint (a DEALER created and closed per fetch).
+
+    `producer`: the producer run the notice came from. An answer that vouches for bytes names
+    its producer, signed, so an answer of another run of the same model (the same version
+    number, replayed by whoever sits on the path, or a stale producer still bound there) is
+    refused rather than taken for this run's."""
 
     def __init__(self, context: zmq.Context, endpoint: str, model: str, key: bytes | None,
-                 timeout: float) -> None:
+                 timeout: float, *, producer: str | None = None) -> None:
         self._context, self._endpoint, self._model, self._key = context, endpoint, model, key
+        self._producer = producer
         self._timeout_ms = int(timeout * 1000)
 
     def fetch_into(self, version: int, buffer: torch.Tensor, nbytes: int) -> tuple[str, float]:
@@ -383,6 +391,10 @@ class FetchClient:
         if answer.get("model") != self._model or answer.get("version") != version:
             raise ProtocolError(f"{self._endpoint} answered for {answer.get('model')!r} "
                                 f"v{answer.get('version')}, not {self._model!r} v{version}")
+        if self._producer is not None and answer.get("producer") != self._producer:
+            raise ProtocolError(f"{self._endpoint} answered for producer {answer.get('producer')!r}, but the notice "
+                                f"of version {version} came from {self._producer!r}: another run's answer "
+                                "(replayed, or a stale producer at this address); refused")
         if answer.get("nbytes") != nbytes:
             raise IntegrityError(f"producer serves {answer.get('nbytes')} bytes for version {version}, "
                                  f"the notice announced {nbytes}")
