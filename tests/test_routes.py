@@ -61,13 +61,14 @@ def test_vanished_segment_falls_back_to_the_next_route(model_name, pfs_root, eve
 class SilentProducer:
     """A fetch endpoint that answers 'open' and then dies: a producer lost mid-transfer."""
 
-    def __init__(self, context: zmq.Context, model: str, version: int, nbytes: int, digest: str) -> None:
+    def __init__(self, context: zmq.Context, model: str, version: int, nbytes: int, digest: str,
+                 producer: str) -> None:
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(LOOPBACK_ANY_PORT)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.answer = {"status": "ok", "model": model, "version": version, "nbytes": nbytes, "digest": digest,
-                       "chunk_bytes": 8388608}
+        self.answer = {"status": "ok", "model": model, "producer": producer, "version": version, "nbytes": nbytes,
+                       "digest": digest, "chunk_bytes": 8388608}
         self.answer["mac"] = sign(self.answer, KEY)
 
     def answer_open_then_die(self) -> None:
@@ -84,7 +85,7 @@ def test_producer_lost_mid_transfer_falls_back_to_files(model_name, pfs_root, zm
         version = publisher.publish(producer)
     tier = FileSystemTier(pfs_root)
     stored = tier.read_manifest(model_name, version, KEY)
-    silent = SilentProducer(zmq_context, model_name, version, stored.nbytes, stored.digest)
+    silent = SilentProducer(zmq_context, model_name, version, stored.nbytes, stored.digest, stored.producer)
     forged = ForgedProducer(zmq_context, topic=model_name.encode())
     notice = stored.with_locations((Location("dram", "other-host", silent.endpoint),
                                     Location("pfs", "host", tier.address(model_name, version))))
