@@ -93,14 +93,14 @@ def digest_of_blocks(blocks: bytes, key: bytes | None = None) -> str:
     return f"{KEYED}:{blake3.blake3(blocks, key=_derived(key, _ROOT_CONTEXT)).hexdigest()}"
 
 
-def digest_reusing(buffer: torch.Tensor | memoryview | bytes, key: bytes | None, before: bytes,
+def digest_reusing(buffer: torch.Tensor | memoryview | bytes, key: bytes | None, before: bytes | None,
                    written: tuple[tuple[int, int], ...]) -> tuple[str, bytes]:
     """The digest and block map of `buffer`, hashing only the blocks that the (start, end) spans
     `written` touch: the others' leaves are taken from `before`, the block map of what the
-    buffer held before those writes (a map of another size: every block is hashed)."""
+    buffer held before those writes (none, or a map of another size: every block is hashed)."""
     view = memoryview(_as_bytes_view(buffer)).cast("B")
     count, size = block_count(len(view)), leaf_bytes(key)
-    if len(before) != count * size:
+    if before is None or len(before) != count * size:
         digester = Digester(key)
         digester.update(view)
         return digester.hexdigest(), digester.blocks()

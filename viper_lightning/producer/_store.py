@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._buffers import allocate_buffer
-from .._digest import Digester, digest_reusing
+from .._digest import digest_reusing
 from .._errors import ConfigurationError, StorageError, TransferError
 from .._layout import Layout
 from ..storage._shm import SHM_DIR, Segment, reclaim_stale_segments, segment_prefix
@@ -103,14 +103,9 @@ class HostCopy:
         with self._digest_lock:
             if self._digest is None:
                 ours = self.slot.fills == self.fill  # else evicted and refilled: the slot's state is another's
-                before = self.slot.before if ours else None
-                if before is not None:
-                    self._digest, self._blocks = digest_reusing(self.data, self.digest_key, *before)
-                else:
-                    digester = Digester(self.digest_key)
-                    digester.update(self.data)
-                    self._blocks, self._digest = digester.blocks(), digester.hexdigest()
-                if ours and self.slot.fills == self.fill:
+                before, written = (self.slot.before if ours else None) or (None, ())
+                self._digest, self._blocks = digest_reusing(self.data, self.digest_key, before, written)
+                if self.slot.fills == self.fill:  # still ours once hashed: the map describes the slot
                     self.slot.blocks = self._blocks
             return self._digest
 

@@ -58,8 +58,8 @@ from .._errors import ConfigurationError, IntegrityError, ProtocolError, Transfe
 from ._loans import Lender, MemoryLoan
 from ._messages import count, first_line, is_count, load_object, raise_for_answer, refusal
 from ._protocol import PROTO, check_proto, consumer_name, sign, verify_mac
-from ._relay import (BROKEN_ROUND, JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round, stall_timeout,
-                     receive_and_forward, relay_role, spans, wait_for)
+from ._relay import (BROKEN_ROUND, JOIN_WINDOW_S, RELAY_CHUNK_BYTES, RELAY_WINDOW, RelayMember, RelayRole, gather_round,
+                     receive_and_forward, relay_role, spans, stall_timeout, wait_for)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

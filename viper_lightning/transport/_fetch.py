@@ -146,12 +146,8 @@ class FetchServer:
         loan = self._borrowed(peer, request)
         if loan is not None:
             try:
-                answer = {"status": "ok", "model": self._model, "producer": self._producer,
-                          "version": _count(request, "version"), "nbytes": loan.data.numel(),
-                          "digest": loan.digest(), "chunk_bytes": CHUNK_BYTES}
-                if self._key is not None:  # the digest vouches for every byte that follows: sign it
-                    answer["mac"] = sign(answer, self._key)
-                self._reply(peer, answer)
+                # the digest vouches for every byte that follows
+                self._reply(peer, self._vouching(request, loan, chunk_bytes=CHUNK_BYTES))
             finally:
                 loan.release()
 
@@ -166,15 +162,25 @@ class FetchServer:
                 raise ProtocolError("the producer keeps no block map of this version; fetch it whole",
                                     code="no-blocks")
             blocks = loan.blocks()
-            answer = {"status": "ok", "model": self._model, "producer": self._producer,
-                      "version": _count(request, "version"), "nbytes": loan.data.numel(), "digest": loan.digest()}
-            if self._key is not None:
-                answer["mac"] = sign(answer, self._key)
+            answer = self._vouching(request, loan)
             self._socket.send_multipart([peer, json.dumps(answer).encode(), blocks], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("dropped a block map for a fetch peer that is gone or not reading: %s", exc)
         finally:
             loan.release()
+
+    def _vouching(self, request: dict, loan: MemoryLoan, **fields: object) -> dict:
+        """A signed answer that names this version, its producer run and the digest its bytes
+        must match (open's, and the block map's header)."""
+        return self._signed({"status": "ok", "model": self._model, "producer": self._producer,
+                             "version": _count(request, "version"), "nbytes": loan.data.numel(),
+                             "digest": loan.digest(), **fields})
+
+    def _signed(self, answer: dict) -> dict:
+        """With a key, the answer carries its MAC: it vouches for what the consumer reads next."""
+        if self._key is not None:
+            answer["mac"] = sign(answer, self._key)
+        return answer
 
     def _read(self, peer: bytes, request: dict) -> None:
         offset, length = _count(request, "offset"), _count(request, "length")  # before borrowing anything
@@ -229,11 +235,10 @@ class FetchServer:
             return
         lease = os.urandom(8).hex()
         self._leases[lease] = (export, time.monotonic() + self._lease_s)
-        answer = {"status": "ok", "model": self._model, "producer": self._producer, "version": version,
-                  "nbytes": export.nbytes, "ipc": export.description, "lease": lease, "lease_s": self._lease_s}
-        if self._key is not None:  # the description says which memory to read: sign it
-            answer["mac"] = sign(answer, self._key)
-        self._reply(peer, answer)
+        # the description says which memory to read
+        self._reply(peer, self._signed({"status": "ok", "model": self._model, "producer": self._producer,
+                                        "version": version, "nbytes": export.nbytes, "ipc": export.description,
+                                        "lease": lease, "lease_s": self._lease_s}))
 
     def _end_lease(self, peer: bytes, request: dict) -> None:
         entry = self._leases.pop(str(request.get("lease")), None)
