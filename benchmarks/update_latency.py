@@ -32,6 +32,11 @@ fraction of the bytes frozen (requires_grad=False), with the publisher's
 producer copies and digests only the trained layers, and `dram-zmq` moves only the changed
 blocks (consumer._delta). `bytes_moved` is what the slowest consumer read from the producer (0
 for a mapping).
+`--strategies sharded gathered --ranks 2 4`: one model of the size (`_models.layered_of_size`)
+sharded with FSDP2 over 2 and 4 CPU ranks (Gloo), each rank publishing its own shard
+(`sharded`, ShardedPublisher) or the model gathered onto rank 0 first (`gathered`); the JSON
+adds `ranks` and `max_rank_peak_extra_bytes` (the most any rank's peak memory grew while
+publishing) to those results (see benchmarks._sharded_cases).
 `--runs K` repeats the whole measurement K times, each in a fresh interpreter, and prints each
 ratio's best, median and worst over runs (a user gets every run, not the median); the JSON
 then has `"runs": K` and, per result, the run with the median e2e plus `e2e_s_worst`,
@@ -75,6 +80,7 @@ from tqdm import tqdm
 from viper_lightning import ModelPublisher, ModelSubscriber
 from viper_lightning._buffers import copy_tensor
 
+from ._sharded_cases import SHARDED_STRATEGIES, measure_sharded, print_sharded, sharded_checks
 from ._models import freeze_all_but, layered_of_size, nt3_of_size, nudge, state_nbytes
 from ._torchserve_cases import measure_torchserve_register, measure_torchserve_viper
 
@@ -529,6 +535,9 @@ STRATEGIES: dict[str, Callable[[torch.nn.Module, int, float], dict[str, Any]]] =
     "torchserve-viper": lambda model, repeat, megabytes: measure_torchserve_viper(megabytes, repeat),
     "lightning-throughput": lambda model, repeat, megabytes: measure_throughput(megabytes),
     "lightning-throughput-nice19": lambda model, repeat, megabytes: measure_throughput(megabytes, niceness=19),
+    # run once per --ranks count (see run)
+    **{name: functools.partial(lambda model, repeat, megabytes, name, world: measure_sharded(
+        name, megabytes, world, repeat), name=name) for name in SHARDED_STRATEGIES},
 }
 
 
@@ -539,11 +548,12 @@ def _in_temp_dir(measure, model, repeat):
 
 def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: int = 1,
         on_result: Callable[[list[dict[str, Any]]], None] | None = None, keyless: bool = False,
-        fractions: tuple[float, ...] = (1.0,)) -> list[dict[str, Any]]:
+        fractions: tuple[float, ...] = (1.0,), ranks: tuple[int, ...] = (2, 4)) -> list[dict[str, Any]]:
     """Every strategy at every size, side by side; with consumers > 1 also `dram-shm` fanned out.
     `on_result` sees the results so far after each case (a run cut short keeps what it measured);
     `keyless` runs the Viper strategies that need no key with the keyless opt-out; each Viper
-    strategy runs once per changed fraction in `fractions`."""
+    strategy runs once per changed fraction in `fractions`, and each sharded one once per count
+    of `ranks`."""
     fractions_asked = tuple(fractions) != (1.0,)
     cases = [(name, functools.partial(measure_viper, name, keyless=keyless,
                                       fraction=fraction if fractions_asked else None))
@@ -551,7 +561,9 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
     cases += [(name, (lambda model, repeat, megabytes, nice=int(name.endswith("19")) * 19:
                       measure_throughput(megabytes, consumers, nice))
                if name.startswith("lightning-throughput") else STRATEGIES[name])
-              for name in strategies if name not in VIPER_CASES]
+              for name in strategies if name not in VIPER_CASES and name not in SHARDED_STRATEGIES]
+    cases += [(name, functools.partial(STRATEGIES[name], world=world))
+              for name in strategies if name in SHARDED_STRATEGIES for world in ranks]
     order = {name: index for index, name in enumerate(strategies)}
     cases.sort(key=lambda case: order[case[0]])  # as asked, each Viper strategy's fractions together
     if consumers > 1:
@@ -580,6 +592,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
     """Each strategy against the memcpy limit and the file-system path at the same size."""
     print(f"\n{'strategy':<26}{'MB':>6}{'e2e ms':>10}{'stall ms':>10}{'e2e/memcpy':>12}{'pfs/e2e':>9}")
     for result in results:
+        if "ranks" in result:
+            continue  # print_sharded
         if "throughput_cost" in result:
             print(f"{result['strategy']:<26}{result['size_bytes'] / 1e6:>6.0f}  step {result['step_s_without'] * 1e3:.0f} ms "
                   f"in quiet blocks, {result['step_s_with'] * 1e3:.0f} ms in blocks with a publish "
@@ -655,7 +669,7 @@ def ratios(results: list[dict[str, Any]]) -> list[tuple[float, str, float, str]]
             checks.append((f"  bytes moved, {fraction:g} changed / all",
                            _ratio(delta, peers.get("dram-zmq"), "bytes_moved"), f"about {fraction:g}"))
         measured += [(size, label, value, aim) for label, value, aim in checks if value == value]  # not NaN
-    return measured
+    return measured + sharded_checks(results)
 
 
 def print_checks(runs: list[list[dict[str, Any]]]) -> None:
@@ -677,7 +691,7 @@ def print_checks(runs: list[list[dict[str, Any]]]) -> None:
 
 
 def _print_scaling(results: list[dict[str, Any]]) -> None:
-    results = [r for r in results if r.get("changed_fraction", 1.0) == 1.0]  # whole updates
+    results = [r for r in results if r.get("changed_fraction", 1.0) == 1.0 and "ranks" not in r]  # whole updates
     for strategy in dict.fromkeys(r["strategy"] for r in results):
         points = sorted((r["size_bytes"], r["e2e_s"]) for r in results if r["strategy"] == strategy)
         if len(points) > 1:
@@ -758,6 +772,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--changed-fraction", type=_fraction, nargs="+", default=[1.0],
                         help="run each Viper strategy with versions that change this fraction of the bytes "
                              "(1: every weight; each fraction a case)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4],
+                        help="run the sharded and gathered cases with this many ranks (each count a case)")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="write the figure here (PNG)")
     parser.add_argument("--runs", type=int, default=1,
@@ -779,9 +795,10 @@ def main(argv: list[str] | None = None) -> None:
         results = combine_runs(runs)
     else:
         results = run(args.sizes_mb, args.repeat, args.strategies, args.consumers, on_result=save,
-                      keyless=args.keyless, fractions=tuple(args.changed_fraction))
+                      keyless=args.keyless, fractions=tuple(args.changed_fraction), ranks=tuple(args.ranks))
         runs = [results]
     print_table(results)
+    print_sharded(results)
     print_checks(runs)
     if args.plot:
         plot(results, args.plot)
@@ -822,8 +839,8 @@ def combine_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One result per strategy and size: the run with the median e2e, whole (its stages add up),
     with the worst and best e2e and training stall over runs, and every run's values."""
     combined = []
-    def case(result: dict[str, Any]) -> tuple[str, float, float]:
-        return result["strategy"], result["size_mb"], result.get("changed_fraction", 1.0)
+    def case(result: dict[str, Any]) -> tuple[str, float, float, int | None]:
+        return result["strategy"], result["size_mb"], result.get("changed_fraction", 1.0), result.get("ranks")
 
     for first in runs[0]:
         same = [result for results in runs for result in results if case(result) == case(first)]

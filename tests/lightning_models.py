@@ -31,3 +31,16 @@ class Regressor(L.LightningModule):
         x = torch.randn(640, 8, generator=generator)
         y = x.sum(dim=1, keepdim=True)
         return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+class ShardedRegressor(Regressor):
+    """Regressor sharded with FSDP2 over ModelParallelStrategy's data-parallel mesh (CPU, Gloo)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)

@@ -12,9 +12,11 @@ from ._layout import Layout, TensorSpec
 from .consumer._planner import Route, RouteKind, TransferPlanner
 from .consumer._double_buffer import Lease
 from .consumer._stats import Refusal, SubscriberStats, UpdateRecord
+from .consumer._sharded import ShardedSubscriber
 from .consumer._subscriber import ModelSubscriber
 from .producer._publisher import CommitRecord, ModelPublisher
 from .producer._settings import PublisherSettings
+from .producer._sharded import ShardedPublisher
 from .producer._snapshot import Snapshot, take_snapshot
 from .storage._pfs import FileSystemTier
 from .transport._protocol import DEFAULT_ENDPOINT, Location, Notice
@@ -27,6 +29,8 @@ __all__ = [
     "ViperCallback",
     "ModelPublisher",
     "ModelSubscriber",
+    "ShardedPublisher",
+    "ShardedSubscriber",
     "TransferPlanner",
     "Route",
     "RouteKind",

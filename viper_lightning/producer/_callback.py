@@ -19,6 +19,7 @@ from ..schedules import EveryNSteps, PublishSchedule
 from ._device import MAX_COPIES
 from ._probes import ServedLossProbe
 from ._publisher import ModelPublisher
+from ._sharded import ShardedPublisher, any_rank
 from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, PublisherSettings
 from ._switcher import DEFAULT_TOGETHER_DEADLINE_S
 
@@ -30,8 +31,17 @@ log = logging.getLogger("viper_lightning.callback")
 class ViperCallback(Callback):
     """Publish the model to Viper consumers on `schedule` (and once more when training ends).
 
-    Only global rank 0 publishes. The callback's state (last version and step, the schedule's
-    state) is saved in Lightning checkpoints, so a resumed run continues the version numbers.
+    Who publishes depends on how the weights are spread over the ranks:
+    - replicas (one process, DDP): global rank 0 publishes the whole model;
+    - sharded (ModelParallelStrategy: FSDP2 and tensor parallelism, whose weights are DTensors):
+      every rank publishes the pieces it holds, with no all-gather, through a ShardedPublisher
+      (part i of n is the model `<model_name>.part<i>of<n>`; rank r's notices go to `endpoint`'s
+      port + r), and consumers follow it with a ShardedSubscriber. The ranks agree on each
+      publish decision (one small all-reduce per step), so they number versions alike.
+    FSDPStrategy (FSDP1) is refused: its state_dict gathers the whole model with collectives.
+
+    The callback's state (last version and step, the schedule's state) is saved in Lightning
+    checkpoints, so a resumed run continues the version numbers.
 
     Args:
         model_name: name consumers subscribe to (also the directory under `pfs_root`).
@@ -115,7 +125,8 @@ class ViperCallback(Callback):
         self.last_version = 0
         self.last_step = -1
         self.last_stall_s: float | None = None  # training-thread seconds the last publish cost (the hook)
-        self._publisher: ModelPublisher | None = None
+        self._publisher: ModelPublisher | ShardedPublisher | None = None
+        self._sharded = False  # every rank publishes its pieces (and agrees on each decision)
         self._reported_commit: int | None = None
         self._degraded_logged: int | None = None
         self._skipped_logged: int | None = None
@@ -132,8 +143,9 @@ class ViperCallback(Callback):
         return self._generate_state_key(model_name=self.model_name)
 
     @property
-    def publisher(self) -> ModelPublisher | None:
-        """The live publisher on global rank 0 during fit, else None."""
+    def publisher(self) -> ModelPublisher | ShardedPublisher | None:
+        """The live publisher during fit (on global rank 0, or on every rank of a sharded model),
+        else None."""
         return self._publisher
 
     # -- Lightning hooks ---------------------------------------------------------------------
@@ -141,13 +153,25 @@ class ViperCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every strategy has restored the checkpoint by now (some only after on_fit_start),
         # so a resumed run continues its version numbers.
-        if trainer.is_global_zero and self._publisher is None:
-            self._degraded_logged = self._skipped_logged = None
-            self._retry_skipped = False
-            self.probe.reset()
-            self._publisher = ModelPublisher.from_settings(dataclasses.replace(
-                self.settings, gpu_device=self._gpu_device_for(pl_module), resume_after=self.last_version))
-            self._publisher.prepare(pl_module)  # the first publish then copies into warm memory
+        if self._publisher is not None:
+            return
+        self._sharded = _is_sharded(trainer, pl_module)
+        if not (self._sharded or trainer.is_global_zero):
+            return
+        self._degraded_logged = self._skipped_logged = None
+        self._retry_skipped = False
+        self.probe.reset()
+        settings = dataclasses.replace(self.settings, gpu_device=self._gpu_device_for(pl_module),
+                                       resume_after=self.last_version)
+        if self._sharded:
+            self._publisher = ShardedPublisher(**{f.name: getattr(settings, f.name)
+                                                  for f in dataclasses.fields(settings)})
+        else:
+            if trainer.world_size > 1:
+                log.info("%s: the %d ranks hold replicas of the weights; global rank 0 publishes them",
+                         self.model_name, trainer.world_size)
+            self._publisher = ModelPublisher.from_settings(settings)
+        self._publisher.prepare(pl_module)  # the first publish then copies into warm memory
 
     def _gpu_device_for(self, pl_module: L.LightningModule) -> str | None:
         device = str(pl_module.device) if self._auto_gpu and pl_module.device.type == "cuda" \
@@ -169,7 +193,10 @@ class ViperCallback(Callback):
         loss = _loss_of(outputs) if self.schedule.needs_loss else None  # may wait for the device: not a publish cost
         started = time.perf_counter()  # the schedule's decision is training time lost too
         # a publish skipped for lack of a warm slot is retried at the next step (coalesced)
-        if self.schedule.should_publish(step, loss) or self._retry_skipped:
+        decided = self.schedule.should_publish(step, loss) or self._retry_skipped
+        if self._sharded:
+            decided = any_rank(decided)  # every rank publishes its part of the same version
+        if decided:
             self._publish(trainer, pl_module, loss, started)
             self._log_publisher_state(pl_module)
         if self.schedule.probes:
@@ -180,7 +207,10 @@ class ViperCallback(Callback):
         if self._publisher is None or trainer.global_step == self.last_step:
             return
         started = time.perf_counter()
-        if self.schedule.should_publish_at_epoch_end(trainer.current_epoch, trainer.global_step):
+        decided = self.schedule.should_publish_at_epoch_end(trainer.current_epoch, trainer.global_step)
+        if self._sharded:
+            decided = any_rank(decided)
+        if decided:
             self._publish(trainer, pl_module, None, started)
 
     @override
@@ -226,6 +256,8 @@ class ViperCallback(Callback):
         step = trainer.global_step
         version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch,
                                           wait_for_slot=wait_for_slot)
+        if self._sharded and any_rank(version is None):
+            version = None  # a version some rank skipped is incomplete: every rank retries next step
         self._retry_skipped = version is None
         if version is None:
             return  # no warm slot: skipped rather than stall training (the publisher counts it)
@@ -268,6 +300,19 @@ class ViperCallback(Callback):
         if commit is not None and commit.version != self._reported_commit and commit.store_s > 0:
             self._reported_commit = commit.version
             self.schedule.observe_commit_time(commit.digest_s + commit.store_s)
+
+
+def _is_sharded(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Whether the ranks hold pieces of the weights (DTensors) rather than replicas."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise ConfigurationError(
+            "ViperCallback does not publish from FSDPStrategy (FSDP1): its state_dict gathers the whole model onto "
+            "every rank with collectives. Train with ModelParallelStrategy (FSDP2, see configure_model): each rank "
+            "then publishes its own shard")
+    return any(isinstance(tensor, DTensor) for tensor in pl_module.state_dict().values())
 
 
 def _read_key(hmac_key: str | None, hmac_key_file: str | None) -> str | bytes | None:

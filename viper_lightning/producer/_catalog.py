@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .._errors import ConfigurationError, TransferError
 from .._layout import Layout
+from .._shards import PartInfo
 from ..transport._protocol import MAX_VERSION, Location, Notice
 from ._reservations import VersionReservations
 from ._store import HostCopy
@@ -46,6 +47,7 @@ class VersionRecord:
     # Set once the version is in host memory and can be digested there, or has failed to get there.
     reached_host: threading.Event = field(default_factory=threading.Event)
     demote_failure: str | None = None
+    part: PartInfo | None = None  # a sharded producer's rank: which pieces of the model these are
 
 
 class VersionCatalog:
@@ -70,14 +72,18 @@ class VersionCatalog:
             self._records.clear()
 
     # -- numbering and progress ------------------------------------------------------------
-    def add(self, record: VersionRecord) -> int:
-        """Number a new version and keep its record (the oldest beyond HISTORY are forgotten)."""
+    def add(self, record: VersionRecord, number: int | None = None) -> int:
+        """Number a new version (the next, or `number` when given, which must not be below it) and
+        keep its record (the oldest beyond HISTORY are forgotten)."""
         with self._changed:
-            version = self._next
+            version = self._next if number is None else number
+            if version < self._next:
+                raise ConfigurationError(f"version {version} of {self.model!r} is not above the last one given out "
+                                         f"({self._next - 1}); versions only go up")
             if version > MAX_VERSION:
                 raise ConfigurationError(f"version numbers of {self.model!r} are used up at {MAX_VERSION}; "
                                          "publish under a new model name")
-            self._next += 1
+            self._next = version + 1
             self._in_progress += 1
             self._records[version] = record
             for old in [v for v in self._records if v <= version - HISTORY]:
@@ -187,4 +193,4 @@ class VersionCatalog:
             locations = memory + ((Location("pfs", self.host, on_file_system),) if on_file_system else ())
         return Notice(model=self.model, version=version, nbytes=record.layout.nbytes, digest=digest,
                       layout=record.layout, producer=self.producer_id, step=record.step, epoch=record.epoch,
-                      created_at=record.created_at, locations=locations)
+                      created_at=record.created_at, locations=locations, part=record.part)

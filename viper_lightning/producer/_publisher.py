@@ -21,6 +21,7 @@ import zmq
 from .._errors import ConfigurationError, ViperError
 from .._layout import Layout
 from .._priority import BACKGROUND_NICENESS
+from .._shards import PartInfo
 from ..storage._keys import load_or_create_key
 from ..storage._pfs import FileSystemTier
 from ..transport._collective import CollectiveServer, parse_address
@@ -239,6 +240,12 @@ class ModelPublisher:
         """The newest version whose tiers are settled and announced, or None."""
         return self._catalog.committed
 
+    @property
+    def next_version(self) -> int:
+        """The number the next publish gives (unless it names one): above every version given out,
+        stored or reserved on the file-system tier, and `resume_after`."""
+        return self._catalog.handed_out + 1
+
     def take_consumer_reports(self) -> list[ConsumerReport]:
         """What consumers reported since the last call (oldest first): each update they applied,
         its publish-to-serving latency and route. Reports come through the fetch endpoint, signed
@@ -283,7 +290,8 @@ class ModelPublisher:
         self._store.prepare(Layout.for_state_dict(_state_dict_of(module_or_state_dict)).nbytes)
 
     def publish(self, module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
-                step: int | None = None, epoch: int | None = None, *, wait_for_slot: bool = False) -> int | None:
+                step: int | None = None, epoch: int | None = None, *, wait_for_slot: bool = False,
+                version: int | None = None, part: PartInfo | None = None) -> int | None:
         """Snapshot the weights and hand them to the tiers; returns the new version number.
 
         The training thread copies into a reused slot whose pages are already faulted in (see
@@ -291,21 +299,28 @@ class ModelPublisher:
         from it, a flush or a transfer reading it) and the pool is at its limit, this publish is
         skipped at once rather than wait for them: it returns None and `publishes_skipped`
         counts it. With `wait_for_slot` (e.g. the last publish of a run) or `keep_every_version`
-        it waits for a slot instead."""
+        it waits for a slot instead.
+
+        `version` gives the number (at least `next_version`; None: the next) and `part` says which
+        pieces of a sharded model these weights are: ShardedPublisher numbers the parts of one
+        version alike on every rank with them."""
         self._health.raise_if_failed()
         if self._closed:
             raise ViperError(f"publisher of {self.model_name!r} is closed; create a new ModelPublisher")
+        if version is not None and version < self.next_version:
+            raise ConfigurationError(f"version={version}: {self.model_name!r} has given out versions up to "
+                                     f"{self.next_version - 1}; versions only go up")
         state_dict = _state_dict_of(module_or_state_dict)
         frozen = frozenset(name for name, tensor in state_dict.items()
                            if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad) \
             if self.settings.skip_unchanged_frozen else frozenset()
         created_at = time.time()  # latencies are measured from the publish call
         started = time.perf_counter()
-        record = VersionRecord(Layout.for_state_dict(state_dict), step, epoch, created_at)
+        record = VersionRecord(Layout.for_state_dict(state_dict), step, epoch, created_at, part=part)
         if self._device is not None:
-            version = self._publish_to_device(state_dict, record, started)
-            if version is not None:
-                return version
+            published = self._publish_to_device(state_dict, record, started, version)
+            if published is not None:
+                return published
         waits = wait_for_slot or self.settings.keep_every_version
         slot = self._store.capture(record.layout, state_dict, frozen=frozen) if waits \
             else self._store.try_capture(record.layout, state_dict, frozen=frozen)
@@ -317,7 +332,7 @@ class ModelPublisher:
                     "on, and the next publish carries the newer weights", self.model_name,
                     self._skipped_publishes)
             return None
-        version = self._catalog.add(record)
+        version = self._catalog.add(record, version)
         host_copy = self._store.commit(version, record.layout, slot, borrowed=self._flusher is not None)
         self._catalog.published(version, time.perf_counter() - started)
         self._catalog.reached_host(version, host_copy)
@@ -361,7 +376,7 @@ class ModelPublisher:
 
     # -- internals -------------------------------------------------------------------------
     def _publish_to_device(self, state_dict: Mapping[str, torch.Tensor], record: VersionRecord,
-                           started: float) -> int | None:
+                           started: float, number: int | None) -> int | None:
         """The training thread's part with a GPU tier: a device copy (the host does not wait for
         it on CUDA), announced at once; the demoter copies it on to host memory. None when every
         device copy is still read by a transfer: the caller then copies to host memory itself."""
@@ -373,7 +388,7 @@ class ModelPublisher:
         except BusyError as exc:
             log.info("%s: %s; this version skips the GPU tier", self.model_name, exc)
             return None
-        version = self._catalog.add(record)
+        version = self._catalog.add(record, number)
         release = self._device.hold(copy)  # the demoter's, taken before the copy becomes reusable
         self._device.commit(version, copy)
         self._catalog.published(version, time.perf_counter() - started)

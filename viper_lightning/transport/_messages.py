@@ -12,13 +12,23 @@ from __future__ import annotations
 import json
 import re
 
-from .._errors import ProtocolError, TransferError, ViperError
+from .._errors import ConfigurationError, ProtocolError, TransferError, ViperError
 
-__all__ = ["MAX_DEPTH", "canonical_json", "load_object", "object_of", "is_count", "count",
+__all__ = ["MAX_DEPTH", "check_model_name", "canonical_json", "load_object", "object_of", "is_count", "count",
            "refusal", "raise_for_answer", "first_line"]
 
 MAX_DEPTH = 32  # the deepest message, a notice (its layout's entries' shapes), nests 4 levels
 _CODE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(name: object) -> str:
+    """Model names become ZeroMQ topics and directory names, so they are kept plain."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise ConfigurationError(
+            f"model_name {name!r} is not valid: use 1-128 characters from letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit (for example 'nt3')")
+    return name
 
 
 def canonical_json(obj: object) -> bytes:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 
 from .._errors import ConfigurationError, ProtocolError
 from .._layout import Layout
-from ._messages import canonical_json, count, load_object, object_of
+from .._shards import PartInfo
+from ._messages import canonical_json, check_model_name, count, load_object, object_of
 
 __all__ = ["PROTO", "TIERS", "DEFAULT_ENDPOINT", "MAX_VERSION", "Location", "Notice", "Switch", "check_model_name",
            "check_endpoint", "check_proto", "normalize_key", "sign", "verify_mac"]
@@ -26,17 +27,7 @@ MAX_VERSION = 10**18 - 1  # version numbers fit 18 digits (LATEST) and every int
 TIERS = ("gpu", "dram", "pfs")
 MAX_NOTICE_BYTES = 64 * 1024 * 1024
 MIN_KEY_BYTES = 16
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENDPOINT = re.compile(r"^(tcp://([^\s:\[\]]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5}|\*)|ipc://\S+|inproc://\S+)$")
-
-
-def check_model_name(name: object) -> str:
-    """Model names become ZeroMQ topics and directory names, so they are kept plain."""
-    if not isinstance(name, str) or not _MODEL_NAME.match(name):
-        raise ConfigurationError(
-            f"model_name {name!r} is not valid: use 1-128 characters from letters, digits, "
-            "'.', '_' and '-', starting with a letter or digit (for example 'nt3')")
-    return name
 
 
 def check_endpoint(endpoint: object) -> str:
@@ -145,6 +136,7 @@ class Notice:
     epoch: int | None = None
     created_at: float = field(default_factory=time.time)
     locations: tuple[Location, ...] = ()
+    part: PartInfo | None = None  # one rank's part of a sharded model (see viper_lightning._shards)
 
     def to_json(self, *, with_locations: bool = True) -> dict[str, object]:
         payload: dict[str, object] = {
@@ -152,6 +144,8 @@ class Notice:
             "epoch": self.epoch, "created_at": self.created_at, "nbytes": self.nbytes,
             "digest": self.digest, "layout": self.layout.to_json(), "producer": self.producer,
         }
+        if self.part is not None:  # absent for a whole model, so its notices read as before
+            payload["part"] = self.part.to_json()
         if with_locations:
             payload["locations"] = [loc.to_json() for loc in self.locations]
         return payload
@@ -171,17 +165,20 @@ class Notice:
         payload = load_object(data, what, limit=MAX_NOTICE_BYTES)
         check_proto(payload, what)
         verify_mac(payload, key, what)
+        model = _model_field(payload, what)
+        layout = Layout.from_json(payload.get("layout"), payload.get("nbytes"))
         return cls(
-            model=_model_field(payload, what),
+            model=model,
             version=count(payload, "version", what, minimum=1, maximum=MAX_VERSION),
             nbytes=count(payload, "nbytes", what),
             digest=_digest_field(payload, what),
-            layout=Layout.from_json(payload.get("layout"), payload.get("nbytes")),
+            layout=layout,
             producer=_string(payload, "producer", what),
             step=_optional_count(payload, "step", what),
             epoch=_optional_count(payload, "epoch", what),
             created_at=_timestamp(payload, what),
             locations=_locations(payload, what),
+            part=PartInfo.from_json(payload["part"], layout, model) if payload.get("part") is not None else None,
         )
 
     def with_locations(self, locations: tuple[Location, ...]) -> Notice:
