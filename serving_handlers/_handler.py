@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from viper_lightning import ConfigurationError, ModelSubscriber, Refusal, UpdateRecord
+from viper_lightning import ConfigurationError, ModelSubscriber, Refusal, ShardedSubscriber, UpdateRecord
 
 from ._settings import ViperSettings
 
@@ -35,7 +35,7 @@ class ViperHandler(BaseHandler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.subscriber: ModelSubscriber | None = None
+        self.subscriber: ModelSubscriber | ShardedSubscriber | None = None
         self.settings: ViperSettings | None = None
         self._metrics: Any = None
         self._routes: dict[int, str] = {}
@@ -49,11 +49,13 @@ class ViperHandler(BaseHandler):
         model = _build_model(model_dir, self.manifest["model"].get("modelFile"), self.settings)
         _load_initial_weights(model, model_dir, self.settings.initial_weights)
         model.eval()
-        self.subscriber = ModelSubscriber(
-            model, self.settings.model_name, self.settings.endpoint, self.settings.pfs_root,
-            self.settings.key(), routes=self.settings.routes, fetch_timeout=self.settings.fetch_timeout,
-            zero_copy=self.settings.zero_copy, allow_keyless=self.settings.allow_keyless, on_update=self._updated,
-            on_refusal=self._refused, together=self.settings.together).start()
+        settings = self.settings
+        common = dict(routes=settings.routes, fetch_timeout=settings.fetch_timeout, zero_copy=settings.zero_copy,
+                      allow_keyless=settings.allow_keyless, on_update=self._updated, on_refusal=self._refused)
+        self.subscriber = ShardedSubscriber(model, settings.model_name, settings.endpoints, settings.pfs_root,
+                                            settings.key(), **common).start() if settings.endpoints else \
+            ModelSubscriber(model, settings.model_name, settings.endpoint, settings.pfs_root, settings.key(),
+                            together=settings.together, **common).start()
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:

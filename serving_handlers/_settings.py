@@ -11,7 +11,7 @@ from viper_lightning.transport._protocol import DEFAULT_ENDPOINT
 __all__ = ["ViperSettings"]
 
 _KNOWN = {"model_name", "endpoint", "pfs_root", "hmac_key", "hmac_key_file", "routes", "model_class",
-          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless", "together"}
+          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless", "together", "endpoints"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class ViperSettings:
     zero_copy: bool = True
     allow_keyless: bool = False  # the explicit opt-out of authentication (see ModelSubscriber)
     together: bool = False  # switch to each version with the other replicas (see ModelSubscriber)
+    # a sharded producer: each part's notice endpoint, part 0 first (ShardedPublisher.endpoints);
+    # the worker then follows it with a ShardedSubscriber, and `endpoint` is not used
+    endpoints: tuple[str, ...] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ViperSettings:
@@ -47,6 +50,16 @@ class ViperSettings:
         values = dict(section)
         if values.get("routes") is not None:
             values["routes"] = tuple(values["routes"])
+        if values.get("endpoints") is not None:
+            if not isinstance(values["endpoints"], list) or not values["endpoints"] \
+                    or not all(isinstance(e, str) for e in values["endpoints"]):
+                raise ConfigurationError("viper.endpoints must list each part's notice endpoint (strings), part 0 "
+                                         "first, as ShardedPublisher.endpoints gives them")
+            if values.get("together"):
+                raise ConfigurationError("viper.together is not available for a sharded producer (viper.endpoints); "
+                                         "its parts are announced by several publishers, none of which switches "
+                                         "replicas together")
+            values["endpoints"] = tuple(values["endpoints"])
         for flag in ("allow_keyless", "together"):
             if not isinstance(values.get(flag, False), bool):
                 raise ConfigurationError(f"viper.{flag} must be true or false (unquoted) in model-config.yaml")

@@ -26,3 +26,11 @@ class Scorer(L.LightningModule):
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(2048, self.net[0].in_features, generator=generator)
         return DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=16)
+
+
+class TinySharded(torch.nn.Sequential):
+    """benchmarks._sharded_rank.tiny_model's architecture, unsharded, for serving what its FSDP2
+    ranks publish."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Linear(8, 30), torch.nn.BatchNorm1d(30), torch.nn.ReLU(), torch.nn.Linear(30, 5))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import select
 import socket
 import subprocess
@@ -18,13 +19,17 @@ import torch
 
 from benchmarks._sharded_rank import tiny_model
 from tests.conftest import WAIT_S, Events, free_port
+from serving_handlers import TorchServe, build_archive
 from tests.lightning_models import Regressor
+from tests.serving_model import TinySharded
 from viper_lightning import ShardedSubscriber
-from viper_lightning._errors import IntegrityError, ProtocolError
+from viper_lightning._errors import ConfigurationError, IntegrityError, ProtocolError
 from viper_lightning._layout import Layout
 from viper_lightning._shards import PartInfo, Piece, check_tiling
+from viper_lightning.producer._sharded import _endpoint_of_rank
 from viper_lightning.transport._protocol import Notice
 
+SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 START_S = 120.0  # a rank imports torch and joins its group: slow on a loaded 2-core machine
 
 
@@ -209,6 +214,29 @@ def test_lightning_model_parallel_strategy_publishes_every_rank_s_shard(model_na
         assert all(record.trigger == "parts" for record in events.updates)
 
 
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
+def test_torchserve_serves_a_sharded_producer_assembled(ranks_of, model_name, tmp_path):
+    """ViperHandler with `viper.endpoints` (each part's endpoint) in a real TorchServe."""
+    ranks = ranks_of(2)
+    store = tmp_path / "model_store"
+    build_archive("tinysharded", SERVING_MODEL, "TinySharded",
+                  {"model_name": model_name, "endpoints": ranks.endpoints, "hmac_key": ranks.key},
+                  export_path=store)
+    rows = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    with TorchServe(tmp_path / "ts", store) as server:
+        server.register("tinysharded.mar", "tinysharded")
+        ranks.send("step")
+        ranks.send("publish")
+        full = TinySharded()
+        full.load_state_dict(ranks.full_weights(tmp_path / "full.safetensors"))
+        deadline = time.monotonic() + WAIT_S
+        while (response := server.predict("tinysharded", {"inputs": rows.tolist()}))["version"] != 1:
+            assert time.monotonic() < deadline, f"TorchServe still answers with {response['version']}"
+        with torch.no_grad():
+            assert torch.allclose(torch.tensor(response["outputs"]), full.eval()(rows), atol=1e-6)
+        assert response["route"] == "dram-shm"
+
+
 # -- the placements in the protocol (no processes) ------------------------------------------
 def _part_notice(pieces: dict, index: int = 0, count: int = 2, model: str = "m") -> bytes:
     tensors = {"w": torch.zeros(2, 4)}
@@ -272,3 +300,19 @@ def test_parts_that_overlap_or_leave_a_gap_are_refused():
     with pytest.raises(IntegrityError, match="F64"):
         check_tiling(expected, [part(0, 0), (part(1, 2)[0], wrong)])
 
+
+
+@pytest.mark.parametrize("endpoint, rank, expected", [
+    ("tcp://127.0.0.1:5555", 2, "tcp://127.0.0.1:5557"),
+    ("tcp://127.0.0.1:*", 3, "tcp://127.0.0.1:*"),
+    ("gloo://0.0.0.0:0", 1, "gloo://0.0.0.0:0"),
+    ("gloo://0.0.0.0:29500", 1, "gloo://0.0.0.0:29501"),
+    ("ipc:///tmp/viper-notices", 1, "ipc:///tmp/viper-notices.1"),
+])
+def test_each_rank_binds_its_own_port(endpoint, rank, expected):
+    assert _endpoint_of_rank(endpoint, rank) == expected
+
+
+def test_a_port_past_the_last_is_refused():
+    with pytest.raises(ConfigurationError, match="rank 1 would bind port 65536"):
+        _endpoint_of_rank("tcp://127.0.0.1:65535", 1)

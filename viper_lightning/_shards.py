@@ -166,6 +166,10 @@ def _placed(name: str, tensor: torch.Tensor, index: int) -> tuple[torch.Tensor, 
                 "full tensor; publish it as Shard(dim) or Replicate() (reduce a Partial first, and shard FSDP2 and "
                 "tensor parallelism along different tensor dimensions)")
     local = tensor.to_local()
+    if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad:
+        # still a frozen parameter (no copy: same storage and version counter), so that the
+        # publisher's skip_unchanged_frozen recognises it
+        local = torch.nn.Parameter(local, requires_grad=False)
     shape, offsets = compute_local_shape_and_global_offset(tensor.shape, mesh, tensor.placements)
     if tuple(local.shape) != tuple(shape):
         raise IntegrityError(f"tensor {name!r}: its local piece has shape {list(local.shape)}, but its placements "

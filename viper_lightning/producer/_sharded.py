@@ -14,7 +14,6 @@ import torch.distributed as dist
 from .._errors import ConfigurationError, ViperError
 from .._shards import PartInfo, local_part, part_name
 from ..storage._pfs import FileSystemTier
-from ..transport._protocol import check_endpoint
 from ..transport._reports import ConsumerReport
 from ._catalog import CommitRecord
 from ._publisher import ModelPublisher, _state_dict_of
@@ -25,7 +24,7 @@ __all__ = ["ShardedPublisher"]
 log = logging.getLogger("viper_lightning.publisher")
 
 _ENDPOINT_BYTES = 512  # an endpoint as exchanged between the ranks at start (UTF-8, zero-padded)
-_PORT = re.compile(r"^(tcp://.+):(\d{1,5})$")
+_PORT = re.compile(r"^((?:tcp|gloo|nccl)://.+):(\d{1,5})$")
 
 
 class ShardedPublisher:
@@ -48,6 +47,7 @@ class ShardedPublisher:
         model_name: the whole model's name; part i of n is published as `<model_name>.part<i>ofN`.
         endpoint: where this rank's notices go: a `tcp://HOST:PORT` endpoint is offset by the rank
             (rank r binds PORT + r), `tcp://HOST:*` takes free ports; `endpoints` lists them all.
+            A fixed port of `fetch_endpoint` or `collective_endpoint` is offset the same way.
         pfs_root, hmac_key: as for ModelPublisher (each part has its own directory under pfs_root;
             without a key, each part has its own key file on this host).
         group: the process group sharing the model (None: the default group, which must exist).
@@ -66,6 +66,9 @@ class ShardedPublisher:
         self.part_name = part_name(model_name, self.index, self.count)
         publisher: ModelPublisher | None = None
         failure: BaseException | None = None
+        for name in ("fetch_endpoint", "collective_endpoint"):  # one host may run several ranks
+            if options.get(name) is not None:
+                options[name] = _endpoint_of_rank(options[name], self.index)
         try:
             publisher = ModelPublisher(self.part_name, _endpoint_of_rank(endpoint, self.index), pfs_root, hmac_key,
                                        **options)
@@ -180,11 +183,10 @@ class ShardedPublisher:
 
 
 def _endpoint_of_rank(endpoint: str, rank: int) -> str:
-    """`endpoint` with its port offset by `rank`; a wildcard port or a non-TCP endpoint as given
-    (an ipc:// path gets the rank appended)."""
-    check_endpoint(endpoint)
+    """`endpoint` (ZeroMQ, or a collective's gloo:// or nccl://) with its port offset by `rank`;
+    a wildcard or 0 port as given; an ipc:// path gets the rank appended."""
     match = _PORT.match(endpoint)
-    if match is not None:
+    if match is not None and int(match.group(2)) != 0:
         port = int(match.group(2)) + rank
         if port > 65535:
             raise ConfigurationError(f"endpoint {endpoint!r}: rank {rank} would bind port {port}; use a lower port")
