@@ -624,7 +624,7 @@ def ratios(results: list[dict[str, Any]]) -> list[tuple[float, str, float, str]]
     """The ratios the project aims for (DESIGN.md §5), from results of one run: (size, label,
     value, aim)."""
     measured = []
-    for size in sorted({r["size_bytes"] for r in results if r["strategy"] == "memcpy"}):
+    for size in sorted({r["size_bytes"] for r in results if "ranks" not in r}):
         peers = _peers(results, size)
         shm, memcpy = peers.get("dram-shm"), peers.get("memcpy")
         paired = (shm or {}).get("paired_memcpy", {})
