@@ -716,7 +716,13 @@ def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> float:
     return numerator[key] / denominator[key]
 
 
+BASELINES = ("pfs", "lightning-modelcheckpoint", "torchserve-register")  # the slow paths, plotted on their own scale
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
+    """The latency anatomy at the largest size (the fast routes, and the slow baselines in a panel
+    of their own so that the fast stages stay visible beside a many-second path), and e2e against
+    size on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -724,16 +730,25 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
     # steps are not an update's latency; deltas are compared in the checks, whole updates here
     results = [r for r in results if "throughput_cost" not in r and r.get("changed_fraction", 1.0) == 1.0]
-    figure, (anatomy, scaling) = plt.subplots(1, 2, figsize=(13, 5))
+    figure, (fast, slow, scaling) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [3, 1.4, 3]})
     largest = max(r["size_bytes"] for r in results)
-    _plot_anatomy(anatomy, [r for r in results if r["size_bytes"] == largest], largest)
+    at_largest = [r for r in results if r["size_bytes"] == largest]
+    _plot_anatomy(fast, [r for r in at_largest if r["strategy"] not in BASELINES], f"at {largest / 1e6:.0f} MB")
+    _plot_anatomy(slow, [r for r in at_largest if r["strategy"] in BASELINES], "baselines (own scale)")
     _plot_scaling(scaling, results)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def _plot_anatomy(axes, results: list[dict[str, Any]], size: int) -> None:
-    names = [r["strategy"] for r in results]
+def _label(result: dict[str, Any]) -> str:
+    return result["strategy"] + (f" x{result['ranks']}" if "ranks" in result else "")
+
+
+def _plot_anatomy(axes, results: list[dict[str, Any]], what: str) -> None:
+    if not results:
+        axes.set_visible(False)
+        return
+    names = [_label(r) for r in results]
     stage_names = list(dict.fromkeys(stage for r in results for stage in r["stages"]))
     bottoms = [0.0] * len(results)
     for stage in stage_names:
@@ -742,13 +757,13 @@ def _plot_anatomy(axes, results: list[dict[str, Any]], size: int) -> None:
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     axes.set_ylabel("ms")
     axes.tick_params(axis="x", labelrotation=25)
-    axes.set_title(f"Latency anatomy at {size / 1e6:.0f} MB")
+    axes.set_title(f"Latency anatomy, {what}")
     axes.legend(fontsize=8)
 
 
 def _plot_scaling(axes, results: list[dict[str, Any]]) -> None:
-    for strategy in dict.fromkeys(r["strategy"] for r in results):
-        points = sorted((r["size_bytes"] / 1e6, r["e2e_s"] * 1e3) for r in results if r["strategy"] == strategy)
+    for strategy in dict.fromkeys(_label(r) for r in results):
+        points = sorted((r["size_bytes"] / 1e6, r["e2e_s"] * 1e3) for r in results if _label(r) == strategy)
         axes.plot(*zip(*points), marker="o", label=strategy)
     axes.set_yscale("log")
     axes.set_xlabel("model size (MB)")

@@ -16,6 +16,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     echo "bootstrap: installing dependencies into .venv (torch pinned by constraints.txt)"
     # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
     .venv/bin/python -m pip install --quiet -c constraints.txt torch
-    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,cli,bench,s3]"
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,cli,bench,s3,litserve]"
     echo "$wanted" > "$stamp"
 fi

@@ -11,14 +11,14 @@ from ._settings import ViperSettings
 from ._torchserve import TorchServe
 
 if TYPE_CHECKING:
-    from ._handler import ViperHandler
+    from ._handler import Served, ViperHandler, worker_device
 
-__all__ = ["ViperHandler", "ViperSettings", "TorchServe", "build_archive"]
+__all__ = ["ViperHandler", "Served", "worker_device", "ViperSettings", "TorchServe", "build_archive"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ViperHandler":
-        from ._handler import ViperHandler
+    if name in ("ViperHandler", "Served", "worker_device"):
+        from . import _handler
 
-        return ViperHandler
+        return getattr(_handler, name)
     raise AttributeError(f"module 'serving_handlers' has no attribute {name!r}")

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import sys
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import safetensors.torch
@@ -18,9 +20,19 @@ from viper_lightning import ConfigurationError, ModelSubscriber, Refusal, Sharde
 
 from ._settings import ViperSettings
 
-__all__ = ["ViperHandler"]
+__all__ = ["ViperHandler", "Served", "worker_device"]
 
 log = logging.getLogger("serving_handlers.viper")
+
+
+@dataclass(frozen=True)
+class Served:
+    """Which version answered a batch: handed to `ViperHandler.annotate`."""
+
+    version: int | None  # None: the archive's initial weights, before any update
+    worker: int  # the worker's process id
+    route: str | None  # how that version reached this worker (e.g. "dram-shm"), None for the initial weights
+    batch: int  # how many requests TorchServe batched into this call
 
 
 class ViperHandler(BaseHandler):
@@ -28,9 +40,17 @@ class ViperHandler(BaseHandler):
     computed it. Updates load in the background and swap in between requests, so no request
     waits for a transfer or sees mixed weights.
 
-    Request body: JSON `{"inputs": [[...], ...]}` (a batch) or a single list of numbers.
-    Response: `{"version": int | null, "outputs": [[...], ...], "worker": pid, "route": str | null}`
-    (`route`: how that version reached this worker, e.g. "dram-shm").
+    It follows BaseHandler's contract: `initialize`, then per batch `preprocess` ->
+    `inference` -> `postprocess`, each overridable. `inference` runs inside one lease of the
+    serving copy (`self.model` is that copy while it runs), so a whole batch is answered by one
+    version; `annotate` then names it in every answer. The model is placed on `cuda:<gpu_id>`
+    when TorchServe gives the worker a GPU (so the GPU routes can be taken), on the CPU otherwise.
+
+    Default request body: JSON `{"inputs": [[...], ...]}` (a batch of rows) or a single list,
+    read as `viper.input_dtype` (float32 by default; int64 for token ids).
+    Default response: `{"outputs": [[...], ...], "version": int | null, "worker": pid,
+    "route": str | null, "batch": int}`; every response also carries the headers
+    `X-Viper-Version`, `X-Viper-Worker` and `X-Viper-Route`, whatever `postprocess` returns.
     """
 
     def __init__(self) -> None:
@@ -39,16 +59,19 @@ class ViperHandler(BaseHandler):
         self.settings: ViperSettings | None = None
         self._metrics: Any = None
         self._routes: dict[int, str] = {}
+        self._sizes: list[int] | None = None  # rows per request of the batch being answered
 
     def initialize(self, context: Any) -> None:
         self.context = context
         self.manifest = context.manifest
         self._metrics = getattr(context, "metrics", None)
         self.settings = ViperSettings.from_config(getattr(context, "model_yaml_config", None))
-        model_dir = context.system_properties.get("model_dir")
+        properties = context.system_properties
+        self.device = worker_device(properties, torch.cuda.is_available())
+        model_dir = properties.get("model_dir")
         model = _build_model(model_dir, self.manifest["model"].get("modelFile"), self.settings)
         _load_initial_weights(model, model_dir, self.settings.initial_weights)
-        model.eval()
+        model.to(self.device).eval()
         settings = self.settings
         common = dict(routes=settings.routes, fetch_timeout=settings.fetch_timeout, zero_copy=settings.zero_copy,
                       allow_keyless=settings.allow_keyless, on_update=self._updated, on_refusal=self._refused)
@@ -56,18 +79,67 @@ class ViperHandler(BaseHandler):
                                             settings.key(), **common).start() if settings.endpoints else \
             ModelSubscriber(model, settings.model_name, settings.endpoint, settings.pfs_root, settings.key(),
                             together=settings.together, **common).start()
+        self.model = None  # the serving copy is leased per batch (see inference)
         self.initialized = True
 
-    def handle(self, data: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
-        batches = [_inputs_of(request) for request in data]
-        sizes = [len(batch) for batch in batches]
-        with self.subscriber.lease() as lease, torch.no_grad():
-            outputs = lease.model(torch.cat(batches))
+    def handle(self, data: list[Any], context: Any) -> list[Any]:
+        """preprocess -> inference (inside one lease) -> postprocess -> annotate."""
+        started = time.perf_counter()
+        self.context = context
+        self._sizes = None
+        inputs = self.preprocess(data)
+        with self.subscriber.lease() as lease:
+            self.model = lease.model
+            try:
+                outputs = self.inference(inputs)
+            finally:
+                self.model = None  # a load may write this copy once the lease ends
+        answers = self.postprocess(outputs)
+        answers = self.annotate(answers, Served(lease.version, os.getpid(), self._routes.get(lease.version),
+                                                len(data)))
+        metrics = getattr(context, "metrics", None)
+        if metrics is not None:
+            metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return answers
+
+    def preprocess(self, data: list[Any]) -> torch.Tensor:
+        """Each request's JSON rows (`{"inputs": [...]}` or a bare list) as one batch tensor of
+        `viper.input_dtype`; how many rows each request sent is kept for `postprocess`."""
+        dtype = getattr(torch, self.settings.input_dtype)
+        batches = [_rows_of(request, dtype) for request in data]
+        self._sizes = [len(batch) for batch in batches]
+        return torch.cat(batches)
+
+    def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The leased model (`self.model`) on the batch, on the model's device."""
+        with torch.no_grad():
+            return self.model(data.to(self.device), *args, **kwargs)
+
+    def postprocess(self, data: torch.Tensor) -> list[dict[str, Any]]:
+        """One answer per request: its rows of the outputs (one row each, unless the default
+        `preprocess` recorded more)."""
+        sizes = self._sizes if self._sizes is not None else [1] * len(data)
         answers, start = [], 0
         for size in sizes:
-            answers.append({"version": lease.version, "outputs": outputs[start:start + size].tolist(),
-                            "worker": os.getpid(), "route": self._routes.get(lease.version)})
+            rows = data[start:start + size].cpu()
+            answers.append({"outputs": (rows if self._sizes is not None else rows[0]).tolist()})
             start += size
+        return answers
+
+    def annotate(self, answers: list[Any], served: Served) -> list[Any]:
+        """Name the version that answered: in each dict answer ("version", "worker", "route",
+        "batch", unless postprocess set them) and in every response's X-Viper-* headers. Override
+        it to put them elsewhere; a subclass that changes only postprocess keeps them."""
+        for index, answer in enumerate(answers):
+            if isinstance(answer, dict):
+                for key, value in (("version", served.version), ("worker", served.worker), ("route", served.route),
+                                   ("batch", served.batch)):
+                    answer.setdefault(key, value)
+            set_header = getattr(self.context, "set_response_header", None)
+            if set_header is not None:
+                set_header(index, "X-Viper-Version", str(served.version))
+                set_header(index, "X-Viper-Worker", str(served.worker))
+                set_header(index, "X-Viper-Route", str(served.route))
         return answers
 
     # -- metrics (called on the subscriber thread) -------------------------------------------
@@ -119,10 +191,18 @@ def _load_initial_weights(model: torch.nn.Module, model_dir: str, name: str | No
         safetensors.torch.load_model(model, path, strict=True)  # handles tied weights
 
 
-def _inputs_of(request: dict[str, Any]) -> torch.Tensor:
+def worker_device(properties: dict[str, Any], cuda_available: bool) -> torch.device:
+    """Where a worker's model goes: the GPU TorchServe assigned it (`gpu_id`), else the CPU."""
+    gpu_id = properties.get("gpu_id")
+    if gpu_id is not None and cuda_available:
+        return torch.device("cuda", int(gpu_id))
+    return torch.device("cpu")
+
+
+def _rows_of(request: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
     body = request.get("body", request.get("data"))
     if isinstance(body, (bytes, bytearray)):
         body = json.loads(body)
     rows = body.get("inputs") if isinstance(body, dict) else body
-    tensor = torch.as_tensor(rows, dtype=torch.float32)
+    tensor = torch.as_tensor(rows, dtype=dtype)
     return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor

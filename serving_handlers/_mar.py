@@ -30,8 +30,11 @@ class Handler(ViperHandler):
 def build_archive(name: str, model_file: str | Path, model_class: str, viper: dict[str, Any], *,
                   export_path: str | Path, model_kwargs: dict[str, Any] | None = None,
                   initial_weights: torch.nn.Module | str | Path | None = None, version: str = "1.0",
-                  archive_format: str = "default") -> Path:
+                  archive_format: str = "default", handler: str | Path | None = None) -> Path:
     """Package the model file, initial weights (safetensors) and the `viper:` settings.
+
+    `handler`: a Python file defining one subclass of ViperHandler (a custom preprocess, say),
+    served instead of ViperHandler itself.
 
     Returns the archive's path (`<export_path>/<name>.mar`, or the folder for no-archive)."""
     if archive_format not in ("default", "no-archive"):
@@ -41,7 +44,10 @@ def build_archive(name: str, model_file: str | Path, model_class: str, viper: di
     Path(export_path).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="viper-archive-") as staging:
         staging = Path(staging)
-        (staging / "viper_handler.py").write_text(_SHIM)
+        if handler is None:
+            (staging / "viper_handler.py").write_text(_SHIM)
+        else:
+            shutil.copyfile(handler, staging / "viper_handler.py")
         (staging / "model-config.yaml").write_text(yaml.safe_dump({"viper": settings}))
         extra = [_stage_weights(initial_weights, staging)] if initial_weights is not None else []
         _run_archiver(name, version, Path(model_file), staging, extra, Path(export_path), archive_format)

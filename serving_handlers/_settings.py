@@ -11,7 +11,8 @@ from viper_lightning.transport._protocol import DEFAULT_ENDPOINT
 __all__ = ["ViperSettings"]
 
 _KNOWN = {"model_name", "endpoint", "pfs_root", "hmac_key", "hmac_key_file", "routes", "model_class",
-          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless", "together", "endpoints"}
+          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless", "together", "endpoints", "input_dtype"}
+INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ViperSettings:
     # a sharded producer: each part's notice endpoint, part 0 first (ShardedPublisher.endpoints);
     # the worker then follows it with a ShardedSubscriber, and `endpoint` is not used
     endpoints: tuple[str, ...] | None = None
+    input_dtype: str = "float32"  # what the default preprocess reads JSON inputs as (int64: token ids)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ViperSettings:
@@ -63,6 +65,8 @@ class ViperSettings:
         for flag in ("allow_keyless", "together"):
             if not isinstance(values.get(flag, False), bool):
                 raise ConfigurationError(f"viper.{flag} must be true or false (unquoted) in model-config.yaml")
+        if values.get("input_dtype", "float32") not in INPUT_DTYPES:
+            raise ConfigurationError(f"viper.input_dtype {values.get('input_dtype')!r} is not one of {INPUT_DTYPES}")
         if not isinstance(values.get("model_kwargs", {}), dict):
             raise ConfigurationError("viper.model_kwargs must be a mapping of constructor arguments")
         return cls(**values)

@@ -25,16 +25,22 @@ from types import TracebackType
 
 from viper_lightning import ConfigurationError, TransferError
 
-__all__ = ["TorchServe"]
+__all__ = ["TorchServe", "METRICS_CONFIG"]
 
 _PROBE_S = 0.1
+# What the README tells users to put in config.properties for the Viper metrics to show on
+# TorchServe's metrics endpoint: prometheus mode, and custom metrics detected as they are emitted.
+METRICS_CONFIG = {"metrics_mode": "prometheus", "model_metrics_auto_detect": "true"}
 
 
 class TorchServe:
     """Start with `start()` (or as a context manager), stop with `stop()`; always stops."""
 
     def __init__(self, workdir: str | os.PathLike, model_store: str | os.PathLike,
-                 workers_per_model: int = 1, startup_timeout: float = 120.0) -> None:
+                 workers_per_model: int = 1, startup_timeout: float = 120.0,
+                 config: dict[str, str] | None = None) -> None:
+        """`config`: config.properties settings besides addresses and the model store (default:
+        METRICS_CONFIG, the README's metrics setup)."""
         self.workdir = Path(workdir).resolve()
         self.model_store = Path(model_store).resolve()
         self.workers_per_model = workers_per_model
@@ -44,6 +50,7 @@ class TorchServe:
         self.log_path = self.workdir / "torchserve.log"
         self._process: subprocess.Popen | None = None
         self._keys: dict[str, str] = {}
+        self._config = dict(METRICS_CONFIG if config is None else config)
 
     @property
     def inference_url(self) -> str:
@@ -97,11 +104,13 @@ class TorchServe:
         self.stop()
 
     # -- APIs --------------------------------------------------------------------------------
-    def register(self, archive: str, model_name: str, *, workers: int | None = None,
-                 timeout: float = 300.0) -> dict:
-        """Register an archive (file name in the model store, or a path) and wait for its workers."""
+    def register(self, archive: str, model_name: str, *, workers: int | None = None, batch_size: int = 1,
+                 max_batch_delay_ms: int = 100, timeout: float = 300.0) -> dict:
+        """Register an archive (file name in the model store, or a path) and wait for its workers;
+        `batch_size` > 1 lets TorchServe batch up to that many requests into one handler call."""
         query = urllib.parse.urlencode({"url": archive, "model_name": model_name,
                                         "initial_workers": workers or self.workers_per_model,
+                                        "batch_size": batch_size, "max_batch_delay": max_batch_delay_ms,
                                         "synchronous": "true"})
         return self.management("POST", f"/models?{query}", timeout=timeout)
 
@@ -158,11 +167,10 @@ class TorchServe:
             f"grpc_management_port={self.ports['grpc_management']}",
             f"model_store={self.model_store}",
             f"default_workers_per_model={self.workers_per_model}",
-            "metrics_mode=prometheus",
-            "model_metrics_auto_detect=true",
             "disable_system_metrics=true",
             "install_py_dep_per_model=false",
             "default_response_timeout=120",
+            *(f"{key}={value}" for key, value in self._config.items()),
         ]) + "\n")
         return config
 

@@ -29,17 +29,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pfs-root")
     parser.add_argument("--hmac-key-file")
     parser.add_argument("--routes", nargs="+", help="allowed routes: gpu-ipc dram-shm gpu-nccl dram-zmq collective pfs")
+    parser.add_argument("--handler", help="a Python file defining one subclass of serving_handlers.ViperHandler "
+                                           "(custom preprocess/postprocess); default: ViperHandler itself")
+    parser.add_argument("--input-dtype", help="what the default preprocess reads JSON inputs as (default float32; "
+                                              "int64 for token ids)")
     parser.add_argument("--export-path", default="model_store")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--no-archive", action="store_true", help="write a folder instead of a .mar")
     args = parser.parse_args(argv)
     viper = {"model_name": args.viper_model or args.name, "endpoint": args.endpoint, "pfs_root": args.pfs_root,
-             "hmac_key_file": args.hmac_key_file, "routes": args.routes}
+             "hmac_key_file": args.hmac_key_file, "routes": args.routes, "input_dtype": args.input_dtype}
     path = build_archive(args.name, args.model_file, args.model_class,
                          {key: value for key, value in viper.items() if value is not None},
                          export_path=args.export_path, model_kwargs=json.loads(args.model_kwargs),
                          initial_weights=args.weights, version=args.version,
-                         archive_format="no-archive" if args.no_archive else "default")
+                         archive_format="no-archive" if args.no_archive else "default", handler=args.handler)
     print(path)
 
 

@@ -33,3 +33,5 @@ def test_demo_trains_publishes_and_serves(tmp_path) -> None:
     served = [line for line in finished.stdout.splitlines() if line.startswith("TorchServe answers with v")]
     assert served and "via dram-shm" in served[0]
     assert "the last v3" in finished.stdout
+    picture = finished.stdout.rsplit("each version swap marked: ", 1)[-1].strip()
+    assert Path(picture).read_bytes().startswith(b"\x89PNG")

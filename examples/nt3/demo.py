@@ -6,7 +6,8 @@
 2. starts a real TorchServe on loopback (ports chosen free) and registers the archive,
 3. trains NT3 with `examples.nt3.train` and `examples/nt3/train.yaml` (ViperCallback publishes),
 4. queries TorchServe's standard inference API and prints each new version as it starts
-   answering, with its accuracy on fresh data from the drifting stream.
+   answering, with its accuracy on fresh data from the drifting stream,
+5. draws the served accuracy against time, each version swap marked, and prints the PNG's path.
 Ctrl-C, or the end of training, stops everything cleanly. Logs go to runs/<model>/.
 """
 
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training {settings.model_name} (log: {run_dir / 'train.log'}); querying "
               f"{server.inference_url}/predictions/{settings.model_name}", flush=True)
         trainer = start_training(args.config, run_dir / "train.log")
+        client = Client(server, settings)
         try:
-            served = Client(server, settings).follow(lambda: interrupted.is_set() or trainer.poll() is not None)
+            served = client.follow(lambda: interrupted.is_set() or trainer.poll() is not None)
         finally:
             stop(trainer)
         if trainer.returncode not in (0, -signal.SIGINT) and not interrupted.is_set():
@@ -62,20 +65,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         final = FileSystemTier(settings.pfs_root).latest(settings.model_name)
         if final is not None and not interrupted.is_set():
-            served = Client(server, settings, served).follow(lambda: False, until=final)
+            served = client.follow(lambda: False, until=final)
     print(f"done: TorchServe answered with {len(served)} versions, the last v{max(served, default=0)}")
+    picture = run_dir / "served_accuracy.png"
+    client.plot(picture, settings.model_name)
+    print(f"served accuracy against time, each version swap marked: {picture.resolve()}")
     return 0
 
 
 class Client:
     """Queries TorchServe like any client and reports each version the first time it answers."""
 
-    def __init__(self, server: TorchServe, settings: DemoSettings, seen: set[int] | None = None) -> None:
+    def __init__(self, server: TorchServe, settings: DemoSettings) -> None:
         self._server, self._settings = server, settings
         self._stream = DriftingGeneStream(**settings.data)
         self._tier = FileSystemTier(settings.pfs_root)
-        self._seen = seen if seen is not None else set()
+        self._seen: set[int] = set()
         self._pause = threading.Event()
+        self._started = time.monotonic()
+        self._answers: list[tuple[float, int | None, float]] = []  # (seconds, version, accuracy) per query
 
     def follow(self, done, until: int | None = None) -> set[int]:
         for _ in range(int(FINAL_WAIT_S / QUERY_PAUSE_S) if until else 10**9):
@@ -92,12 +100,38 @@ class Client:
         x, y = self._stream.sample_batch(QUERY_ROWS, step)
         response = self._server.predict(self._settings.model_name, {"inputs": x.tolist()})
         version = response["version"]
+        accuracy = (torch.tensor(response["outputs"]).argmax(dim=1) == y).float().mean().item()
+        self._answers.append((time.monotonic() - self._started, version, accuracy))
         if version is not None and version not in self._seen:
             self._seen.add(version)
-            accuracy = (torch.tensor(response["outputs"]).argmax(dim=1) == y).float().mean().item()
             print(f"TorchServe answers with v{version:<4} (trained to step {self._step_of(version):>5}, "
                   f"via {response.get('route')})  accuracy on fresh data {accuracy:5.3f}", flush=True)
         return version
+
+    def plot(self, path: Path, model_name: str) -> None:
+        """Served accuracy against time, with a line where each version first answered."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(9, 4))
+        axes.plot([t for t, _, _ in self._answers], [a for _, _, a in self._answers], ".-", lw=1, ms=3,
+                  label="accuracy of each answer on fresh data")
+        first: dict[int, float] = {}
+        for seconds, version, _ in self._answers:
+            if version is not None:
+                first.setdefault(version, seconds)
+        for version, seconds in first.items():
+            axes.axvline(seconds, color="tab:red", alpha=0.4, lw=1)
+            axes.annotate(f"v{version}", (seconds, 1.0), xytext=(2, -10), textcoords="offset points",
+                          fontsize=8, color="tab:red")
+        axes.set(xlabel="seconds since training started", ylabel="served accuracy", ylim=(0, 1.05),
+                 title=f"{model_name}: what TorchServe answered with (red: a new version starts answering)")
+        axes.legend(loc="lower right")
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
 
     def _step_of(self, version: int | None) -> int:
         if version is None:
