@@ -2,8 +2,9 @@
 ranks (Gloo), published either by every rank (`sharded`: each its own shard, ShardedPublisher)
 or gathered onto rank 0 first (`gathered`: torch.distributed.checkpoint's full state dict, as
 Lightning gathers a single-file checkpoint, then ModelPublisher). One consumer process with the
-unsharded model follows it on this host, over the default routes (ShardedSubscriber or
-ModelSubscriber).
+unsharded model follows it on this host (ShardedSubscriber or ModelSubscriber), once over
+`dram-shm` (it maps each part: the producer copies nothing for it) and once over `dram-zmq`
+(the remote path: each rank's fetch server sends its part in chunks).
 
 e2e: from the first rank's publish call (for `gathered`, the start of the gather) to the
 consumer swapping the whole version in. training_stall_s: the longest any rank's publish call
@@ -39,6 +40,7 @@ from viper_lightning.transport._fetch import CHUNK_BYTES
 from ._models import layered_of_size
 
 SHARDED_STRATEGIES = ("sharded", "gathered")
+SHARDED_ROUTES = ("dram-shm", "dram-zmq")  # a consumer on this host maps the parts; one elsewhere fetches them
 START_S = 300.0  # ranks build and shard the model
 WAIT_S = 300.0
 WARMUP_PUBLISHES = 1
@@ -87,30 +89,33 @@ class _Ranks:
                 process.kill()
 
 
-def _follow(strategy: str, megabytes: float, model_name: str, endpoints: list[str], key: str, reports,
-            done) -> None:
+def _follow(strategy: str, megabytes: float, model_name: str, endpoints: list[str], key: str, route: str,
+            reports, done) -> None:
     """The consumer process: report each version once it serves."""
     def report(record) -> None:
         reports.put(asdict(record))
 
     model = layered_of_size(megabytes)
-    subscriber = ShardedSubscriber(model, model_name, endpoints, hmac_key=key, load_latest=False,
+    subscriber = ShardedSubscriber(model, model_name, endpoints, hmac_key=key, load_latest=False, routes=[route],
                                    on_update=report) if strategy == "sharded" else \
-        ModelSubscriber(model, model_name, endpoints[0], hmac_key=key, load_latest=False, on_update=report)
+        ModelSubscriber(model, model_name, endpoints[0], hmac_key=key, load_latest=False, routes=[route],
+                        on_update=report)
     with subscriber:
         reports.put({"ready": True})
         done.wait(WAIT_S * 10)
 
 
-def measure_sharded(strategy: str, megabytes: float, world: int, repeat: int) -> dict[str, Any]:
-    """Publish `repeat` versions (after WARMUP_PUBLISHES) of a model sharded over `world` ranks."""
+def measure_sharded(strategy: str, megabytes: float, world: int, repeat: int, route: str = "dram-shm"
+                    ) -> dict[str, Any]:
+    """Publish `repeat` versions (after WARMUP_PUBLISHES) of a model sharded over `world` ranks to
+    a consumer that takes `route`."""
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="viper-bench-sharded-") as root:
         model_name = f"bench-{strategy}-{world}-{uuid.uuid4().hex[:6]}"
         ranks = _Ranks(strategy, megabytes, world, Path(root), model_name)
         reports, done = context.Queue(), context.Event()
         consumer = context.Process(target=_follow, args=(strategy, megabytes, model_name, ranks.endpoints,
-                                                         ranks.key, reports, done), daemon=True)
+                                                         ranks.key, route, reports, done), daemon=True)
         consumer.start()
         try:
             if not reports.get(timeout=START_S).get("ready"):
@@ -158,16 +163,17 @@ def sharded_checks(results: list[dict[str, Any]]) -> list[tuple[float, str, floa
     """(size, label, value, aim) for each ranks count with both strategies measured."""
     checks = []
     for result in (r for r in results if r["strategy"] == "sharded"):
-        size, world = result["size_bytes"], result["ranks"]
+        size, world, route = result["size_bytes"], result["ranks"], result["route"]
         gathered = next((r for r in results if r["strategy"] == "gathered" and r["ranks"] == world
-                         and r["size_bytes"] == size), None)
+                         and r["size_bytes"] == size and r["route"] == route), None)
         bound = result["largest_part_bytes"] + result["chunk_bytes"]
-        checks.append((size, f"sharded x{world}: most any rank's peak grew / (own shard + one chunk)",
+        label = f"sharded x{world} {route}"
+        checks.append((size, f"{label}: most any rank's peak grew / (own shard + one chunk)",
                        result["max_rank_peak_extra_bytes"] / bound, "<= 1"))
         if gathered is not None:
-            checks.append((size, f"sharded x{world}: e2e / gathered e2e", result["e2e_s"] / gathered["e2e_s"],
+            checks.append((size, f"{label}: e2e / gathered e2e", result["e2e_s"] / gathered["e2e_s"],
                            "lower is better"))
-            checks.append((size, f"sharded x{world}: rank 0 peak grew / gathered's",
+            checks.append((size, f"{label}: rank 0 peak grew / gathered's",
                            result["rank0_peak_extra_bytes"] / max(1, gathered["rank0_peak_extra_bytes"]),
                            "lower is better"))
     return checks

@@ -52,8 +52,10 @@ def model_of(size_mb: float) -> torch.nn.Module:
     return tiny_model() if size_mb == 0 else layered_of_size(size_mb)
 
 
-def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    mesh = init_device_mesh("cpu", (world,))
+def shard(model: torch.nn.Module, world: int, replicas: int = 1) -> torch.nn.Module:
+    """FSDP2 over all ranks, or HSDP (`replicas` groups, each sharding the model) on a 2-D mesh."""
+    mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
+        init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -103,7 +105,7 @@ class Rank:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.rank, self.mode = args.rank, args.mode
-        self.model = shard(model_of(args.size_mb), args.world)
+        self.model = shard(model_of(args.size_mb), args.world, args.replicas)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.peak = PeakMemory()
         self.nudges = 0
@@ -177,6 +179,7 @@ def main() -> None:
     parser.add_argument("--pfs-root", default=None)
     parser.add_argument("--size-mb", type=float, default=0, help="0: the tests' tiny model")
     parser.add_argument("--mode", choices=["sharded", "gathered"], default="sharded")
+    parser.add_argument("--replicas", type=int, default=1, help="HSDP: replica groups (a 2-D mesh)")
     args = parser.parse_args()
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
     rank = Rank(args)

@@ -80,7 +80,7 @@ from tqdm import tqdm
 from viper_lightning import ModelPublisher, ModelSubscriber
 from viper_lightning._buffers import copy_tensor
 
-from ._sharded_cases import SHARDED_STRATEGIES, measure_sharded, print_sharded, sharded_checks
+from ._sharded_cases import SHARDED_ROUTES, SHARDED_STRATEGIES, measure_sharded, print_sharded, sharded_checks
 from ._models import freeze_all_but, layered_of_size, nt3_of_size, nudge, state_nbytes
 from ._torchserve_cases import measure_torchserve_register, measure_torchserve_viper
 
@@ -536,8 +536,8 @@ STRATEGIES: dict[str, Callable[[torch.nn.Module, int, float], dict[str, Any]]] =
     "lightning-throughput": lambda model, repeat, megabytes: measure_throughput(megabytes),
     "lightning-throughput-nice19": lambda model, repeat, megabytes: measure_throughput(megabytes, niceness=19),
     # run once per --ranks count (see run)
-    **{name: functools.partial(lambda model, repeat, megabytes, name, world: measure_sharded(
-        name, megabytes, world, repeat), name=name) for name in SHARDED_STRATEGIES},
+    **{name: functools.partial(lambda model, repeat, megabytes, name, world, route: measure_sharded(
+        name, megabytes, world, repeat, route), name=name) for name in SHARDED_STRATEGIES},
 }
 
 
@@ -562,8 +562,8 @@ def run(sizes_mb: list[float], repeat: int, strategies: list[str], consumers: in
                       measure_throughput(megabytes, consumers, nice))
                if name.startswith("lightning-throughput") else STRATEGIES[name])
               for name in strategies if name not in VIPER_CASES and name not in SHARDED_STRATEGIES]
-    cases += [(name, functools.partial(STRATEGIES[name], world=world))
-              for name in strategies if name in SHARDED_STRATEGIES for world in ranks]
+    cases += [(name, functools.partial(STRATEGIES[name], world=world, route=route))
+              for name in strategies if name in SHARDED_STRATEGIES for world in ranks for route in SHARDED_ROUTES]
     order = {name: index for index, name in enumerate(strategies)}
     cases.sort(key=lambda case: order[case[0]])  # as asked, each Viper strategy's fractions together
     if consumers > 1:
@@ -741,7 +741,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
 
 def _label(result: dict[str, Any]) -> str:
-    return result["strategy"] + (f" x{result['ranks']}" if "ranks" in result else "")
+    return result["strategy"] + (f" x{result['ranks']} {result['route']}" if "ranks" in result else "")
 
 
 def _plot_anatomy(axes, results: list[dict[str, Any]], what: str) -> None:
@@ -856,8 +856,9 @@ def combine_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One result per strategy and size: the run with the median e2e, whole (its stages add up),
     with the worst and best e2e and training stall over runs, and every run's values."""
     combined = []
-    def case(result: dict[str, Any]) -> tuple[str, float, float, int | None]:
-        return result["strategy"], result["size_mb"], result.get("changed_fraction", 1.0), result.get("ranks")
+    def case(result: dict[str, Any]) -> tuple[str, float, float, int | None, str | None]:
+        return (result["strategy"], result["size_mb"], result.get("changed_fraction", 1.0), result.get("ranks"),
+                result.get("route") if "ranks" in result else None)
 
     for first in runs[0]:
         same = [result for results in runs for result in results if case(result) == case(first)]

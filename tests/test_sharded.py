@@ -36,14 +36,17 @@ START_S = 120.0  # a rank imports torch and joins its group: slow on a loaded 2-
 class Ranks:
     """The rank processes of one sharded run, driven over their stdin and stdout."""
 
-    def __init__(self, world: int, tmp_path: Path, model_name: str, pfs_root: str | None = None) -> None:
+    def __init__(self, world: int, tmp_path: Path, model_name: str, pfs_root: str | None = None,
+                 replicas: int = 1) -> None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.key = secrets.token_hex(32)
         key_file = tmp_path / "key"
         key_file.write_text(self.key)
         init = f"file://{tmp_path / 'rendezvous'}"
         self.processes = [
             subprocess.Popen([sys.executable, "-m", "benchmarks._sharded_rank", "--rank", str(rank), "--world", str(world),
-                              "--init", init, "--model-name", model_name, "--key-file", str(key_file)]
+                              "--init", init, "--model-name", model_name, "--key-file", str(key_file),
+                              "--replicas", str(replicas)]
                              + (["--pfs-root", pfs_root] if pfs_root else []),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                              cwd=Path(__file__).resolve().parent.parent)
@@ -91,8 +94,8 @@ class Ranks:
 def ranks_of(tmp_path, model_name):
     started: list[Ranks] = []
 
-    def start(world: int, pfs_root: str | None = None) -> Ranks:
-        started.append(Ranks(world, tmp_path, model_name, pfs_root))
+    def start(world: int, pfs_root: str | None = None, replicas: int = 1) -> Ranks:
+        started.append(Ranks(world, tmp_path / f"run{len(started)}", model_name, pfs_root, replicas))
         return started[-1]
 
     yield start
@@ -214,6 +217,93 @@ def test_lightning_model_parallel_strategy_publishes_every_rank_s_shard(model_na
         assert all(record.trigger == "parts" for record in events.updates)
 
 
+def test_hsdp_replicas_publish_nothing_twice_and_the_consumer_assembles_bit_exact(ranks_of, model_name, tmp_path):
+    """HSDP on a 2x2 mesh: the replica group at coordinate 1 publishes empty parts."""
+    ranks = ranks_of(4, replicas=2)
+    with ShardedSubscriber(tiny_model(), model_name, ranks.endpoints, hmac_key=ranks.key) as subscriber:
+        ranks.send("step")
+        ranks.send("publish")
+        assert subscriber.wait_for_version(1, WAIT_S)
+        assert [part is None for part in subscriber.parts] == [False, False, True, True]
+        assert_bit_exact(ranks.full_weights(tmp_path / "full.safetensors"), served(subscriber)[1])
+
+
+# -- parts published from one process (no process group): restarts and mixed runs -----------
+KEY = secrets.token_hex(32)
+
+
+def _halves(full: torch.Tensor, run: str, swapped: bool) -> list[tuple[dict, PartInfo]]:
+    """Rows 0-1 and 2-3 of `full` as parts 0 and 1 (or 1 and 0 when `swapped`)."""
+    halves = [(0, full[:2]), (2, full[2:])]
+    if swapped:
+        halves.reverse()
+    return [({"weight": rows.clone()}, PartInfo("m", index, 2, run, {"weight": Piece((4, 4), (offset, 0), (2,),
+                                                                                       ("S(0)",))}))
+            for index, (offset, rows) in enumerate(halves)]
+
+
+@pytest.fixture
+def part_publishers(tmp_path):
+    from viper_lightning import ModelPublisher
+
+    with ModelPublisher("m.part0of2", "tcp://127.0.0.1:*", str(tmp_path / "pfs"), KEY) as first, \
+            ModelPublisher("m.part1of2", "tcp://127.0.0.1:*", str(tmp_path / "pfs"), KEY) as second:
+        yield [first, second]
+
+
+def _publish(publishers, full: torch.Tensor, version: int, run: str, swapped: bool = False, parts=(0, 1)) -> None:
+    for index, (tensors, info) in enumerate(_halves(full, run, swapped)):
+        if index in parts:
+            publishers[index].publish(tensors, version=version, part=info)
+
+
+def _served_weight(subscriber) -> torch.Tensor:
+    return served(subscriber)[1]["weight"]
+
+
+def test_each_version_is_placed_as_its_own_notices_say(part_publishers):
+    """A restarted run that puts the same shapes at other offsets is assembled by its placements."""
+    with ShardedSubscriber(torch.nn.Linear(4, 4, bias=False), "m", [p.endpoint for p in part_publishers],
+                           hmac_key=KEY) as subscriber:
+        first, second = torch.arange(16.0).view(4, 4), torch.arange(100.0, 116.0).view(4, 4)
+        _publish(part_publishers, first, 1, "run-a")
+        assert subscriber.wait_for_version(1, WAIT_S) and torch.equal(_served_weight(subscriber), first)
+        _publish(part_publishers, second, 2, "run-b", swapped=True)
+        assert subscriber.wait_for_version(2, WAIT_S)
+        assert torch.equal(_served_weight(subscriber), second)
+
+
+def test_parts_of_two_runs_are_never_assembled_together(part_publishers):
+    with ShardedSubscriber(torch.nn.Linear(4, 4, bias=False), "m", [p.endpoint for p in part_publishers],
+                           hmac_key=KEY) as subscriber:
+        first = torch.full((4, 4), 1.0)
+        _publish(part_publishers, first, 1, "run-a")
+        assert subscriber.wait_for_version(1, WAIT_S)
+        _publish(part_publishers, torch.full((4, 4), 2.0), 2, "run-a", parts=(0,))  # then run a's rank 1 died
+        _publish(part_publishers, torch.full((4, 4), -2.0), 2, "run-b", parts=(1,))  # run b resumed at 1
+        for part in subscriber.parts:
+            assert part.wait_for_version(2, WAIT_S)
+        assert not subscriber.wait_for_version(2, 1.0)  # both parts hold a version 2, of two runs
+        assert torch.equal(_served_weight(subscriber), first)
+        third = torch.full((4, 4), -3.0)
+        _publish(part_publishers, third, 3, "run-b")
+        assert subscriber.wait_for_version(3, WAIT_S) and torch.equal(_served_weight(subscriber), third)
+
+
+def test_a_late_consumer_loads_the_newest_version_every_part_stored(part_publishers, tmp_path):
+    first = torch.arange(16.0).view(4, 4)
+    _publish(part_publishers, first, 1, "run-a")
+    assert all(publisher.flush(WAIT_S) for publisher in part_publishers)  # both parts of v1 stored
+    _publish(part_publishers, first + 1, 2, "run-a", parts=(0,))  # rank 1 died before its part of v2
+    endpoints = [p.endpoint for p in part_publishers]
+    for publisher in part_publishers:
+        publisher.close()
+    with ShardedSubscriber(torch.nn.Linear(4, 4, bias=False), "m", endpoints, str(tmp_path / "pfs"),
+                           hmac_key=KEY) as subscriber:
+        assert subscriber.wait_for_version(1, WAIT_S)
+        assert subscriber.version == 1 and torch.equal(_served_weight(subscriber), first)
+
+
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
 def test_torchserve_serves_a_sharded_producer_assembled(ranks_of, model_name, tmp_path):
     """ViperHandler with `viper.endpoints` (each part's endpoint) in a real TorchServe."""
@@ -240,7 +330,7 @@ def test_torchserve_serves_a_sharded_producer_assembled(ranks_of, model_name, tm
 # -- the placements in the protocol (no processes) ------------------------------------------
 def _part_notice(pieces: dict, index: int = 0, count: int = 2, model: str = "m") -> bytes:
     tensors = {"w": torch.zeros(2, 4)}
-    info = {"format": 1, "of": model, "index": index, "count": count, "tensors": pieces}
+    info = {"format": 1, "of": model, "index": index, "count": count, "run": "r1", "tensors": pieces}
     notice = Notice(model=f"{model}.part{index}of{count}", version=1, nbytes=32, digest=None,
                     layout=Layout.for_state_dict(tensors), producer="p")
     payload = notice.to_json()
@@ -253,7 +343,7 @@ GOOD_PIECE = {"full_shape": [4, 4], "offsets": [0, 0], "mesh": [2], "placements"
 
 def test_a_notice_carries_its_part_and_round_trips():
     notice = Notice.decode(_part_notice({"w": GOOD_PIECE}))
-    assert notice.part == PartInfo("m", 0, 2, {"w": Piece((4, 4), (0, 0), (2,), ("S(0)",))})
+    assert notice.part == PartInfo("m", 0, 2, "r1", {"w": Piece((4, 4), (0, 0), (2,), ("S(0)",))})
     assert Notice.decode(notice.encode()).part == notice.part
     whole = Notice(model="m", version=1, nbytes=0, digest=None, layout=Layout((), 0), producer="p")
     assert "part" not in whole.to_json()  # a whole model's notice reads as before
@@ -282,6 +372,10 @@ def test_a_part_announced_under_another_name_or_format_is_refused():
     payload["part"]["format"] = 2
     with pytest.raises(ProtocolError, match="upgrade viper_lightning"):
         Notice.decode(json.dumps(payload).encode())
+    payload = json.loads(_part_notice({"w": GOOD_PIECE}))
+    payload["part"]["run"] = "a run/with a slash"
+    with pytest.raises(ProtocolError, match="'run' must be"):
+        Notice.decode(json.dumps(payload).encode())
 
 
 def test_parts_that_overlap_or_leave_a_gap_are_refused():
@@ -289,7 +383,7 @@ def test_parts_that_overlap_or_leave_a_gap_are_refused():
     half = Layout.for_state_dict({"w": torch.zeros(2, 4)})
 
     def part(index: int, offset: int) -> tuple[PartInfo, Layout]:
-        return PartInfo("m", index, 2, {"w": Piece((4, 4), (offset, 0), (2,), ("S(0)",))}), half
+        return PartInfo("m", index, 2, "r", {"w": Piece((4, 4), (offset, 0), (2,), ("S(0)",))}), half
 
     check_tiling(expected, [part(0, 0), part(1, 2)])
     with pytest.raises(IntegrityError, match="overlap"):

@@ -34,6 +34,7 @@ PART_FORMAT = 1  # the version of the "part" object in notices and manifests
 MAX_PARTS = 65536
 MAX_MESH_DIMS = 8
 _PLACEMENT = re.compile(r"^(R|S\((\d{1,2})\))$")
+_RUN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def part_name(model: str, index: int, count_: int) -> str:
@@ -68,6 +69,7 @@ class PartInfo:
     of: str
     index: int
     count: int
+    run: str  # the same on every part of one sharded run: parts of two runs are never assembled together
     pieces: Mapping[str, Piece]
 
     @property
@@ -75,7 +77,7 @@ class PartInfo:
         return part_name(self.of, self.index, self.count)
 
     def to_json(self) -> dict[str, object]:
-        return {"format": PART_FORMAT, "of": self.of, "index": self.index, "count": self.count,
+        return {"format": PART_FORMAT, "of": self.of, "index": self.index, "count": self.count, "run": self.run,
                 "tensors": {name: piece.to_json() for name, piece in self.pieces.items()}}
 
     @classmethod
@@ -94,12 +96,15 @@ class PartInfo:
         if model != part_name(of, index, total):
             raise ProtocolError(f"part {index} of {total} of {of!r} is announced under {model!r}, not "
                                 f"{part_name(of, index, total)!r}")
+        run = entry.get("run")
+        if not isinstance(run, str) or not _RUN.match(run):
+            raise ProtocolError(f"part: 'run' must be 1-128 letters, digits or '._:-', got {run!r:.80}")
         tensors = object_of(entry.get("tensors"), "part field 'tensors'")
         shapes = {spec.name: spec.shape for spec in layout.tensors}
         if set(tensors) != set(shapes):
             raise ProtocolError(f"part {index} of {of!r} places tensors {sorted(set(tensors) ^ set(shapes))[:5]} "
                                 "that its layout does not hold, or leaves some of the layout's unplaced")
-        return cls(of, index, total, {name: _piece(tensors[name], name, shapes[name]) for name in sorted(tensors)})
+        return cls(of, index, total, run, {name: _piece(tensors[name], name, shapes[name]) for name in sorted(tensors)})
 
 
 def _piece(value: object, name: str, local_shape: tuple[int, ...]) -> Piece:
@@ -128,7 +133,7 @@ def _counts(value: object, most: int) -> bool:
 
 
 # -- the producer's side -------------------------------------------------------------------
-def local_part(state_dict: Mapping[str, torch.Tensor], of: str, index: int, count_: int
+def local_part(state_dict: Mapping[str, torch.Tensor], of: str, index: int, count_: int, run: str
                ) -> tuple[dict[str, torch.Tensor], PartInfo]:
     """The tensors this rank publishes (local pieces, no copy and no collective) and where they go."""
     tensors: dict[str, torch.Tensor] = {}
@@ -137,7 +142,7 @@ def local_part(state_dict: Mapping[str, torch.Tensor], of: str, index: int, coun
         placed = _placed(name, tensor, index)
         if placed is not None and placed[0].numel() > 0:  # an uneven split can leave a rank an empty piece
             tensors[name], pieces[name] = placed
-    return tensors, PartInfo(of, index, count_, pieces)
+    return tensors, PartInfo(of, index, count_, run, pieces)
 
 
 def _placed(name: str, tensor: torch.Tensor, index: int) -> tuple[torch.Tensor, Piece] | None:
@@ -208,7 +213,8 @@ def check_tiling(expected: Layout, parts: Sequence[tuple[PartInfo, Layout]]) -> 
 
 
 def _overlap(a: tuple[int, ...], a_shape: tuple[int, ...], b: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
-    return all(x < y + n and y < x + m for x, m, y, n in zip(a, a_shape, b, b_shape))
+    return all(x < y + n and y < x + m for x, m, y, n in zip(a, a_shape, b, b_shape)) \
+        and 0 not in a_shape and 0 not in b_shape
 
 
 @torch.no_grad()

@@ -43,11 +43,13 @@ class _Discovered:
 class _PartGate:
     """Holds each part's subscriber at the version it just swapped in until every part has one
     at least as new: parts then meet at one version instead of chasing each other, and the
-    last to arrive at a version every part holds assembles it. It owns the parts' versions."""
+    last to arrive at a version every part holds, from one run, assembles it. It owns the parts'
+    versions. A part with no pieces (a replica's, under HSDP) has no subscriber and never waits."""
 
     def __init__(self, count: int, stop: threading.Event, complete: Callable[[int, list[UpdateRecord]], None]):
         self._versions = [0] * count
         self._records: list[UpdateRecord | None] = [None] * count
+        self._empty: set[int] = set()
         self._ready = False  # every part discovered and the tiling checked
         self._stop = stop
         self._complete = complete
@@ -58,6 +60,12 @@ class _PartGate:
         with self._changed:
             self._ready = True
             self._assemble_if_complete()
+            self._changed.notify_all()
+
+    def empty(self, index: int) -> None:
+        """Part `index` holds no pieces: it is present at every version."""
+        with self._changed:
+            self._empty.add(index)
             self._changed.notify_all()
 
     def wake(self) -> None:
@@ -71,12 +79,22 @@ class _PartGate:
             self._records[index] = record
             self._assemble_if_complete()
             self._changed.notify_all()
-            self._changed.wait_for(lambda: self._stop.is_set() or min(self._versions) >= record.version)
+            self._changed.wait_for(lambda: self._stop.is_set() or self._oldest() >= record.version)
+
+    def _oldest(self) -> int:
+        return min((v for i, v in enumerate(self._versions) if i not in self._empty), default=0)
 
     def _assemble_if_complete(self) -> None:
-        version = self._versions[0]
-        if self._ready and version and all(v == version for v in self._versions):
-            self._complete(version, [record for record in self._records if record is not None])
+        records = [r for i, r in enumerate(self._records) if i not in self._empty]
+        if not self._ready or any(r is None for r in records) or not records:
+            return
+        first = records[0]
+        if all(r.version == first.version and _run_of(r) == _run_of(first) for r in records):
+            self._complete(first.version, records)
+
+
+def _run_of(record: UpdateRecord) -> str | None:
+    return record.part.run if record.part is not None else None
 
 
 class ShardedSubscriber:
@@ -128,9 +146,9 @@ class ShardedSubscriber:
         self._key = normalize_key(hmac_key)
         self._allow_keyless = allow_keyless
         self._pfs = pfs_root if isinstance(pfs_root, FileSystemTier) or pfs_root is None else FileSystemTier(pfs_root)
+        self._load_latest = load_latest
         self._options = dict(routes=routes, zero_copy=zero_copy, host_id=host_id, fetch_timeout=fetch_timeout,
-                             load_latest=load_latest, poll_interval=poll_interval, history=history,
-                             allow_keyless=allow_keyless)
+                             poll_interval=poll_interval, history=history, allow_keyless=allow_keyless)
         self._poll_interval = poll_interval
         self._device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
         self._expected = Layout.for_state_dict(model.state_dict())
@@ -140,7 +158,9 @@ class ShardedSubscriber:
         self._stop = threading.Event()
         self._gate = _PartGate(len(self.endpoints), self._stop, self._assemble)
         self._parts: list[ModelSubscriber | None] = [None] * len(self.endpoints)
-        self._infos: list[PartInfo | None] = [None] * len(self.endpoints)
+        self._layouts: list[Layout | None] = [None] * len(self.endpoints)  # each part's, fixed once found
+        self._tiled: list[PartInfo] | None = None  # the placements last checked to tile the model
+        self._refused_tilings: set[int] = set()  # versions whose placements were refused
         self._newest_complete = 0
         self._version_changed = threading.Condition()
         self._error: BaseException | None = None
@@ -215,10 +235,16 @@ class ShardedSubscriber:
         """Wait until `version` or a newer one is serving; False on timeout or after close."""
         with self._version_changed:
             reached = self._version_changed.wait_for(
-                lambda: (self.version or 0) >= version or self._error is not None or self._stop.is_set(), timeout)
-        if self._error is not None:
-            raise self._error
+                lambda: (self.version or 0) >= version or self._failure() is not None or self._stop.is_set(),
+                timeout)
+        failure = self._failure()
+        if failure is not None:
+            raise failure
         return reached and (self.version or 0) >= version
+
+    def _failure(self) -> BaseException | None:
+        """The finder's error, or the first part subscriber's that died of one (a bug)."""
+        return self._error or next((p.failure for p in self._parts if p is not None and p.failure), None)
 
     # -- finding the parts -----------------------------------------------------------------
     def _run(self) -> None:
@@ -227,7 +253,7 @@ class ShardedSubscriber:
             if found is None:
                 return
             try:
-                check_tiling(self._expected, [(part.info, part.layout) for part in found])
+                self._check_tiling([part.info for part in found])
             except IntegrityError as exc:
                 self._refuse(None, f"refused the parts of {self.model_name!r}: {exc}")
                 return
@@ -239,18 +265,21 @@ class ShardedSubscriber:
                 self._version_changed.notify_all()
 
     def _discover(self) -> list[_Discovered] | None:
-        """Each part's placements, from its first valid notice or stored manifest; each part's
-        subscriber starts as soon as its part is known. None once closed."""
+        """Each part's placements, from the stored manifests of the newest version every part
+        stored (a late joiner loads that version), else from each part's first valid notice;
+        each part's subscriber starts as soon as its part is known. None once closed."""
         found: list[_Discovered | None] = [None] * len(self.endpoints)
+        stored = self._stored_together()
+        if stored is not None:
+            version, found = stored
+            for index, part in enumerate(found):
+                self._follow(index, part, version)
+            return found
         with ExitStack() as stack:
             context = zmq.Context()
             stack.callback(context.term)
             listeners = [stack.enter_context(NoticeListener(context, endpoint, name))
                          for endpoint, name in zip(self.endpoints, self._names)]
-            for index in range(len(found)):
-                found[index] = self._stored(index)
-                if found[index] is not None:
-                    self._follow(index, found[index])
             while not all(found):
                 if self._stop.is_set():
                     return None
@@ -258,22 +287,28 @@ class ShardedSubscriber:
                     if found[index] is None:
                         found[index] = self._heard(index, listener)
                         if found[index] is not None:
-                            self._follow(index, found[index])
+                            self._follow(index, found[index], None)
         return found
 
-    def _stored(self, index: int) -> _Discovered | None:
-        """The part as the file-system tier's newest manifest describes it (late joiners)."""
-        if self._pfs is None or not self._options["load_latest"]:
+    def _stored_together(self) -> tuple[int, list[_Discovered]] | None:
+        """The newest version every part has on the file-system tier, and its parts as stored;
+        None without one. Each part's own LATEST would not do: a rank that died mid-publish
+        leaves its part a version behind the others', and they would never meet."""
+        if self._pfs is None or not self._load_latest:
             return None
         try:
-            latest = self._pfs.latest(self._names[index])
-            key = self._part_key(index)
-            if latest is None or (key is None and not self._allow_keyless):
-                return None
-            return self._checked(index, self._pfs.read_manifest(self._names[index], latest, key))
+            common = set.intersection(*(set(self._pfs.versions(name)) for name in self._names))
+            for version in sorted(common, reverse=True):
+                keys = [self._part_key(index) for index in range(len(self._names))]
+                if any(key is None for key in keys) and not self._allow_keyless:
+                    return None
+                parts = [self._checked(index, self._pfs.read_manifest(name, version, keys[index]))
+                         for index, name in enumerate(self._names)]
+                if len({part.info.run for part in parts}) == 1:  # one run's parts, not a mix after a restart
+                    return version, parts
         except ViperError as exc:
-            self._refuse(None, f"cannot read the stored manifest of {self._names[index]}: {exc}")
-            return None
+            self._refuse(None, f"cannot read the stored parts of {self.model_name!r}: {exc}")
+        return None
 
     def _heard(self, index: int, listener: NoticeListener) -> _Discovered | None:
         for payload in listener.receive(self._poll_interval / len(self.endpoints)):
@@ -298,8 +333,14 @@ class ShardedSubscriber:
                                  f"of {self.model_name!r} (is endpoint {self.endpoints[index]} that part's?)")
         return _Discovered(info, notice.layout)
 
-    def _follow(self, index: int, found: _Discovered) -> None:
-        """Start the subscriber of part `index`, into a model holding that part's pieces."""
+    def _follow(self, index: int, found: _Discovered, stored_version: int | None) -> None:
+        """Start the subscriber of part `index`, into a model holding that part's pieces (none for
+        a part without pieces), loading `stored_version` from the file-system tier first if given."""
+        self._layouts[index] = found.layout
+        if not found.layout.tensors:
+            self._gate.empty(index)
+            return
+
         def refused(refusal: Refusal) -> None:
             self._refuse(refusal.version, f"{self._names[index]}: {refusal.reason}")
 
@@ -308,15 +349,25 @@ class ShardedSubscriber:
 
         subscriber = ModelSubscriber(_module_for(found.layout, self._device), self._names[index],
                                      self.endpoints[index], self._pfs, self._key, on_update=arrived,
-                                     on_refusal=refused, **self._options)
-        self._infos[index] = found.info
+                                     on_refusal=refused, load_latest=stored_version is not None,
+                                     load_version=stored_version, **self._options)
         self._parts[index] = subscriber.start()
 
     # -- assembling ------------------------------------------------------------------------
     def _assemble(self, version: int, records: list[UpdateRecord]) -> None:
-        """On the thread of the part that completed `version`: copy every part's pieces into the
-        standby model and swap it in. The other parts' threads are held by the gate meanwhile."""
-        if version <= (self.version or 0):
+        """On the thread of the part that completed `version`: copy every part's pieces, placed as
+        that version's own notices say, into the standby model and swap it in. The other parts'
+        threads are held by the gate meanwhile."""
+        if version <= (self.version or 0) or version in self._refused_tilings:
+            return
+        infos = [record.part for record in records]
+        try:
+            if any(info is None for info in infos):
+                raise IntegrityError("a part's notice does not say where its pieces go")
+            self._check_tiling(infos)
+        except IntegrityError as exc:
+            self._refused_tilings.add(version)
+            self._refuse(version, f"refused version {version} of {self.model_name!r}: {exc}")
             return
         started = time.perf_counter()
         with ExitStack() as leases:
@@ -326,7 +377,7 @@ class ShardedSubscriber:
             standby = self._idle_standby()
             if standby is None:
                 return
-            assemble(standby.state_dict(), [(info, lease.model.state_dict()) for info, lease in zip(self._infos, held)])
+            assemble(standby.state_dict(), [(info, lease.model.state_dict()) for info, lease in zip(infos, held)])
         swap_started = time.perf_counter()
         self._buffers.swap(version)
         now = time.time()
@@ -345,6 +396,13 @@ class ShardedSubscriber:
         with self._version_changed:
             self._version_changed.notify_all()
         _call(self._on_update, record, self.model_name)
+
+    def _check_tiling(self, infos: list[PartInfo]) -> None:
+        """check_tiling of these placements with the parts' layouts, unless they are the ones
+        last checked (a part without pieces adds nothing to the tiling)."""
+        if infos != self._tiled:
+            check_tiling(self._expected, [(info, self._layouts[info.index]) for info in infos])
+            self._tiled = list(infos)
 
     def _idle_standby(self) -> torch.nn.Module | None:
         while not self._stop.is_set():

@@ -6,6 +6,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from .._shards import PartInfo
+
 __all__ = ["UpdateRecord", "Refusal", "SubscriberStats"]
 
 
@@ -22,7 +24,8 @@ class UpdateRecord:
     clocks); `together` is None unless the replica switches together, else "together",
     "left-out" or "alone" (see consumer._together). `moved_bytes` is what the route read from
     the version's source: `nbytes` for a whole version, the changed blocks for a delta
-    (consumer._delta), 0 for a mapping."""
+    (consumer._delta), 0 for a mapping. `part` is the notice's part of a sharded model (None for a
+    whole model): where its pieces go, and which run published it."""
 
     version: int
     step: int | None
@@ -38,6 +41,7 @@ class UpdateRecord:
     swapped_at: float = 0.0
     together: str | None = None
     moved_bytes: int = 0
+    part: PartInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,8 @@ class ModelSubscriber:
             the host name; it must match the producer's `host_id`).
         fetch_timeout: seconds without progress before a remote fetch is abandoned.
         load_latest: on start, load the newest version found under `pfs_root` (late joiner).
+        load_version: with `load_latest`, load this stored version on start instead of the newest
+            (ShardedSubscriber loads the newest version that every part stored).
         poll_interval: how long the listener waits per poll (bounds shutdown latency).
         on_update / on_refusal: called on the subscriber thread after each applied or refused update.
         history: how many update and refusal records `stats` keeps.
@@ -96,6 +98,7 @@ class ModelSubscriber:
         host_id: str | None = None,
         fetch_timeout: float = 10.0,
         load_latest: bool = True,
+        load_version: int | None = None,
         poll_interval: float = 0.05,
         on_update: Callable[[UpdateRecord], None] | None = None,
         on_refusal: Callable[[Refusal], None] | None = None,
@@ -125,6 +128,7 @@ class ModelSubscriber:
         self._planner = planner if planner is not None else \
             TransferPlanner(host_id or socket.gethostname(), routes, on_gpu=_is_cuda(device))
         self._load_latest = load_latest
+        self._load_version = load_version
         self._poll_interval = poll_interval
         self._on_update, self._on_refusal = on_update, on_refusal
         self._expected = Layout.for_state_dict(model.state_dict())
@@ -203,6 +207,11 @@ class ModelSubscriber:
         return self._buffers.version
 
     @property
+    def failure(self) -> BaseException | None:
+        """The error the subscriber thread died of (a bug, not bad input), or None."""
+        return self._error
+
+    @property
     def lag(self) -> int:
         """How many versions the one serving is behind the newest valid notice seen."""
         return max(0, self._newest_announced - (self.version or 0))
@@ -263,7 +272,7 @@ class ModelSubscriber:
 
     def _load_latest_version(self) -> None:
         try:
-            latest = self._pfs.latest(self.model_name)
+            latest = self._load_version or self._pfs.latest(self.model_name)
             if latest is None or latest <= (self.version or 0):
                 return
             notice = self._stored(latest)
@@ -432,7 +441,7 @@ class ModelSubscriber:
             discovery_s=max(0.0, received_at - notice.created_at), transfer_s=loaded.transfer_s,
             verify_s=loaded.verify_s, swap_s=time.perf_counter() - swap_started, moved_bytes=loaded.moved_bytes,
             latency_s=max(0.0, time.time() - notice.created_at), trigger=trigger, why=why, swapped_at=swapped_at,
-            together=together)
+            together=together, part=notice.part)
         self._loaders.after_swap()
         return record
 

@@ -19,13 +19,15 @@ from ..schedules import EveryNSteps, PublishSchedule
 from ._device import MAX_COPIES
 from ._probes import ServedLossProbe
 from ._publisher import ModelPublisher
-from ._sharded import ShardedPublisher, any_rank
+from ._sharded import ShardedPublisher, any_rank, highest_on_any_rank
 from ._settings import DEFAULT_ENDPOINT, DEFAULT_FETCH_ENDPOINT, PublisherSettings
 from ._switcher import DEFAULT_TOGETHER_DEADLINE_S
 
 __all__ = ["ViperCallback"]
 
 log = logging.getLogger("viper_lightning.callback")
+
+_PUBLISHED, _SKIPPED, _FAILED = 0, 1, 2  # a rank's publish, as agreed across the ranks of a sharded run
 
 
 class ViperCallback(Callback):
@@ -194,12 +196,12 @@ class ViperCallback(Callback):
         started = time.perf_counter()  # the schedule's decision is training time lost too
         # a publish skipped for lack of a warm slot is retried at the next step (coalesced)
         decided = self.schedule.should_publish(step, loss) or self._retry_skipped
-        if self._sharded:
+        if self._sharded and not self.schedule.decides_by_step:  # a pending retry is agreed already
             decided = any_rank(decided)  # every rank publishes its part of the same version
         if decided:
             self._publish(trainer, pl_module, loss, started)
             self._log_publisher_state(pl_module)
-        if self.schedule.probes:
+        if self.schedule.probes and not self._sharded:  # a probe's forward would need every rank's collectives
             self._probe(step, pl_module, batch, batch_idx)
 
     @override
@@ -208,7 +210,7 @@ class ViperCallback(Callback):
             return
         started = time.perf_counter()
         decided = self.schedule.should_publish_at_epoch_end(trainer.current_epoch, trainer.global_step)
-        if self._sharded:
+        if self._sharded and not self.schedule.decides_by_step:
             decided = any_rank(decided)
         if decided:
             self._publish(trainer, pl_module, None, started)
@@ -254,10 +256,11 @@ class ViperCallback(Callback):
         """Publish, and charge the schedule what the training thread really lost: the whole hook
         from `started` (its decision, the snapshot, the hand-off), not the snapshot alone."""
         step = trainer.global_step
-        version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch,
-                                          wait_for_slot=wait_for_slot)
-        if self._sharded and any_rank(version is None):
-            version = None  # a version some rank skipped is incomplete: every rank retries next step
+        if self._sharded:
+            version = self._publish_part(pl_module, step, trainer.current_epoch, wait_for_slot)
+        else:
+            version = self._publisher.publish(pl_module, step=step, epoch=trainer.current_epoch,
+                                              wait_for_slot=wait_for_slot)
         self._retry_skipped = version is None
         if version is None:
             return  # no warm slot: skipped rather than stall training (the publisher counts it)
@@ -270,6 +273,20 @@ class ViperCallback(Callback):
         self._report_commit()
         log.debug("queued %s v%d at step %d (stall %.2f ms)", self.model_name, self.last_version,
                   step, (self.last_stall_s or 0.0) * 1e3)
+
+    def _publish_part(self, pl_module: L.LightningModule, step: int, epoch: int, wait_for_slot: bool) -> int | None:
+        """This rank's part; every rank learns whether all published (else all retry next step)
+        or one failed (then all raise: none waits in a collective for a rank that stopped)."""
+        try:
+            version = self._publisher.publish(pl_module, step=step, epoch=epoch, wait_for_slot=wait_for_slot)
+        except Exception:
+            highest_on_any_rank(_FAILED)
+            raise
+        outcome = highest_on_any_rank(_SKIPPED if version is None else _PUBLISHED)
+        if outcome == _FAILED:
+            raise ViperError(f"{self.model_name}: another rank failed to publish its part of the version at step "
+                             f"{step}; its log says why")
+        return None if outcome == _SKIPPED else version  # a version some rank skipped is incomplete
 
     def _log_publisher_state(self, pl_module: L.LightningModule) -> None:
         """Log how many tiers are degraded and how many publishes were skipped, when that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = ["ShardedPublisher"]
 log = logging.getLogger("viper_lightning.publisher")
 
 _ENDPOINT_BYTES = 512  # an endpoint as exchanged between the ranks at start (UTF-8, zero-padded)
+_TOKEN_BYTES = 32  # a rank's random token (hex), rank 0's names the run
 _PORT = re.compile(r"^((?:tcp|gloo|nccl)://.+):(\d{1,5})$")
 
 
@@ -66,26 +68,28 @@ class ShardedPublisher:
         self.part_name = part_name(model_name, self.index, self.count)
         publisher: ModelPublisher | None = None
         failure: BaseException | None = None
-        for name in ("fetch_endpoint", "collective_endpoint"):  # one host may run several ranks
-            if options.get(name) is not None:
-                options[name] = _endpoint_of_rank(options[name], self.index)
         try:
+            for name in ("fetch_endpoint", "collective_endpoint"):  # one host may run several ranks
+                if options.get(name) is not None:
+                    options[name] = _endpoint_of_rank(options[name], self.index)
             publisher = ModelPublisher(self.part_name, _endpoint_of_rank(endpoint, self.index), pfs_root, hmac_key,
                                        **options)
         except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, not wait for this rank
             failure = exc
         # Every rank starts its versions above the highest any rank stored or reserved, and learns
         # where every part announces.
-        agreed = self._exchange(publisher.next_version if publisher else 0, publisher.endpoint if publisher else "")
-        if failure is not None or any(next_version == 0 for next_version, _ in agreed):
+        agreed = self._exchange(publisher.next_version if publisher else 0, publisher.endpoint if publisher else "",
+                                secrets.token_hex(16))
+        if failure is not None or any(next_version == 0 for next_version, _, _ in agreed):
             if publisher is not None:
                 publisher.close()
-            failed = [rank for rank, (next_version, _) in enumerate(agreed) if next_version == 0]
+            failed = [rank for rank, (next_version, _, _) in enumerate(agreed) if next_version == 0]
             raise ConfigurationError(f"{model_name}: the publisher of rank(s) {failed} could not start"
                                      + (f": {failure}" if failure else "")) from failure
         self._publisher = publisher
-        self._next = max(next_version for next_version, _ in agreed)
-        self.endpoints = [address for _, address in agreed]
+        self._next = max(next_version for next_version, _, _ in agreed)
+        self.endpoints = [address for _, address, _ in agreed]
+        self.run = agreed[0][2]  # rank 0's token names this run in every part's notices
         self.endpoint = publisher.endpoint
         if self.index == 0:
             log.info("%s: published as %d parts; consumers subscribe to %s (ShardedSubscriber endpoints)",
@@ -151,7 +155,7 @@ class ShardedPublisher:
     def local_part(self, module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]
                    ) -> tuple[dict[str, torch.Tensor], PartInfo]:
         """This rank's pieces of the weights and where they go (no copy, no collective)."""
-        return local_part(_state_dict_of(module_or_state_dict), self.model_name, self.index, self.count)
+        return local_part(_state_dict_of(module_or_state_dict), self.model_name, self.index, self.count, self.run)
 
     def prepare(self, module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
         """Warm this rank's snapshot slots for its pieces (see ModelPublisher.prepare)."""
@@ -165,12 +169,14 @@ class ShardedPublisher:
         version, self._next = self._next, self._next + 1  # every rank numbers its calls alike
         return self._publisher.publish(tensors, step, epoch, wait_for_slot=wait_for_slot, version=version, part=info)
 
-    def _exchange(self, next_version: int, endpoint: str) -> list[tuple[int, str]]:
-        """Each rank's next version number (0: its publisher failed) and notice endpoint."""
+    def _exchange(self, next_version: int, endpoint: str, token: str) -> list[tuple[int, str, str]]:
+        """Each rank's next version number (0: its publisher failed), notice endpoint and token."""
         encoded = endpoint.encode()[:_ENDPOINT_BYTES]
-        record = torch.zeros(8 + _ENDPOINT_BYTES, dtype=torch.uint8)
+        record = torch.zeros(8 + _TOKEN_BYTES + _ENDPOINT_BYTES, dtype=torch.uint8)
         record[:8] = torch.tensor([next_version], dtype=torch.int64).view(torch.uint8)
-        record[8:8 + len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8) if encoded else 0
+        record[8:8 + _TOKEN_BYTES] = torch.frombuffer(bytearray(token.encode()), dtype=torch.uint8)
+        start = 8 + _TOKEN_BYTES
+        record[start:start + len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8) if encoded else 0
         device = _collective_device(self._group)
         gathered = [torch.empty_like(record, device=device) for _ in range(self.count)]
         dist.all_gather(gathered, record.to(device), group=self._group)
@@ -178,7 +184,9 @@ class ShardedPublisher:
         for entry in gathered:
             raw = entry.cpu()
             number = int(raw[:8].view(torch.int64).item())
-            result.append((number, bytes(raw[8:].tolist()).rstrip(b"\0").decode(errors="replace")))
+            token = bytes(raw[8:8 + _TOKEN_BYTES].tolist()).decode(errors="replace")
+            address = bytes(raw[8 + _TOKEN_BYTES:].tolist()).rstrip(b"\0").decode(errors="replace")
+            result.append((number, address, token))
         return result
 
 
@@ -205,6 +213,11 @@ def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
 
 def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     """Whether `flag` holds on any rank of `group` (a collective: every rank must call it)."""
-    value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device(group))
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item())
+    return bool(highest_on_any_rank(int(bool(flag)), group))
+
+
+def highest_on_any_rank(value: int, group: dist.ProcessGroup | None = None) -> int:
+    """The highest of every rank's `value` (a collective: every rank must call it)."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())

@@ -19,6 +19,9 @@ class PublishSchedule(ABC):
     """
 
     needs_loss: bool = False
+    # Whether decisions depend on the step and epoch alone (no loss, no measured costs): every
+    # rank of a sharded run then decides alike, and the callback skips agreeing on each step.
+    decides_by_step: bool = False
 
     @abstractmethod
     def should_publish(self, step: int, loss: float | None = None) -> bool:

@@ -10,6 +10,8 @@ __all__ = ["EveryEpoch"]
 class EveryEpoch(PublishSchedule):
     """Publish at the end of every training epoch (what epoch-wise checkpointing gives)."""
 
+    decides_by_step = True
+
     def should_publish(self, step: int, loss: float | None = None) -> bool:
         return False
 

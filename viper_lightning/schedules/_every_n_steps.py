@@ -11,6 +11,8 @@ __all__ = ["EveryNSteps"]
 class EveryNSteps(PublishSchedule):
     """Publish after every `n` optimizer steps (the usual hand-tuned baseline)."""
 
+    decides_by_step = True
+
     def __init__(self, n: int = 100) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigurationError(f"EveryNSteps(n={n!r}): n must be a positive integer number of steps")
