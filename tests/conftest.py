@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +140,37 @@ def zmq_context() -> Iterator[zmq.Context]:
     context = zmq.Context()
     yield context
     context.term()
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Readiness probe: poll the server until it answers, its process dies, or time runs out."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            pause.wait(0.05)
+    raise AssertionError(f"the S3 server at {url} never became ready")
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """A local S3-compatible server (moto) with the bucket `viper-bucket`; its S3FileSystem."""
+    s3fs = pytest.importorskip("s3fs", reason="the optional 's3' extra (s3fs, moto[server]) is not installed")
+    pytest.importorskip("moto", reason="the optional 's3' extra (s3fs, moto[server]) is not installed")
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/", server, WAIT_S)
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={
+            "endpoint_url": f"http://127.0.0.1:{port}", "region_name": "eu-west-1"})
+        fs.mkdir("viper-bucket")
+        yield fs
+    finally:
+        server.terminate()
+        server.wait(WAIT_S)
+        log.close()

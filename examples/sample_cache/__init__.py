@@ -1,0 +1,1 @@
+"""Training through the importance-aware sample cache (SHADE), configured from LightningCLI YAML."""

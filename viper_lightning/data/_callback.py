@@ -1,0 +1,82 @@
+"""SampleLossCallback: feeds each sample's training loss to the data module's ImportanceScores."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+__all__ = ["SampleLossCallback"]
+
+log = logging.getLogger("viper_lightning.data")
+
+
+class SampleLossCallback(Callback):
+    """Records the per-sample losses of every training batch into `trainer.datamodule.scores`
+    (ImportanceDataModule's), gathered from every DDP rank first so that all rank alike, and logs
+    the epoch's cache hit ratio as `data/hit_ratio`.
+
+    The LightningModule's `training_step` returns the per-sample losses beside the loss, e.g.
+    `{"loss": (losses * batch["weight"]).mean(), "sample_losses": losses.detach()}` with
+    `losses = F.cross_entropy(logits, batch["y"], reduction="none")`.
+
+    Args:
+        loss_key: the key of the per-sample losses in training_step's output.
+    """
+
+    def __init__(self, loss_key: str = "sample_losses") -> None:
+        self.loss_key = loss_key
+        self.hits = self.draws = 0  # this epoch's, on this rank
+        self.total_hits = self.total_draws = 0
+        self._warned = False
+
+    @property
+    def hit_ratio(self) -> float:
+        """Cache hits over draws, on this rank, since training started."""
+        return self.total_hits / self.total_draws if self.total_draws else 0.0
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.hits = self.draws = 0
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        scores = getattr(trainer.datamodule, "scores", None)
+        losses = outputs.get(self.loss_key) if isinstance(outputs, dict) else None
+        if scores is None or losses is None or not isinstance(batch, dict) or "index" not in batch:
+            if not self._warned:
+                self._warned = True
+                log.warning("SampleLossCallback records nothing: it needs ImportanceDataModule's batches (with "
+                            "'index') and training_step returning %r (per-sample losses)", self.loss_key)
+            return
+        indices = batch["index"].detach().reshape(-1).to(torch.int64)
+        losses = losses.detach().reshape(-1).to(torch.float64)
+        hits = int(batch["hit"].sum()) if "hit" in batch else 0
+        self.hits, self.draws = self.hits + hits, self.draws + len(indices)
+        self.total_hits, self.total_draws = self.total_hits + hits, self.total_draws + len(indices)
+        if trainer.world_size > 1:
+            indices, losses = _gathered(pl_module, indices, losses, trainer.datamodule.batch_size)
+        scores.record(indices.cpu().numpy(), losses.cpu().numpy())
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.draws:
+            pl_module.log("data/hit_ratio", self.hits / self.draws, on_epoch=True, sync_dist=True)
+
+
+def _gathered(pl_module: L.LightningModule, indices: torch.Tensor, losses: torch.Tensor,
+              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (index, loss) pairs; a short last batch is padded with index -1 (ignored)."""
+    pad = batch_size - len(indices)
+    if pad > 0:
+        indices = torch.cat([indices, indices.new_full((pad,), -1)])
+        losses = torch.cat([losses, losses.new_zeros(pad)])
+    device = pl_module.device
+    gathered_indices = pl_module.all_gather(indices.to(device)).reshape(-1)
+    gathered_losses = pl_module.all_gather(losses.to(device)).reshape(-1)
+    return gathered_indices, gathered_losses
