@@ -16,7 +16,8 @@ import safetensors.torch
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from viper_lightning import ConfigurationError, ModelSubscriber, Refusal, ShardedSubscriber, UpdateRecord
+from viper_lightning import (ConfigurationError, EnsembleLease, EnsembleSubscriber, ModelSubscriber, Refusal,
+                             ShardedSubscriber, UpdateRecord)
 
 from ._settings import ViperSettings
 
@@ -29,9 +30,10 @@ log = logging.getLogger("serving_handlers.viper")
 class Served:
     """Which version answered a batch: handed to `ViperHandler.annotate`."""
 
-    version: int | None  # None: the archive's initial weights, before any update
+    # None: the archive's initial weights, before any update; an ensemble's: each member's, by name
+    version: int | None | dict[str, int | None]
     worker: int  # the worker's process id
-    route: str | None  # how that version reached this worker (e.g. "dram-shm"), None for the initial weights
+    route: str | None | dict[str, str | None]  # how that version reached this worker (e.g. "dram-shm")
     batch: int  # how many requests TorchServe batched into this call
 
 
@@ -46,6 +48,10 @@ class ViperHandler(BaseHandler):
     version; `annotate` then names it in every answer. The model is placed on `cuda:<gpu_id>`
     when TorchServe gives the worker a GPU (so the GPU routes can be taken), on the CPU otherwise.
 
+    With `viper.members` (each member's name and endpoint) it serves an ensemble: the model is
+    built once per member, each follows its own producer (EnsembleSubscriber), a batch is
+    answered by the mean of the members' outputs, and `version` and `route` name each member's.
+
     Default request body: JSON `{"inputs": [[...], ...]}` (a batch of rows) or a single list,
     read as `viper.input_dtype` (float32 by default; int64 for token ids).
     Default response: `{"outputs": [[...], ...], "version": int | null, "worker": pid,
@@ -55,7 +61,7 @@ class ViperHandler(BaseHandler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.subscriber: ModelSubscriber | ShardedSubscriber | None = None
+        self.subscriber: ModelSubscriber | ShardedSubscriber | EnsembleSubscriber | None = None
         self.settings: ViperSettings | None = None
         self._metrics: Any = None
         self._routes: dict[int, str] = {}
@@ -69,16 +75,24 @@ class ViperHandler(BaseHandler):
         properties = context.system_properties
         self.device = worker_device(properties, torch.cuda.is_available())
         model_dir = properties.get("model_dir")
-        model = _build_model(model_dir, self.manifest["model"].get("modelFile"), self.settings)
-        _load_initial_weights(model, model_dir, self.settings.initial_weights)
-        model.to(self.device).eval()
         settings = self.settings
+        models = [_build_model(model_dir, self.manifest["model"].get("modelFile"), settings)
+                  for _ in range(len(settings.members) if settings.members else 1)]
+        for model in models:
+            _load_initial_weights(model, model_dir, settings.initial_weights)
+            model.to(self.device).eval()
         common = dict(routes=settings.routes, fetch_timeout=settings.fetch_timeout, zero_copy=settings.zero_copy,
                       allow_keyless=settings.allow_keyless, on_update=self._updated, on_refusal=self._refused)
-        self.subscriber = ShardedSubscriber(model, settings.model_name, settings.endpoints, settings.pfs_root,
-                                            settings.key(), **common).start() if settings.endpoints else \
-            ModelSubscriber(model, settings.model_name, settings.endpoint, settings.pfs_root, settings.key(),
-                            together=settings.together, **common).start()
+        if settings.members:
+            self.subscriber = EnsembleSubscriber(models, [name for name, _ in settings.members],
+                                                 [endpoint for _, endpoint in settings.members], settings.pfs_root,
+                                                 settings.key(), **common).start()
+        elif settings.endpoints:
+            self.subscriber = ShardedSubscriber(models[0], settings.model_name, settings.endpoints, settings.pfs_root,
+                                                settings.key(), **common).start()
+        else:
+            self.subscriber = ModelSubscriber(models[0], settings.model_name, settings.endpoint, settings.pfs_root,
+                                              settings.key(), together=settings.together, **common).start()
         self.model = None  # the serving copy is leased per batch (see inference)
         self.initialized = True
 
@@ -95,8 +109,11 @@ class ViperHandler(BaseHandler):
             finally:
                 self.model = None  # a load may write this copy once the lease ends
         answers = self.postprocess(outputs)
-        answers = self.annotate(answers, Served(lease.version, os.getpid(), self._routes.get(lease.version),
-                                                len(data)))
+        if isinstance(lease, EnsembleLease):
+            served = Served(lease.versions, os.getpid(), lease.routes, len(data))
+        else:
+            served = Served(lease.version, os.getpid(), self._routes.get(lease.version), len(data))
+        answers = self.annotate(answers, served)
         metrics = getattr(context, "metrics", None)
         if metrics is not None:
             metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
@@ -137,9 +154,9 @@ class ViperHandler(BaseHandler):
                     answer.setdefault(key, value)
             set_header = getattr(self.context, "set_response_header", None)
             if set_header is not None:
-                set_header(index, "X-Viper-Version", str(served.version))
+                set_header(index, "X-Viper-Version", json.dumps(served.version))
                 set_header(index, "X-Viper-Worker", str(served.worker))
-                set_header(index, "X-Viper-Route", str(served.route))
+                set_header(index, "X-Viper-Route", json.dumps(served.route))
         return answers
 
     # -- metrics (called on the subscriber thread) -------------------------------------------

@@ -11,7 +11,7 @@ from viper_lightning.transport._protocol import DEFAULT_ENDPOINT
 __all__ = ["ViperSettings"]
 
 _KNOWN = {"model_name", "endpoint", "pfs_root", "hmac_key", "hmac_key_file", "routes", "model_class",
-          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless", "together", "endpoints", "input_dtype"}
+          "model_kwargs", "initial_weights", "fetch_timeout", "zero_copy", "allow_keyless", "together", "endpoints", "input_dtype", "members"}
 INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -36,6 +36,9 @@ class ViperSettings:
     # the worker then follows it with a ShardedSubscriber, and `endpoint` is not used
     endpoints: tuple[str, ...] | None = None
     input_dtype: str = "float32"  # what the default preprocess reads JSON inputs as (int64: token ids)
+    # an ensemble: each member's published name and notice endpoint ({"model_name", "endpoint"});
+    # the worker builds the model once per member and answers with the mean of their outputs
+    members: tuple[tuple[str, str], ...] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ViperSettings:
@@ -65,6 +68,15 @@ class ViperSettings:
         for flag in ("allow_keyless", "together"):
             if not isinstance(values.get(flag, False), bool):
                 raise ConfigurationError(f"viper.{flag} must be true or false (unquoted) in model-config.yaml")
+        if values.get("members") is not None:
+            members = values["members"]
+            if not isinstance(members, list) or not members or not all(
+                    isinstance(m, dict) and isinstance(m.get("model_name"), str) and isinstance(m.get("endpoint"), str)
+                    for m in members):
+                raise ConfigurationError("viper.members must list each member as {model_name: ..., endpoint: ...}")
+            if values.get("endpoints") or values.get("together"):
+                raise ConfigurationError("viper.members (an ensemble) cannot be combined with endpoints or together")
+            values["members"] = tuple((m["model_name"], m["endpoint"]) for m in members)
         if values.get("input_dtype", "float32") not in INPUT_DTYPES:
             raise ConfigurationError(f"viper.input_dtype {values.get('input_dtype')!r} is not one of {INPUT_DTYPES}")
         if not isinstance(values.get("model_kwargs", {}), dict):

@@ -12,6 +12,7 @@ from ._layout import Layout, TensorSpec
 from .consumer._planner import Route, RouteKind, TransferPlanner
 from .consumer._double_buffer import Lease
 from .consumer._stats import Refusal, SubscriberStats, UpdateRecord
+from .consumer._ensemble import EnsembleLease, EnsembleSubscriber
 from .consumer._sharded import ShardedSubscriber
 from .consumer._subscriber import ModelSubscriber
 from .producer._publisher import CommitRecord, ModelPublisher
@@ -31,6 +32,8 @@ __all__ = [
     "ModelSubscriber",
     "ShardedPublisher",
     "ShardedSubscriber",
+    "EnsembleSubscriber",
+    "EnsembleLease",
     "TransferPlanner",
     "Route",
     "RouteKind",
