@@ -153,6 +153,25 @@ def test_the_cache_reads_through_the_s3_test_server(s3, tmp_path):
     assert recorder.total_draws == 3 * 100 and recorder.hit_ratio > 0.1
 
 
+def test_ddp_ranks_cache_their_own_and_share_the_scores(store, tmp_path):
+    """Two real DDP ranks: each draws its own samples into its own cache, and each ranks every
+    sample either drew (the callback gathers the losses of both)."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "tests._ddp_sample_cache", "--root", store.root, "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["cache_dir"] != ranks[1]["cache_dir"]
+    assert set(ranks[0]["drawn"]) != set(ranks[1]["drawn"])  # each rank its own draws
+    union = set(ranks[0]["drawn"]) | set(ranks[1]["drawn"])
+    for rank in ranks:
+        assert set(rank["scored"]) == union  # a loss for every sample either rank trained on
+        assert rank["draws"] == 2 * (len(store) // 2 // 20) * 20
+
+
 def test_the_example_yaml_configures_the_cache_from_lightningcli(store, tmp_path):
     config = yaml.safe_load((REPO / "examples/sample_cache/train.yaml").read_text())
     config["trainer"].update(max_epochs=1, default_root_dir=str(tmp_path / "run"))

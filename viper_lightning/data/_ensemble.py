@@ -283,6 +283,7 @@ class SharedBatches(IterableDataset):
         self._context: zmq.Context | None = None
         self._ring: mmap.mmap | None = None
         self._held: deque[tuple[int, int, int]] = deque()  # (seq, offset, nbytes) of each batch not released
+        self._layout: tuple[object, object, Layout] | None = None  # the last batch's layout, as sent and parsed
         self._ended = False
         self.batches_seen = 0
 
@@ -328,7 +329,10 @@ class SharedBatches(IterableDataset):
             raise IntegrityError(f"ensemble member {self.member}: a malformed message from the loader: {exc}") from None
 
     def _batch(self, message: dict) -> dict[str, torch.Tensor]:
-        layout = Layout.from_json(message.get("layout"), message.get("nbytes"))
+        sent = (message.get("layout"), message.get("nbytes"))
+        if self._layout is None or self._layout[:2] != sent:  # batches mostly share one layout: parsed once
+            self._layout = (*sent, Layout.from_json(*sent))
+        layout = self._layout[2]
         offset = message.get("offset")
         if not isinstance(offset, int) or offset < 0 or offset + layout.nbytes > len(self._ring):
             raise IntegrityError(f"ensemble member {self.member}: a batch at {offset!r} lies outside the ring")
