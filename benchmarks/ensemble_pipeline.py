@@ -13,6 +13,8 @@ the CPU (normalise, random crop and flip, bilinear resize to 32x32), `--batch-si
 input_cpu_s_per_step: the CPU seconds spent on input in all processes (each member's thread
 time inside the DataLoader's next, and the loader's thread time making and writing batches),
 over all members' steps. steps_per_s: steps per second of wall time, per member (the mean).
+Each case runs `--repeat` times (default 3), the cases interleaved, and reports its medians
+(and every run's values): on a small shared machine one run's CPU times drift by a fifth.
 Every member also checks the batches it saw: in the shared mode all members must have seen the
 same ones (the run fails otherwise).
 `--json OUT` writes `{"results": [{"mode", "members", "input_cpu_s_per_step", "steps_per_s"}]}`.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,16 +146,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each case (medians are reported)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for _ in range(args.repeat):
+        for members in args.members:
+            for mode in ("independent", "shared"):
+                runs.setdefault((mode, members), []).append(
+                    measure(mode, members, args.samples, args.batch_size, args.epochs))
     results = []
-    for members in args.members:
-        for mode in ("independent", "shared"):
-            results.append(measure(mode, members, args.samples, args.batch_size, args.epochs))
-            r = results[-1]
-            print(f"{mode:<12} x{members}  input CPU {r['input_cpu_s_per_step'] * 1e3:7.1f} ms/step  "
-                  f"{r['steps_per_s']:6.2f} steps/s per member  same batches: {r['same_batches']}", flush=True)
+    for (mode, members), measured in runs.items():
+        results.append({"mode": mode, "members": members,
+                        "input_cpu_s_per_step": statistics.median(r["input_cpu_s_per_step"] for r in measured),
+                        "steps_per_s": statistics.median(r["steps_per_s"] for r in measured),
+                        "same_batches": all(r["same_batches"] for r in measured), "runs": measured})
+        r = results[-1]
+        print(f"{mode:<12} x{members}  input CPU {r['input_cpu_s_per_step'] * 1e3:7.1f} ms/step  "
+              f"{r['steps_per_s']:6.2f} steps/s per member  (medians of {len(measured)}: "
+              + ", ".join(f"{m['input_cpu_s_per_step'] * 1e3:.1f}" for m in measured)
+              + f" ms/step)  same batches: {r['same_batches']}", flush=True)
     print("\nratios measured in this run:")
     for members in args.members:
         independent, shared = (next(r for r in results if r["mode"] == m and r["members"] == members)
