@@ -66,6 +66,7 @@ class ViperHandler(BaseHandler):
         self._metrics: Any = None
         self._routes: dict[int, str] = {}
         self._sizes: list[int] | None = None  # rows per request of the batch being answered
+        self._errors: dict[int, str] = {}  # requests of that batch refused by preprocess, and why
 
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -97,18 +98,25 @@ class ViperHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
-        """preprocess -> inference (inside one lease) -> postprocess -> annotate."""
+        """preprocess -> inference (or explain_handle, for TorchServe's explanations API) inside
+        one lease -> postprocess -> annotate; a describe request answers `describe_handle()`."""
         started = time.perf_counter()
         self.context = context
-        self._sizes = None
+        self._sizes, self._errors = None, {}
+        if self._is_describe():
+            return [self.describe_handle()]
         inputs = self.preprocess(data)
+        explaining = self._is_explain()
         with self.subscriber.lease() as lease:
             self.model = lease.model
             try:
-                outputs = self.inference(inputs)
+                if inputs is None:  # every request of the batch was refused by preprocess
+                    outputs = None
+                else:
+                    outputs = self.explain_handle(inputs, data) if explaining else self.inference(inputs)
             finally:
                 self.model = None  # a load may write this copy once the lease ends
-        answers = self.postprocess(outputs)
+        answers = outputs if explaining else self.postprocess(outputs)
         if isinstance(lease, EnsembleLease):
             served = Served(lease.versions, os.getpid(), lease.routes, len(data))
         else:
@@ -119,25 +127,44 @@ class ViperHandler(BaseHandler):
             metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
         return answers
 
-    def preprocess(self, data: list[Any]) -> torch.Tensor:
+    def preprocess(self, data: list[Any]) -> torch.Tensor | None:
         """Each request's JSON rows (`{"inputs": [...]}` or a bare list) as one batch tensor of
-        `viper.input_dtype`; how many rows each request sent is kept for `postprocess`."""
+        `viper.input_dtype`; how many rows each request sent is kept for `postprocess`. A request
+        that does not parse, or whose rows differ in shape from the batch's first, is answered
+        with an error (status 400) and the others are answered as usual; None if none is left."""
         dtype = getattr(torch, self.settings.input_dtype)
-        batches = [_rows_of(request, dtype) for request in data]
-        self._sizes = [len(batch) for batch in batches]
-        return torch.cat(batches)
+        batches: list[torch.Tensor] = []
+        self._sizes = []
+        for index, request in enumerate(data):
+            try:
+                rows = _rows_of(request, dtype)
+                if batches and rows.shape[1:] != batches[0].shape[1:]:
+                    raise ValueError(f"rows of shape {list(rows.shape[1:])}, the batch's are {list(batches[0].shape[1:])}")
+            except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
+                self._errors[index] = f"request refused: {exc}"[:500]
+                self._sizes.append(0)
+                continue
+            batches.append(rows)
+            self._sizes.append(len(rows))
+        return torch.cat(batches) if batches else None
 
     def inference(self, data: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The leased model (`self.model`) on the batch, on the model's device."""
         with torch.no_grad():
             return self.model(data.to(self.device), *args, **kwargs)
 
-    def postprocess(self, data: torch.Tensor) -> list[dict[str, Any]]:
+    def postprocess(self, data: torch.Tensor | None) -> list[dict[str, Any]]:
         """One answer per request: its rows of the outputs (one row each, unless the default
-        `preprocess` recorded more)."""
+        `preprocess` recorded more), or the error preprocess refused it with."""
         sizes = self._sizes if self._sizes is not None else [1] * len(data)
         answers, start = [], 0
-        for size in sizes:
+        for index, size in enumerate(sizes):
+            if index in self._errors:
+                answers.append({"error": self._errors[index]})
+                set_status = getattr(self.context, "set_response_status", None)
+                if set_status is not None:
+                    set_status(400, "Bad Request", index)
+                continue
             rows = data[start:start + size].cpu()
             answers.append({"outputs": (rows if self._sizes is not None else rows[0]).tolist()})
             start += size

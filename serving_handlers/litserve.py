@@ -155,9 +155,10 @@ class LitServeProcess:
                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline, pause = time.monotonic() + self.startup_timeout, threading.Event()
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            code = self._process.poll()
+            if code is not None:
                 self.stop()
-                raise TransferError(f"LitServe exited with {self._process.returncode}; see {self.log_path}")
+                raise TransferError(f"LitServe exited with {code}; see {self.log_path}")
             if self._healthy():
                 return self
             pause.wait(0.1)

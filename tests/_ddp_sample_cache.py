@@ -20,6 +20,10 @@ from viper_lightning.data import ImportanceDataModule, SampleLossCallback
 class _Drawn(L.Callback):
     def __init__(self) -> None:
         self.indices: set[int] = set()
+        self.cache_dir: str | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.cache_dir = trainer.datamodule.cache.directory
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.indices.update(int(i) for i in batch["index"])
@@ -40,7 +44,7 @@ def main() -> None:
     scored = np.flatnonzero(np.isfinite(data.scores._losses))
     (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps({
         "scored": [int(i) for i in scored], "drawn": sorted(drawn.indices),
-        "cache_dir": data.cache.directory if data.cache else None, "draws": recorder.total_draws}))
+        "cache_dir": drawn.cache_dir, "draws": recorder.total_draws}))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 from examples.ensemble.run import EpochBatches
 from viper_lightning import EnsembleSubscriber, ModelPublisher
+from viper_lightning._errors import IntegrityError, TransferError
 from viper_lightning.data import BatchLoader, SharedBatches
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, free_port, perturbed
@@ -91,6 +92,26 @@ def test_the_slowest_member_sets_the_pace(tmp_path):
         serving.join(WAIT_S)
         assert not serving.is_alive()
     assert first + rest == [float(i) for i in range(20)]
+
+
+def test_a_member_silent_past_its_timeout_is_dropped_and_never_trains_on_overwritten_batches(tmp_path):
+    batches = [{"x": torch.full((4,), float(i))} for i in range(30)]
+    with BatchLoader(2, 64, slots=4, member_timeout=0.5) as loader:
+        fast, slow = (SharedBatches(loader.directory, k, hold=2, timeout=WAIT_S) for k in (0, 1))
+        seen: list[float] = []
+        reading = threading.Thread(target=lambda: seen.extend(float(batch["x"][0]) for batch in fast))
+        serving = threading.Thread(target=loader.serve, args=(batches,))
+        stalled = iter(slow)
+        serving.start()
+        reading.start()
+        [next(stalled) for _ in range(3)]  # then silent: the loader drops it after half a second
+        serving.join(WAIT_S)
+        reading.join(WAIT_S)
+        assert loader.dropped == [1] and seen == [float(i) for i in range(30)]  # the other went on
+        with pytest.raises((TransferError, IntegrityError), match="overwritten|dropped"):
+            for _ in stalled:
+                pass
+        fast.close()
 
 
 def test_an_ensemble_answers_with_the_mean_of_its_members_naming_each_version():

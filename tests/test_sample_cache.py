@@ -19,6 +19,7 @@ from examples.sample_cache.model import Classifier
 from viper_lightning._errors import ConfigurationError, IntegrityError
 from viper_lightning.data import (CachedSamples, ImportanceDataModule, ImportanceSampler, ImportanceScores,
                                   SampleCache, SampleLossCallback, SampleStore)
+from viper_lightning.data._cache import Plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,8 +37,13 @@ def test_samples_round_trip_and_bad_ones_are_refused_by_name(store, tmp_path):
     assert torch.equal(sample["x"], x[7]) and torch.equal(sample["y"], y[7])
     assert len(store) == 200 and store.sizes.min() > 0
     (tmp_path / "samples" / "00000003.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(IntegrityError, match="sample 3 .* is 15 bytes, but samples.json says"):
+        store.read(3)
     with pytest.raises(IntegrityError, match="sample 3 is not a safetensors file"):
-        SampleStore.decode(store.read(3), 3)
+        SampleStore.decode(b"not safetensors", 3)
+    (tmp_path / "samples" / "00000004.safetensors").write_bytes(b"x" * 10**6)
+    with pytest.raises(IntegrityError, match="sample 4 .* is longer than"):
+        store.read(4)
     with pytest.raises(ConfigurationError, match="has no samples.json"):
         SampleStore(str(tmp_path))
 
@@ -59,22 +65,42 @@ def _scored(losses: list[float]) -> ImportanceScores:
 
 def test_the_importance_cache_keeps_the_most_important_within_its_bytes(tmp_path):
     scores = _scored([5.0, 4.0, 3.0, 2.0, 1.0, 6.0])
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "1").write_bytes(b"planted")  # another run's (or user's) file: never read
     cache = SampleCache(30, np.full(6, 10), scores, "importance", str(tmp_path / "cache"))
-    assert [cache.plan(i) for i in (3, 4, 2)] == [True, True, True]  # room for three
+    assert cache.directory != str(tmp_path / "cache") and os.listdir(cache.directory) == []
+    assert [cache.plan(i) for i in (3, 4, 2)] == [Plan.KEEP] * 3  # room for three
     for index in (3, 4, 2):
-        (tmp_path / "cache" / str(index)).write_bytes(b"x")
-    assert cache.plan(4) is False  # a hit
-    assert cache.plan(0) is True and 4 not in cache  # more important than the least, which goes
-    assert not (tmp_path / "cache" / "4").exists()
-    assert cache.plan(4) is False and 4 not in cache  # less important than every cached one: not admitted
+        Path(cache.path(index)).write_bytes(b"x")
+    assert cache.plan(4) is Plan.READ  # a hit
+    assert cache.plan(0) is Plan.KEEP and 4 not in cache  # more important than the least, which goes
+    assert not os.path.exists(cache.path(4))
+    assert cache.plan(4) is Plan.FETCH and 4 not in cache  # less important than every cached one
     assert cache.used_bytes == 30 and sorted(cache.cached()) == [0, 2, 3]
+
+
+def test_the_cache_evicts_nothing_for_a_sample_it_then_cannot_admit(tmp_path):
+    scores = _scored([9.0, 1.0, 5.0])  # ranks: 0 first, then 2, then 1
+    cache = SampleCache(20, np.array([10, 10, 20]), scores, "importance", str(tmp_path))
+    assert cache.plan(0) is Plan.KEEP and cache.plan(1) is Plan.KEEP
+    # sample 2 needs both places, but sample 0 is more important than it: nothing is evicted
+    assert cache.plan(2) is Plan.FETCH and sorted(cache.cached()) == [0, 1] and cache.used_bytes == 20
+
+
+def test_a_sweep_removes_files_written_after_their_eviction(tmp_path):
+    cache = SampleCache(10, np.full(3, 10), None, "lru", str(tmp_path))
+    assert cache.plan(0) is Plan.KEEP
+    assert cache.plan(1) is Plan.KEEP  # evicts 0 before any worker wrote it...
+    Path(cache.path(0)).write_bytes(b"x")  # ...then a worker writes it anyway
+    cache.sweep()  # and 1's write never came (a full disk, say)
+    assert os.listdir(cache.directory) == [] and len(cache) == 0 and cache.used_bytes == 0
 
 
 def test_the_lru_cache_evicts_the_least_recently_drawn(tmp_path):
     cache = SampleCache(20, np.full(4, 10), None, "lru", str(tmp_path / "cache"))
-    assert [cache.plan(i) for i in (0, 1)] == [True, True]
+    assert [cache.plan(i) for i in (0, 1)] == [Plan.KEEP, Plan.KEEP]
     cache.plan(0)  # a hit refreshes 0
-    assert cache.plan(2) is True and sorted(cache.cached()) == [0, 2]
+    assert cache.plan(2) is Plan.KEEP and sorted(cache.cached()) == [0, 2]
 
 
 def test_affinity_zero_is_exact_uniform_sampling_with_weight_one():
@@ -82,6 +108,9 @@ def test_affinity_zero_is_exact_uniform_sampling_with_weight_one():
     drawn = list(sampler)
     assert sorted(index for index, _, _ in drawn) == list(range(50))
     assert {weight for _, _, weight in drawn} == {1.0}
+    halves = [ImportanceSampler(_scored(list(np.linspace(1, 2, 50))), cache_affinity=0.0, num_replicas=2, rank=rank)
+              for rank in (0, 1)]
+    assert sorted(index for half in halves for index, _, _ in half) == list(range(50))  # DDP: a partition
 
 
 def test_importance_draws_favour_high_ranks_and_weights_undo_the_bias(tmp_path):
@@ -93,7 +122,7 @@ def test_importance_draws_favour_high_ranks_and_weights_undo_the_bias(tmp_path):
     weighted = np.zeros(100)
     for index, _, weight in drawn:
         weighted[index] += weight
-    assert np.isclose(weighted / len(drawn), 1 / 100, rtol=0.5)[10:].all()  # about uniform once weighted
+    assert np.isclose(weighted / len(drawn), 1 / 100, rtol=0.5)[20:].all()  # about uniform once weighted
 
 
 def test_substitution_takes_a_cached_sample_of_similar_rank_only_when_asked(tmp_path):
@@ -101,7 +130,8 @@ def test_substitution_takes_a_cached_sample_of_similar_rank_only_when_asked(tmp_
     losses[95] = 100.0  # rank 0: nothing drawn can take its place in the cache
     scores = _scored(losses)
     cache = SampleCache(10, np.full(100, 10), scores, "importance", str(tmp_path / "cache"))
-    assert cache.plan(95)  # the one cached sample
+    assert cache.plan(95) is Plan.KEEP  # the one cached sample
+    Path(cache.path(95)).write_bytes(b"x")  # as its worker would
     plain = ImportanceSampler(scores, cache, cache_affinity=1.0, num_samples=2000)
     assert any(index != 95 for index, _, _ in plain)
     substituting = ImportanceSampler(scores, cache, cache_affinity=1.0, substitute_window=0.03, num_samples=2000)

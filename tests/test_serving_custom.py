@@ -15,7 +15,7 @@ import torch
 from examples.tokens.handler import byte_ids
 from examples.tokens.model import ByteClassifier
 from serving_handlers import TorchServe, build_archive
-from viper_lightning import ModelPublisher
+from viper_lightning import ModelPublisher, TransferError
 
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, perturbed
 from .serving_model import Scorer
@@ -123,6 +123,8 @@ def test_the_documented_metrics_setup_shows_every_viper_metric(tmp_path, model_n
             for _ in range(2000):
                 if server.predict("scorer", {"inputs": rows.tolist()})["version"] == version:
                     break
+            with pytest.raises(TransferError, match="(?s)400.*request refused"):  # bad input: its own error only
+                server.predict("scorer", {"inputs": ["not a number"]})
             wrong_shape = {**Scorer().state_dict(), "net.0.weight": torch.zeros(32, 17)}
             producer.publish(wrong_shape)  # refused by the worker: ViperFailedUpdates
             names = ("ViperUpdateLatencyMs", "ViperVersion", "ViperVersionsApplied", "ViperFailedUpdates",

@@ -48,20 +48,24 @@ class SampleLossCallback(Callback):
                            batch_idx: int) -> None:
         scores = getattr(trainer.datamodule, "scores", None)
         losses = outputs.get(self.loss_key) if isinstance(outputs, dict) else None
-        if scores is None or losses is None or not isinstance(batch, dict) or "index" not in batch:
+        usable = scores is not None and losses is not None and isinstance(batch, dict) and "index" in batch \
+            and losses.numel() == batch["index"].numel()
+        if usable:
+            indices = batch["index"].detach().reshape(-1).to(torch.int64)
+            losses = losses.detach().reshape(-1).to(torch.float64)
+            hits = int(batch["hit"].sum()) if "hit" in batch else 0
+            self.hits, self.draws = self.hits + hits, self.draws + len(indices)
+            self.total_hits, self.total_draws = self.total_hits + hits, self.total_draws + len(indices)
+        else:
             if not self._warned:
                 self._warned = True
                 log.warning("SampleLossCallback records nothing: it needs ImportanceDataModule's batches (with "
-                            "'index') and training_step returning %r (per-sample losses)", self.loss_key)
-            return
-        indices = batch["index"].detach().reshape(-1).to(torch.int64)
-        losses = losses.detach().reshape(-1).to(torch.float64)
-        hits = int(batch["hit"].sum()) if "hit" in batch else 0
-        self.hits, self.draws = self.hits + hits, self.draws + len(indices)
-        self.total_hits, self.total_draws = self.total_hits + hits, self.total_draws + len(indices)
-        if trainer.world_size > 1:
-            indices, losses = _gathered(pl_module, indices, losses, trainer.datamodule.batch_size)
-        scores.record(indices.cpu().numpy(), losses.cpu().numpy())
+                            "'index') and training_step returning %r, one loss per sample", self.loss_key)
+            indices, losses = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float64)
+        if trainer.world_size > 1:  # every rank gathers, whatever it has: none may wait alone
+            indices, losses = _gathered(pl_module, indices, losses, getattr(trainer.datamodule, "batch_size", 1))
+        if scores is not None and len(indices):
+            scores.record(indices.cpu().numpy(), losses.cpu().numpy())
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -37,8 +37,8 @@ class ImportanceDataModule(L.LightningDataModule):
             fraction of the ranks (SHADE's substitution; 0, the default: never). More hits, fewer
             distinct samples trained on.
         importance_power: sampling probability grows as ((N - rank) / N) ** importance_power.
-        cache_dir: where cached samples go (default: a fresh directory in /dev/shm, removed at the
-            end).
+        cache_dir: where each rank's private cache directory is made (default /dev/shm; it is
+            removed when training ends).
         storage_options: the fsspec file system's options (an S3 endpoint and keys, say).
         seed: the draws' seed.
     """
@@ -63,12 +63,12 @@ class ImportanceDataModule(L.LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
-        if self.store is None:
+        if self.store is None:  # kept across fits: the scores carry over
             self.store = SampleStore(self.root, self.storage_options)
-            self.scores = ImportanceScores(len(self.store), self.importance_power)
-            if self.cache_fraction > 0:
-                self.cache = SampleCache(int(self.cache_fraction * int(self.store.sizes.sum())), self.store.sizes,
-                                         self.scores, self.policy, self.cache_dir)
+            self.scores = ImportanceScores(len(self.store), self.importance_power, seed=self.seed)
+        if self.cache is None and self.cache_fraction > 0 and stage == "fit":
+            self.cache = SampleCache(int(self.cache_fraction * int(self.store.sizes.sum())), self.store.sizes,
+                                     self.scores, self.policy, self.cache_dir)
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -85,9 +85,8 @@ class ImportanceDataModule(L.LightningDataModule):
     @override
     def teardown(self, stage: str) -> None:
         if self.cache is not None:
-            self.cache.close()
+            self.cache.close()  # its directory goes; the scores stay
             self.cache = None
-            self.store = None
 
     @override
     def state_dict(self) -> dict:

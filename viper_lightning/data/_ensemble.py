@@ -6,7 +6,10 @@ member which slot holds it; a member (SharedBatches, the dataset of its DataLoad
 ring and yields tensors that view the slot, so no member copies the batch. A slot is written
 again only once every member still alive said it is done with it: the slowest member sets the
 pace, and the ring's size bounds how far the loader runs ahead. A member that dies (its process
-is gone) or stays silent past `member_timeout` is dropped, and the others go on.
+is gone; members share the loader's PID namespace), or that holds the oldest batch while the
+ring stays full past `member_timeout` when one is set, is dropped, and the others go on. Each slot
+starts with the sequence number of the batch in it, which a member checks when it releases
+the batch: a batch overwritten while in use is an error, never silently trained on.
 
 The ring and the loader's socket live in a private directory (mode 0700) of the user who runs
 them; messages are JSON over a ZeroMQ unix socket there, never pickles.
@@ -23,7 +26,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 import torch
@@ -40,6 +43,7 @@ log = logging.getLogger("viper_lightning.data")
 
 RING = "ring"
 SOCKET = "loader.sock"
+HEADER_BYTES = 64  # each slot's sequence number (int64), then its batch at this offset
 POLL_S = 0.1
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -48,7 +52,6 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 class _Member:
     pid: int
     identity: bytes
-    heard_at: float = field(default_factory=time.monotonic)
 
 
 class BatchLoader:
@@ -62,16 +65,18 @@ class BatchLoader:
         directory: where the ring and the socket go (default: a fresh private directory in
             /dev/shm); members are given the same path.
         join_timeout: seconds to wait for every member to join before serving those that did.
-        member_timeout: seconds a member holding a slot may stay silent before it is dropped
-            (a member whose process is gone is dropped at once).
+        member_timeout: seconds the ring may stay full before the members holding its oldest batch
+            are dropped and told so (None, the default: never; the slowest member sets the pace,
+            however slow). A member whose process is gone is dropped at once.
     """
 
     def __init__(self, members: int, slot_bytes: int, slots: int = 6, directory: str | None = None,
-                 join_timeout: float = 120.0, member_timeout: float = 60.0) -> None:
+                 join_timeout: float = 120.0, member_timeout: float | None = None) -> None:
         if members < 1 or slots < 2 or slot_bytes < 1:
             raise ConfigurationError(f"BatchLoader(members={members}, slots={slots}, slot_bytes={slot_bytes}): need "
                                      "at least one member, two slots and one byte per slot")
-        slot_bytes = -(-slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages: members drop them per slot
+        # whole pages, so that members drop a slot's pages on their own
+        slot_bytes = -(-(slot_bytes + HEADER_BYTES) // mmap.PAGESIZE) * mmap.PAGESIZE
         self.members_expected, self.slots, self.slot_bytes = members, slots, slot_bytes
         self.join_timeout, self.member_timeout = join_timeout, member_timeout
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -139,26 +144,41 @@ class BatchLoader:
 
     def _send_batch(self, batch: Mapping[str, torch.Tensor], epoch: int) -> None:
         layout = Layout.for_state_dict(batch)
-        if layout.nbytes > self.slot_bytes:
+        if layout.nbytes > self.slot_bytes - HEADER_BYTES:
             raise ConfigurationError(f"a batch of {layout.nbytes} bytes does not fit a {self.slot_bytes}-byte slot; "
                                      "give BatchLoader a larger slot_bytes")
         slot = self._free_slot()
-        start = slot * self.slot_bytes
+        self._seq += 1
+        start = slot * self.slot_bytes + HEADER_BYTES
+        self._ring[start - HEADER_BYTES:start - HEADER_BYTES + 8] = self._seq.to_bytes(8, "little")
         target = torch.frombuffer(self._ring, dtype=torch.uint8, count=layout.nbytes, offset=start)
         views = layout.views(target)
         for spec in layout.unique_tensors():
             views[spec.name].copy_(batch[spec.name])
-        self._seq += 1
         self._slot_of[self._seq] = slot
         self._holders[slot] = set(self._members)
         self._announce({"kind": "batch", "seq": self._seq, "epoch": epoch, "offset": start,
                         "nbytes": layout.nbytes, "layout": layout.to_json()})
 
     def _free_slot(self) -> int:
+        waiting_since = time.monotonic()
         while not self._free:
             self._receive(POLL_S)
             self._drop_gone()
+            if self.member_timeout is not None and time.monotonic() - waiting_since > self.member_timeout:
+                self._drop_blocking()
+                waiting_since = time.monotonic()
         return self._free.popleft()
+
+    def _drop_blocking(self) -> None:
+        """The ring has been full for member_timeout: drop the members that still hold its oldest
+        batch (the others hold only newer ones, waiting for the next), and tell them."""
+        oldest = min(self._slot_of)
+        for number in sorted(self._holders[self._slot_of[oldest]]):
+            member = self._members.get(number)
+            if member is not None:
+                self._socket.send_multipart([member.identity, json.dumps({"kind": "dropped"}).encode()])
+                self._drop(number, f"it held batch {oldest} for over {self.member_timeout:.0f} s while the others waited")
 
     def _announce(self, message: dict[str, object]) -> None:
         payload = json.dumps(message).encode()
@@ -167,7 +187,7 @@ class BatchLoader:
 
     def _drain(self) -> None:
         """After the end: until every member released its slots or left (bounded by the timeout)."""
-        deadline = time.monotonic() + self.member_timeout
+        deadline = time.monotonic() + (self.member_timeout or 60.0)
         while self._members and len(self._free) < self.slots and time.monotonic() < deadline:
             self._receive(POLL_S)
             self._drop_gone(finished=True)
@@ -182,23 +202,26 @@ class BatchLoader:
                 continue
             try:
                 message = json.loads(frames[1])
-                kind, member = message["kind"], int(message["member"])
-            except (ValueError, KeyError, TypeError):
+                kind, member = message["kind"], message["member"]
+                seqs, pid = message.get("seqs", []), message.get("pid", 0)
+                if not (isinstance(kind, str) and _count(member) and _count(pid) and isinstance(seqs, list)
+                        and all(_count(seq) for seq in seqs)):
+                    raise TypeError(kind)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 log.warning("ignored a malformed message on %s", self.directory)
                 continue
             self._handle(kind, member, frames[0], message)
 
     def _handle(self, kind: str, member: int, identity: bytes, message: dict) -> None:
         if kind == "hello" and member not in self._members and member not in self.dropped:
-            self._members[member] = _Member(int(message.get("pid", 0)), identity)
+            self._members[member] = _Member(message.get("pid", 0), identity)
             return
         known = self._members.get(member)
         if known is None or known.identity != identity:
             return  # not a member, or another process claiming one's number
-        known.heard_at = time.monotonic()
         if kind == "done":
             for seq in message.get("seqs", []):
-                self._release(member, int(seq))
+                self._release(member, seq)
         elif kind == "bye":
             self._drop(member, "left")
 
@@ -212,14 +235,10 @@ class BatchLoader:
             self._free.append(slot)
 
     def _drop_gone(self, finished: bool = False) -> None:
-        """Drop members that died or went silent (after the end, one that exited just finished)."""
-        now = time.monotonic()
+        """Drop members whose process is gone (after the end, one that exited just finished)."""
         for number, member in list(self._members.items()):
-            holding = any(number in holders for holders in self._holders)
             if not _alive(member.pid):
                 self._drop(number, "left" if finished else "its process is gone")
-            elif holding and now - member.heard_at > self.member_timeout:
-                self._drop(number, f"silent for {self.member_timeout:.0f} s")
 
     def _drop(self, number: int, why: str) -> None:
         self._members.pop(number, None)
@@ -242,6 +261,10 @@ class BatchLoader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _alive(pid: int) -> bool:
@@ -301,6 +324,9 @@ class SharedBatches(IterableDataset):
                 self._ended = True
                 self._release(len(self._held))
                 self._send({"kind": "bye"})
+            elif kind == "dropped":
+                raise TransferError(f"ensemble member {self.member}: the loader dropped it (it held a batch past the "
+                                    "loader's member_timeout); the batches it held may have been overwritten")
 
     def _connect(self) -> None:
         if self._socket is not None:
@@ -333,13 +359,13 @@ class SharedBatches(IterableDataset):
         if self._layout is None or self._layout[:2] != sent:  # batches mostly share one layout: parsed once
             self._layout = (*sent, Layout.from_json(*sent))
         layout = self._layout[2]
-        offset = message.get("offset")
-        if not isinstance(offset, int) or offset < 0 or offset + layout.nbytes > len(self._ring):
+        offset, seq = message.get("offset"), message.get("seq")
+        if not _count(offset) or offset < HEADER_BYTES or offset + layout.nbytes > len(self._ring) or not _count(seq):
             raise IntegrityError(f"ensemble member {self.member}: a batch at {offset!r} lies outside the ring")
         # MAP_PRIVATE: a page a step writes becomes this process's own copy; on release the slot's
         # pages are dropped (MADV_DONTNEED), so the next batch in the slot is read from the ring
         buffer = torch.frombuffer(self._ring, dtype=torch.uint8, count=layout.nbytes, offset=offset)
-        self._held.append((int(message["seq"]), offset, layout.nbytes))
+        self._held.append((seq, offset, layout.nbytes))
         self.batches_seen += 1
         if len(self._held) > self.hold:
             self._release(len(self._held) - self.hold)
@@ -349,8 +375,12 @@ class SharedBatches(IterableDataset):
         if count <= 0 or self._socket is None:
             return
         released = [self._held.popleft() for _ in range(count)]
-        for _, offset, nbytes in released:
-            start = offset - offset % mmap.PAGESIZE
+        for seq, offset, nbytes in released:
+            header = offset - HEADER_BYTES
+            if int.from_bytes(self._ring[header:header + 8], "little") != seq:
+                raise IntegrityError(f"ensemble member {self.member}: batch {seq} was overwritten while in use (the "
+                                     "loader dropped this member?); its steps may have trained on another batch")
+            start = header - header % mmap.PAGESIZE
             length = -(-(offset + nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
             if length:
                 self._ring.madvise(mmap.MADV_DONTNEED, start, min(length, len(self._ring) - start))

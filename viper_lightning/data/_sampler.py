@@ -8,22 +8,26 @@ import numpy as np
 from torch.utils.data import DistributedSampler, Sampler
 
 from .._errors import ConfigurationError
-from ._cache import SampleCache
+from ._cache import Plan, SampleCache
 from ._scores import ImportanceScores
 
-__all__ = ["ImportanceSampler"]
+__all__ = ["ImportanceSampler", "MAX_WEIGHT"]
+
+MAX_WEIGHT = 10.0  # a rarely drawn sample's weight is capped here: one draw may not dominate a step
 
 
 class ImportanceSampler(DistributedSampler):
-    """Yields `(index, admit, weight)` per draw, for CachedSamples: which sample to load, whether
-    to keep it in the cache (the cache's plan, made here so that one owner decides), and the
+    """Yields `(index, plan, weight)` per draw, for CachedSamples: which sample to load, what to
+    do with the cache (the cache's Plan, made here so that one owner decides), and the
     importance weight that keeps the expected gradient that of uniform sampling (1 / (N q), q
-    the sample's probability of being drawn): training_step multiplies each sample's loss by it.
+    the sample's probability of being drawn, capped at MAX_WEIGHT): training_step multiplies each
+    sample's loss by it.
 
     `cache_affinity` is the knob between exact uniform sampling (0: a random permutation, each
     sample once per epoch, as a plain shuffled DataLoader) and importance sampling (1: every draw
     by importance, so the important samples the cache keeps are drawn most). In between, that
-    fraction of the draws is by importance and the rest walks the uniform permutation.
+    fraction of the draws is by importance and the rest walks the uniform permutation (under DDP,
+    one permutation shared by the ranks, each walking its own share).
     `substitute_window` goes further towards the cache, as SHADE does: a miss drawn by importance
     is replaced by the cached sample of nearest rank when one lies within that fraction of the
     data set's ranks. Off by default: it trains on fewer distinct samples, and on the skewed
@@ -63,10 +67,13 @@ class ImportanceSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[int, bool, float]]:
-        generator = np.random.default_rng((self.seed, self.rank, self.epoch))
+    def __iter__(self) -> Iterator[tuple[int, str, float]]:
+        self.scores.refresh()
+        if self.cache is not None:
+            self.cache.sweep()  # the previous epoch's loads are done: its leftovers can go
         size = len(self.scores)
-        uniform = generator.permutation(size)
+        uniform = np.random.default_rng((self.seed, self.epoch)).permutation(size)[self.rank::self.num_replicas]
+        generator = np.random.default_rng((self.seed, self.rank, self.epoch))
         by_importance = generator.random(self.num_samples) < self.cache_affinity
         probabilities = self.scores.probabilities() if by_importance.any() else None
         drawn = generator.choice(size, size=self.num_samples, p=probabilities) if probabilities is not None else None
@@ -74,7 +81,7 @@ class ImportanceSampler(DistributedSampler):
         # weighted by it keeps the expected gradient that of uniform sampling
         drawn_as = (1 - self.cache_affinity) / size + self.cache_affinity * probabilities \
             if probabilities is not None else np.full(size, 1 / size)
-        weights = (1 / size) / drawn_as
+        weights = np.minimum((1 / size) / drawn_as, MAX_WEIGHT)
         ranks = self.scores.ranks()
         window = int(self.substitute_window * size)
         cursor = 0
@@ -82,9 +89,10 @@ class ImportanceSampler(DistributedSampler):
             if by_importance[position]:
                 index = self._similar_cached(int(drawn[position]), ranks, window)
             else:
-                index = int(uniform[cursor % size])
+                index = int(uniform[cursor % len(uniform)])
                 cursor += 1
-            yield index, self.cache.plan(index) if self.cache is not None else False, float(weights[index])
+            plan = self.cache.plan(index) if self.cache is not None else Plan.FETCH
+            yield index, plan.value, float(weights[index])
 
     def _similar_cached(self, index: int, ranks: np.ndarray, window: int) -> int:
         """`index`, or on a miss the cached sample whose rank is nearest its own within `window`.

@@ -50,10 +50,16 @@ class SampleStore:
         if os.getpid() != self._pid:  # a forked DataLoader worker: async file systems are not fork-safe
             self._fs, self._path = fsspec.core.url_to_fs(self.root, skip_instance_cache=True, **self.storage_options)
             self._pid = os.getpid()
+        expected = int(self.sizes[index])
         try:
-            return self._fs.cat_file(f"{self._path}/{index:08d}.safetensors")
+            data = self._fs.cat_file(f"{self._path}/{index:08d}.safetensors", start=0, end=expected + 1)
         except (OSError, ValueError) as exc:
             raise StorageError(f"cannot read sample {index} under {self.root!r}: {exc}") from None
+        if len(data) != expected:
+            size = f"longer than {expected} bytes" if len(data) > expected else f"{len(data)} bytes"
+            raise IntegrityError(f"sample {index} under {self.root!r} is {size}, but {INDEX} says {expected}: the "
+                                 "store changed after its index was written; write it again with SampleStore.write")
+        return data
 
     @staticmethod
     def decode(data: bytes, index: int) -> dict[str, torch.Tensor]:
