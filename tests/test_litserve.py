@@ -4,14 +4,13 @@ a bad update refused while the last good version keeps answering."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import safetensors.torch
 import torch
 
 from viper_lightning import ModelPublisher
 
+from ._clients import Clients
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, perturbed
 from .serving_model import Scorer
 
@@ -20,47 +19,6 @@ from serving_handlers.litserve import LitServeProcess  # noqa: E402 - after the 
 
 UPDATES = 22
 ROWS = torch.randn(3, 16, generator=torch.Generator().manual_seed(7))
-
-
-class Clients:
-    """Threads posting the same rows until stopped; every answer or failure is kept."""
-
-    def __init__(self, server: LitServeProcess, count: int) -> None:
-        self.server, self.answers, self.failures = server, [], []
-        self.stop = threading.Event()
-        self.seen = threading.Condition()
-        self.threads = [threading.Thread(target=self._run) for _ in range(count)]
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                answer = self.server.predict({"inputs": ROWS.tolist()})
-            except Exception as exc:  # noqa: BLE001 - every failure is counted; none may happen
-                self.failures.append(repr(exc))
-                continue
-            with self.seen:
-                self.answers.append(answer)
-                self.seen.notify_all()
-
-    def wait_for_version(self, version: int, timeout: float) -> bool:
-        with self.seen:
-            return self.seen.wait_for(lambda: any(a["version"] == version for a in self.answers[-32:]), timeout)
-
-    def wait_for_more_answers(self, count: int, timeout: float) -> list[dict]:
-        with self.seen:
-            start = len(self.answers)
-            self.seen.wait_for(lambda: len(self.answers) >= start + count, timeout)
-            return self.answers[start:]
-
-    def __enter__(self) -> Clients:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(WAIT_S)
 
 
 def test_litserve_serves_every_update_under_load_with_zero_failed_requests(tmp_path, model_name):
@@ -72,7 +30,7 @@ def test_litserve_serves_every_update_under_load_with_zero_failed_requests(tmp_p
             LitServeProcess(["--model-class", "tests.serving_model:Scorer", "--model-name", model_name,
                              "--endpoint", producer.endpoint, "--allow-keyless", "--accelerator", "cpu",
                              "--initial-weights", str(tmp_path / "initial.safetensors")], tmp_path / "ls") as server, \
-            Clients(server, 3) as clients:
+            Clients(server.predict, [{"inputs": ROWS.tolist()}], 3) as clients:
         for seed in range(UPDATES):
             model = perturbed(Scorer(), seed)
             version = producer.publish(model)
@@ -93,10 +51,10 @@ def test_litserve_serves_every_update_under_load_with_zero_failed_requests(tmp_p
         models[following] = after
         assert clients.wait_for_version(following, WAIT_S)
     assert not clients.failures, clients.failures[:3]
-    versions = [answer["version"] for answer in clients.answers]
+    versions = [answer["version"] for _, answer in clients.answers]
     assert refused not in versions and last_good in versions
     assert set(versions) >= set(models) - {None}
-    for answer in clients.answers:
+    for _, answer in clients.answers:
         with torch.no_grad():
             offline = models[answer["version"]].eval()(ROWS)
         assert torch.allclose(torch.tensor(answer["outputs"]), offline, atol=1e-6), answer["version"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from examples.tokens.model import ByteClassifier
 from serving_handlers import TorchServe, build_archive
 from viper_lightning import ModelPublisher, TransferError
 
+from ._clients import Clients
 from .conftest import LOOPBACK_ANY_PORT, WAIT_S, perturbed
 from .serving_model import Scorer
 
@@ -36,41 +36,6 @@ def test_a_worker_s_model_goes_to_the_gpu_torchserve_gave_it():
     assert worker_device({}, cuda_available=True) == torch.device("cpu")
 
 
-class TextClients:
-    """`count` threads posting texts until stopped; every answer (or failure) is kept."""
-
-    def __init__(self, server: TorchServe, count: int) -> None:
-        self.server, self.answers, self.failures = server, [], []
-        self.stop = threading.Event()
-        self.seen = threading.Condition()
-        self.threads = [threading.Thread(target=self._run, args=(TEXTS[i % len(TEXTS)],)) for i in range(count)]
-
-    def _run(self, text: str) -> None:
-        while not self.stop.is_set():
-            try:
-                answer = self.server.predict("tokens", {"text": text})
-            except Exception as exc:  # noqa: BLE001 - every failure is counted; none may happen
-                self.failures.append(repr(exc))
-                continue
-            with self.seen:
-                self.answers.append((text, answer))
-                self.seen.notify_all()
-
-    def wait_for_version(self, version: int, timeout: float) -> bool:
-        with self.seen:
-            return self.seen.wait_for(lambda: any(a["version"] == version for _, a in self.answers[-64:]), timeout)
-
-    def __enter__(self) -> TextClients:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(WAIT_S)
-
-
 @needs_java
 def test_a_subclass_overriding_only_preprocess_serves_token_ids_under_load_and_batching(tmp_path, model_name):
     torch.manual_seed(0)
@@ -83,7 +48,8 @@ def test_a_subclass_overriding_only_preprocess_serves_token_ids_under_load_and_b
                       export_path=store, initial_weights=initial, handler=ROOT / "examples/tokens/handler.py")
         with TorchServe(tmp_path / "ts", store) as server:
             server.register("tokens.mar", "tokens", batch_size=4, max_batch_delay_ms=20)
-            with TextClients(server, 4) as clients:
+            with Clients(lambda payload: server.predict("tokens", payload), [{"text": text} for text in TEXTS],
+                         4) as clients:
                 for seed in range(VERSIONS):
                     model = perturbed(ByteClassifier(), seed)
                     version = producer.publish(model)
@@ -92,7 +58,8 @@ def test_a_subclass_overriding_only_preprocess_serves_token_ids_under_load_and_b
     assert not clients.failures, clients.failures[:3]
     assert {answer["version"] for _, answer in clients.answers} >= set(models) - {None}
     assert max(answer["batch"] for _, answer in clients.answers) > 1  # TorchServe did batch requests
-    for text, answer in clients.answers:
+    for payload, answer in clients.answers:
+        text = payload["text"]
         with torch.no_grad():
             offline = models[answer["version"]].eval()(torch.tensor([byte_ids(text)]))[0]
         assert torch.allclose(torch.tensor(answer["outputs"]), offline, atol=1e-5), (text, answer["version"])

@@ -4,6 +4,7 @@ standby copy; a swap is a pointer flip between requests, so no request ever sees
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Lease", "DoubleBuffer"]
+__all__ = ["Lease", "DoubleBuffer", "IDLE_WAIT_S"]
+
+log = logging.getLogger("viper_lightning.subscriber")
+
+IDLE_WAIT_S = 1.0  # one wait for in-flight requests on the standby copy, between warnings
 
 
 @dataclass
@@ -65,6 +70,17 @@ class DoubleBuffer:
             if not self._changed.wait_for(lambda: self._standby.users == 0, timeout):
                 return None
             return self._standby.model
+
+    def wait_idle_standby(self, stop: threading.Event, model: str) -> torch.nn.Module | None:
+        """The standby copy once idle, warning every IDLE_WAIT_S that a request still holds it;
+        None once `stop` is set."""
+        while not stop.is_set():
+            standby = self.idle_standby(IDLE_WAIT_S)
+            if standby is not None:
+                return standby
+            log.warning("%s: a request has held the previous version for over %.0f s; the update waits", model,
+                        IDLE_WAIT_S)
+        return None
 
     def swap(self, version: int) -> None:
         """Make the standby copy (just loaded with `version`) the one new requests get."""

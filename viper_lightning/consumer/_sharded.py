@@ -22,14 +22,12 @@ from ..storage._pfs import FileSystemTier
 from ..transport._protocol import DEFAULT_ENDPOINT, Notice, Switch, check_endpoint, check_model_name, normalize_key
 from ..transport._pubsub import NoticeListener
 from ._double_buffer import DoubleBuffer, Lease
-from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
+from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord, call_hook
 from ._subscriber import ModelSubscriber
 
 __all__ = ["ShardedSubscriber"]
 
 log = logging.getLogger("viper_lightning.subscriber")
-
-_IDLE_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -374,7 +372,7 @@ class ShardedSubscriber:
             held = [leases.enter_context(part.lease()) for part in self._parts if part is not None]
             if any(lease.version != version for lease in held):
                 return  # a part moved on meanwhile (cannot happen while the gate holds them): not complete
-            standby = self._idle_standby()
+            standby = self._buffers.wait_idle_standby(self._stop, self.model_name)
             if standby is None:
                 return
             assemble(standby.state_dict(), [(info, lease.model.state_dict()) for info, lease in zip(infos, held)])
@@ -395,7 +393,7 @@ class ShardedSubscriber:
                  len(records), record.latency_s * 1e3)
         with self._version_changed:
             self._version_changed.notify_all()
-        _call(self._on_update, record, self.model_name)
+        call_hook(self._on_update, record, self.model_name)
 
     def _check_tiling(self, infos: list[PartInfo]) -> None:
         """check_tiling of these placements with the parts' layouts, unless they are the ones
@@ -404,30 +402,11 @@ class ShardedSubscriber:
             check_tiling(self._expected, [(info, self._layouts[info.index]) for info in infos])
             self._tiled = list(infos)
 
-    def _idle_standby(self) -> torch.nn.Module | None:
-        while not self._stop.is_set():
-            standby = self._buffers.idle_standby(_IDLE_WAIT_S)
-            if standby is not None:
-                return standby
-            log.warning("%s: a request has held the previous version for over %.0f s; the update waits",
-                        self.model_name, _IDLE_WAIT_S)
-        return None
-
     def _refuse(self, version: int | None, reason: str) -> None:
         log.error("%s: %s (still serving version %s)", self.model_name, reason, self.version)
         refusal = Refusal(version, reason)
         self._recorder.refused(refusal)
-        _call(self._on_refusal, refusal, self.model_name)
-
-
-def _call(hook: Callable | None, argument: object, model: str) -> None:
-    """User hooks must not be able to stop the subscriber."""
-    if hook is None:
-        return
-    try:
-        hook(argument)
-    except Exception:
-        log.exception("%s hook %r raised; ignored", model, hook)
+        call_hook(self._on_refusal, refusal, self.model_name)
 
 
 def _module_for(layout: Layout, device: torch.device) -> torch.nn.Module:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .._shards import PartInfo
 
-__all__ = ["UpdateRecord", "Refusal", "SubscriberStats"]
+__all__ = ["UpdateRecord", "Refusal", "SubscriberStats", "call_hook"]
+
+log = logging.getLogger("viper_lightning.subscriber")
 
 
 @dataclass(frozen=True)
@@ -89,3 +93,13 @@ class StatsRecorder:
     def snapshot(self) -> SubscriberStats:
         with self._lock:
             return SubscriberStats(list(self._updates), list(self._refusals), self._applied, self._refused)
+
+
+def call_hook(hook: Callable | None, argument: object, model: str) -> None:
+    """A user's on_update or on_refusal hook: it must not be able to stop a subscriber."""
+    if hook is None:
+        return
+    try:
+        hook(argument)
+    except Exception:
+        log.exception("%s hook %r raised; ignored", model, hook)

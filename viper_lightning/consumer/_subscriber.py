@@ -33,14 +33,13 @@ from ._loaders import FROM_OFF_HOST, RouteLoaders
 from ._routes import Loaded
 from ._planner import Route, RouteKind, TransferPlanner, explain
 from ._double_buffer import Lease, DoubleBuffer
-from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord
+from ._stats import Refusal, StatsRecorder, SubscriberStats, UpdateRecord, call_hook
 from ._together import DEFAULT_TOGETHER_TIMEOUT_S, TogetherSwitch
 
 __all__ = ["ModelSubscriber"]
 
 log = logging.getLogger("viper_lightning.subscriber")
 
-_IDLE_WAIT_S = 1.0  # one wait for in-flight requests on the standby copy
 _REMEMBERED_REFUSALS = 1024  # refused (or served) payloads recognised when heartbeats repeat them
 HOST_COPY_WAIT_BPS = 10e6  # a host copy's waiters allow its fetch fetch_timeout plus its bytes at this rate
 _BURST_S = 1.0  # the longest a burst of notices is parsed before the newest is applied
@@ -411,7 +410,7 @@ class ModelSubscriber:
                  record.route, record.latency_s * 1e3)
         with self._version_changed:
             self._version_changed.notify_all()
-        self._call(self._on_update, record)
+        call_hook(self._on_update, record, self.model_name)
         if trigger == "notice" and self._recorder.snapshot().applied > 1:
             # a joiner's first update measures how late it joined, not how long a load takes
             self._report_to_producer(notice, record)
@@ -556,13 +555,10 @@ class ModelSubscriber:
         return stored
 
     def _wait_for_idle_standby(self) -> torch.nn.Module:
-        while not self._stop.is_set():
-            standby = self._buffers.idle_standby(_IDLE_WAIT_S)
-            if standby is not None:
-                return standby
-            log.warning("a request has held the previous version for over %.0f s; the update waits",
-                        _IDLE_WAIT_S)
-        raise TransferError("subscriber closed while waiting for in-flight requests")
+        standby = self._buffers.wait_idle_standby(self._stop, self.model_name)
+        if standby is None:
+            raise TransferError("subscriber closed while waiting for in-flight requests")
+        return standby
 
     def _remember_refused(self, fingerprint: str) -> None:
         self._refused[fingerprint] = None
@@ -573,16 +569,7 @@ class ModelSubscriber:
         log.error("%s: %s (still serving version %s)", self.model_name, reason, self.version)
         refusal = Refusal(version, reason)
         self._recorder.refused(refusal)
-        self._call(self._on_refusal, refusal)
-
-    def _call(self, hook: Callable | None, argument: object) -> None:
-        """User hooks must not be able to stop the subscriber."""
-        if hook is None:
-            return
-        try:
-            hook(argument)
-        except Exception:
-            log.exception("%s hook %r raised; ignored", self.model_name, hook)
+        call_hook(self._on_refusal, refusal, self.model_name)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
