@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch.distributed
 
 from examples.sample_cache.model import Classifier
 from viper_lightning.data import ImportanceDataModule, SampleLossCallback
@@ -45,6 +46,7 @@ def main() -> None:
     (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps({
         "scored": [int(i) for i in scored], "drawn": sorted(drawn.indices),
         "cache_dir": drawn.cache_dir, "draws": recorder.total_draws}))
+    torch.distributed.destroy_process_group()  # before the interpreter exits, not in its teardown
 
 
 if __name__ == "__main__":

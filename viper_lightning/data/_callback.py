@@ -80,7 +80,13 @@ def _gathered(pl_module: L.LightningModule, indices: torch.Tensor, losses: torch
     if pad > 0:
         indices = torch.cat([indices, indices.new_full((pad,), -1)])
         losses = torch.cat([losses, losses.new_zeros(pad)])
+    # plain collectives, not Lightning's all_gather (autograd-aware: these need no gradient)
+    import torch.distributed as dist
+
     device = pl_module.device
-    gathered_indices = pl_module.all_gather(indices.to(device)).reshape(-1)
-    gathered_losses = pl_module.all_gather(losses.to(device)).reshape(-1)
-    return gathered_indices, gathered_losses
+    result = []
+    for tensor in (indices.to(device), losses.to(device)):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        result.append(torch.cat(parts))
+    return result[0], result[1]
