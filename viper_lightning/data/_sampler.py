@@ -97,7 +97,7 @@ class ImportanceSampler(DistributedSampler):
     def _similar_cached(self, index: int, ranks: np.ndarray, window: int) -> int:
         """`index`, or on a miss the cached sample whose rank is nearest its own within `window`.
         A sample never scored is drawn itself: nothing says another is like it."""
-        if window == 0 or self.cache is None or index in self.cache or not len(self.cache.cached()) \
+        if window == 0 or self.cache is None or index in self.cache or not len(self.cache) \
                 or not self.scores.scored(index):
             return index
         cached = self.cache.cached()
