@@ -10,9 +10,15 @@ the CPU (normalise, random crop and flip, bilinear resize to 32x32), `--batch-si
   independent  each member iterates its own DataLoader (num_workers=0) over that pipeline;
   shared       one loader process (BatchLoader) makes each batch once, and every member reads it
                from shared memory (SharedBatchesDataModule).
-input_cpu_s_per_step: the CPU seconds spent on input in all processes (each member's thread
-time inside the DataLoader's next, and the loader's thread time making and writing batches),
-over all members' steps. steps_per_s: steps per second of wall time, per member (the mean).
+input_cpu_s_per_step: the CPU seconds spent on input in all processes, over all members' steps:
+each member's thread time inside the DataLoader's next, plus, in the shared mode, all the CPU of
+the loader process (every thread of it, user and system) while it serves. The loader runs in a
+process of its own, started afresh for each run as the members are, as `examples.ensemble.run`
+runs it. steps_per_s: steps per second of wall time, per member (the mean).
+Every process of both modes keeps its freed memory for its next batches, as BatchLoader does by
+default (`keep_freed_memory`): glibc's own choice between giving it back and keeping it differs
+from one process to the next and would move one process's input CPU by a quarter, so that the
+ratio would measure the allocator's luck rather than the sharing.
 Each case runs `--repeat` times (default 3), the cases interleaved, and reports its medians
 (and every run's values): on a small shared machine one run's CPU times drift by a fifth.
 Every member also checks the batches it saw: in the shared mode all members must have seen the
@@ -25,6 +31,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from examples.ensemble.pipeline import Member
 from examples.ensemble.run import EpochBatches
-from viper_lightning.data import BatchLoader, SharedBatches
+from viper_lightning.data import BatchLoader, SharedBatches, keep_freed_memory
 
 
 class TimedInput(IterableDataset):
@@ -90,6 +98,7 @@ class _Steps(Callback):
 def member_main(mode: str, member: int, directory: str, samples: int, batch_size: int, epochs: int,
                 out: str) -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()
     source = SharedBatches(directory, member) if mode == "shared" else _Independent(samples, batch_size)
     timed = TimedInput(source)
     steps = _Steps()
@@ -104,28 +113,40 @@ def member_main(mode: str, member: int, directory: str, samples: int, batch_size
                                      "digests": timed.digests}))
 
 
-def measure(mode: str, members: int, samples: int, batch_size: int, epochs: int) -> dict[str, Any]:
+def loader_main(directory: str, members: int, samples: int, batch_size: int, epochs: int, out: str) -> None:
+    """The shared mode's loader process: serves, then writes the CPU it spent serving."""
     torch.set_num_threads(1)
+    epochs_of = EpochBatches(samples, batch_size)
+    with BatchLoader(members, epochs_of.slot_bytes(), directory=directory) as loader:
+        started = resource.getrusage(resource.RUSAGE_SELF)
+        served = loader.serve(epochs_of, epochs)
+        ended = resource.getrusage(resource.RUSAGE_SELF)
+    Path(out).write_text(json.dumps({"loader_cpu_s": (ended.ru_utime + ended.ru_stime)
+                                     - (started.ru_utime + started.ru_stime), "served": served}))
+
+
+def measure(mode: str, members: int, samples: int, batch_size: int, epochs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="viper-bench-ensemble-") as root:
         outs = [str(Path(root) / f"member{k}.json") for k in range(members)]
-        loader = BatchLoader(members, EpochBatches(samples, batch_size).slot_bytes()) if mode == "shared" else None
-        directory = loader.directory if loader is not None else root
-        processes = [subprocess.Popen([sys.executable, "-m", "benchmarks.ensemble_pipeline", "--member", mode,
-                                       str(k), directory, str(samples), str(batch_size), str(epochs), outs[k]])
+        loader_out = str(Path(root) / "loader.json")
+        directory = root  # unused by independent members
+        if mode == "shared":  # BatchLoader's default place for its ring, /dev/shm; members wait for the loader there
+            directory = tempfile.mkdtemp(prefix="viper-bench-ensemble-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        sizes = [str(samples), str(batch_size), str(epochs)]
+        command = [sys.executable, "-m", "benchmarks.ensemble_pipeline"]
+        processes = [subprocess.Popen([*command, "--member", mode, str(k), directory, *sizes, outs[k]])
                      for k in range(members)]
-        loader_cpu = 0.0
+        if mode == "shared":
+            processes.append(subprocess.Popen([*command, "--loader", directory, str(members), *sizes, loader_out]))
         try:
-            if loader is not None:
-                started = time.thread_time()
-                loader.serve(EpochBatches(samples, batch_size), epochs)
-                loader_cpu = time.thread_time() - started
-        finally:
             codes = [process.wait() for process in processes]
-            if loader is not None:
-                loader.close()
+        finally:
+            if directory != root:
+                shutil.rmtree(directory, ignore_errors=True)
         if any(codes):
-            raise RuntimeError(f"{mode} x{members}: members exited with {codes}")
+            raise RuntimeError(f"{mode} x{members}: processes exited with {codes}")
         reports = [json.loads(Path(out).read_text()) for out in outs]
+        loader_cpu = json.loads(Path(loader_out).read_text())["loader_cpu_s"] if mode == "shared" else 0.0
     steps = sum(report["steps"] for report in reports)
     same = all(report["digests"] == reports[0]["digests"] for report in reports)
     if mode == "shared" and not same:
@@ -140,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--member":  # a member process of this benchmark
         mode, member, directory, samples, batch_size, epochs, out = sys.argv[2:9]
         member_main(mode, int(member), directory, int(samples), int(batch_size), int(epochs), out)
+        return
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--loader":  # the shared mode's loader process
+        directory, members, samples, batch_size, epochs, out = sys.argv[2:8]
+        loader_main(directory, int(members), int(samples), int(batch_size), int(epochs), out)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 4])

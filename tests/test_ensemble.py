@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from examples.ensemble.run import EpochBatches
 from viper_lightning import EnsembleSubscriber, ModelPublisher
@@ -164,7 +165,11 @@ def test_torchserve_serves_an_ensemble_naming_every_member_s_version(tmp_path):
 def test_the_example_runs_an_ensemble_from_its_lightningcli_yaml(tmp_path):
     base = free_port()
     finished = subprocess.run([sys.executable, "-m", "examples.ensemble.run", "--members", "2", "--epochs", "1",
-                               "--samples", "128", "--batch-size", "32", "--base-port", str(base)],
+                               "--samples", "128", "--batch-size", "32", "--base-port", str(base),
+                               "--root", str(tmp_path)],
                               cwd=REPO, capture_output=True, text=True, timeout=WAIT_S * 12)
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
     assert "served 4 batches to 2 members (exit codes [0, 0])" in finished.stdout
+    saved = [yaml.safe_load((tmp_path / f"member-{k}" / "config.yaml").read_text()) for k in (0, 1)]
+    assert [config["data"]["member"] for config in saved] == [0, 1]  # each member's own, none in the checkout
+    assert not (REPO / "config.yaml").exists()

@@ -39,12 +39,14 @@ class EpochBatches:
 
 
 def start_members(directory: str, members: int, epochs: int, base_port: int,
-                  config: str = "examples/ensemble/member.yaml", extra: list[str] = ()) -> list[subprocess.Popen]:
+                  config: str = "examples/ensemble/member.yaml", extra: list[str] = (),
+                  root: str = "runs/ensemble") -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-m", "examples.ensemble.member", "fit", "--config", config,
                               "--data.directory", directory, "--data.member", str(member),
                               "--model.seed", str(member), "--trainer.max_epochs", str(epochs),
                               "--trainer.callbacks.init_args.model_name", f"ensemble-{member}",
                               "--trainer.callbacks.init_args.endpoint", f"tcp://127.0.0.1:{base_port + member}",
+                              "--trainer.default_root_dir", f"{root}/member-{member}",  # its config.yaml goes there
                               *extra])
             for member in range(members)]
 
@@ -56,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--base-port", type=int, default=5600)
+    parser.add_argument("--root", default="runs/ensemble", help="each member saves its config.yaml in ROOT/member-k")
     args = parser.parse_args(argv)
     epochs = EpochBatches(args.samples, args.batch_size)
     with BatchLoader(args.members, epochs.slot_bytes()) as loader:
-        processes = start_members(loader.directory, args.members, args.epochs, args.base_port)
+        processes = start_members(loader.directory, args.members, args.epochs, args.base_port, root=args.root)
         try:
             served = loader.serve(epochs, args.epochs)
         finally:

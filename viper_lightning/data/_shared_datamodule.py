@@ -6,7 +6,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from ._ensemble import SharedBatches
+from ._shared_batches import SharedBatches
 
 __all__ = ["SharedBatchesDataModule"]
 

@@ -1,0 +1,237 @@
+"""The shared pipeline's transport, in one process: copy-on-write batches, members that start
+first, numbers claimed twice, peers of another user, peers that stop reading, and batches too
+many-tensored to describe. (Real member processes: test_ensemble.py.)"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+
+import pytest
+import torch
+
+from viper_lightning._errors import ConfigurationError, TransferError
+from viper_lightning.data import BatchLoader, SharedBatches
+from viper_lightning.data._ring import RING, SOCKET, encode
+from viper_lightning.data._shared_batches import _WrittenPages
+from viper_lightning.storage._shm import _address_of
+
+from .conftest import WAIT_S
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a second uid needs root to drop to it")
+
+
+def _batches(count: int) -> list[dict[str, torch.Tensor]]:
+    return [{"x": torch.full((2048,), float(i)), "y": torch.tensor([i])} for i in range(count)]  # 2 pages each
+
+
+def _read(member: SharedBatches, seen: list, key: int = 0) -> threading.Thread:
+    """A member reading one epoch in a thread, then leaving (as a Trainer's teardown does)."""
+
+    def read() -> None:
+        try:
+            seen.extend(float(batch["x"][key]) for batch in member)
+        finally:
+            member.close()
+
+    reading = threading.Thread(target=read, daemon=True)
+    reading.start()
+    return reading
+
+
+def _serve(loader: BatchLoader, batches: list) -> threading.Thread:
+    serving = threading.Thread(target=loader.serve, args=(batches,), daemon=True)
+    serving.start()
+    return serving
+
+
+def test_a_step_that_writes_its_batch_changes_neither_the_ring_nor_the_next_batches_in_its_slot():
+    batches = _batches(12)  # 3 slots: every slot is written four times
+    with BatchLoader(2, 8192 + 64, slots=3) as loader:
+        serving = _serve(loader, batches)
+        writer, reader = SharedBatches(loader.directory, 0, hold=1, timeout=WAIT_S), \
+            SharedBatches(loader.directory, 1, hold=1, timeout=WAIT_S)
+        read: list[float] = []
+        reading = _read(reader, read, key=-1)
+        written = []
+        for batch in writer:
+            written.append((float(batch["x"][0]), float(batch["x"][-1]), int(batch["y"]), tuple(batch["x"].shape),
+                            batch["x"].requires_grad))
+            batch["x"].fill_(-1.0)  # a step that normalises its batch in place
+            batch["y"].zero_()
+            batch["x"].unsqueeze_(0).requires_grad_()  # and reshapes it, asking for its gradient
+        writer.close()
+        reading.join(WAIT_S)
+        serving.join(WAIT_S)
+        assert not serving.is_alive()
+    assert written == [(float(i), float(i), i, (2048,), False) for i in range(12)]  # as made, not as the last was left
+    assert read == [float(i) for i in range(12)]  # the other member never saw them
+
+
+def test_a_release_drops_the_pages_written_and_keeps_those_only_read():
+    with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as file:
+        file.truncate(4 * mmap.PAGESIZE)
+        shared = mmap.mmap(file.fileno(), 0)
+        private = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        written = _WrittenPages(private)
+        try:
+            private[0], private[2 * mmap.PAGESIZE] = 1, 2  # wrote pages 0 and 2
+            _ = private[3 * mmap.PAGESIZE]  # read page 3
+            shared[0], shared[2 * mmap.PAGESIZE], shared[3 * mmap.PAGESIZE] = 7, 8, 9  # the ring's next batch
+            assert (private[0], private[2 * mmap.PAGESIZE]) == (1, 2)  # private copies hide it
+            assert private[3 * mmap.PAGESIZE] == 9  # a page only read shows the ring
+            written.drop(0, 4 * mmap.PAGESIZE)
+            assert _present(private) == [False, False, False, True]  # the page only read was kept
+            assert (private[0], private[2 * mmap.PAGESIZE], private[3 * mmap.PAGESIZE]) == (7, 8, 9)
+        finally:
+            written.close()
+            private.close()
+            shared.close()
+
+
+def _present(mapping: mmap.mmap) -> list[bool]:
+    """Which pages of a mapping are in this process's page table (from /proc/self/pagemap)."""
+    first = _address_of(mapping) // mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(8 * first)
+        entries = struct.unpack(f"{len(mapping) // mmap.PAGESIZE}Q", pagemap.read(len(mapping) // mmap.PAGESIZE * 8))
+    return [bool(entry >> 63) for entry in entries]
+
+
+def test_a_member_may_start_before_its_loader(tmp_path):
+    directory = str(tmp_path / "pipeline")
+    seen: list[float] = []
+    reading = _read(SharedBatches(directory, 0, timeout=WAIT_S), seen)  # no loader yet: it waits for one
+    with BatchLoader(1, 8192 + 64, directory=directory) as loader:
+        loader.serve(_batches(5))
+        reading.join(WAIT_S)
+    assert seen == [float(i) for i in range(5)]
+
+
+def test_a_second_process_claiming_a_member_s_number_is_refused_with_the_reason():
+    with BatchLoader(1, 8192 + 64, slots=4) as loader:
+        serving = _serve(loader, _batches(6))
+        first = SharedBatches(loader.directory, 0, hold=2, timeout=WAIT_S)
+        stream = iter(first)
+        assert [float(next(stream)["x"][0]) for _ in range(2)] == [0.0, 1.0]  # it holds two: the ring fills, and waits
+        impostor = SharedBatches(loader.directory, 0, timeout=WAIT_S)
+        with pytest.raises(TransferError, match="another process had joined as member 0"):
+            next(iter(impostor))
+        assert [float(batch["x"][0]) for batch in stream] == [2.0, 3.0, 4.0, 5.0]  # the first goes on
+        first.close()
+        serving.join(WAIT_S)
+    assert loader.joined == [] and loader.dropped == []
+
+
+def test_a_peer_that_releases_batches_it_never_reads_is_dropped(caplog):
+    with BatchLoader(2, 64, slots=4) as loader:
+        seen: list[float] = []
+        reading = _read(SharedBatches(loader.directory, 0, hold=2, timeout=WAIT_S), seen)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:
+            peer.connect(os.path.join(loader.directory, SOCKET))
+            peer.send(encode({"kind": "hello", "member": 1}))
+            batches = [{"x": torch.full((4,), float(i))} for i in range(2000)]
+            serving = _serve(loader, batches)
+            while serving.is_alive() and not loader.dropped:  # releases the batches sent, reads none
+                served = loader.served  # (again and again: one is released only once it went out)
+                peer.send(encode({"kind": "done", "member": 1, "seqs": list(range(max(1, served - 7), served + 1))}))
+                serving.join(0.001)  # a poll of the loader's progress, bounded by the loop's condition
+            reading.join(WAIT_S)
+            serving.join(WAIT_S)
+    assert loader.dropped == [1] and "stopped reading" in caplog.text
+    assert seen == [float(i) for i in range(2000)]  # the honest member got every batch
+
+
+def test_a_batch_with_too_many_tensors_to_describe_is_refused_before_it_is_written():
+    with BatchLoader(1, 1 << 20) as loader:
+        member = SharedBatches(loader.directory, 0, timeout=WAIT_S)
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                loader.serve([{f"tensor_{i:05d}": torch.zeros(1) for i in range(5000)}])
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                failure.append(exc)
+
+        serving = threading.Thread(target=serve)
+        serving.start()
+        with pytest.raises(TransferError, match="the loader stopped serving: ConfigurationError.*message limit"):
+            next(iter(member))  # told at once, with the reason
+        serving.join(WAIT_S)
+        member.close()
+    assert isinstance(failure[0], ConfigurationError) and "message limit" in str(failure[0])
+    assert loader.served == 0
+
+
+def _other_users_loader(directory: str, ready, done) -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(os.path.join(directory, SOCKET))
+        os.chmod(os.path.join(directory, SOCKET), 0o777)
+        listener.listen(1)
+        ready.set()
+        done.wait(WAIT_S)
+
+
+@needs_root
+def test_a_member_refuses_a_loader_of_another_user():
+    directory = tempfile.mkdtemp(prefix="viper-test-foreign-")
+    os.chmod(directory, 0o777)
+    context = multiprocessing.get_context("fork")
+    ready, done = context.Event(), context.Event()
+    squatter = context.Process(target=_other_users_loader, args=(directory, ready, done))
+    squatter.start()
+    ring = os.path.join(directory, RING)
+    try:
+        assert ready.wait(WAIT_S)
+        with open(ring, "wb") as file:  # even beside a ring of this user's: the loader's own uid decides
+            file.truncate(8192)
+        with pytest.raises(ConfigurationError, match=f"uid {NOBODY}.* not this user's"):
+            next(iter(SharedBatches(directory, 0, timeout=WAIT_S)))
+    finally:
+        done.set()
+        squatter.join(WAIT_S)
+        shutil.rmtree(directory)
+
+
+def _join_as_other_user(path: str, results) -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
+        connection.settimeout(WAIT_S)
+        connection.connect(path)
+        connection.send(encode({"kind": "hello", "member": 0}))
+        try:
+            results.put(connection.recv(4096))  # b"": the loader closed it
+        except ConnectionResetError:
+            results.put(b"")  # closed with the hello unread
+
+
+@needs_root
+def test_the_loader_refuses_a_member_of_another_user_even_when_it_can_reach_the_socket():
+    with BatchLoader(1, 8192 + 64) as loader:
+        os.chmod(loader.directory, 0o711)  # as a careless user might open it up
+        path = os.path.join(loader.directory, SOCKET)
+        os.chmod(path, 0o777)
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        intruder = context.Process(target=_join_as_other_user, args=(path, results))
+        intruder.start()
+        serving = _serve(loader, _batches(3))
+        assert results.get(timeout=WAIT_S) == b""
+        intruder.join(WAIT_S)
+        member = SharedBatches(loader.directory, 0, timeout=WAIT_S)
+        assert [float(batch["x"][0]) for batch in member] == [0.0, 1.0, 2.0]
+        member.close()
+        serving.join(WAIT_S)
+    assert loader.dropped == []
