@@ -4,20 +4,23 @@ many-tensored to describe. (Real member processes: test_ensemble.py.)"""
 
 from __future__ import annotations
 
+import logging
 import mmap
 import multiprocessing
 import os
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 import torch
 
 from viper_lightning._errors import ConfigurationError, TransferError
-from viper_lightning.data import BatchLoader, SharedBatches
+from viper_lightning.data import BatchLoader, SharedBatches, SharedBatchesDataModule, keep_freed_memory
 from viper_lightning.data._ring import RING, SOCKET, encode
 from viper_lightning.data._shared_batches import _WrittenPages
 from viper_lightning.storage._shm import _address_of
@@ -122,7 +125,7 @@ def test_a_second_process_claiming_a_member_s_number_is_refused_with_the_reason(
         stream = iter(first)
         assert [float(next(stream)["x"][0]) for _ in range(2)] == [0.0, 1.0]  # it holds two: the ring fills, and waits
         impostor = SharedBatches(loader.directory, 0, timeout=WAIT_S)
-        with pytest.raises(TransferError, match="another process had joined as member 0"):
+        with pytest.raises(ConfigurationError, match="refused it: member 0 has joined already"):
             next(iter(impostor))
         assert [float(batch["x"][0]) for batch in stream] == [2.0, 3.0, 4.0, 5.0]  # the first goes on
         first.close()
@@ -136,7 +139,7 @@ def test_a_peer_that_releases_batches_it_never_reads_is_dropped(caplog):
         reading = _read(SharedBatches(loader.directory, 0, hold=2, timeout=WAIT_S), seen)
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:
             peer.connect(os.path.join(loader.directory, SOCKET))
-            peer.send(encode({"kind": "hello", "member": 1}))
+            peer.send(encode({"kind": "hello", "member": 1, "hold": 2}))
             batches = [{"x": torch.full((4,), float(i))} for i in range(2000)]
             serving = _serve(loader, batches)
             while serving.is_alive() and not loader.dropped:  # releases the batches sent, reads none
@@ -210,11 +213,11 @@ def _join_as_other_user(path: str, results) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
         connection.settimeout(WAIT_S)
         connection.connect(path)
-        connection.send(encode({"kind": "hello", "member": 0}))
         try:
+            connection.send(encode({"kind": "hello", "member": 0, "hold": 2}))
             results.put(connection.recv(4096))  # b"": the loader closed it
-        except ConnectionResetError:
-            results.put(b"")  # closed with the hello unread
+        except (BrokenPipeError, ConnectionResetError):
+            results.put(b"")  # closed before the hello, or with it unread
 
 
 @needs_root
@@ -235,3 +238,141 @@ def test_the_loader_refuses_a_member_of_another_user_even_when_it_can_reach_the_
         member.close()
         serving.join(WAIT_S)
     assert loader.dropped == []
+
+
+def test_a_member_waits_out_a_slower_member_however_long_and_logs_whom_it_waits_for(caplog):
+    caplog.set_level(logging.INFO, logger="viper_lightning.data")
+    with BatchLoader(2, 8192 + 64, slots=4) as loader:
+        serving = _serve(loader, _batches(12))
+        seen: list[float] = []
+        reading = _read(SharedBatches(loader.directory, 0, timeout=0.2), seen)  # asks after 0.2 s without a batch
+        slow = SharedBatches(loader.directory, 1, timeout=WAIT_S)
+        stalled = iter(slow)
+        first = [float(next(stalled)["x"][0]) for _ in range(2)]  # then it stalls, the ring fills, the other waits
+        deadline = time.monotonic() + WAIT_S
+        while caplog.text.count("the loader is there, waiting for member(s) [1]") < 3 and time.monotonic() < deadline:
+            reading.join(0.05)  # a poll of the log, bounded by the deadline: three answers, 3 timeouts or more
+        assert reading.is_alive()  # it kept waiting, past twice its timeout
+        rest = [float(batch["x"][0]) for batch in stalled]
+        slow.close()
+        reading.join(WAIT_S)
+        serving.join(WAIT_S)
+    assert seen == first + rest == [float(i) for i in range(12)]
+    assert loader.dropped == []
+
+
+def test_a_hold_that_leaves_the_loader_no_slot_is_refused_with_both_numbers():
+    with pytest.raises(ConfigurationError, match="hold of at least 1"):
+        SharedBatches("/nonexistent", 0, hold=0)
+    with pytest.raises(ConfigurationError, match="at least 2"):
+        SharedBatchesDataModule("/nonexistent", 0, hold=1)
+    with BatchLoader(1, 64, slots=2, join_timeout=WAIT_S) as loader:
+        failure: list[BaseException] = []
+        serving = threading.Thread(target=lambda: _catch(failure, loader.serve, _batches(3)), daemon=True)
+        serving.start()
+        with pytest.raises(ConfigurationError, match="its hold of 2 batches leaves the loader no slot of the ring's 2"):
+            next(iter(SharedBatches(loader.directory, 0, hold=2, timeout=WAIT_S)))
+        assert loader.joined == []
+
+
+def test_a_member_that_comes_after_serving_started_is_refused_rather_than_start_mid_epoch():
+    with BatchLoader(2, 8192 + 64, join_timeout=0.5) as loader:
+        serving = _serve(loader, _batches(20))
+        on_time = SharedBatches(loader.directory, 0, timeout=WAIT_S)
+        stream = iter(on_time)
+        assert float(next(stream)["x"][0]) == 0.0  # served alone, once the other's join_timeout passed
+        with pytest.raises(ConfigurationError, match="serving has started without it"):
+            next(iter(SharedBatches(loader.directory, 1, timeout=WAIT_S)))
+        assert [float(batch["x"][0]) for batch in stream] == [float(i) for i in range(1, 20)]
+        on_time.close()
+        serving.join(WAIT_S)
+
+
+def test_serving_an_iterator_for_several_epochs_is_refused_before_anything_waits():
+    with BatchLoader(1, 64, join_timeout=WAIT_S) as loader:
+        with pytest.raises(ConfigurationError, match="iterator, which only one epoch can read"):
+            loader.serve(iter(_batches(3)), epochs=2)
+
+
+def test_an_epoch_left_early_skips_the_rest_of_the_loader_s():
+    with BatchLoader(1, 8192 + 64) as loader:
+        serving = threading.Thread(target=loader.serve, args=(_batches(6), 2), daemon=True)
+        serving.start()
+        member = SharedBatches(loader.directory, 0, timeout=WAIT_S)
+        first = []
+        for batch in member:  # limit_train_batches=2, say
+            first.append(float(batch["x"][0]))
+            if len(first) == 2:
+                break
+        second = [float(batch["x"][0]) for batch in member]
+        member.close()
+        serving.join(WAIT_S)
+    assert first == [0.0, 1.0] and second == [float(i) for i in range(6)]  # the second epoch whole, from its start
+
+
+def test_a_write_into_a_batch_kept_past_its_release_never_shows_in_the_next_batches():
+    with BatchLoader(1, 8192 + 64, slots=2) as loader:
+        serving = _serve(loader, _batches(9))
+        member = SharedBatches(loader.directory, 0, hold=1, timeout=WAIT_S)
+        seen, kept = [], None
+        for batch in member:
+            seen.append((float(batch["x"][0]), float(batch["x"][-1])))
+            if kept is not None:
+                kept["x"].fill_(-92.0)  # the previous batch, released already: its slot is written again next
+            kept = batch
+        member.close()
+        serving.join(WAIT_S)
+    assert seen == [(float(i), float(i)) for i in range(9)]
+
+
+def test_a_message_nested_past_the_parser_s_depth_is_ignored():
+    with BatchLoader(1, 8192 + 64) as loader:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:
+            peer.connect(os.path.join(loader.directory, SOCKET))
+            peer.send(b"[" * 100000)
+            serving = _serve(loader, _batches(3))
+            seen: list[float] = []
+            _read(SharedBatches(loader.directory, 0, timeout=WAIT_S), seen).join(WAIT_S)
+            serving.join(WAIT_S)
+    assert seen == [0.0, 1.0, 2.0]
+
+
+def test_a_directory_that_is_a_link_or_holds_a_loader_already_is_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(ConfigurationError, match="not a directory of this user's"):
+        BatchLoader(1, 64, directory=str(tmp_path / "link"))
+    with BatchLoader(1, 64, directory=str(tmp_path / "pipeline")):
+        with pytest.raises(ConfigurationError, match="holds a loader's ring and loader.sock already"):
+            BatchLoader(1, 64, directory=str(tmp_path / "pipeline"))
+
+
+@needs_root
+def test_a_ring_that_does_not_fit_its_file_system_is_refused_at_once(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with pytest.raises(ConfigurationError, match="no room for a ring of 6 slots.*--shm-size"):
+            BatchLoader(1, 1 << 20, directory=str(mount / "pipeline"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _catch(failure: list, function, *args) -> None:
+    try:
+        function(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        failure.append(exc)
+
+
+def test_keeping_freed_memory_takes_on_glibc_and_refuses_a_size_out_of_range():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the thresholds are glibc's")
+    assert keep_freed_memory(64 * 1024 * 1024)  # (this process's allocator: it only keeps more of what it freed)
+    with pytest.raises(ConfigurationError, match="from 0 to 2 GiB"):
+        keep_freed_memory(-1)

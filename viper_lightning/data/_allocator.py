@@ -13,22 +13,31 @@ from __future__ import annotations
 import ctypes
 import functools
 
+from .._errors import ConfigurationError
+
 __all__ = ["keep_freed_memory"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_MAX_ANYWHERE = 32 * 1024 * 1024  # the largest mmap threshold every 64-bit glibc takes
 
 
 def keep_freed_memory(limit_bytes: int = 256 * 1024 * 1024) -> bool:
     """Have glibc keep up to `limit_bytes` of freed memory at the top of the heap, and allocate
     blocks up to that size from the heap, instead of returning them to the kernel after each
-    batch. It applies to the whole process: call it in a process that makes batches (BatchLoader
-    does, by default). Returns False, changing nothing, where the C library is not glibc."""
+    batch. It applies to the whole process, for as long as it runs: call it in a process whose work
+    is making batches (BatchLoader does when it starts serving, by default). Returns whether it
+    took: False, changing nothing, where the C library is not glibc or refuses the thresholds."""
     if not 0 <= limit_bytes < 2**31:
-        raise ValueError(f"keep_freed_memory(limit_bytes={limit_bytes}): a size in bytes, from 0 to 2 GiB")
+        raise ConfigurationError(f"keep_freed_memory(limit_bytes={limit_bytes}): a size in bytes, from 0 to 2 GiB")
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, limit_bytes))
+    # some glibc versions refuse an mmap threshold over 32 MiB: blocks above that are then mapped
+    # on their own still. The trim threshold is set only once the mmap one took, since setting
+    # either stops glibc adjusting the other, and a fixed 128 KiB mmap threshold would be worse.
+    if not (mallopt(M_MMAP_THRESHOLD, limit_bytes) or mallopt(M_MMAP_THRESHOLD, min(limit_bytes, MMAP_MAX_ANYWHERE))):
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, limit_bytes))
 
 
 @functools.cache

@@ -5,10 +5,11 @@ The loader writes each batch into a slot of a ring in /dev/shm and tells every m
 holds it; a member maps the ring and yields tensors that view the slot, so no member copies the
 batch. A slot is written again only once every member still there said it is done with it: the
 slowest member sets the pace, and the ring's size bounds how far the loader runs ahead. A member
-whose connection closes before the end (its process is gone, wherever it runs), or that holds the
-oldest batch while the ring stays full past `member_timeout` when one is set, is dropped, and the
-others go on. Each slot starts with the sequence number of the batch in it, which a member checks
-when it releases the batch: a batch overwritten while in use is an error, never silently trained on.
+whose connection closes before the end (its process is gone, wherever it runs) is dropped, and so,
+when `member_timeout` is set, are the members that hold the oldest batch while the ring stays full
+that long; the others go on. Each slot starts with the sequence number of the batch in it, which a
+member checks when it releases the batch: a batch overwritten while in use is an error, never
+silently trained on.
 
 The ring and the loader's socket live in a private directory (mode 0700) of the user who runs
 them, and the loader also refuses a connection from another user; messages are JSON, never
@@ -17,16 +18,18 @@ pickles (see `_ring`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 import select
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -43,7 +46,9 @@ log = logging.getLogger("viper_lightning.data")
 
 POLL_S = 0.1
 DEFAULT_KEEP_FREED_BYTES = 256 * 1024 * 1024
-MEMBER_MESSAGE_BYTES = 64 * 1024  # a member sends only small messages: hello, done, bye
+MEMBER_MESSAGE_BYTES = 64 * 1024  # a member sends only small messages: hello, done, ping, bye
+READS_PER_ROUND = 64  # messages taken from one connection before the others get a turn
+MAX_PENDING = 64  # connections yet to say hello; the oldest goes when more come
 
 
 @dataclass
@@ -55,17 +60,76 @@ class _Member:
     outbox: deque[bytes] = field(default_factory=deque)  # messages its socket had no room for yet
 
 
+class _Slots:
+    """The ring and who still holds each of its slots (the loader's only shared state)."""
+
+    def __init__(self, path: str, slots: int, slot_bytes: int) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            try:  # every page now: a full /dev/shm later would kill the loader with SIGBUS mid-write
+                os.posix_fallocate(fd, 0, slots * slot_bytes)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"no room for a ring of {slots} slots of {slot_bytes} bytes in {os.path.dirname(path)} "
+                    f"({exc.strerror}): give the file system more room (Docker: --shm-size), or BatchLoader fewer "
+                    "slots or a smaller slot_bytes") from None
+            self.mapping = mmap.mmap(fd, slots * slot_bytes)
+        finally:
+            os.close(fd)
+        self.holders: list[set[int]] = [set() for _ in range(slots)]  # members yet to release each slot
+        self.free: deque[int] = deque(range(slots))
+        self.slot_of: dict[int, int] = {}  # batch sequence number -> its slot, while held
+
+    def write(self, seq: int, batch: Mapping[str, torch.Tensor], layout: Layout, holders: set[int]) -> int:
+        """Write a batch into the next free slot; returns where its tensors start in the ring."""
+        slot = self.free.popleft()
+        start = slot * self.slot_bytes + HEADER_BYTES
+        self.mapping[start - HEADER_BYTES:start - HEADER_BYTES + 8] = seq.to_bytes(8, "little")
+        views = layout.views(torch.frombuffer(self.mapping, dtype=torch.uint8, count=layout.nbytes, offset=start))
+        for spec in layout.unique_tensors():
+            views[spec.name].copy_(batch[spec.name])
+        if holders:
+            self.slot_of[seq], self.holders[slot] = slot, set(holders)
+        else:
+            self.free.append(slot)
+        return start
+
+    def release(self, member: int, seq: int) -> None:
+        slot = self.slot_of.get(seq)
+        if slot is None:
+            return
+        self.holders[slot].discard(member)
+        if not self.holders[slot]:
+            del self.slot_of[seq]
+            self.free.append(slot)
+
+    def release_all(self, member: int) -> None:
+        for seq in list(self.slot_of):
+            self.release(member, seq)
+
+    def oldest(self) -> tuple[int, set[int]]:
+        seq = min(self.slot_of)
+        return seq, set(self.holders[self.slot_of[seq]])
+
+    def close(self) -> None:
+        self.mapping.close()
+
+
 class BatchLoader:
-    """The loader's side: serves batches (dicts of tensors) to `members` trainer processes.
+    """The loader's side: serves batches (dicts of tensors) to `members` trainer processes,
+    numbered 0 to `members` - 1.
 
     Args:
         members: how many trainer processes read the batches.
         slot_bytes: the largest batch, in bytes (its tensors packed; see viper_lightning.Layout).
-        slots: the ring's slots: how many batches may be out at once (at least 2 + each member's
-            `hold`, so that the loader can run ahead of the slowest member).
+        slots: the ring's slots: how many batches may be out at once (more than each member's
+            `hold`, which a member says when it joins: one with a `hold` of `slots` or more is
+            refused; 2 + `hold` lets the loader run ahead of the slowest member).
         directory: where the ring and the socket go (default: a fresh private directory in
-            /dev/shm); members are given the same path.
-        join_timeout: seconds to wait for every member to join before serving those that did.
+            /dev/shm); members are given the same path. One that exists must be this user's.
+        join_timeout: seconds to wait for every member to join before serving those that did
+            (a member that comes once serving started is refused: it would start mid-epoch).
         member_timeout: seconds the ring may stay full before the members holding its oldest batch
             are dropped and told so (None, the default: never; the slowest member sets the pace,
             however slow). A member whose connection closes is dropped at once.
@@ -83,18 +147,10 @@ class BatchLoader:
                                      "at least one member, two slots and one byte per slot")
         # whole pages, so that members drop a slot's pages on their own
         slot_bytes = -(-(slot_bytes + HEADER_BYTES) // mmap.PAGESIZE) * mmap.PAGESIZE
-        self.members_expected, self.slots, self.slot_bytes = members, slots, slot_bytes
+        self.members_expected = members
         self.join_timeout, self.member_timeout, self.keep_freed_bytes = join_timeout, member_timeout, keep_freed_bytes
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.directory = directory or tempfile.mkdtemp(prefix="viper-pipeline-", dir=base)
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        os.chmod(self.directory, 0o700)
-        fd = os.open(os.path.join(self.directory, RING), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.ftruncate(fd, slots * slot_bytes)
-            self._ring = mmap.mmap(fd, slots * slot_bytes)
-        finally:
-            os.close(fd)
+        self.directory = _private_directory(directory)
+        self._slots = _Slots(os.path.join(self.directory, RING), slots, slot_bytes)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._listener.bind(os.path.join(self.directory, SOCKET))  # after the ring: a member connects, then maps
         self._listener.listen(max(members, 8))
@@ -105,13 +161,18 @@ class BatchLoader:
         self._members: dict[int, _Member] = {}  # by member number
         self._by_fd: dict[int, int] = {}  # descriptor -> member number
         self._buffer = bytearray(MEMBER_MESSAGE_BYTES)
-        self._holders: list[set[int]] = [set() for _ in range(slots)]  # members yet to release each slot
-        self._free: deque[int] = deque(range(slots))
-        self._slot_of: dict[int, int] = {}  # batch sequence number -> its slot, while held
         self._seq = 0
         self._layout: Layout | None = None  # the last batch's
-        self._ended = False
+        self._state = "joining"  # then "serving", then "ended"
         self.dropped: list[int] = []  # members dropped as gone or silent
+
+    @property
+    def slots(self) -> int:
+        return self._slots.slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slots.slot_bytes
 
     @property
     def joined(self) -> list[int]:
@@ -126,27 +187,29 @@ class BatchLoader:
     @property
     def in_flight(self) -> int:
         """Slots some member has not released yet."""
-        return self.slots - len(self._free)
+        return self.slots - len(self._slots.free)
 
     # -- serving -------------------------------------------------------------------------------
     def serve(self, batches: Iterable[Mapping[str, torch.Tensor]], epochs: int = 1) -> int:
         """Send every batch of `batches` to every member, `epochs` times (each epoch iterates
         `batches` again and ends with a marker); returns how many batches went out."""
-        if self.keep_freed_bytes is not None:
-            keep_freed_memory(self.keep_freed_bytes)
-        self._wait_for_members()
+        if epochs > 1 and isinstance(batches, Iterator):
+            raise ConfigurationError(f"serve(..., epochs={epochs}) got an iterator, which only one epoch can read; "
+                                     "give it an iterable that makes each epoch anew (a list, or a class with __iter__)")
+        if self.keep_freed_bytes is not None and not keep_freed_memory(self.keep_freed_bytes):
+            log.info("the C library's allocator keeps its own policy for freed memory (not glibc, or it refused)")
         try:
+            self._wait_for_members()
+            self._state = "serving"
             for epoch in range(epochs):
                 for batch in batches:
-                    if not self._members:
-                        raise TransferError("every member of the ensemble is gone; nothing left to serve")
                     self._send_batch(batch, epoch)
                 self._announce({"kind": "epoch_end", "epoch": epoch})
         except BaseException as exc:  # the members stop at once, with the reason, rather than wait for a batch
-            self._ended = True
+            self._state = "ended"
             self._announce({"kind": "stopped", "why": f"{type(exc).__name__}: {exc}"[:1000]})
             raise
-        self._ended = True
+        self._state = "ended"
         self._announce({"kind": "end"})
         self._drain()
         return self._seq
@@ -173,16 +236,11 @@ class BatchLoader:
                     f"a batch of {len(layout.tensors)} tensors takes {len(described)} bytes to describe, over the "
                     f"{MAX_MESSAGE_BYTES - 256}-byte message limit; stack its tensors into fewer, larger ones")
             self._layout = layout
-        slot = self._free_slot()
+        self._wait_for_free_slot()
+        if not self._members:
+            raise TransferError("every member of the ensemble is gone; nothing left to serve")
         self._seq += 1
-        start = slot * self.slot_bytes + HEADER_BYTES
-        self._ring[start - HEADER_BYTES:start - HEADER_BYTES + 8] = self._seq.to_bytes(8, "little")
-        target = torch.frombuffer(self._ring, dtype=torch.uint8, count=layout.nbytes, offset=start)
-        views = layout.views(target)
-        for spec in layout.unique_tensors():
-            views[spec.name].copy_(batch[spec.name])
-        self._slot_of[self._seq] = slot
-        self._holders[slot] = set(self._members)
+        start = self._slots.write(self._seq, batch, layout, set(self._members))
         message = {"kind": "batch", "seq": self._seq, "epoch": epoch, "offset": start}
         plain, described = encode(message), None
         for member in list(self._members.values()):
@@ -194,20 +252,19 @@ class BatchLoader:
             member.layout = layout
             self._send(member, described)
 
-    def _free_slot(self) -> int:
+    def _wait_for_free_slot(self) -> None:
         waiting_since = time.monotonic()
-        while not self._free:
+        while not self._slots.free:
             self._receive(POLL_S)
             if self.member_timeout is not None and time.monotonic() - waiting_since > self.member_timeout:
                 self._drop_blocking()
                 waiting_since = time.monotonic()
-        return self._free.popleft()
 
     def _drop_blocking(self) -> None:
         """The ring has been full for member_timeout: drop the members that still hold its oldest
         batch (the others hold only newer ones, waiting for the next), and tell them."""
-        oldest = min(self._slot_of)
-        for number in sorted(self._holders[self._slot_of[oldest]]):
+        oldest, holders = self._slots.oldest()
+        for number in sorted(holders):
             member = self._members.get(number)
             if member is not None:
                 self._send(member, encode({"kind": "dropped"}))
@@ -221,7 +278,7 @@ class BatchLoader:
     def _drain(self) -> None:
         """After the end: until every member released its slots or left (bounded by the timeout)."""
         deadline = time.monotonic() + (self.member_timeout or 60.0)
-        while self._members and len(self._free) < self.slots and time.monotonic() < deadline:
+        while self._members and self.in_flight and time.monotonic() < deadline:
             self._receive(POLL_S)
 
     # -- members ---------------------------------------------------------------------------
@@ -238,8 +295,8 @@ class BatchLoader:
             except BlockingIOError:
                 member.outbox.append(payload)
                 self._poller.modify(member.connection, select.POLLIN | select.POLLOUT)
-            except OSError:
-                self._drop(member.number, "its connection closed")
+            except OSError as exc:
+                self._send_failed(member, exc)
                 return
         if len(member.outbox) > 2 * self.slots + 8:
             self._drop(member.number, f"{len(member.outbox)} messages to it are unread: it stopped reading")
@@ -251,10 +308,19 @@ class BatchLoader:
                 member.outbox.popleft()
         except BlockingIOError:
             return
-        except OSError:
-            self._drop(member.number, "its connection closed")
+        except OSError as exc:
+            self._send_failed(member, exc)
             return
         self._poller.modify(member.connection, select.POLLIN)
+
+    def _send_failed(self, member: _Member, exc: OSError) -> None:
+        if exc.errno == errno.EMSGSIZE:
+            raise ConfigurationError(f"a message of the loader does not fit member {member.number}'s socket buffer "
+                                     f"({exc.strerror}): raise net.core.wmem_default, or batch fewer tensors") from None
+        fd = member.connection.fileno()
+        self._read(fd, limit=None)  # what it sent before it closed (a bye, say) decides how it left
+        if self._by_fd.get(fd) == member.number:
+            self._drop(member.number, "left" if self._state == "ended" else "its connection closed")
 
     def _receive(self, timeout_s: float) -> None:
         for fd, events in self._poller.poll(int(timeout_s * 1000)):
@@ -273,12 +339,23 @@ class BatchLoader:
                 connection, _ = self._listener.accept()
             except BlockingIOError:
                 return
+            except OSError as exc:  # out of descriptors, say: those waiting are taken later
+                log.warning("could not accept a member's connection on %s: %s", self.directory, exc.strerror)
+                return
             pid, uid = peer(connection)
             if uid != os.geteuid():  # the directory is private already: this is a second lock
                 log.warning("refused a connection from pid %d of uid %d to %s", pid, uid, self.directory)
                 connection.close()
                 continue
+            if len(self._pending) >= MAX_PENDING:  # connections that never said hello: the oldest goes
+                oldest = next(iter(self._pending))
+                self._poller.unregister(oldest)
+                self._pending.pop(oldest).close()
             connection.setblocking(False)
+            try:  # room for the largest message (a layout) and the markers behind it, where the host allows
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_MESSAGE_BYTES)
+            except OSError:
+                pass
             self._pending[connection.fileno()] = connection
             self._poller.register(connection, select.POLLIN)
 
@@ -288,14 +365,20 @@ class BatchLoader:
         number = self._by_fd.get(fd)
         return self._members[number].connection if number is not None else None
 
-    def _read(self, fd: int) -> None:
-        while (connection := self._connection(fd)) is not None:
+    def _read(self, fd: int, limit: int | None = READS_PER_ROUND) -> None:
+        """Take what a connection sent (at most `limit` messages, so that one peer cannot keep the
+        loader from the others; the rest waits for the next round)."""
+        taken, malformed = 0, 0
+        while (connection := self._connection(fd)) is not None and (limit is None or taken < limit):
+            taken += 1
             try:
                 message = receive(connection, self._buffer)
             except BlockingIOError:
-                return
+                break
             except IntegrityError as exc:
-                log.warning("ignored a message on %s: %s", self.directory, exc)
+                malformed += 1
+                if malformed == 1:
+                    log.warning("ignored a message on %s: %s", self.directory, exc)
                 continue
             except OSError:
                 message = None
@@ -310,22 +393,40 @@ class BatchLoader:
             log.warning("ignored a malformed message on %s", self.directory)
             return
         if kind == "hello" and fd in self._pending:
-            connection = self._pending.pop(fd)
-            if number in self._members or number in self.dropped or self._ended:
-                log.warning("refused a second member %d on %s", number, self.directory)
-                self._poller.unregister(connection)
-                connection.close()  # it reads the end of its connection, and says why
-                return
-            self._members[number] = _Member(number, connection, peer(connection)[0])
-            self._by_fd[fd] = number
+            self._join(fd, number, message.get("hold"))
             return
         if self._by_fd.get(fd) != number:
             return  # not a member yet, or a member claiming another's number
         if kind == "done":
             for seq in seqs:
-                self._release(number, seq)
+                self._slots.release(number, seq)
+        elif kind == "ping":  # a member that waited long for a batch asks whether the loader is there
+            oldest = sorted(self._slots.oldest()[1]) if self._slots.slot_of and not self._slots.free else []
+            self._send(self._members[number], encode({"kind": "pong", "waiting_for": oldest}))
         elif kind == "bye":
             self._drop(number, "left")
+
+    def _join(self, fd: int, number: int, hold: object) -> None:
+        connection = self._pending.pop(fd)
+        if number >= self.members_expected:
+            why = f"member numbers run from 0 to {self.members_expected - 1}"
+        elif number in self._members or number in self.dropped:
+            why = f"member {number} has joined already (another process)"
+        elif self._state != "joining":
+            why = "serving has started without it (it would have begun mid-epoch): start members before join_timeout"
+        elif not count(hold) or hold >= self.slots:
+            why = f"its hold of {hold} batches leaves the loader no slot of the ring's {self.slots} to write the next in"
+        else:
+            self._members[number] = _Member(number, connection, peer(connection)[0])
+            self._by_fd[fd] = number
+            return
+        log.warning("refused member %d on %s: %s", number, self.directory, why)
+        try:
+            connection.send(encode({"kind": "refused", "why": why}))
+        except OSError:
+            pass
+        self._poller.unregister(connection)
+        connection.close()
 
     def _closed(self, fd: int) -> None:
         connection = self._pending.pop(fd, None)
@@ -333,16 +434,7 @@ class BatchLoader:
             self._poller.unregister(connection)
             connection.close()
         elif fd in self._by_fd:
-            self._drop(self._by_fd[fd], "left" if self._ended else "its process is gone (its connection closed)")
-
-    def _release(self, member: int, seq: int) -> None:
-        slot = self._slot_of.get(seq)
-        if slot is None:
-            return
-        self._holders[slot].discard(member)
-        if not self._holders[slot]:
-            del self._slot_of[seq]
-            self._free.append(slot)
+            self._drop(self._by_fd[fd], "left" if self._state == "ended" else "its process is gone (its connection closed)")
 
     def _drop(self, number: int, why: str) -> None:
         member = self._members.pop(number, None)
@@ -350,12 +442,16 @@ class BatchLoader:
             return
         del self._by_fd[member.connection.fileno()]
         self._poller.unregister(member.connection)
+        for payload in member.outbox:  # a last word (stopped, dropped) that had no room yet: if it fits now
+            try:
+                member.connection.send(payload)
+            except OSError:
+                break
         member.connection.close()
         if why != "left":
             self.dropped.append(number)
             log.warning("ensemble member %d (pid %d) dropped (%s); the others go on", number, member.pid, why)
-        for seq in list(self._slot_of):
-            self._release(number, seq)
+        self._slots.release_all(number)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -364,9 +460,10 @@ class BatchLoader:
         for connection in self._pending.values():
             connection.close()
         self._members.clear()
+        self._by_fd.clear()
         self._pending.clear()
         self._listener.close()
-        self._ring.close()
+        self._slots.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> BatchLoader:
@@ -375,3 +472,24 @@ class BatchLoader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _private_directory(directory: str | None) -> str:
+    """A fresh private directory in /dev/shm, or the one given, if it is this user's (made, mode
+    0700, when it does not exist; a link, another user's, or a loader's leftovers are refused)."""
+    if directory is None:
+        return tempfile.mkdtemp(prefix="viper-pipeline-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise ConfigurationError(f"BatchLoader directory {directory} is not a directory of this user's (uid "
+                                 f"{info.st_uid}, mode {stat.filemode(info.st_mode)}): give it a path of your own")
+    os.chmod(directory, 0o700)
+    leftovers = [name for name in (RING, SOCKET) if os.path.lexists(os.path.join(directory, name))]
+    if leftovers:
+        raise ConfigurationError(f"BatchLoader directory {directory} holds a loader's {' and '.join(leftovers)} "
+                                 "already (another loader's, or a crashed one's): remove them or give another path")
+    return directory

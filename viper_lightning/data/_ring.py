@@ -48,8 +48,8 @@ def receive(connection: socket.socket, buffer: bytearray) -> dict | None:
         raise IntegrityError(f"a message of {length} bytes, over the {len(buffer)}-byte limit")
     try:
         message = json.loads(bytes(buffer[:length]))
-    except ValueError as exc:
-        raise IntegrityError(f"a message that is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
+        raise IntegrityError(f"a message that is not JSON: {str(exc)[:200]}") from None
     if not isinstance(message, dict):
         raise IntegrityError("a message that is not a JSON object")
     return message

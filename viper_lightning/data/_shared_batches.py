@@ -3,6 +3,7 @@ as tensors viewing the shared ring."""
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import socket
@@ -21,6 +22,8 @@ from ._ring import HEADER_BYTES, MAX_MESSAGE_BYTES, RING, SOCKET, count, encode,
 
 __all__ = ["SharedBatches"]
 
+log = logging.getLogger("viper_lightning.data")
+
 CONNECT_RETRY_S = 0.05
 
 
@@ -28,53 +31,78 @@ class SharedBatches(IterableDataset):
     """A trainer process's side: the loader's batches, as tensors viewing the shared ring.
 
     Use it as the dataset of a DataLoader with `batch_size=None` and `num_workers=0` (the batches
-    are made already). Each epoch of the DataLoader is one epoch the loader serves. A batch is
-    released to the loader `hold` batches later, since Lightning fetches one batch ahead of the
-    step it runs; the views are copy-on-write, so a step that writes its batch writes a private
-    copy, never the ring. The member may start before the loader: it waits for it up to `timeout`.
+    are made already). Each epoch of the DataLoader is one epoch the loader serves (an epoch left
+    early, by `limit_train_batches` say, skips the rest of the loader's). A batch is released to
+    the loader `hold` batches later, since Lightning fetches one batch ahead of the step it runs.
+    The tensors view the ring: a step that writes its batch writes a private copy, never the ring
+    (dropped before the slot's next batch is yielded); but a tensor kept after its batch was
+    released shows whatever the loader writes into that slot next: clone what you keep beyond
+    the step (a metric's targets, an example batch). The member may start before the loader.
 
     Args:
         directory: the loader's directory (BatchLoader.directory).
         member: this member's number (0 to K-1).
-        hold: batches kept before releasing one (2 under Lightning).
-        timeout: seconds without a message from the loader before giving up with an error.
+        hold: batches kept before releasing one: more than the DataLoader's consumer fetches ahead
+            of its use (2 under Lightning), and fewer than the loader's slots.
+        timeout: seconds without a word from the loader (or, at the start, without a loader)
+            before it asks whether the loader is there; a loader that answers is waiting for a
+            slower member, and is waited for; one silent for another `timeout` is an error.
     """
 
     def __init__(self, directory: str, member: int, hold: int = 2, timeout: float = 120.0) -> None:
         super().__init__()
+        if not count(hold) or hold < 1 or not count(member):
+            raise ConfigurationError(f"SharedBatches(member={member}, hold={hold}): a member number of 0 or more, and "
+                                     "a hold of at least 1 batch (the one its step trains on)")
         self.directory, self.member, self.hold, self.timeout = directory, member, hold, timeout
         self._socket: socket.socket | None = None
         self._ring_fd: int | None = None
         self._ring: mmap.mmap | None = None
         self._written: _WrittenPages | None = None
         self._buffer = bytearray(MAX_MESSAGE_BYTES)
-        self._held: deque[tuple[int, int, int]] = deque()  # (seq, offset, nbytes) of each batch not released
+        self._held: deque[tuple[int, int]] = deque()  # (seq, header offset) of each batch not released
         self._layout: Layout | None = None  # the loader sends a layout only when it changes
         self._views: dict[int, tuple[Layout, dict[str, torch.Tensor]]] = {}  # by offset in the ring
-        self._ended = False
+        self._state = "between epochs"  # or "in an epoch", or "ended"
         self.batches_seen = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self._connect()
         self._release(len(self._held))  # the previous epoch's batches are done with
-        while not self._ended:
+        skipping = self._state == "in an epoch"  # the last epoch was left early: the loader's goes on
+        while self._state != "ended":
             message = self._next_message()
             kind = message.get("kind")
             if kind == "batch":
-                yield self._batch(message)
+                batch = self._batch(message)
+                if skipping:
+                    self._release(len(self._held))
+                    continue
+                self._state = "in an epoch"
+                yield batch
             elif kind == "epoch_end":
+                if skipping:
+                    skipping = False
+                    continue
+                self._state = "between epochs"
                 return
             elif kind == "end":
-                self._ended = True
+                self._state = "ended"
                 self._release(len(self._held))
                 self._send({"kind": "bye"})
-            elif kind == "stopped":
-                why = message.get("why")
-                raise TransferError(f"ensemble member {self.member}: the loader stopped serving: "
-                                    f"{why if isinstance(why, str) else 'no reason given'}")
-            elif kind == "dropped":
-                raise TransferError(f"ensemble member {self.member}: the loader dropped it (it held a batch past the "
-                                    "loader's member_timeout); the batches it held may have been overwritten")
+            else:
+                self._refuse(kind, message)
+
+    def _refuse(self, kind: object, message: dict) -> None:
+        why = message.get("why") if isinstance(message.get("why"), str) else "no reason given"
+        if kind == "stopped":
+            raise TransferError(f"ensemble member {self.member}: the loader stopped serving: {why}")
+        if kind == "refused":
+            raise ConfigurationError(f"ensemble member {self.member}: the loader at {self.directory} refused it: {why}")
+        if kind == "dropped":
+            raise TransferError(f"ensemble member {self.member}: the loader dropped it (it held a batch past the "
+                                "loader's member_timeout); the batches it held may have been overwritten")
+        raise IntegrityError(f"ensemble member {self.member}: a message of unknown kind {kind!r} from the loader")
 
     def _connect(self) -> None:
         if self._socket is not None:
@@ -103,22 +131,33 @@ class SharedBatches(IterableDataset):
         self._written = _WrittenPages(self._ring)
         connection.settimeout(self.timeout)
         self._socket = connection
-        self._send({"kind": "hello"})
+        self._send({"kind": "hello", "hold": self.hold})
 
     def _next_message(self) -> dict:
-        try:
-            message = receive(self._socket, self._buffer)
-        except TimeoutError:
-            raise TransferError(f"ensemble member {self.member}: no batch from the loader at {self.directory} for "
-                                f"{self.timeout:.0f} s (did it stop?)") from None
-        except IntegrityError as exc:
-            raise IntegrityError(f"ensemble member {self.member}: from the loader, {exc}") from None
-        except ConnectionError:  # closed with a message of ours unread
-            message = None
-        if message is None:
-            raise TransferError(f"ensemble member {self.member}: the loader at {self.directory} closed the connection "
-                                f"before the end (it stopped, or another process had joined as member {self.member})")
-        return message
+        asked = False
+        while True:
+            try:
+                message = receive(self._socket, self._buffer)
+            except TimeoutError:
+                if asked:
+                    raise TransferError(f"ensemble member {self.member}: no word from the loader at {self.directory} "
+                                        f"for {2 * self.timeout:.0f} s, asked or not (does it hang?)") from None
+                self._send({"kind": "ping"})
+                asked = True
+                continue
+            except IntegrityError as exc:
+                raise IntegrityError(f"ensemble member {self.member}: from the loader, {exc}") from None
+            except ConnectionError:  # closed with a message of ours unread
+                message = None
+            if message is None:
+                raise TransferError(f"ensemble member {self.member}: the loader at {self.directory} closed the "
+                                    "connection before the end (it stopped or dropped this member: see its log)")
+            if message.get("kind") != "pong":
+                return message
+            waiting_for = message.get("waiting_for")
+            log.info("ensemble member %d: no batch for %.0f s; the loader is there, waiting for member(s) %s",
+                     self.member, self.timeout, waiting_for)
+            asked = False
 
     def _batch(self, message: dict) -> dict[str, torch.Tensor]:
         if "layout" in message:
@@ -129,14 +168,16 @@ class SharedBatches(IterableDataset):
             raise IntegrityError(f"ensemble member {self.member}: batch {seq!r} came without a layout, and none before")
         if not count(offset) or offset < HEADER_BYTES or offset + layout.nbytes > len(self._ring) or not count(seq):
             raise IntegrityError(f"ensemble member {self.member}: a batch at {offset!r} lies outside the ring")
-        # MAP_PRIVATE: a page a step writes becomes this process's own copy, dropped on release
-        # (the others keep showing the ring, so that the next batch in the slot is read from it).
-        # A slot's tensors are made once per layout; each batch gets its own detached aliases of them.
-        views = self._views.get(offset)
+        # MAP_PRIVATE: a page this process wrote (a step's in-place op on an earlier batch in this
+        # slot, even after its release) is its own copy, which would hide the ring: dropped first
+        start = (offset - HEADER_BYTES) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._written.drop(start, min(-(-(offset + layout.nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE,
+                                      len(self._ring) - start))
+        views = self._views.get(offset)  # a slot's tensors are made once per layout; each batch gets aliases
         if views is None or views[0] is not layout:
             buffer = torch.frombuffer(self._ring, dtype=torch.uint8, count=layout.nbytes, offset=offset)
             views = self._views[offset] = (layout, layout.views(buffer))
-        self._held.append((seq, offset, layout.nbytes))
+        self._held.append((seq, offset - HEADER_BYTES))
         self.batches_seen += 1
         if len(self._held) > self.hold:
             self._release(len(self._held) - self.hold)
@@ -146,15 +187,11 @@ class SharedBatches(IterableDataset):
         if count_ <= 0 or self._socket is None:
             return
         released = [self._held.popleft() for _ in range(count_)]
-        for seq, offset, nbytes in released:
-            header = offset - HEADER_BYTES
+        for seq, header in released:
             if int.from_bytes(os.pread(self._ring_fd, 8, header), "little") != seq:  # the ring's, not a private copy
                 raise IntegrityError(f"ensemble member {self.member}: batch {seq} was overwritten while in use (the "
                                      "loader dropped this member?); its steps may have trained on another batch")
-            start = header - header % mmap.PAGESIZE
-            length = min(-(-(offset + nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._ring) - start)
-            self._written.drop(start, length)
-        self._send({"kind": "done", "seqs": [seq for seq, _, _ in released]})
+        self._send({"kind": "done", "seqs": [seq for seq, _ in released]})
 
     def _send(self, message: dict[str, object]) -> None:
         try:
@@ -168,10 +205,10 @@ class SharedBatches(IterableDataset):
         if self._socket is not None:
             try:
                 self._release(len(self._held))
-                if not self._ended:
+                if self._state != "ended":
                     self._send({"kind": "bye"})
-            except TransferError:
-                pass  # the loader is gone: nothing to tell it
+            except (TransferError, IntegrityError):
+                pass  # the loader is gone, or dropped this member: nothing to tell it
             finally:
                 self._socket.close()
                 self._written.close()
@@ -181,15 +218,16 @@ class SharedBatches(IterableDataset):
 
 class _WrittenPages:
     """The pages of a private mapping of the ring that this process wrote (its own copies, which
-    would hide the next batches in their slot), read from /proc/self/pagemap so that a release
-    drops only those: the pages it only read stay mapped to the ring, and the next batch in the
-    slot costs no page faults. Without pagemap, a release drops every page of the batch."""
+    would hide the next batches in their slot), read from /proc/self/pagemap so that only those
+    are dropped: the pages it only read stay mapped to the ring, and the next batch in the slot
+    costs no page faults. Without pagemap, every page of the range is dropped."""
 
     PRESENT, SWAPPED, SHARED = 1 << 63, 1 << 62, 1 << 61  # pagemap bits: in memory, swapped out, a file's page
 
     def __init__(self, mapping: mmap.mmap) -> None:
         self.mapping, self.base = mapping, _address_of(mapping)
-        self._masks: dict[int, tuple[int, int, int]] = {}  # pages -> each bit in every entry, as one int
+        self._masks: tuple[int, int, int] = (0, 0, 0)  # each bit in every entry of the largest range yet, as one int
+        self._mask_pages = 0
         try:
             self.fd: int | None = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -206,8 +244,12 @@ class _WrittenPages:
         if len(raw) != 8 * pages:
             self.mapping.madvise(mmap.MADV_DONTNEED, start, length)
             return
-        # every entry at once, as one integer: most releases find nothing written, in a few operations
-        entries, (present, swapped, shared) = int.from_bytes(raw, "little"), self._masks_for(pages)
+        # every entry at once, as one integer: most batches find nothing written, in a few operations
+        if pages > self._mask_pages:  # grows to a slot's pages, once
+            self._masks = tuple(int.from_bytes(bit.to_bytes(8, "little") * pages, "little")
+                                for bit in (self.PRESENT, self.SWAPPED, self.SHARED))
+            self._mask_pages = pages
+        entries, (present, swapped, shared) = int.from_bytes(raw, "little"), self._masks
         written = (entries & swapped) << 1 | ((entries & present) & ~((entries & shared) << 2))
         if not written:
             return
@@ -215,14 +257,6 @@ class _WrittenPages:
         pages_written = numpy.flatnonzero(flags)
         for run in numpy.split(pages_written, numpy.flatnonzero(numpy.diff(pages_written) != 1) + 1):
             self.mapping.madvise(mmap.MADV_DONTNEED, start + int(run[0]) * mmap.PAGESIZE, len(run) * mmap.PAGESIZE)
-
-    def _masks_for(self, pages: int) -> tuple[int, int, int]:
-        masks = self._masks.get(pages)
-        if masks is None:
-            masks = tuple(int.from_bytes(bit.to_bytes(8, "little") * pages, "little")
-                          for bit in (self.PRESENT, self.SWAPPED, self.SHARED))
-            self._masks[pages] = masks
-        return masks
 
     def close(self) -> None:
         if self.fd is not None:

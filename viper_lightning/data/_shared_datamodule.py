@@ -6,6 +6,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from .._errors import ConfigurationError
 from ._shared_batches import SharedBatches
 
 __all__ = ["SharedBatchesDataModule"]
@@ -19,11 +20,15 @@ class SharedBatchesDataModule(L.LightningDataModule):
         directory: the loader's directory (BatchLoader.directory).
         member: this member's number (0 to K-1).
         hold: batches kept before releasing one (2: Lightning fetches one ahead of its step).
-        timeout: seconds without a batch before the member gives up with an error.
+        timeout: seconds without a word from the loader before the member asks whether it is
+            there (see SharedBatches).
     """
 
     def __init__(self, directory: str, member: int, hold: int = 2, timeout: float = 120.0) -> None:
         super().__init__()
+        if hold < 2:
+            raise ConfigurationError(f"SharedBatchesDataModule(hold={hold}): Lightning fetches the next batch before "
+                                     "the step on this one runs, so a member must hold at least 2")
         self.directory, self.member, self.hold, self.timeout = directory, member, hold, timeout
         self.batches: SharedBatches | None = None
 
