@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -357,6 +358,9 @@ def test_a_ring_that_does_not_fit_its_file_system_is_refused_at_once(tmp_path):
     try:
         with pytest.raises(ConfigurationError, match="no room for a ring of 6 slots.*--shm-size"):
             BatchLoader(1, 1 << 20, directory=str(mount / "pipeline"))
+        assert os.listdir(mount) == []  # nothing left behind: the next loader there starts clean
+        with BatchLoader(1, 64, directory=str(mount / "pipeline")):
+            pass
     finally:
         subprocess.run(["umount", str(mount)], check=True)
 
@@ -376,3 +380,34 @@ def test_keeping_freed_memory_takes_on_glibc_and_refuses_a_size_out_of_range():
     assert keep_freed_memory(64 * 1024 * 1024)  # (this process's allocator: it only keeps more of what it freed)
     with pytest.raises(ConfigurationError, match="from 0 to 2 GiB"):
         keep_freed_memory(-1)
+
+
+def test_a_member_that_leaves_with_batches_unread_is_counted_as_left_not_dropped():
+    with BatchLoader(2, 8192 + 64, slots=4) as loader:
+        serving = _serve(loader, _batches(40))
+        seen: list[float] = []
+        reading = _read(SharedBatches(loader.directory, 0, timeout=WAIT_S), seen)
+        leaving = SharedBatches(loader.directory, 1, timeout=WAIT_S)
+        stream = iter(leaving)
+        [next(stream) for _ in range(3)]
+        deadline = time.monotonic() + WAIT_S
+        while loader.served < 5 and time.monotonic() < deadline:
+            serving.join(0.01)  # a poll of the loader's progress: batches 4 and 5 are sent to it, unread
+        leaving.close()  # early stopping, say: done, bye, and its socket closes with messages unread
+        reading.join(WAIT_S)
+        serving.join(WAIT_S)
+    assert loader.dropped == [] and seen == [float(i) for i in range(40)]
+
+
+def test_a_directory_of_the_user_s_is_left_as_it_was_and_a_shared_one_refused(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    (mine / "checkpoint.ckpt").write_text("weeks of training")
+    with BatchLoader(1, 64, directory=str(mine)):
+        assert sorted(os.listdir(mine)) == ["checkpoint.ckpt", "loader.sock", "ring"]
+    assert os.listdir(mine) == ["checkpoint.ckpt"] and stat.S_IMODE(os.stat(mine).st_mode) == 0o755
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigurationError, match="only this user may write in"):
+        BatchLoader(1, 64, directory=str(shared))

@@ -48,7 +48,7 @@ POLL_S = 0.1
 DEFAULT_KEEP_FREED_BYTES = 256 * 1024 * 1024
 MEMBER_MESSAGE_BYTES = 64 * 1024  # a member sends only small messages: hello, done, ping, bye
 READS_PER_ROUND = 64  # messages taken from one connection before the others get a turn
-MAX_PENDING = 64  # connections yet to say hello; the oldest goes when more come
+MAX_PENDING = 64  # connections yet to say hello beyond the members expected; the oldest goes when more come
 
 
 @dataclass
@@ -70,6 +70,7 @@ class _Slots:
             try:  # every page now: a full /dev/shm later would kill the loader with SIGBUS mid-write
                 os.posix_fallocate(fd, 0, slots * slot_bytes)
             except OSError as exc:
+                os.unlink(path)
                 raise ConfigurationError(
                     f"no room for a ring of {slots} slots of {slot_bytes} bytes in {os.path.dirname(path)} "
                     f"({exc.strerror}): give the file system more room (Docker: --shm-size), or BatchLoader fewer "
@@ -149,11 +150,16 @@ class BatchLoader:
         slot_bytes = -(-(slot_bytes + HEADER_BYTES) // mmap.PAGESIZE) * mmap.PAGESIZE
         self.members_expected = members
         self.join_timeout, self.member_timeout, self.keep_freed_bytes = join_timeout, member_timeout, keep_freed_bytes
-        self.directory = _private_directory(directory)
-        self._slots = _Slots(os.path.join(self.directory, RING), slots, slot_bytes)
+        self.directory, self._made_directory = _private_directory(directory)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._listener.bind(os.path.join(self.directory, SOCKET))  # after the ring: a member connects, then maps
-        self._listener.listen(max(members, 8))
+        try:
+            self._slots = _Slots(os.path.join(self.directory, RING), slots, slot_bytes)
+            self._listener.bind(os.path.join(self.directory, SOCKET))  # after the ring: a member connects, then maps
+            self._listener.listen(max(members, 8))
+        except BaseException:
+            self._listener.close()
+            _remove(self.directory, self._made_directory)
+            raise
         self._listener.setblocking(False)
         self._poller = select.poll()
         self._poller.register(self._listener, select.POLLIN)
@@ -347,7 +353,7 @@ class BatchLoader:
                 log.warning("refused a connection from pid %d of uid %d to %s", pid, uid, self.directory)
                 connection.close()
                 continue
-            if len(self._pending) >= MAX_PENDING:  # connections that never said hello: the oldest goes
+            if len(self._pending) >= self.members_expected + MAX_PENDING:  # never said hello: the oldest goes
                 oldest = next(iter(self._pending))
                 self._poller.unregister(oldest)
                 self._pending.pop(oldest).close()
@@ -380,6 +386,8 @@ class BatchLoader:
                 if malformed == 1:
                     log.warning("ignored a message on %s: %s", self.directory, exc)
                 continue
+            except ConnectionResetError:
+                continue  # it closed with messages of ours unread: said once, then what it sent, then the end
             except OSError:
                 message = None
             if message is None:  # closed: the process left or is gone
@@ -464,7 +472,7 @@ class BatchLoader:
         self._pending.clear()
         self._listener.close()
         self._slots.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove(self.directory, self._made_directory)
 
     def __enter__(self) -> BatchLoader:
         return self
@@ -474,22 +482,36 @@ class BatchLoader:
         self.close()
 
 
-def _private_directory(directory: str | None) -> str:
-    """A fresh private directory in /dev/shm, or the one given, if it is this user's (made, mode
-    0700, when it does not exist; a link, another user's, or a loader's leftovers are refused)."""
+def _private_directory(directory: str | None) -> tuple[str, bool]:
+    """A fresh private directory in /dev/shm, or the one given (made, mode 0700, when it does not
+    exist), and whether it was made here. One that exists must be a directory of this user's that
+    no one else may write in, without a loader's files: a link, another user's, a shared one or a
+    loader's leftovers are refused."""
     if directory is None:
-        return tempfile.mkdtemp(prefix="viper-pipeline-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        return tempfile.mkdtemp(prefix="viper-pipeline-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None), True
     try:
         os.mkdir(directory, 0o700)
+        return directory, True
     except FileExistsError:
         pass
     info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise ConfigurationError(f"BatchLoader directory {directory} is not a directory of this user's (uid "
-                                 f"{info.st_uid}, mode {stat.filemode(info.st_mode)}): give it a path of your own")
-    os.chmod(directory, 0o700)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ConfigurationError(f"BatchLoader directory {directory} is not a directory of this user's that only "
+                                 f"this user may write in (uid {info.st_uid}, mode {stat.filemode(info.st_mode)}): "
+                                 "give it a path of your own")
     leftovers = [name for name in (RING, SOCKET) if os.path.lexists(os.path.join(directory, name))]
     if leftovers:
         raise ConfigurationError(f"BatchLoader directory {directory} holds a loader's {' and '.join(leftovers)} "
                                  "already (another loader's, or a crashed one's): remove them or give another path")
-    return directory
+    return directory, False
+
+
+def _remove(directory: str, made: bool) -> None:
+    """The loader's own files, and the directory if the loader made it (a user's is left as it was)."""
+    for name in (RING, SOCKET):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    if made:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -147,7 +147,9 @@ class SharedBatches(IterableDataset):
                 continue
             except IntegrityError as exc:
                 raise IntegrityError(f"ensemble member {self.member}: from the loader, {exc}") from None
-            except ConnectionError:  # closed with a message of ours unread
+            except ConnectionResetError:  # closed with messages of ours unread: said once, then what it sent
+                continue
+            except ConnectionError:
                 message = None
             if message is None:
                 raise TransferError(f"ensemble member {self.member}: the loader at {self.directory} closed the "
