@@ -23,12 +23,13 @@ MMAP_MAX_ANYWHERE = 32 * 1024 * 1024  # the largest mmap threshold every 64-bit 
 
 def keep_freed_memory(limit_bytes: int = 256 * 1024 * 1024) -> bool:
     """Have glibc keep up to `limit_bytes` of freed memory at the top of the heap, and allocate
-    blocks up to that size from the heap, instead of returning them to the kernel after each
-    batch. It applies to the whole process, for as long as it runs: call it in a process whose work
+    blocks up to that size (up to 32 MiB where glibc takes no more) from the heap, instead of
+    returning them to the kernel after each batch. It applies to the whole process, for as long as it runs: call it in a process whose work
     is making batches (BatchLoader does when it starts serving, by default). Returns whether it
     took: False, changing nothing, where the C library is not glibc or refuses the thresholds."""
-    if not 0 <= limit_bytes < 2**31:
-        raise ConfigurationError(f"keep_freed_memory(limit_bytes={limit_bytes}): a size in bytes, from 0 to 2 GiB")
+    if not 128 * 1024 <= limit_bytes < 2**31:  # glibc's own thresholds start at 128 KiB: less would keep less
+        raise ConfigurationError(f"keep_freed_memory(limit_bytes={limit_bytes}): a size in bytes, from 128 KiB to "
+                                 "2 GiB")
     mallopt = _mallopt()
     if mallopt is None:
         return False

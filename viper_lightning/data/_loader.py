@@ -8,8 +8,8 @@ slowest member sets the pace, and the ring's size bounds how far the loader runs
 whose connection closes before the end (its process is gone, wherever it runs) is dropped, and so,
 when `member_timeout` is set, are the members that hold the oldest batch while the ring stays full
 that long; the others go on. Each slot starts with the sequence number of the batch in it, which a
-member checks when it releases the batch: a batch overwritten while in use is an error, never
-silently trained on.
+member checks when it releases the batch: as long as a member holds each batch until its step is
+done (its `hold`), a batch overwritten while in use is an error, never silently trained on.
 
 The ring and the loader's socket live in a private directory (mode 0700) of the user who runs
 them, and the loader also refuses a connection from another user; messages are JSON, never
@@ -58,6 +58,11 @@ class _Member:
     pid: int  # as the kernel gave it at connect (for the log)
     layout: Layout | None = None  # the layout this member was sent last
     outbox: deque[bytes] = field(default_factory=deque)  # messages its socket had no room for yet
+    closed: bool = False  # a send failed: its connection is being read to its end, and sent nothing more
+
+
+class _AllLeft(Exception):
+    """Every member said it left: serving ends early, and well."""
 
 
 class _Slots:
@@ -170,7 +175,8 @@ class BatchLoader:
         self._seq = 0
         self._layout: Layout | None = None  # the last batch's
         self._state = "joining"  # then "serving", then "ended"
-        self.dropped: list[int] = []  # members dropped as gone or silent
+        self._accept_again: float | None = None  # when to take connections again, after accept() failed
+        self.dropped: list[int] = []  # members dropped: gone, holding the oldest batch too long, or not reading
 
     @property
     def slots(self) -> int:
@@ -198,7 +204,9 @@ class BatchLoader:
     # -- serving -------------------------------------------------------------------------------
     def serve(self, batches: Iterable[Mapping[str, torch.Tensor]], epochs: int = 1) -> int:
         """Send every batch of `batches` to every member, `epochs` times (each epoch iterates
-        `batches` again and ends with a marker); returns how many batches went out."""
+        `batches` again and ends with a marker); returns how many batches went out. Serving ends
+        early, and well, when every member left (its Trainer ended: max_steps, early stopping).
+        A BatchLoader serves once: members joining later are refused."""
         if epochs > 1 and isinstance(batches, Iterator):
             raise ConfigurationError(f"serve(..., epochs={epochs}) got an iterator, which only one epoch can read; "
                                      "give it an iterable that makes each epoch anew (a list, or a class with __iter__)")
@@ -211,6 +219,8 @@ class BatchLoader:
                 for batch in batches:
                     self._send_batch(batch, epoch)
                 self._announce({"kind": "epoch_end", "epoch": epoch})
+        except _AllLeft:  # every member ended its training (max_steps, early stopping): so does the loader
+            log.info("every member of the ensemble left after %d batches; serving ends", self._seq)
         except BaseException as exc:  # the members stop at once, with the reason, rather than wait for a batch
             self._state = "ended"
             self._announce({"kind": "stopped", "why": f"{type(exc).__name__}: {exc}"[:1000]})
@@ -244,7 +254,10 @@ class BatchLoader:
             self._layout = layout
         self._wait_for_free_slot()
         if not self._members:
-            raise TransferError("every member of the ensemble is gone; nothing left to serve")
+            if self.dropped:
+                raise TransferError(f"every member of the ensemble is gone (dropped: {self.dropped}); nothing left "
+                                    "to serve")
+            raise _AllLeft
         self._seq += 1
         start = self._slots.write(self._seq, batch, layout, set(self._members))
         message = {"kind": "batch", "seq": self._seq, "epoch": epoch, "offset": start}
@@ -292,6 +305,8 @@ class BatchLoader:
         """Send, or queue what the member's socket has no room for (it is sent as room frees). An
         honest member never has more than two messages per slot unread: one that lets more pile
         up stopped reading, and is dropped."""
+        if member.closed:
+            return
         if member.outbox:
             member.outbox.append(payload)
         else:
@@ -323,12 +338,18 @@ class BatchLoader:
         if exc.errno == errno.EMSGSIZE:
             raise ConfigurationError(f"a message of the loader does not fit member {member.number}'s socket buffer "
                                      f"({exc.strerror}): raise net.core.wmem_default, or batch fewer tensors") from None
+        member.closed = True
         fd = member.connection.fileno()
         self._read(fd, limit=None)  # what it sent before it closed (a bye, say) decides how it left
         if self._by_fd.get(fd) == member.number:
             self._drop(member.number, "left" if self._state == "ended" else "its connection closed")
 
     def _receive(self, timeout_s: float) -> None:
+        if self._listener.fileno() < 0:
+            raise TransferError(f"the loader at {self.directory} was closed while it served")
+        if self._accept_again is not None and time.monotonic() >= self._accept_again:
+            self._poller.register(self._listener, select.POLLIN)
+            self._accept_again = None
         for fd, events in self._poller.poll(int(timeout_s * 1000)):
             if fd == self._listener.fileno():
                 self._accept()
@@ -345,8 +366,10 @@ class BatchLoader:
                 connection, _ = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # out of descriptors, say: those waiting are taken later
+            except OSError as exc:  # out of descriptors, say: those waiting are taken a second later
                 log.warning("could not accept a member's connection on %s: %s", self.directory, exc.strerror)
+                self._poller.unregister(self._listener)
+                self._accept_again = time.monotonic() + 1.0
                 return
             pid, uid = peer(connection)
             if uid != os.geteuid():  # the directory is private already: this is a second lock
@@ -382,6 +405,9 @@ class BatchLoader:
             except BlockingIOError:
                 break
             except IntegrityError as exc:
+                if fd in self._pending:  # its first word must be a hello
+                    self._closed(fd)
+                    return
                 malformed += 1
                 if malformed == 1:
                     log.warning("ignored a message on %s: %s", self.directory, exc)
@@ -393,16 +419,23 @@ class BatchLoader:
             if message is None:  # closed: the process left or is gone
                 self._closed(fd)
                 return
-            self._handle(fd, message)
+            try:
+                self._handle(fd, message)
+            except IntegrityError as exc:
+                malformed += 1
+                if malformed == 1:
+                    log.warning("ignored a message on %s: %s", self.directory, exc)
 
     def _handle(self, fd: int, message: dict) -> None:
         kind, number, seqs = message.get("kind"), message.get("member"), message.get("seqs", [])
+        if fd in self._pending:  # its first word must be a hello
+            if kind == "hello" and count(number):
+                self._join(fd, number, message.get("hold"))
+            else:
+                self._closed(fd)
+            return
         if not (count(number) and isinstance(seqs, list) and all(count(seq) for seq in seqs)):
-            log.warning("ignored a malformed message on %s", self.directory)
-            return
-        if kind == "hello" and fd in self._pending:
-            self._join(fd, number, message.get("hold"))
-            return
+            raise IntegrityError(f"a malformed message from member {self._by_fd.get(fd)}")
         if self._by_fd.get(fd) != number:
             return  # not a member yet, or a member claiming another's number
         if kind == "done":
@@ -410,7 +443,7 @@ class BatchLoader:
                 self._slots.release(number, seq)
         elif kind == "ping":  # a member that waited long for a batch asks whether the loader is there
             oldest = sorted(self._slots.oldest()[1]) if self._slots.slot_of and not self._slots.free else []
-            self._send(self._members[number], encode({"kind": "pong", "waiting_for": oldest}))
+            self._send(self._members[number], encode({"kind": "pong", "state": self._state, "waiting_for": oldest}))
         elif kind == "bye":
             self._drop(number, "left")
 
@@ -418,11 +451,15 @@ class BatchLoader:
         connection = self._pending.pop(fd)
         if number >= self.members_expected:
             why = f"member numbers run from 0 to {self.members_expected - 1}"
-        elif number in self._members or number in self.dropped:
+        elif number in self._members:
             why = f"member {number} has joined already (another process)"
+        elif number in self.dropped:
+            why = f"member {number} was dropped, and cannot join again"
         elif self._state != "joining":
             why = "serving has started without it (it would have begun mid-epoch): start members before join_timeout"
-        elif not count(hold) or hold >= self.slots:
+        elif not count(hold):
+            why = "it did not say its hold (a SharedBatches of another version?)"
+        elif hold >= self.slots:
             why = f"its hold of {hold} batches leaves the loader no slot of the ring's {self.slots} to write the next in"
         else:
             self._members[number] = _Member(number, connection, peer(connection)[0])
@@ -494,6 +531,8 @@ def _private_directory(directory: str | None) -> tuple[str, bool]:
         return directory, True
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        raise ConfigurationError(f"BatchLoader directory {directory}: its parent does not exist") from None
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
         raise ConfigurationError(f"BatchLoader directory {directory} is not a directory of this user's that only "

@@ -37,16 +37,19 @@ class SharedBatches(IterableDataset):
     The tensors view the ring: a step that writes its batch writes a private copy, never the ring
     (dropped before the slot's next batch is yielded); but a tensor kept after its batch was
     released shows whatever the loader writes into that slot next: clone what you keep beyond
-    the step (a metric's targets, an example batch). The member may start before the loader.
+    the step (a metric's targets, an example batch). The member may start before the loader. An
+    epoch left early still costs the loader the rest of its epoch, which it makes for the others.
 
     Args:
         directory: the loader's directory (BatchLoader.directory).
         member: this member's number (0 to K-1).
         hold: batches kept before releasing one: more than the DataLoader's consumer fetches ahead
-            of its use (2 under Lightning), and fewer than the loader's slots.
-        timeout: seconds without a word from the loader (or, at the start, without a loader)
-            before it asks whether the loader is there; a loader that answers is waiting for a
-            slower member, and is waited for; one silent for another `timeout` is an error.
+            of its use (2 under Lightning; with less, a step may train on a later batch unseen),
+            and fewer than the loader's slots.
+        timeout: seconds to wait for a loader to be there at the start (then an error); later,
+            seconds without a word from the loader before asking whether it is there: a loader
+            that answers is waiting for a slower member, or for its next batch, and is waited
+            for; one silent for another `timeout` is an error.
     """
 
     def __init__(self, directory: str, member: int, hold: int = 2, timeout: float = 120.0) -> None:
@@ -79,6 +82,7 @@ class SharedBatches(IterableDataset):
                     self._release(len(self._held))
                     continue
                 self._state = "in an epoch"
+                self.batches_seen += 1
                 yield batch
             elif kind == "epoch_end":
                 if skipping:
@@ -156,9 +160,12 @@ class SharedBatches(IterableDataset):
                                     "connection before the end (it stopped or dropped this member: see its log)")
             if message.get("kind") != "pong":
                 return message
-            waiting_for = message.get("waiting_for")
-            log.info("ensemble member %d: no batch for %.0f s; the loader is there, waiting for member(s) %s",
-                     self.member, self.timeout, waiting_for)
+            if message.get("state") == "joining":
+                log.info("ensemble member %d: no batch for %.0f s; the loader is there, waiting for members to "
+                         "join", self.member, self.timeout)
+            else:
+                log.info("ensemble member %d: no batch for %.0f s; the loader is there, waiting for member(s) %s",
+                         self.member, self.timeout, message.get("waiting_for"))
             asked = False
 
     def _batch(self, message: dict) -> dict[str, torch.Tensor]:
@@ -180,7 +187,6 @@ class SharedBatches(IterableDataset):
             buffer = torch.frombuffer(self._ring, dtype=torch.uint8, count=layout.nbytes, offset=offset)
             views = self._views[offset] = (layout, layout.views(buffer))
         self._held.append((seq, offset - HEADER_BYTES))
-        self.batches_seen += 1
         if len(self._held) > self.hold:
             self._release(len(self._held) - self.hold)
         return {name: tensor.detach() for name, tensor in views[1].items()}
