@@ -95,9 +95,10 @@ class SharedBatches(IterableDataset):
                 self._release(len(self._held))
                 self._send({"kind": "bye"})
             else:
-                self._refuse(kind, message)
+                self._raise_for(kind, message)
 
-    def _refuse(self, kind: object, message: dict) -> None:
+    def _raise_for(self, kind: object, message: dict) -> None:
+        """A message that ends this member: the loader stopped, refused or dropped it (or an unknown kind)."""
         why = message.get("why") if isinstance(message.get("why"), str) else "no reason given"
         if kind == "stopped":
             raise TransferError(f"ensemble member {self.member}: the loader stopped serving: {why}")
