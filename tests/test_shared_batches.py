@@ -23,7 +23,8 @@ import torch
 
 from viper_lightning._errors import ConfigurationError, TransferError
 from viper_lightning.data import BatchLoader, SharedBatches, SharedBatchesDataModule, keep_freed_memory
-from viper_lightning.data._ring import RING, SOCKET, encode
+from viper_lightning.data._ring import RING, SOCKET
+from viper_lightning.transport._messages import canonical_json
 from viper_lightning.data._shared_batches import _WrittenPages
 from viper_lightning.storage._shm import _address_of
 
@@ -141,12 +142,12 @@ def test_a_peer_that_releases_batches_it_never_reads_is_dropped(caplog):
         reading = _read(SharedBatches(loader.directory, 0, hold=2, timeout=WAIT_S), seen)
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as peer:
             peer.connect(os.path.join(loader.directory, SOCKET))
-            peer.send(encode({"kind": "hello", "member": 1, "hold": 2}))
+            peer.send(canonical_json({"kind": "hello", "member": 1, "hold": 2}))
             batches = [{"x": torch.full((4,), float(i))} for i in range(2000)]
             serving = _serve(loader, batches)
             while serving.is_alive() and not loader.dropped:  # releases the batches sent, reads none
                 served = loader.served  # (again and again: one is released only once it went out)
-                peer.send(encode({"kind": "done", "member": 1, "seqs": list(range(max(1, served - 7), served + 1))}))
+                peer.send(canonical_json({"kind": "done", "member": 1, "seqs": list(range(max(1, served - 7), served + 1))}))
                 serving.join(0.001)  # a poll of the loader's progress, bounded by the loop's condition
             reading.join(WAIT_S)
             serving.join(WAIT_S)
@@ -216,7 +217,7 @@ def _join_as_other_user(path: str, results) -> None:
         connection.settimeout(WAIT_S)
         connection.connect(path)
         try:
-            connection.send(encode({"kind": "hello", "member": 0, "hold": 2}))
+            connection.send(canonical_json({"kind": "hello", "member": 0, "hold": 2}))
             results.put(connection.recv(4096))  # b"": the loader closed it
         except (BrokenPipeError, ConnectionResetError):
             results.put(b"")  # closed before the hello, or with it unread

@@ -38,7 +38,8 @@ import torch
 from .._errors import ConfigurationError, IntegrityError, TransferError
 from .._layout import Layout
 from ._allocator import keep_freed_memory
-from ._ring import HEADER_BYTES, MAX_MESSAGE_BYTES, RING, SOCKET, count, encode, peer, receive
+from ..transport._messages import canonical_json, is_count
+from ._ring import HEADER_BYTES, MAX_MESSAGE_BYTES, RING, SOCKET, peer, receive
 
 __all__ = ["BatchLoader"]
 
@@ -246,7 +247,7 @@ class BatchLoader:
             raise ConfigurationError(f"a batch of {layout.nbytes} bytes does not fit a {self.slot_bytes}-byte slot; "
                                      "give BatchLoader a larger slot_bytes")
         if layout != self._layout:  # members are told a layout once, with the first batch of it
-            described = encode({"layout": layout.to_json(), "nbytes": layout.nbytes})
+            described = canonical_json({"layout": layout.to_json(), "nbytes": layout.nbytes})
             if len(described) > MAX_MESSAGE_BYTES - 256:
                 raise ConfigurationError(
                     f"a batch of {len(layout.tensors)} tensors takes {len(described)} bytes to describe, over the "
@@ -261,13 +262,13 @@ class BatchLoader:
         self._seq += 1
         start = self._slots.write(self._seq, batch, layout, set(self._members))
         message = {"kind": "batch", "seq": self._seq, "epoch": epoch, "offset": start}
-        plain, described = encode(message), None
+        plain, described = canonical_json(message), None
         for member in list(self._members.values()):
             if member.layout == layout:
                 self._send(member, plain)
                 continue
             if described is None:
-                described = encode({**message, "nbytes": layout.nbytes, "layout": layout.to_json()})
+                described = canonical_json({**message, "nbytes": layout.nbytes, "layout": layout.to_json()})
             member.layout = layout
             self._send(member, described)
 
@@ -286,11 +287,11 @@ class BatchLoader:
         for number in sorted(holders):
             member = self._members.get(number)
             if member is not None:
-                self._send(member, encode({"kind": "dropped"}))
+                self._send(member, canonical_json({"kind": "dropped"}))
                 self._drop(number, f"it held batch {oldest} for over {self.member_timeout:.0f} s while the others waited")
 
     def _announce(self, message: dict[str, object]) -> None:
-        payload = encode(message)
+        payload = canonical_json(message)
         for member in list(self._members.values()):
             self._send(member, payload)
 
@@ -429,12 +430,12 @@ class BatchLoader:
     def _handle(self, fd: int, message: dict) -> None:
         kind, number, seqs = message.get("kind"), message.get("member"), message.get("seqs", [])
         if fd in self._pending:  # its first word must be a hello
-            if kind == "hello" and count(number):
+            if kind == "hello" and is_count(number):
                 self._join(fd, number, message.get("hold"))
             else:
                 self._closed(fd)
             return
-        if not (count(number) and isinstance(seqs, list) and all(count(seq) for seq in seqs)):
+        if not (is_count(number) and isinstance(seqs, list) and all(is_count(seq) for seq in seqs)):
             raise IntegrityError(f"a malformed message from member {self._by_fd.get(fd)}")
         if self._by_fd.get(fd) != number:
             return  # not a member yet, or a member claiming another's number
@@ -443,7 +444,7 @@ class BatchLoader:
                 self._slots.release(number, seq)
         elif kind == "ping":  # a member that waited long for a batch asks whether the loader is there
             oldest = sorted(self._slots.oldest()[1]) if self._slots.slot_of and not self._slots.free else []
-            self._send(self._members[number], encode({"kind": "pong", "state": self._state, "waiting_for": oldest}))
+            self._send(self._members[number], canonical_json({"kind": "pong", "state": self._state, "waiting_for": oldest}))
         elif kind == "bye":
             self._drop(number, "left")
 
@@ -457,7 +458,7 @@ class BatchLoader:
             why = f"member {number} was dropped, and cannot join again"
         elif self._state != "joining":
             why = "serving has started without it (it would have begun mid-epoch): start members before join_timeout"
-        elif not count(hold):
+        elif not is_count(hold):
             why = "it did not say its hold (a SharedBatches of another version?)"
         elif hold >= self.slots:
             why = f"its hold of {hold} batches leaves the loader no slot of the ring's {self.slots} to write the next in"
@@ -467,7 +468,7 @@ class BatchLoader:
             return
         log.warning("refused member %d on %s: %s", number, self.directory, why)
         try:
-            connection.send(encode({"kind": "refused", "why": why}))
+            connection.send(canonical_json({"kind": "refused", "why": why}))
         except OSError:
             pass
         self._poller.unregister(connection)

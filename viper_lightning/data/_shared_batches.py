@@ -18,7 +18,8 @@ from torch.utils.data import IterableDataset
 from .._errors import ConfigurationError, IntegrityError, TransferError
 from .._layout import Layout
 from ..storage._shm import _address_of, open_ours
-from ._ring import HEADER_BYTES, MAX_MESSAGE_BYTES, RING, SOCKET, count, encode, peer, receive
+from ..transport._messages import canonical_json, is_count
+from ._ring import HEADER_BYTES, MAX_MESSAGE_BYTES, RING, SOCKET, peer, receive
 
 __all__ = ["SharedBatches"]
 
@@ -54,7 +55,7 @@ class SharedBatches(IterableDataset):
 
     def __init__(self, directory: str, member: int, hold: int = 2, timeout: float = 120.0) -> None:
         super().__init__()
-        if not count(hold) or hold < 1 or not count(member):
+        if not is_count(hold) or hold < 1 or not is_count(member):
             raise ConfigurationError(f"SharedBatches(member={member}, hold={hold}): a member number of 0 or more, and "
                                      "a hold of at least 1 batch (the one its step trains on)")
         self.directory, self.member, self.hold, self.timeout = directory, member, hold, timeout
@@ -176,7 +177,7 @@ class SharedBatches(IterableDataset):
         offset, seq = message.get("offset"), message.get("seq")
         if layout is None:
             raise IntegrityError(f"ensemble member {self.member}: batch {seq!r} came without a layout, and none before")
-        if not count(offset) or offset < HEADER_BYTES or offset + layout.nbytes > len(self._ring) or not count(seq):
+        if not is_count(offset) or offset < HEADER_BYTES or offset + layout.nbytes > len(self._ring) or not is_count(seq):
             raise IntegrityError(f"ensemble member {self.member}: a batch at {offset!r} lies outside the ring")
         # MAP_PRIVATE: a page this process wrote (a step's in-place op on an earlier batch in this
         # slot, even after its release) is its own copy, which would hide the ring: dropped first
@@ -204,7 +205,7 @@ class SharedBatches(IterableDataset):
 
     def _send(self, message: dict[str, object]) -> None:
         try:
-            self._socket.send(encode({**message, "member": self.member}))
+            self._socket.send(canonical_json({**message, "member": self.member}))
         except OSError as exc:
             raise TransferError(f"ensemble member {self.member}: the loader at {self.directory} is gone "
                                 f"({exc.strerror or exc})") from None
